@@ -306,6 +306,46 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`; the same
+    value and gradient as F.cross_entropy, with much less memory traffic.
+
+    Why: with a 50k vocabulary the logits are the largest tensor of the whole step (B*T*V floats,
+    more than all the activations of a small model). F.cross_entropy under autocast first copies
+    them to fp32, then writes a full fp32 log-softmax and keeps it for backward, whose gradient is
+    another full fp32 tensor cast back to bf16. Here the forward reads the logits once, a chunk of
+    rows at a time (upcast to fp32 only chunk by chunk), and keeps just one log-sum-exp per row;
+    backward rebuilds softmax(logits) - onehot(target) chunk by chunk straight into the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index: int = -100):
+        N, V = logits.shape
+        chunk = max(1, 2 ** 21 // V)  # ~8 MB of fp32 per chunk
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for i in range(0, N, chunk):
+            lse[i:i + chunk] = torch.logsumexp(logits[i:i + chunk].float(), dim=-1)
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
+        n_valid = valid.sum()
+        loss = ((lse - target_logit) * valid).sum() / n_valid  # -log softmax(target), averaged
+        ctx.save_for_backward(logits, safe_targets, valid, lse, n_valid)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, valid, lse, n_valid = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        weight = valid.float() * (grad_loss / n_valid)  # d loss / d (per-row loss)
+        for i in range(0, logits.size(0), ctx.chunk):
+            j = min(i + ctx.chunk, logits.size(0))
+            g = logits[i:j].to(torch.float32, copy=True).sub_(lse[i:j, None]).exp_()  # softmax, recomputed
+            g[torch.arange(j - i, device=g.device), targets[i:j]] -= 1.0  # minus one-hot(target)
+            grad[i:j] = g.mul_(weight[i:j, None])
+        return grad, None, None
+
+
 # -----------------------------------------------------------------------------------------------
 # 3. The model
 
@@ -462,9 +502,9 @@ class GPT(nn.Module):
         logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache))
         loss = None
         if targets is not None:
-            # computed on the padded logits (contiguous, no copy; padded ids are -inf = probability 0).
-            # Under autocast, cross_entropy runs in fp32: a log-softmax over 50k classes needs it.
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # on the padded logits (contiguous, no copy; padded ids are -inf = probability 0), in fp32
+            # (a log-softmax over 50k classes needs it) but chunk by chunk, see ChunkedCrossEntropy
+            loss = ChunkedCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), -100)
         return logits[..., : self.config.vocab_size], loss
 
     # ---- training helpers ----------------------------------------------------------------------
@@ -1071,65 +1111,54 @@ def _atomic_write(path: Path, write: Callable[[str], None]):
 
 
 class TextTokenizer:
-    """The few things the scripts need from a tokenizer, whatever its kind: encode, decode, the
-    end-of-text id and the vocabulary size. Made by load_tokenizer."""
+    """What the scripts need from a tokenizer, whatever its kind: encode, encode_batch (fast bulk
+    encoding), decode, the end-of-text id (eot_id, None if it has none) and the vocabulary size
+    (n_vocab). Made by load_tokenizer."""
 
-    def __init__(self, name, encode, decode, eot_id, n_vocab):
+    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None):
         self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
+        self._encode_batch = encode_batch
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text; special tokens written in the text (e.g. <|endoftext|>) are encoded
+        as themselves."""
         return self._encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._encode_batch is not None:
+            return self._encode_batch(list(texts))
+        return [self._encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
 
 
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
 def load_tokenizer(spec: str | None = None, model_dir: str | None = None) -> TextTokenizer:
-    """spec: "gpt2" (tiktoken's, downloaded by tiktoken on first use), a GPT-2-style rank file
-    (*.tiktoken), or a directory holding a Hugging Face tokenizer (tokenizer.json, ...) or a
-    tokenizer saved by bpe.py. With spec None, model_dir's own tokenizer is used if it has one,
-    else GPT-2's."""
-    import tiktoken
-
+    """spec: "gpt2" (GPT-2's, as tiktoken has it), a *.tiktoken rank file (GPT-2's pattern), a
+    directory saved by bpe.py, or a directory with a Hugging Face tokenizer (tokenizer.json, ...).
+    With spec None: model_dir's own tokenizer (the directory itself or its tokenizer/ folder) if it
+    has one, else GPT-2's. bpe.py and tiktoken do the work; tiktoken encodes in bulk."""
     if spec is None and model_dir is not None and Path(model_dir).is_dir():
         d = Path(model_dir)
-        if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")) or \
-                (d / "tokenizer").is_dir():
-            spec = str(d / "tokenizer") if (d / "tokenizer").is_dir() else str(d)
+        for cand in (d / "tokenizer", d):
+            if any((cand / f).exists() for f in ("tokenizer.bpe", "tokenizer.json", "tokenizer.model",
+                                                  "vocab.json", "encoder.json")):
+                spec = str(cand)
+                break
     spec = spec or "gpt2"
     p = Path(spec)
-    if p.is_file() and p.suffix == ".tiktoken":
-        from tiktoken.load import load_tiktoken_bpe
-        enc = tiktoken.Encoding(name=p.stem, pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(p)),
-                                special_tokens={"<|endoftext|>": 50256})
-        return TextTokenizer(p.stem, lambda s: enc.encode(s, allowed_special="all"), enc.decode,
-                             enc.eot_token, enc.n_vocab)
-    if p.is_dir():
-        try:
-            import bpe  # our own tokenizer, when the directory holds one
-            tok = bpe.Tokenizer.load(str(p))
-            eot = tok.special_tokens.get("<|endoftext|>") if hasattr(tok, "special_tokens") else None
-            return TextTokenizer(str(p), lambda s: tok.encode(s, allowed_special="all"), tok.decode, eot,
-                                 getattr(tok, "vocab_size", None))
-        except Exception:
-            pass
+    if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(str(p))
-        eot = hf.eos_token_id
-        return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False), hf.decode, eot, len(hf))
-    if spec == "gpt2":
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise RuntimeError(f"tiktoken could not load GPT-2's vocabulary ({type(e).__name__}: {e}). It is "
-                               f"downloaded on first use: run once with internet, set TIKTOKEN_CACHE_DIR to a "
-                               f"cache that has it, or pass --tokenizer path/to/gpt2.tiktoken") from None
-        return TextTokenizer("gpt2", lambda s: enc.encode(s, allowed_special="all"), enc.decode,
-                             enc.eot_token, enc.n_vocab)
-    raise FileNotFoundError(f"tokenizer {spec!r}: expected 'gpt2', a .tiktoken rank file, or a tokenizer directory")
+        return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False), hf.decode,
+                             hf.eos_token_id, len(hf))
+    import bpe
+
+    tok = bpe.load_tokenizer(spec)  # gpt2, .tiktoken rank file, bpe.py directory, encoder.json dir
+    enc = tok.to_tiktoken()
+    return TextTokenizer(tok.name, lambda s: enc.encode(s, allowed_special="all"), tok.decode,
+                         tok.special_tokens.get("<|endoftext|>"), tok.vocab_size,
+                         lambda texts: enc.encode_batch(texts, allowed_special="all"))
 
 
 def main(argv=None):

@@ -7,18 +7,24 @@ made by the tests with save_pretrained, so nothing is downloaded. Data the CEO p
 ../shared/data/ beside the checkout; tests that need it skip with the reason when it is absent.
 """
 
+import base64
 import json
 import math
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import regex
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, filter_logits
+import bpe
+from bpe import Tokenizer
+from model import GPT, GPTConfig, KVCache, filter_logits, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -350,6 +356,22 @@ def test_model_kv_cache_reorder():
     assert cache.k[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
 
 
+def test_model_load_tokenizer_kinds(tmp_path):
+    tok = Tokenizer.train(BPE_SMALL_CORPUS, 300, special_tokens=["<|endoftext|>"])
+    tok.save(tmp_path / "m" / "tokenizer")
+    t = load_tokenizer(None, str(tmp_path / "m"))  # a checkpoint dir's own tokenizer/ folder
+    text = "hello tokens<|endoftext|>world"
+    assert t.encode(text) == tok.encode(text, allowed_special="all")
+    assert t.encode_batch([text, "hello"]) == [t.encode(text), t.encode("hello")]
+    assert t.eot_id == tok.special_tokens["<|endoftext|>"] and t.n_vocab == 300
+    assert t.decode(t.encode(text)) == text
+    rank_file = SHARED / "gpt2.tiktoken"
+    if not rank_file.exists():
+        pytest.skip(f"{rank_file} absent: GPT-2 part of the tokenizer test skipped")
+    g = load_tokenizer(str(rank_file))
+    assert g.encode("Hello world<|endoftext|>") == [15496, 995, 50256] and g.eot_id == 50256
+
+
 # -----------------------------------------------------------------------------------------------
 # model.py: bad input
 
@@ -400,3 +422,499 @@ def test_model_cli_samples_from_a_local_checkpoint(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello world") == 2
+
+
+# -----------------------------------------------------------------------------------------------
+# bpe.py
+
+BPE_DATA = SHARED
+BPE_SCRIPT = ROOT / "bpe.py"
+BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+
+BPE_ENGLISH = """It is a truth universally acknowledged, that a single man in possession of a good
+fortune, must be in want of a wife. "My dear Mr. Bennet," said his lady to him one day, "have you
+heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. I'm sure it's
+true; they'd said we'll see, you've heard, they're 1,234 steps away in 2024... DON'T SHOUT.
+"""
+BPE_CHINESE = """分词是每一门从零开始的课程的第一章。学生在一本以中文为主的手册上训练一个字节级的
+BPE 分词器，词表大小为 1024，然后检查编码再解码能否完整地重建文件。接着，他们比较自己的分词器和
+GPT-2 的分词器在英文和中文文本上的词元数量，并解释其中的差别：GPT-2 的词表主要来自英文网页，
+所以一个汉字常常要用两到三个词元来表示。"""
+BPE_CODE = '''def fib(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return fib(n - 1) + fib(n - 2)
+
+
+for i in range(10):\r\n    print(f"{i:>3} {fib(i)}")  # 0 1 1 2 3 5 8 ...
+\tx = {"a": [1, 2.5e-3, None], 'b': 0xFF}  \n
+'''
+BPE_EMOJI = "👋🏽 hello 🌍! 👨‍👩‍👧‍👦 family, 🇫🇷 flag, ❤️‍🔥, ✨✨✨ 🤖🤖 Ω≈ç√∫˜µ≤≥÷ «ça va?» naïve café ŝ"
+BPE_SMALL_CORPUS = "\n\n".join([BPE_ENGLISH, BPE_CHINESE, BPE_CODE, BPE_EMOJI]) * 2
+BPE_VARIED = [
+    "Hello world", "", " ", "a", BPE_ENGLISH, BPE_CHINESE, BPE_CODE, BPE_EMOJI,
+    " " * 3000, "x" + " " * 1000 + "y", "\n" * 300, "\t \n \r\n  \u3000 \xa0end  ",
+    "1" * 3000, "3.14159265358979323846 and 1,000,000 and ９８７ and ٣٤٥",
+    "SolidGoldMagikarp  davidjl TheNitromeFan ÃÂÃÂ", "I'll've it'S DON'T y'all 'tis",
+    "<|endoftext|> is ordinary text here", "line1\nline2\n\n\nline3   \n   indented",
+    "Привет, мир! Γειά σου Κόσμε! こんにちは世界 안녕하세요 مرحبا بالعالم שלום עולם",
+    "\x00\x01\x1f\x7f\x85\u200b\u200d\ufeff\U0010ffff", "emoji🙂" * 50,
+]
+
+
+def _bpe_data_file(name):
+    path = BPE_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (shared test data beside the checkout, see ../shared/data)")
+    return path
+
+
+def _bpe_tiktoken_gpt2(path):
+    """GPT-2 as tiktoken's own `gpt2` constructor builds it, from the local rank file."""
+    import tiktoken
+    import tiktoken.load
+    from tiktoken_ext.openai_public import r50k_pat_str
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
+                             mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(path)),
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def _bpe_naive_train(text, vocab_size, pattern, specials=()):
+    """The straightforward algorithm (as in minbpe): split into chunks, then for every merge count
+    all pairs in all chunks from scratch, merge the most frequent (ties: smallest pair of ids)
+    everywhere. Returns the merges [(left, right, new id)]."""
+    pieces = regex.split("|".join(regex.escape(s) for s in specials), text) if specials else [text]
+    chunks = [c for p in pieces for c in (regex.findall(pattern, p) if pattern else ([p] if p else []))]
+    seqs = [list(c.encode("utf-8")) for c in chunks]
+    merges = []
+    while 256 + len(merges) < vocab_size - len(specials):
+        stats = {}
+        for s in seqs:
+            for pair in zip(s, s[1:]):
+                stats[pair] = stats.get(pair, 0) + 1
+        if not stats:
+            break
+        a, b = max(stats, key=lambda p: (stats[p], -p[0], -p[1]))
+        new = 256 + len(merges)
+        merges.append((a, b, new))
+        out = []
+        for s in seqs:
+            m, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    m.append(new)
+                    i += 2
+                else:
+                    m.append(s[i])
+                    i += 1
+            out.append(m)
+        seqs = out
+    return merges
+
+
+def _bpe_split_with_lowest_ranks(token, ranks, max_rank):
+    """Reference for GPT-2's merges: the two parts BPE leaves when only lower ranks may be used."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        cands = [(ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)]
+        r, i = min(cands)
+        if r >= max_rank:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+@pytest.fixture(scope="module")
+def bpe_gpt2_ref():
+    return _bpe_tiktoken_gpt2(_bpe_data_file("gpt2.tiktoken"))
+
+
+@pytest.fixture(scope="module")
+def bpe_gpt2_ours():
+    return Tokenizer.from_tiktoken_file(_bpe_data_file("gpt2.tiktoken"))
+
+
+@pytest.fixture(scope="module")
+def bpe_trained():
+    """Small tokenizers trained on the built-in corpus, one per pattern, with special tokens."""
+    return {p: Tokenizer.train(BPE_SMALL_CORPUS, 600, pattern=p, special_tokens=BPE_SPECIALS)
+            for p in ("gpt2", "gpt4", None)}
+
+
+@pytest.fixture(scope="module")
+def bpe_gpt2_files(tmp_path_factory):
+    """GPT-2's original files (encoder.json + vocab.bpe), written from the rank file by test code
+    and checked with tiktoken's own reader of that format."""
+    import tiktoken.load
+    ranks_path = _bpe_data_file("gpt2.tiktoken")
+    ranks = tiktoken.load.load_tiktoken_bpe(str(ranks_path))
+    # GPT-2's byte -> printable character table, as in its encoder.py (bytes_to_unicode)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_to_char = dict(zip(bs, map(chr, cs)))
+    spell = lambda t: "".join(byte_to_char[b] for b in t)  # noqa: E731
+    d = tmp_path_factory.mktemp("gpt2files")
+    encoder = {spell(t): r for t, r in ranks.items()}
+    encoder["<|endoftext|>"] = 50256
+    (d / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    lines = ["#version: 0.2"]
+    for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if r >= 256:
+            left, right = _bpe_split_with_lowest_ranks(t, ranks, r)
+            lines.append(f"{spell(left)} {spell(right)}")
+    (d / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from_files = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+    assert from_files == ranks
+    return d
+
+
+# ---- patterns and GPT-2 exactness
+
+def test_bpe_patterns_are_tiktokens(monkeypatch):
+    from tiktoken_ext import openai_public
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})
+    assert bpe.GPT2_PATTERN == openai_public.r50k_pat_str
+    assert bpe.GPT4_PATTERN == openai_public.cl100k_base()["pat_str"]
+
+
+def test_bpe_gpt2_known_ids(bpe_gpt2_ours, bpe_gpt2_ref):
+    assert bpe_gpt2_ref.encode("Hello world") == [15496, 995]  # from the data README
+    assert bpe_gpt2_ours.encode("Hello world") == [15496, 995]
+    assert bpe_gpt2_ours.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert bpe_gpt2_ours.vocab_size == 50257
+
+
+def test_bpe_gpt2_exact_on_varied_corpus(bpe_gpt2_ours, bpe_gpt2_ref):
+    for text in BPE_VARIED:
+        assert bpe_gpt2_ours.encode(text, disallowed_special=()) == \
+            bpe_gpt2_ref.encode(text, disallowed_special=()), text[:60]
+    english = _bpe_data_file("english_pd.txt").read_text(encoding="utf-8")
+    ids = bpe_gpt2_ours.encode(english)  # the whole 8.3 MB, pure Python (cached per chunk)
+    assert ids == bpe_gpt2_ref.encode_ordinary(english)
+    assert bpe_gpt2_ours.decode(ids) == english
+
+
+def test_bpe_gpt2_exact_on_random_text(bpe_gpt2_ours, bpe_gpt2_ref):
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text() | st.binary().map(lambda b: b.decode("latin-1")))
+    def check(s):
+        assert bpe_gpt2_ours.encode(s, disallowed_special=()) == bpe_gpt2_ref.encode(s, disallowed_special=())
+    check()
+
+
+def test_bpe_gpt2_from_original_files(bpe_gpt2_files, bpe_gpt2_ref):
+    tok = Tokenizer.from_gpt2_files(bpe_gpt2_files / "encoder.json", bpe_gpt2_files / "vocab.bpe")
+    for text in BPE_VARIED:
+        assert tok.encode(text, allowed_special="all") == bpe_gpt2_ref.encode(text, allowed_special="all")
+    assert tok.to_tiktoken().encode(BPE_CODE) == bpe_gpt2_ref.encode(BPE_CODE)
+
+
+def test_bpe_gpt2_files_corrupted(bpe_gpt2_files, tmp_path):
+    merges = (bpe_gpt2_files / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    swapped = merges[:]
+    swapped[2], swapped[3] = swapped[3], swapped[2]  # merges out of rank order
+    (tmp_path / "vocab.bpe").write_text("\n".join(swapped), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab\.bpe, line 3: merge .* should make token id 257"):
+        Tokenizer.from_gpt2_files(bpe_gpt2_files / "encoder.json", tmp_path / "vocab.bpe")
+    (tmp_path / "bad.bpe").write_text("#version: 0.2\nĠ t\nthree parts here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.bpe, line 3: expected two tokens"):
+        Tokenizer.from_gpt2_files(bpe_gpt2_files / "encoder.json", tmp_path / "bad.bpe")
+    (tmp_path / "encoder.json").write_text('{"a": 0,', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"encoder\.json: not valid JSON"):
+        Tokenizer.from_gpt2_files(tmp_path / "encoder.json", bpe_gpt2_files / "vocab.bpe")
+
+
+def test_bpe_gpt2_saved_readable_and_reloaded(bpe_gpt2_ours, bpe_gpt2_ref, tmp_path):
+    bpe_gpt2_ours.save(tmp_path / "gpt2.bpe")  # needs the merges recovered from the ranks
+    tok = Tokenizer.load(tmp_path / "gpt2.bpe")
+    assert tok.special_tokens == {"<|endoftext|>": 50256}
+    for text in BPE_VARIED:
+        assert tok.encode(text, allowed_special="all") == bpe_gpt2_ref.encode(text, allowed_special="all")
+    lines = (tmp_path / "gpt2.bpe").read_text(encoding="utf-8").split("\n")
+    assert '256 merge 220 83 " t"' in lines  # GPT-2's first merge, "Ġ t", printable
+
+
+# ---- training
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
+def test_bpe_train_matches_naive_reference(pattern):
+    text = BPE_SMALL_CORPUS + "<|endoftext|>" + BPE_ENGLISH.upper() + "<|pad|>" + BPE_CHINESE[::-1]
+    tok = Tokenizer.train(text, 256 + 300 + 2, pattern=pattern, special_tokens=BPE_SPECIALS)
+    ref = _bpe_naive_train(text, 256 + 300 + 2, bpe.PATTERNS[pattern] if pattern else None, BPE_SPECIALS)
+    assert tok.merges == ref
+    assert tok.special_tokens == {"<|endoftext|>": 556, "<|pad|>": 557}
+    assert [tok.vocab[i] for i in range(256)] == [bytes([i]) for i in range(256)]
+
+
+def test_bpe_train_matches_naive_on_real_text():
+    english = _bpe_data_file("english_pd.txt").read_text(encoding="utf-8")[:12_000]
+    tok = Tokenizer.train(english, 256 + 250, pattern="gpt4")
+    assert tok.merges == _bpe_naive_train(english, 256 + 250, bpe.GPT4_PATTERN)
+
+
+def test_bpe_train_matches_naive_on_random_texts():
+    """Tiny alphabets give many ties, overlapping pairs ("aaaa") and tokens spelled two ways."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.text(alphabet="aab b\n1中é", max_size=120), st.integers(257, 300),
+           st.sampled_from(["gpt2", "gpt4", None]))
+    def check(text, vocab_size, pattern):
+        tok = Tokenizer.train(text, vocab_size, pattern=pattern)
+        assert tok.merges == _bpe_naive_train(text, vocab_size, bpe.PATTERNS[pattern] if pattern else None)
+        assert tok.decode(tok.encode(text)) == text
+    check()
+
+
+def test_bpe_train_streams_files_like_one_text(tmp_path, monkeypatch):
+    """Training files are read in blocks cut at safe places; the chunks (and so the merges) must be
+    those of the whole text, split by the plain regex."""
+    path = BPE_DATA / "english_pd.txt"
+    english = path.read_text(encoding="utf-8")[:150_000] if path.is_file() else BPE_ENGLISH * 300
+    tricky = ("word\r\nword \r\n\r\nx  \n  y\n\nz.\nA 12\n34 " + BPE_CHINESE + BPE_CODE + BPE_EMOJI +
+              "a<|endoftext|>b\n<|endoftext|>\n c") * 30
+    text = english + tricky + english.replace("\n", "\r\n")[:50_000]
+    path = tmp_path / "train.txt"
+    path.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(bpe, "BLOCK_SIZE", 997)
+    for pattern in ("gpt2", "gpt4"):
+        pat = bpe.PATTERNS[pattern]
+        blocks = list(bpe._read_blocks(path, pat, ["<|endoftext|>"]))
+        assert len(blocks) > 100 and "".join(blocks) == text
+        expected = Counter(c for piece in text.split("<|endoftext|>") for c in regex.findall(pat, piece))
+        assert bpe.count_chunks([path], pattern, ["<|endoftext|>"]) == expected
+    tok_file = Tokenizer.train([path], 800, pattern="gpt4", special_tokens=["<|endoftext|>"])
+    tok_text = Tokenizer.train(text, 800, pattern="gpt4", special_tokens=["<|endoftext|>"])
+    assert tok_file.merges == tok_text.merges
+
+
+def test_bpe_train_runs_out_of_pairs():
+    tok = Tokenizer.train("ab ab", 1000, pattern="gpt2", special_tokens=["<|endoftext|>"])
+    assert [tok.vocab[i] for i in range(256, tok.vocab_size)] == [b"ab", b" ab", b"<|endoftext|>"]
+    assert tok.to_tiktoken().encode("ab ab<|endoftext|>", allowed_special="all") == [256, 257, 258]
+
+
+def test_bpe_train_bad_input(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        Tokenizer.train([tmp_path / "nope.txt"], 300)
+    with pytest.raises(ValueError, match="vocab_size=255 is too small"):
+        Tokenizer.train("hello", 255)
+    with pytest.raises(ValueError, match=r"at least 256 .* \+ 2 \(the special tokens\)"):
+        Tokenizer.train("hello", 257, special_tokens=BPE_SPECIALS)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(("ok line\n" * 500 + "café\n").encode("utf-8") + "crème\n".encode("latin-1"))
+    monkeypatch.setattr(bpe, "BLOCK_SIZE", 1000)  # the bad byte is in a later block
+    with pytest.raises(ValueError, match=r"latin1\.txt, line 502 \(byte 4008\): not valid UTF-8"):
+        Tokenizer.train([bad], 300)
+    with pytest.raises(ValueError, match="pattern"):
+        Tokenizer.train("hello", 300, pattern="gpt5")
+
+
+# ---- encoding, decoding, the tiktoken export
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
+def test_bpe_roundtrip_and_export_on_random_strings(bpe_trained, pattern):
+    from hypothesis import given, settings, strategies as st
+    tok = bpe_trained[pattern]
+    enc = tok.to_tiktoken()
+    pieces = st.text() | st.binary().map(lambda b: b.decode("latin-1")) | st.sampled_from(BPE_SPECIALS)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(pieces, max_size=5).map("".join))
+    def check(s):
+        ids = tok.encode(s, allowed_special="all")
+        assert tok.decode(ids) == s
+        assert ids == enc.encode(s, allowed_special="all")
+        plain = tok.encode(s, disallowed_special=())
+        assert tok.decode(plain) == s and plain == enc.encode(s, disallowed_special=())
+    check()
+
+
+def test_bpe_python_encoder_matches_export_on_big_corpus(tmp_path):
+    """Trained on 8.3 MB of English plus a Chinese file; then the whole English file and mixed
+    text encoded by the pure-Python path and by the tiktoken export."""
+    english_path = _bpe_data_file("english_pd.txt")
+    chinese_path = tmp_path / "chinese.txt"
+    chinese_path.write_text(BPE_CHINESE * 20, encoding="utf-8")
+    tok = Tokenizer.train([english_path, chinese_path], 2048, pattern="gpt4",
+                          special_tokens=["<|endoftext|>"])
+    enc = tok.to_tiktoken()
+    english = english_path.read_text(encoding="utf-8")
+    assert tok.encode(english) == enc.encode(english)
+    mixed = "<|endoftext|>".join(BPE_VARIED) * 3
+    assert tok.encode(mixed, allowed_special="all") == enc.encode(mixed, allowed_special="all")
+    assert tok.decode(tok.encode(mixed, allowed_special="all")) == mixed
+    assert tok.encode_batch(BPE_VARIED, disallowed_special=()) == \
+        [tok.encode(t, disallowed_special=()) for t in BPE_VARIED]
+
+
+def test_bpe_special_tokens_like_tiktoken(bpe_gpt2_ours, bpe_gpt2_ref, bpe_trained):
+    text = "hi <|endoftext|> there<|endoftext|>"
+    for ours, ref in [(bpe_gpt2_ours, bpe_gpt2_ref), (bpe_trained["gpt4"], bpe_trained["gpt4"].to_tiktoken())]:
+        with pytest.raises(ValueError, match="disallowed"):
+            ref.encode(text)
+        with pytest.raises(ValueError, match=r"special token '<\|endoftext\|>' at character 3"):
+            ours.encode(text)
+        for kw in [dict(allowed_special="all"), dict(allowed_special={"<|endoftext|>"}),
+                   dict(disallowed_special=())]:
+            assert ours.encode(text, **kw) == ref.encode(text, **kw), kw
+    tok = bpe_trained["gpt4"]
+    pad = tok.special_tokens["<|pad|>"]
+    ids = tok.encode("a<|pad|>b<|endoftext|>", allowed_special={"<|pad|>"}, disallowed_special=())
+    assert ids.count(pad) == 1 and tok.special_tokens["<|endoftext|>"] not in ids
+    with pytest.raises(ValueError, match="not special tokens"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_bpe_decode_any_ids(bpe_gpt2_ours, bpe_gpt2_ref):
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(50257) for _ in range(rng.randrange(20))]
+        assert bpe_gpt2_ours.decode(ids) == bpe_gpt2_ref.decode(ids)
+    ids = bpe_gpt2_ours.encode("龘")  # one character, two tokens
+    assert len(ids) == 2 and bpe_gpt2_ours.decode(ids[:1]) == "\ufffd"
+    assert bpe_gpt2_ours.decode_bytes(ids) == "龘".encode()
+    with pytest.raises(ValueError, match="token id 50257 is not in"):
+        bpe_gpt2_ours.decode([1, 50257])
+    with pytest.raises(ValueError, match="token id -1 is not in"):
+        bpe_gpt2_ours.decode([-1])
+
+
+def test_bpe_surrogates_like_tiktoken(bpe_gpt2_ours, bpe_gpt2_ref):
+    for s in ["a\ud800b", "\ud83d\ude00 pair", "x\udfff"]:
+        assert bpe_gpt2_ours.encode(s) == bpe_gpt2_ref.encode(s)
+
+
+# ---- saving and loading
+
+def test_bpe_save_load_both_formats(bpe_trained, tmp_path):
+    import tiktoken.load
+    for pattern, tok in bpe_trained.items():
+        d = tmp_path / str(pattern)
+        d.mkdir()
+        tok.save(d)
+        again = Tokenizer.load(d)
+        assert again.pattern == tok.pattern and again.special_tokens == tok.special_tokens
+        assert again.ranks == tok.ranks
+        assert tiktoken.load.load_tiktoken_bpe(str(d / "tokenizer.tiktoken")) == tok.ranks
+        ranked = Tokenizer.from_tiktoken_file(d / "tokenizer.tiktoken", pattern=pattern,
+                                              special_tokens=tok.special_tokens)
+        for text in BPE_VARIED:
+            want = tok.to_tiktoken().encode(text, allowed_special="all")
+            assert again.encode(text, allowed_special="all") == want
+            assert ranked.encode(text, allowed_special="all") == want
+    lines = (tmp_path / "gpt4" / "tokenizer.bpe").read_text(encoding="utf-8").split("\n")
+    assert lines[0] == "bpe.py tokenizer v1" and '32 byte 32 " "' in lines
+    assert any(line.startswith("256 merge ") for line in lines)
+    assert '598 special "<|endoftext|>"' in lines and '599 special "<|pad|>"' in lines
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def _bpe_corrupt(lines, kind):
+    lines = lines[:]
+    i = next(k for k, line in enumerate(lines) if line.startswith("300 merge "))
+    if kind == "token text":
+        lines[i] = lines[i].rsplit(" ", 1)[0] + ' "zz"'
+    elif kind == "forward reference":
+        lines[i] = "300 merge 301 " + lines[i].split(" ", 3)[3]
+    elif kind == "missing line":
+        del lines[i]
+    elif kind == "garbage":
+        lines[i] = "300 merge x"
+    elif kind == "header":
+        lines[0] = "something else"
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("token text", r"line 306: the token text \"zz\" does not match"),
+    ("forward reference", r"line 306: merge 301 .* only be built from earlier ids"),
+    ("missing line", r"line 306: expected token id 300 .* got 301"),
+    ("garbage", r"line 306: expected '300 merge <left id> <right id>"),
+    ("header", r"line 1: expected the header"),
+])
+def test_bpe_load_rejects_corrupted_readable_file(bpe_trained, tmp_path, kind, message):
+    bpe_trained["gpt4"].save(tmp_path / "tok.bpe")
+    lines = (tmp_path / "tok.bpe").read_text(encoding="utf-8").split("\n")
+    assert lines[305].startswith("300 merge ")  # 5 header lines, then ids 0, 1, ...
+    (tmp_path / "bad.bpe").write_text(_bpe_corrupt(lines, kind), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.bpe, " + message):
+        Tokenizer.load(tmp_path / "bad.bpe")
+
+
+def test_bpe_load_rejects_bad_files(bpe_trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.bpe"):
+        Tokenizer.load(tmp_path / "missing.bpe")
+    (tmp_path / "bin.bpe").write_bytes(b"bpe.py tokenizer v1\n\xff\xfe")
+    with pytest.raises(ValueError, match=r"bin\.bpe, line 2: not valid UTF-8"):
+        Tokenizer.load(tmp_path / "bin.bpe")
+    good = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    ab = f"{base64.b64encode(b'ab').decode()} 0"
+    for lines, message in [(good[:10] + ["!!notbase64 10"] + good[11:], r"line 11: expected '<base64 token> <rank>'"),
+                           (good + [good[5].split()[0] + " 256"], r"line 257: token .* appears twice"),
+                           (good[:100] + good[101:], r"ranks\) must be 0, 1, \.\.\., n-1"),
+                           ([ab] + good[1:], r"single bytes are missing")]:
+        (tmp_path / "bad.tiktoken").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"bad\.tiktoken.*" + message):
+            Tokenizer.from_tiktoken_file(tmp_path / "bad.tiktoken", special_tokens={})
+
+
+# ---- command line
+
+def _bpe_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(BPE_SCRIPT), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bpe_cli(tmp_path):
+    (tmp_path / "en.txt").write_text(BPE_ENGLISH * 5, encoding="utf-8")
+    (tmp_path / "zh.txt").write_text(BPE_CHINESE * 5, encoding="utf-8")
+    r = _bpe_cli("train", "--input", "en.txt", "zh.txt", "--vocab_size", 400, "--out", "tok",
+                 "--pattern", "gpt2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tok" / "tokenizer.bpe").is_file()
+    assert (tmp_path / "tok" / "tokenizer.tiktoken").is_file()
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.vocab_size == 400 and tok.special_tokens == {"<|endoftext|>": 399}
+
+    text = "Mr. Bennet 分词器 <|endoftext|>"
+    r = _bpe_cli("encode", "--tokenizer", "tok", "--text", text, "--allow_special", cwd=tmp_path)
+    ids = [int(x) for x in r.stdout.split()]
+    assert r.returncode == 0 and ids == tok.to_tiktoken().encode(text, allowed_special="all")
+    r = _bpe_cli("decode", "--tokenizer", "tok", "--ids", " ".join(map(str, ids)), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == text + "\n"
+    r = _bpe_cli("show", "--tokenizer", "tok", "--text", "Mr. Bennet said", cwd=tmp_path)
+    pieces = [tok.decode([i]) for i in tok.encode("Mr. Bennet said")]
+    assert r.returncode == 0 and r.stdout.rstrip("\n") == "|".join(pieces) and "tokens" in r.stderr
+    if (BPE_DATA / "gpt2.tiktoken").is_file():
+        r = _bpe_cli("compare", "--tokenizer", "tok", "--input", "en.txt", "zh.txt", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        gpt2 = _bpe_tiktoken_gpt2(BPE_DATA / "gpt2.tiktoken")
+        zh_row = next(line for line in r.stdout.split("\n") if line.startswith("zh.txt"))
+        assert f"{len(gpt2.encode(BPE_CHINESE * 5)):,}" in zh_row.split()
+        assert f"{len(tok.encode(BPE_CHINESE * 5)):,}" in zh_row.split()
+        assert "first 10 learned tokens" in r.stdout and "last 10 learned tokens" in r.stdout
+
+    for args, message in [(["train", "--input", "nope.txt", "--vocab_size", 300, "--out", "t2"], "nope.txt"),
+                          (["train", "--input", "en.txt", "--vocab_size", 100, "--out", "t2"], "too small"),
+                          (["encode", "--tokenizer", "en.txt", "--text", "x"], "en.txt, line 1: expected"),
+                          (["decode", "--tokenizer", "tok", "--ids", "1 two"], "expected token ids")]:
+        r = _bpe_cli(*args, cwd=tmp_path)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _bpe_cli("bench", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--vocab_sizes" in r.stdout and "--naive_merges" in r.stdout
+
+
+def test_bpe_import_has_no_side_effects():
+    r = subprocess.run([sys.executable, "-c", "import bpe"], cwd=BPE_SCRIPT.parent,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
