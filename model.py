@@ -856,9 +856,45 @@ class _LazyTensor:
         self.load, self.shape, self.file = load, tuple(shape), file
 
 
-def _read_weights(path: Path) -> dict[str, _LazyTensor]:
-    from safetensors import safe_open
+# safetensors format: 8 bytes (little-endian header length), a JSON header giving each tensor's
+# dtype, shape and byte range, then the raw little-endian bytes of the tensors
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def _safetensors_header(fpath: Path) -> tuple[dict, int]:
+    try:
+        with open(fpath, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(100_000_000, fpath.stat().st_size - 8):
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for k, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {k}: dtype {info['dtype']} is not supported")
+    except Exception as e:
+        raise ValueError(f"{fpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return header, 8 + n
+
+
+def _read_safetensor(fpath: Path, info: dict, data_start: int):
+    """Read one tensor with plain file reads into a fresh tensor: no memory map, so the process
+    holds each tensor once, and nothing of the file stays mapped afterwards."""
+    t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    buf = t.reshape(-1).view(torch.uint8).numpy()
+    if end - begin != buf.size:
+        raise ValueError(f"{fpath}: tensor byte range {begin}..{end} does not match shape {info['shape']}")
+    with open(fpath, "rb") as f:
+        f.seek(data_start + begin)
+        if f.readinto(memoryview(buf)) != buf.size:
+            raise ValueError(f"{fpath}: file is truncated")
+    return t
+
+
+def _read_weights(path: Path) -> dict[str, _LazyTensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
@@ -872,7 +908,8 @@ def _read_weights(path: Path) -> dict[str, _LazyTensor]:
             sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise ValueError(f"{path / 'pytorch_model.bin'}: cannot be read as a PyTorch state dict ({e})") from None
-        return {k: _LazyTensor(lambda t=t: t, t.shape, "pytorch_model.bin") for k, t in sd.items()}
+        # clone: the loaded tensors are views of the memory-mapped file
+        return {k: _LazyTensor(lambda t=t: t.clone(), t.shape, "pytorch_model.bin") for k, t in sd.items()}
     else:
         raise FileNotFoundError(f"{path}: no weights: expected model.safetensors, model.safetensors.index.json "
                                 f"with shards, or pytorch_model.bin")
@@ -881,12 +918,9 @@ def _read_weights(path: Path) -> dict[str, _LazyTensor]:
         fpath = path / fname
         if not fpath.exists():
             raise FileNotFoundError(f"{fpath}: weight shard named in the index is missing")
-        try:
-            f = safe_open(str(fpath), framework="pt")
-            for k in f.keys():
-                out[k] = _LazyTensor(lambda f=f, k=k: f.get_tensor(k), f.get_slice(k).get_shape(), fname)
-        except Exception as e:
-            raise ValueError(f"{fpath}: not a readable safetensors file ({e})") from None
+        header, data_start = _safetensors_header(fpath)
+        for k, info in header.items():
+            out[k] = _LazyTensor(lambda p=fpath, i=info, s=data_start: _read_safetensor(p, i, s), info["shape"], fname)
     return out
 
 
