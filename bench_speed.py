@@ -111,11 +111,11 @@ def bench_load(args):
     if not (d / "config.json").exists():
         print(f"writing a fake all-zero {args.preset} checkpoint (HF llama format, bf16, one shard per layer) to {d}")
         d.mkdir(parents=True, exist_ok=True)
-        from model import _hf_config_for, _ours_to_hf  # the same name mapping save_pretrained uses
-        hf_type, cfg = _hf_config_for(ref.config)
+        from model import hf_config_for, ours_to_hf  # the same name mapping save_pretrained uses
+        hf_type, cfg = hf_config_for(ref.config)
         shapes = {k: v.shape for k, v in ref.state_dict().items()}
         meta_sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-        hf_shapes = {k: v.shape for k, v in _ours_to_hf(meta_sd, ref.config, hf_type).items()}
+        hf_shapes = {k: v.shape for k, v in ours_to_hf(meta_sd, ref.config, hf_type).items()}
         groups = {}
         for k in hf_shapes:
             layer = k.split(".")[2] if k.startswith("model.layers.") else "other"

@@ -487,10 +487,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def padded_logits(self, h):
-        """Output layer over the padded vocabulary; padded ids get -inf (see __init__)."""
-        if self.vocab_pad_bias is None or not isinstance(self.lm_head, nn.Linear):
+        """Output layer over the padded vocabulary; padded ids get -inf (see _init_buffers)."""
+        if self.vocab_pad_bias is None:
             return self.lm_head(h)
-        return F.linear(h, self.lm_head.weight, self.vocab_pad_bias.to(h.dtype))
+        if type(self.lm_head) is nn.Linear:  # fused into the matmul
+            return F.linear(h, self.lm_head.weight, self.vocab_pad_bias.to(h.dtype))
+        logits = self.lm_head(h)  # a wrapped lm_head (e.g. LoRA): add the bias afterwards
+        return logits + self.vocab_pad_bias.to(logits.dtype)
 
     def logits_from_hidden(self, h):
         """Logits of the real vocabulary, (..., vocab_size): a view that cuts the padded ids off."""
@@ -600,8 +603,8 @@ class GPT(nn.Module):
             weights = sd
             config_name = "gpt_config.json"
         elif format == "hf":
-            hf_type, config_json = _hf_config_for(c)
-            weights = _ours_to_hf(sd, c, hf_type)
+            hf_type, config_json = hf_config_for(c)
+            weights = ours_to_hf(sd, c, hf_type)
             config_name = "config.json"
         else:
             raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
@@ -1065,7 +1068,7 @@ def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device,
     return state
 
 
-def _hf_config_for(c: GPTConfig) -> tuple[str, dict]:
+def hf_config_for(c: GPTConfig) -> tuple[str, dict]:
     """The HF config (model_type, config.json dict) that expresses our config, or a clear error."""
     gpt2_like = c.norm == "layernorm" and c.pos_emb == "learned" and c.mlp == "gelu" and c.n_kv_head == c.n_head
     llama_like = c.norm == "rmsnorm" and c.pos_emb == "rope" and c.mlp == "swiglu"
@@ -1093,7 +1096,7 @@ def _hf_config_for(c: GPTConfig) -> tuple[str, dict]:
         f"Use save_pretrained(dir, format='native') for this project's own format.")
 
 
-def _ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
+def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
     V = c.vocab_size  # padded rows are never used: they are cut off
     out = {}
     if hf_type == "gpt2":

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import bpe
+import finetune
+import lora
 from bpe import Tokenizer
+from lora import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter, unmerge_lora
 from model import GPT, GPTConfig, KVCache, filter_logits, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -918,3 +921,465 @@ def test_bpe_import_has_no_side_effects():
     r = subprocess.run([sys.executable, "-c", "import bpe"], cwd=BPE_SCRIPT.parent,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+
+
+# -----------------------------------------------------------------------------------------------
+# lora.py and finetune.py
+
+_LORA_ROOT = Path(__file__).resolve().parent
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _lora_randomize(model, std=0.3, seed=0):
+    """HF inits small weights; larger random weights make logit comparisons bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _lora_hf_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=96, eos_token_id=96)
+    model = _lora_randomize(GPT2LMHeadModel(cfg).eval())
+    model.save_pretrained(tmp_path / "hf_gpt2")
+    return model, tmp_path / "hf_gpt2"
+
+
+def _lora_hf_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, bos_token_id=None,
+                      eos_token_id=None)
+    model = _lora_randomize(LlamaForCausalLM(cfg).eval(), std=0.2)
+    model.save_pretrained(tmp_path / "hf_llama")
+    return model, tmp_path / "hf_llama"
+
+
+def _lora_hf(kind, tmp_path):
+    return _lora_hf_gpt2(tmp_path) if kind == "gpt2" else _lora_hf_llama(tmp_path)
+
+
+def _lora_randomize_adapters(model, seed=1, std=0.2):
+    """A trained-looking adapter: B != 0 (fresh ones are exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _lora_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+_LORA_IDX = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_logits(model, idx=_LORA_IDX):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def _our_logits(model, idx=_LORA_IDX):
+    with torch.no_grad():
+        return model.eval()(idx)[0]
+
+
+class _CharTok:
+    """A tokenizer whose ids anyone can compute by hand: one id per character (ASCII)."""
+    eot_id, n_vocab, name = 127, 128, "chars"
+
+    def encode(self, s):
+        return [ord(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i != self.eot_id)
+
+
+# -----------------------------------------------------------------------------------------------
+# lora.py
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_fresh_adapter_gives_exactly_the_base_logits(tmp_path, kind):
+    hf, d = _lora_hf(kind, tmp_path)
+    ours = GPT.from_pretrained(d)
+    base = _our_logits(ours)
+    apply_lora(ours, rank=4, alpha=8, targets="all,lm_head")
+    assert torch.equal(_our_logits(ours), base)  # B = 0: not close, equal
+    hf_base = _hf_logits(hf)
+    apply_lora(hf, rank=4, alpha=8, targets="all")  # the same on the transformers model itself
+    assert torch.equal(_hf_logits(hf), hf_base)
+    assert _lora_diff(hf_base, base) < 1e-4
+
+
+def test_lora_merge_equals_formula_and_unmerged_logits(tmp_path):
+    _, d = _lora_hf_llama(tmp_path)  # GQA: q and v slices have different sizes
+    model = GPT.from_pretrained(d)
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8, targets="q,v,o,gate,down")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):  # train a little, so B != 0
+        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    unmerged = _our_logits(model)
+    merge_lora(model)
+    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
+    # the merged weight is W + (alpha/r) B A on the q and v rows only (formula, block by block)
+    layer = model.transformer.h[1].attn.c_attn
+    c = model.config
+    qd, kvd = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    W = W0["transformer.h.1.attn.c_attn.weight"]
+    want = W.clone()
+    want[:qd] += 2.0 * B[:qd] @ A[:4]
+    want[qd + kvd:] += 2.0 * B[qd:] @ A[4:]
+    assert _lora_diff(layer.base.weight, want) < 1e-6
+    assert torch.equal(layer.base.weight[qd:qd + kvd], W[qd:qd + kvd])  # k rows untouched
+    unmerge_lora(model)
+    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
+    assert _lora_diff(layer.base.weight, W) < 1e-6
+
+
+def test_lora_optimizer_step_changes_only_lora_tensors(tmp_path):
+    _, d = _lora_hf_gpt2(tmp_path)
+    model = GPT.from_pretrained(d)
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    # embeddings, lm_head (tied) and norms are frozen: only lora_A / lora_B train
+    opt = finetune.make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    model.train()
+    finetune.train_step(model, opt, [(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])], grad_clip=1.0)
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            assert not torch.equal(v, before[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+def test_lora_grad_checkpointing_gives_the_same_lora_gradients(tmp_path):
+    _, d = _lora_hf_llama(tmp_path)
+    grads = []
+    for ckpt in (False, True):
+        model = GPT.from_pretrained(d)
+        apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v,down")  # dropout: RNG replayed in recompute
+        _lora_randomize_adapters(model)  # B != 0, so lora_A gets a gradient too
+        model.grad_checkpointing = ckpt
+        model.train()
+        torch.manual_seed(3)
+        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 8  # A, B of c_attn (q|v) and c_proj, 2 blocks
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0, n
+        assert _lora_diff(grads[0][n], grads[1][n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("preset,peft_targets,our_targets", [
+    ("gpt2-medium", ["c_attn"], "c_attn"),
+    ("gpt2-medium", ["c_attn", "c_proj", "c_fc"], "c_attn,c_proj,c_fc"),
+    ("llama2-7b", ["q_proj", "v_proj"], "q,v"),
+    ("llama2-7b", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "all"),
+])
+def test_lora_trainable_counts_equal_peft_on_meta_models(preset, peft_targets, our_targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        ours = GPT(GPTConfig.preset(preset, vocab_pad_multiple=1))
+        if preset.startswith("gpt2"):
+            hf = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+        else:
+            hf = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
+        hf_ours = GPT2LMHeadModel(hf.config) if preset.startswith("gpt2") else LlamaForCausalLM(hf.config)
+        peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=peft_targets))
+        apply_lora(ours, rank=16, alpha=32, targets=our_targets)
+        apply_lora(hf_ours, rank=16, alpha=32, targets=our_targets)
+    want = peft_model.get_nb_trainable_parameters()
+    assert lora.count_parameters(ours) == want
+    assert lora.count_parameters(hf_ours) == want
+    if our_targets == "q,v":  # and the formula: 32 layers x r x (in + out) for q and for v
+        assert want[0] == 32 * 16 * 2 * (4096 + 4096) == 8_388_608
+    assert lora.trainable_report(ours) == (f"trainable params: {want[0]:,d} || all params: {want[1]:,d} || "
+                                           f"trainable%: {100 * want[0] / want[1]:.4f}")
+
+
+@pytest.mark.parametrize("kind,targets", [("gpt2", "q,v,o,up,down"), ("llama", "all,lm_head")])
+def test_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets):
+    from peft import PeftModel
+
+    hf, d = _lora_hf(kind, tmp_path)
+    ours = GPT.from_pretrained(d)
+    apply_lora(ours, rank=4, alpha=8, targets=targets, layers=[1] if kind == "llama" else None)
+    _lora_randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(d))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert _lora_diff(_hf_logits(peft_model), _our_logits(ours)) <= 1e-5
+    # and back: the PEFT-format adapter read into a fresh model of ours
+    fresh = GPT.from_pretrained(d)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert _lora_diff(_our_logits(fresh), _our_logits(ours)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_peft_adapter_loads_into_our_model_with_equal_logits(tmp_path, kind):
+    from peft import LoraConfig, get_peft_model
+
+    hf, d = _lora_hf(kind, tmp_path)
+    targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
+                        rank_pattern={"down_proj": 2} if kind == "llama" else {})
+    peft_model = get_peft_model(hf, config)
+    _lora_randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft_adapter")
+    ours = GPT.from_pretrained(d)
+    load_adapter(ours, tmp_path / "peft_adapter")
+    assert _lora_diff(_our_logits(ours), _hf_logits(peft_model.eval())) <= 1e-5
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(lora_state_dict(ours))
+
+
+def test_lora_on_transformers_gpt2_conv1d_slices_roundtrips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    hf, d = _lora_hf_gpt2(tmp_path)
+    apply_lora(hf, rank=4, alpha=8, targets="q,v")  # rows of HF's Conv1D c_attn
+    _lora_randomize_adapters(hf)
+    save_adapter(hf, tmp_path / "a")
+    hf2 = _lora_hf_gpt2(tmp_path / "second")[0]
+    peft_model = PeftModel.from_pretrained(hf2, tmp_path / "a").eval()
+    assert _lora_diff(_hf_logits(peft_model), _hf_logits(hf)) <= 1e-5
+    merged = _hf_logits(merge_lora(hf))  # Conv1D stores W transposed: merge must transpose the update
+    assert _lora_diff(merged, _hf_logits(peft_model)) <= 1e-5
+
+
+def test_lora_bad_input_gives_clear_errors(tmp_path):
+    _, d = _lora_hf_gpt2(tmp_path)
+    model = GPT.from_pretrained(d)
+    with pytest.raises(ValueError, match="unknown LoRA target 'qq'"):
+        apply_lora(model, 4, 8, targets="q,qq")
+    for rank in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+            apply_lora(model, rank, 8)
+    with pytest.raises(ValueError, match="GELU"):
+        apply_lora(model, 4, 8, targets="gate")
+    with pytest.raises(ValueError, match="overlap"):
+        apply_lora(model, 4, 8, targets="c_attn,q")
+    with pytest.raises(ValueError, match="last blocks"):
+        apply_lora(model, 4, 8, layers=5)
+    assert not lora.lora_layers(model)  # nothing half-applied
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapter(model, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, tmp_path)
+    _, dl = _lora_hf_llama(tmp_path)
+    llama = GPT.from_pretrained(dl)
+    apply_lora(llama, 4, 8, targets="c_attn")
+    with pytest.raises(ValueError, match="no PEFT equivalent on LLaMA"):
+        save_adapter(llama, tmp_path / "y")
+    # tied lm_head: merging would change the input embeddings too
+    apply_lora(model, 4, 8, targets="lm_head")
+    with pytest.raises(ValueError, match="tied"):
+        merge_lora(model)
+
+
+# -----------------------------------------------------------------------------------------------
+# finetune.py
+
+
+def test_finetune_alpaca_templates_are_stanfords():
+    # github.com/tatsu-lab/stanford_alpaca/blob/main/train.py, PROMPT_DICT
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                  "Add the numbers.\n\n### Input:\n2 and 3\n\n### Response:")
+    no_input = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
+    assert finetune.format_prompt({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) == with_input
+    assert finetune.format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"}) == no_input
+
+
+def test_finetune_loss_masking_eos_and_truncation(capsys):
+    tok = _CharTok()
+    ex = {"instruction": "Say hi.", "input": "", "output": "hi there"}
+    prompt = tok.encode(finetune.format_prompt(ex))
+    full = prompt + tok.encode("hi there") + [tok.eot_id]
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000)
+    assert t["input_ids"] == full[:-1]
+    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi there") + [tok.eot_id]  # EOS is trained
+    assert not t["truncated"] and t["n_response"] == 9
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000, mask_prompt=False)
+    assert t["labels"] == full[1:]
+    # too long: cut from the response end (EOS first), prompt labels still masked
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=len(prompt) + 3)
+    assert t["truncated"] and t["input_ids"] == full[:len(prompt) + 3]
+    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi th")[:4]
+    # a prompt that fills the context leaves no response: reported, not trained on
+    long = {"instruction": "x" * 300, "input": "", "output": "y"}
+    kept = finetune.tokenize_examples([ex, long, ex], tok, tok.eot_id, max_length=200, name="train")
+    assert len(kept) == 2
+    out = capsys.readouterr().out
+    assert "1 of 3 examples longer than 201 tokens were truncated" in out
+    assert "1 example(s) left out because the prompt alone fills the context" in out and "[1]" in out
+
+
+def test_finetune_grad_accumulation_4x1_equals_1x4_and_per_token_mean():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128, block_size=256))
+    model.train()
+    tok = _CharTok()
+    exs = [{"instruction": "Echo.", "input": "a" * k, "output": "b" * (3 * k + 1)} for k in (1, 4, 9, 2)]
+    data = [finetune.tokenize_example(e, tok, tok.eot_id, 256) for e in exs]
+    assert not any(d["truncated"] for d in data)
+
+    def grads(micro):
+        model.zero_grad()
+        loss, n = finetune.accumulate_gradients(model, micro)
+        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    l4, n4, g4 = grads([finetune.collate(data, pad_id=0)])
+    l1, n1, g1 = grads([finetune.collate([d], pad_id=0) for d in data])
+    # reference: sum of every response token's cross-entropy / number of response tokens
+    model.zero_grad()
+    total = sum(F.cross_entropy(model(torch.tensor([d["input_ids"]]))[0][0], torch.tensor(d["labels"]),
+                                ignore_index=-100, reduction="sum") for d in data)
+    n_ref = sum(sum(x != -100 for x in d["labels"]) for d in data)
+    (total / n_ref).backward()
+    assert n4 == n1 == n_ref
+    assert abs(l4 - l1) < 1e-5 and abs(l4 - total.item() / n_ref) < 1e-5
+    for k, p in model.named_parameters():  # fp32; tolerance covers summation order only
+        assert torch.allclose(g4[k], g1[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(g1[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("precision,lora_rank", [("fp16", 4), ("bf16", 4), ("fp16", 0)])
+def test_finetune_half_precision_steps_on_cpu(precision, lora_rank):
+    torch.manual_seed(0)
+    dtype = finetune.weight_dtype(precision, lora_rank > 0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)).to(dtype)
+    if lora_rank:
+        assert dtype in (torch.float16, torch.bfloat16)  # frozen base in half precision
+        apply_lora(model, lora_rank, 8, targets="all")
+        _lora_randomize_adapters(model, std=0.05)
+    else:
+        assert dtype == torch.float32  # full fine-tuning keeps fp32 master weights
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())  # what GradScaler needs
+    autocast, scaler = finetune.setup_precision(precision, "cpu")
+    assert (scaler is not None) == (precision == "fp16")
+    opt = finetune.make_optimizer(model, "adamw", lr=1e-2)
+    model.train()
+    idx = torch.randint(0, 127, (2, 16), generator=torch.Generator().manual_seed(0))
+    r = finetune.train_step(model, opt, [(idx[:, :-1], idx[:, 1:])], scaler, autocast, grad_clip=1.0)
+    assert torch.isfinite(torch.tensor(r["loss"])) and r["n_tokens"] == 30
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert changed, "the step updated nothing (skipped by the scaler?)"
+
+
+def _ft_setup(tmp_path):
+    """A tiny native GPT-2-style model, a bpe.py tokenizer trained on the data, an Alpaca jsonl."""
+    import bpe
+
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    recs = []
+    for i in range(48):
+        a, b = rnd.sample(words, 2)
+        recs.append({"instruction": f"Repeat {a} {b}.", "input": "" if i % 2 else "twice", "output": f"{a} {b} {a} {b}"})
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = "\n".join(finetune.format_prompt(r) + r["output"] for r in recs)
+    bpe.Tokenizer.train(text, 400, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400)).save_pretrained(tmp_path / "model", format="native")
+    return data
+
+
+@pytest.mark.parametrize("lora_args", [["--lora_rank", "0", "--lr", "3e-3"],
+                                       ["--lora_rank", "8", "--lora_alpha", "16", "--lora_targets", "all",
+                                        "--lr", "1e-2", "--grad_checkpointing"]])
+def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
+    data = _ft_setup(tmp_path)
+    out = tmp_path / "out"
+    finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "12", "--eval_interval", "6",
+                   "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15", "--n_generate", "2",
+                   "--max_new_tokens", "6", "--lora_dropout", "0.0"] + lora_args)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13)) and all("lr" in r for r in steps)
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert min(r["val_loss"] for r in evals[1:]) < evals[0]["val_loss"] - 0.05
+    for f in ("config.json", "loss.png", "responses.jsonl", "responses.md", "best_model/gpt_config.json",
+              "best_model/tokenizer/tokenizer.bpe"):
+        assert (out / f).exists(), f
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 2 and {"response_before", "response_after", "output"} <= set(responses[0])
+    best = GPT.from_pretrained(out / "best_model")  # merged (LoRA) or full weights, loadable as any model
+    assert sum(p.numel() for p in best.parameters()) == sum(
+        p.numel() for p in GPT.from_pretrained(tmp_path / "model").parameters())
+    if lora_args[1] != "0":
+        assert (out / "best_adapter" / "adapter_config.json").exists()
+
+
+def test_finetune_bad_data_and_flags_give_clear_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'output'"):
+        finetune.load_alpaca(f)
+    f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        finetune.load_alpaca(f)
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        finetune.load_alpaca(f)
+    g = tmp_path / "d.json"
+    g.write_text(json.dumps([{"instruction": "a", "output": 3}]))
+    with pytest.raises(ValueError, match=r"example 0: field 'output' must be a string"):
+        finetune.load_alpaca(g)
+    g.write_text(json.dumps([{"instruction": "a", "output": "x" * 10}]))
+    with pytest.raises(ValueError, match="no examples left"):
+        finetune.load_alpaca(g, max_response_chars=5)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--lora_rank", "-1"])
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        finetune.prepare_model(GPT(GPTConfig.preset("tiny-gpt2")), finetune.parse_args(["--lora_targets", "q,w"]))
+
+
+def test_finetune_split_is_deterministic_and_filters_apply(tmp_path):
+    g = tmp_path / "d.json"
+    g.write_text(json.dumps([{"instruction": str(i), "input": "", "output": "y" * (i % 7)} for i in range(100)]))
+    ex = finetune.load_alpaca(g, max_response_chars=5, n_samples=40)
+    assert len(ex) == 40 and all(len(e["output"]) <= 5 for e in ex)
+    assert [e["instruction"] for e in ex[:3]] == ["0", "1", "2"]  # the first N after filtering
+    a = finetune.split_examples(ex, 0.1, 0.2, seed=7)
+    assert a == finetune.split_examples(ex, 0.1, 0.2, seed=7) and [len(s) for s in a] == [28, 4, 8]
+    assert sorted(e["instruction"] for s in a for e in s) == sorted(e["instruction"] for e in ex)
+
+
+def test_finetune_help_lists_every_flag_and_imports_have_no_side_effects(tmp_path):
+    code = f"import sys; sys.path.insert(0, {str(_LORA_ROOT)!r}); import lora, finetune; finetune.main(['--help'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage:")  # importing printed nothing
+    assert list(tmp_path.iterdir()) == []  # and wrote nothing
+    for flag in ("--init_from", "--data_file", "--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_targets",
+                 "--batch_size", "--grad_accum", "--grad_checkpointing", "--precision", "--optimizer", "--lr",
+                 "--max_steps", "--eval_interval", "--out_dir", "--patience", "--train_last_n_blocks"):
+        assert flag in r.stdout, flag

@@ -1,0 +1,754 @@
+"""
+lora.py: LoRA (low-rank adaptation, Hu et al. 2021) for this project's GPT and for Hugging Face
+GPT-2 / LLaMA models, with adapters in PEFT's file format.
+
+LoRA freezes a pretrained weight W (out x in) and learns a low-rank update instead:
+    y = x W^T + (alpha / r) * dropout(x) A^T B^T,     A: (r x in), B: (out x r), r << in, out
+so a 7B model trains ~0.1% of its parameters: no gradients, no optimizer states for the rest.
+B starts at zero, so a fresh adapter changes nothing (training starts from the pretrained model)
+while A starts random, so B's first gradient (which depends on A x) is not zero. After training,
+W + (alpha/r) B A can be merged into W: no extra inference latency.
+
+Read it top to bottom:
+  1. LoRALinear: the wrapper around an nn.Linear (or transformers' Conv1D), including the
+     "sliced" form for fused projections (our c_attn holds q|k|v; LoRA on q,v adapts only those rows).
+  2. Targets: names such as q,v / attn / mlp / all / lm_head -> modules (and slices) of each model kind.
+  3. apply_lora, freezing, lora_state_dict / load_lora, merge / unmerge / unload, the trainable line.
+  4. PEFT's format: save_adapter / load_adapter (adapter_config.json + adapter_model.safetensors).
+  5. A small CLI: merge an adapter into a model; the memory/speed benchmark of LoRA vs full fine-tuning.
+
+Target names and how they map (our GPT fuses projections; see README "lora.py"):
+  q, k, v   attention query/key/value. Ours: rows of the fused attn.c_attn, each with its OWN A and B
+            (exactly PEFT's LoRA on LLaMA's separate q_proj/k_proj/v_proj). HF GPT-2: rows of its Conv1D c_attn.
+  c_attn    the whole fused q|k|v projection with ONE A and B (exactly PEFT's LoRA on HF GPT-2's c_attn).
+  o         attention output projection (attn.c_proj / o_proj)
+  gate, up  SwiGLU input projections (rows of our fused mlp.c_fc / gate_proj, up_proj); for a GELU MLP
+            "up" is the whole mlp.c_fc. c_fc: the whole mlp.c_fc with one A and B.
+  down      MLP output projection (mlp.c_proj / down_proj)
+  lm_head   the output layer. Groups: attn = q,k,v,o; mlp = gate,up,down; all = attn + mlp.
+  HF names are accepted too: q_proj ... down_proj, and c_proj (= o and down, as PEFT's suffix match does).
+
+Use it:
+    from lora import apply_lora, merge_lora, save_adapter, load_adapter
+    model = GPT.from_pretrained("gpt2")
+    apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=("q", "v"))   # freezes the rest
+    ... train ...
+    save_adapter(model, "out/adapter")     # peft.PeftModel.from_pretrained(hf_gpt2, "out/adapter") loads it
+    merge_lora(model)                      # W += (alpha/r) B A, computed in fp32
+
+Run it:
+    python lora.py merge --base gpt2 --adapter out/adapter --out out/merged
+    python lora.py bench          # peak memory and step time: full fine-tuning vs LoRA r=16 (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, hf_config_for
+
+# -----------------------------------------------------------------------------------------------
+# 1. The layer
+
+
+def _is_conv1d(module) -> bool:
+    """transformers' Conv1D (HF GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * dropout(x) A^T B^T, with base frozen and A, B trained.
+
+    segments / adapted: for a fused projection whose output is [q | k | v] (or [gate | up]),
+    `segments` lists (name, size) of its output blocks and `adapted` the names that get LoRA.
+    Each adapted block j has its own A_j (r x in) and B_j (size_j x r); they are stored stacked,
+    lora_A = [A_1; A_2; ...] (S*r x in) and lora_B = [B_1; B_2; ...] (sum of sizes x r), and the
+    update is x A^T B_full^T where B_full (out x S*r) puts B_j in block j's rows and columns
+    j*r..(j+1)*r, zeros elsewhere: a rank-S*r LoRA over the whole output whose un-adapted rows
+    stay exactly zero. That block form is also how a q,v adapter is written for HF GPT-2's fused
+    c_attn in PEFT's format. With adapted=None the whole output is one block (plain LoRA)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 segments: list[tuple[str, int]] | None = None, adapted: list[str] | None = None,
+                 rslora: bool = False):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+        self.base = base
+        self.conv1d = _is_conv1d(base)
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.segments, self.adapted = None, None
+        n_blocks, b_rows = 1, self.out_features
+        if adapted is not None:
+            names = [n for n, _ in segments]
+            if sum(s for _, s in segments) != self.out_features:
+                raise ValueError(f"segments {segments} do not add up to the layer's {self.out_features} outputs")
+            self.segments = list(segments)
+            self.adapted = [n for n in names if n in adapted]  # in output order
+            n_blocks, b_rows = len(self.adapted), sum(s for n, s in segments if n in self.adapted)
+        # LoRA weights are fp32 whatever the base dtype: they are the only weights that train, so
+        # they are the optimizer's master weights (and fp16's GradScaler refuses fp16 gradients)
+        kw = dict(device=w.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(n_blocks * rank, self.in_features, **kw))
+        # B = 0: the adapted model starts exactly equal to the base model
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, rank, **kw))
+        # A like nn.Linear's default init (Kaiming-uniform, a=sqrt(5): bound 1/sqrt(in)), as PEFT does
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        self.merged = False
+        base.weight.requires_grad_(False)
+        if getattr(base, "bias", None) is not None:
+            base.bias.requires_grad_(False)
+
+    def full_B(self) -> torch.Tensor:
+        """B over the whole output (out x n_blocks*r): each adapted block's B_j in its own rows and
+        rank columns, zeros in the rows of un-adapted blocks."""
+        if self.adapted is None:
+            return self.lora_B
+        r, S = self.rank, len(self.adapted)
+        sizes = dict(self.segments)
+        blocks = dict(zip(self.adapted, self.lora_B.split([sizes[n] for n in self.adapted], 0)))
+        rows = []
+        for name, size in self.segments:
+            if name in blocks:
+                j = self.adapted.index(name)
+                rows.append(F.pad(blocks[name], (j * r, (S - 1 - j) * r)))
+            else:
+                rows.append(self.lora_B.new_zeros(size, S * r))
+        return torch.cat(rows, 0)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in fp32, shaped like an nn.Linear weight (out x in)."""
+        return self.scaling * (self.full_B().float() @ self.lora_A.float())
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.dtype)  # no autocast: LoRA's small matmuls run in fp32
+        delta = F.linear(F.linear(h, self.lora_A), self.full_B()) * self.scaling
+        return y + delta.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W += scaling * B A. Done in fp32 and rounded once: adding a small update directly to a
+        bf16 weight would round it away, and merge-then-unmerge would drift further."""
+        if self.merged:
+            return
+        w, d = self.base.weight, self.delta_weight()
+        w.copy_((w.float() + (d.t() if self.conv1d else d)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W -= scaling * B A (exact in fp32; within one rounding of the original in bf16/fp16)."""
+        if not self.merged:
+            return
+        w, d = self.base.weight, self.delta_weight()
+        w.copy_((w.float() - (d.t() if self.conv1d else d)).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self):
+        what = f"adapted={self.adapted}" if self.adapted else "whole output"
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"{what}, merged={self.merged}")
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Targets: names -> (module, slice) for each kind of model
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "c_attn", "c_fc", "lm_head")
+GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
+ALIASES = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
+           "up_proj": ("up",), "down_proj": ("down",), "c_proj": ("o", "down")}
+
+
+def _arch(model) -> tuple[str, object]:
+    """("ours", GPTConfig), ("hf-gpt2", HF config) or ("hf-llama", HF config)."""
+    if isinstance(model, GPT):
+        return "ours", model.config
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type == "gpt2":
+        return "hf-gpt2", cfg
+    if model_type == "llama":
+        return "hf-llama", cfg
+    raise ValueError(f"LoRA here supports this project's GPT and Hugging Face GPT-2 / LLaMA models; got "
+                     f"{type(model).__name__} (model_type={model_type!r})")
+
+
+def _blocks(model) -> tuple[str, int]:
+    """Name prefix of the transformer blocks and their number."""
+    kind, cfg = _arch(model)
+    if kind == "hf-llama":
+        return "model.layers", cfg.num_hidden_layers
+    return "transformer.h", cfg.n_layer
+
+
+def _role_module(model, role: str, i: int) -> tuple[str, list | None, str | None]:
+    """Where role lives in block i: (module name, segments of its output or None, segment or None).
+    Raises for a role the architecture does not have."""
+    kind, c = _arch(model)
+    if role == "lm_head":
+        return "lm_head", None, None
+    if kind == "hf-llama":
+        if role in ("c_attn", "c_fc"):
+            raise ValueError(f"LoRA target {role!r}: LLaMA has no fused {role}; use q,k,v (attention) or gate,up")
+        sub = "self_attn" if role in ("q", "k", "v", "o") else "mlp"
+        return f"model.layers.{i}.{sub}.{role}_proj", None, None
+    p = f"transformer.h.{i}."
+    if kind == "hf-gpt2":
+        n = c.n_embd
+        attn_segments = [("q", n), ("k", n), ("v", n)]
+        swiglu = False
+    else:
+        qd, kvd = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        attn_segments = [("q", qd), ("k", kvd), ("v", kvd)]
+        swiglu = c.mlp == "swiglu"
+    if role in ("q", "k", "v"):
+        return p + "attn.c_attn", attn_segments, role
+    if role == "c_attn":
+        return p + "attn.c_attn", None, None
+    if role == "o":
+        return p + "attn.c_proj", None, None
+    if role == "down":
+        return p + "mlp.c_proj", None, None
+    if role == "c_fc" or (role == "up" and not swiglu):
+        return p + "mlp.c_fc", None, None
+    if role == "gate" and not swiglu:
+        raise ValueError("LoRA target 'gate': this model's MLP is GELU (no gate projection); use up, down or c_fc")
+    f = c.ffn_hidden
+    return p + "mlp.c_fc", [("gate", f), ("up", f)], role
+
+
+def _parse_targets(targets) -> tuple[list[str], set[str]]:
+    """(roles, roles that came only from a group: skipped where the model lacks them, e.g. gate in GELU)."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", "").split(",") if t]
+    roles, named = [], set()
+    for t in targets:
+        named.update(ALIASES.get(t, (t,)))
+        if t in GROUPS:
+            roles += GROUPS[t]
+        elif t in ALIASES:
+            roles += ALIASES[t]
+        elif t in ROLES:
+            roles.append(t)
+        else:
+            raise ValueError(f"unknown LoRA target {t!r}; expected a comma-separated list of "
+                             f"{', '.join(ROLES)}, the groups {', '.join(GROUPS)}, or {', '.join(ALIASES)}")
+    if not roles:
+        raise ValueError("no LoRA targets given")
+    return list(dict.fromkeys(roles)), set(roles) - named
+
+
+def _layer_indices(n_layer: int, layers) -> list[int]:
+    """None: every block; an int N: the last N blocks; a list: those block indices."""
+    if layers is None:
+        return list(range(n_layer))
+    if isinstance(layers, int):
+        if not 1 <= layers <= n_layer:
+            raise ValueError(f"layers={layers}: the number of last blocks to adapt must be in 1..{n_layer}")
+        return list(range(n_layer - layers, n_layer))
+    idx = sorted(set(int(i) for i in layers))
+    bad = [i for i in idx if not 0 <= i < n_layer]
+    if bad or not idx:
+        raise ValueError(f"layers={list(layers)}: block indices must be in 0..{n_layer - 1}")
+    return idx
+
+
+def resolve_targets(model, targets, layers=None) -> dict[str, tuple[list | None, list[str] | None]]:
+    """{module name: (its output segments, the adapted segment names)}; (None, None) = the whole
+    module. Everything is checked before anything is wrapped."""
+    roles, from_groups = _parse_targets(targets)
+    _, n_layer = _blocks(model)
+    plan: dict[str, tuple[list | None, list | None]] = {}
+    for role in roles:
+        for i in ([0] if role == "lm_head" else _layer_indices(n_layer, layers)):
+            try:
+                name, segments, seg = _role_module(model, role, i)
+            except ValueError:
+                if role in from_groups:
+                    continue  # "mlp" / "all" on a GELU MLP: there is no gate
+                raise
+            old_segments, old = plan.get(name, (None, "new"))
+            if seg is None:
+                if old not in ("new", None):
+                    raise ValueError(f"LoRA targets overlap on {name}: {role!r} adapts the whole module and "
+                                     f"{old} adapt parts of it; give one or the other")
+                plan[name] = (None, None)
+            else:
+                if old is None:
+                    raise ValueError(f"LoRA targets overlap on {name}: {seg!r} is part of a module that is "
+                                     f"also adapted whole; give one or the other")
+                plan[name] = (segments, ([] if old == "new" else old) + [seg])
+    return plan
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Applying, freezing, saving, merging
+
+
+def lora_layers(model) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _input_embedding_weight(model):
+    if isinstance(model, GPT):
+        return model.transformer.wte.weight
+    return model.get_input_embeddings().weight
+
+
+def _wrap(model, name: str, rank: int, alpha: float, dropout: float, segments, adapted, rslora: bool):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    base = getattr(parent, child)
+    if isinstance(base, LoRALinear):
+        raise ValueError(f"{name} already has a LoRA adapter")
+    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        raise ValueError(f"{name} is a {type(base).__name__}; LoRA here wraps nn.Linear or Conv1D")
+    layer = LoRALinear(base, rank, alpha, dropout, segments, adapted, rslora)
+    setattr(parent, child, layer)
+    return layer
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=("q", "v"), layers=None,
+               rslora: bool = False, freeze: bool = True):
+    """Wrap the target projections of `model` (our GPT, or a HF GPT-2 / LLaMA model) with LoRA and,
+    by default, freeze everything else: embeddings, norms, biases and lm_head stay fixed, only the
+    lora_A / lora_B tensors train. targets: names or a comma-separated string (see the module
+    docstring); layers: None = all blocks, N = the last N blocks, or a list of block indices.
+    Returns the model (changed in place)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1 (rank 0 means full fine-tuning: do not "
+                         f"call apply_lora), got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    plan = resolve_targets(model, targets, layers)
+    for name, (segments, adapted) in plan.items():
+        _wrap(model, name, rank, alpha, dropout, segments, adapted, rslora)
+    if freeze:
+        freeze_non_lora(model)
+    return model
+
+
+def freeze_non_lora(model):
+    """requires_grad only on LoRA tensors: frozen weights get no gradient, so no gradient memory,
+    no optimizer state, and backward skips their weight-gradient matmuls."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+only_optimize_lora_parameters = freeze_non_lora  # the name loralib users know
+
+
+def lora_parameters(model):
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """Just the LoRA tensors, under the model's own names (a few MB for a 7B model)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_lora(model, state_dict: dict):
+    """Load lora_state_dict() output into a model that apply_lora gave the same targets/rank."""
+    own = lora_state_dict(model)
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: given {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"LoRA state dict does not match the model's adapters: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state_dict[k])
+    return model
+
+
+def _check_mergeable(model):
+    emb = _input_embedding_weight(model)
+    for name, layer in lora_layers(model).items():
+        if layer.base.weight is emb:
+            raise ValueError(f"{name} shares its weight with the input embeddings (tied); merging its LoRA "
+                             f"would change the embeddings too. Keep it as an adapter (save_adapter).")
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (fp32 arithmetic, see LoRALinear.merge): the model
+    then runs at the base model's speed; unmerge_lora undoes it."""
+    _check_mergeable(model)
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unload_lora(model, merge: bool = True):
+    """Replace every LoRALinear by its base layer, merged first by default: a plain model again,
+    which save_pretrained writes like any other."""
+    if merge:
+        merge_lora(model)
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, all); tied tensors counted once, as PEFT does."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_report(model) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. PEFT's format: adapter_config.json + adapter_model.safetensors
+#
+# Keys are "base_model.model.<HF module name>.lora_A.weight" (r x in) and ".lora_B.weight" (out x r),
+# named after the HF model the adapter applies to: our GPT-2-style models export under HF GPT-2's
+# names (same as ours), LLaMA-style ones under LLaMA's (q_proj, ..., down_proj). Ranks that differ
+# between modules (a q,v adapter on GPT-2's fused c_attn is written as one rank-2r LoRA, see
+# LoRALinear) go in PEFT's rank_pattern / alpha_pattern.
+
+_LLAMA_OURS = {"q": ("attn.c_attn", "q"), "k": ("attn.c_attn", "k"), "v": ("attn.c_attn", "v"),
+               "o": ("attn.c_proj", None), "gate": ("mlp.c_fc", "gate"), "up": ("mlp.c_fc", "up"),
+               "down": ("mlp.c_proj", None)}
+
+
+def _hf_type(model) -> str:
+    kind, cfg = _arch(model)
+    if kind != "ours":
+        return kind[3:]
+    return hf_config_for(cfg)[0]  # raises, naming the reason, for configs HF cannot express
+
+
+def _export_modules(model) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """[(HF module name, A, B, scaling)] for every adapter of the model."""
+    kind, cfg = _arch(model)
+    hf_type = _hf_type(model)
+    out = []
+    for name, layer in lora_layers(model).items():
+        if kind == "ours" and hf_type == "llama" and name != "lm_head":
+            i = int(name.split(".")[2])
+            sub = name.split(".", 3)[3]
+            if layer.adapted is None and sub in ("attn.c_attn", "mlp.c_fc"):
+                raise ValueError(f"{name}: a LoRA over the whole fused {sub} has no PEFT equivalent on LLaMA "
+                                 f"(q/k/v and gate/up are separate modules there); use targets q,k,v or gate,up")
+            if layer.adapted is None:
+                role = {"attn.c_proj": "o", "mlp.c_proj": "down"}[sub]
+                out.append((_llama_name(i, role), layer.lora_A, layer.lora_B, layer.scaling))
+                continue
+            sizes = dict(layer.segments)
+            Bs = layer.lora_B.split([sizes[n] for n in layer.adapted], 0)
+            As = layer.lora_A.split(layer.rank, 0)
+            for role, A, B in zip(layer.adapted, As, Bs):
+                out.append((_llama_name(i, role), A, B, layer.scaling))
+            continue
+        B = layer.full_B()  # GPT-2's fused c_attn: block form (rank S*r); else plain B
+        if name == "lm_head" and kind == "ours":
+            B = B[: cfg.vocab_size]  # padded vocabulary rows do not exist in the HF model
+        out.append((name, layer.lora_A, B, layer.scaling))
+    if not out:
+        raise ValueError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
+    return out
+
+
+def _llama_name(i: int, role: str) -> str:
+    sub = "self_attn" if role in ("q", "k", "v", "o") else "mlp"
+    return f"model.layers.{i}.{sub}.{role}_proj"
+
+
+def _atomic_write(path: Path, write):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
+    """Write the adapters as PEFT does, so peft.PeftModel.from_pretrained(hf_model, out_dir) loads
+    them onto the matching transformers model (and load_adapter back onto ours)."""
+    from safetensors.torch import save_file
+
+    mods = _export_modules(model)
+    layers = list(lora_layers(model).values())
+    rslora = layers[0].rslora
+    ranks = {name: A.shape[0] for name, A, _, _ in mods}
+    # PEFT: scaling = lora_alpha / r (or / sqrt(r) with use_rslora), so alpha = scaling * r
+    alphas = {name: s * (math.sqrt(ranks[name]) if rslora else ranks[name]) for name, _, _, s in mods}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": _num(alpha), "lora_dropout": layers[0].dropout, "use_rslora": rslora,
+        "target_modules": sorted(ranks), "bias": "none", "fan_in_fan_out": _hf_type(model) == "gpt2",
+        "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {re.escape(n): _num(a) for n, a in alphas.items() if a != alpha},
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "use_dora": False,
+    }
+    tensors = {}
+    for name, A, B, _ in mods:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return out
+
+
+def _num(x: float):
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule (peft.utils.other.get_pattern_key): a key matches when name ends with it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model, adapter_dir):
+    """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, or .bin) into
+    `model` (our GPT or a HF GPT-2 / LLaMA model without adapters); freezes everything else."""
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{d}: no adapter_config.json (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = [k for k, ok in (("use_dora", False), ("lora_bias", False), ("modules_to_save", None),
+                                   ("layer_replication", None), ("trainable_token_indices", None))
+                   if cfg.get(k, ok) not in (ok, [], {})]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append(f"bias={cfg['bias']!r}")
+    if unsupported:
+        raise ValueError(f"{cfg_path}: unsupported PEFT option(s): {unsupported}")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)):
+            raise ValueError(f"{cfg_path}: field {key!r} must be a number, got {cfg.get(key)!r}")
+    if (d / "adapter_model.safetensors").is_file():
+        tensors = load_file(str(d / "adapter_model.safetensors"))
+    elif (d / "adapter_model.bin").is_file():
+        tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{d}: no adapter_model.safetensors (or adapter_model.bin)")
+
+    # group the tensors by HF module: {name: {"A": ..., "B": ...}}
+    pairs: dict[str, dict] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{d / 'adapter_model.safetensors'}: unexpected tensor {key!r}; expected "
+                             f"base_model.model.<module>.lora_A.weight / lora_B.weight")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    incomplete = [n for n, p in pairs.items() if len(p) != 2]
+    if incomplete or not pairs:
+        raise ValueError(f"{d}: adapter has no complete lora_A/lora_B pairs (incomplete: {incomplete[:5]})")
+
+    kind, mcfg = _arch(model)
+    hf_type = _hf_type(model)
+    rslora = bool(cfg.get("use_rslora", False))
+    # our module -> {segment or None: (A, B, rank, scaling)}
+    grouped: dict[str, dict] = {}
+    for hf_name, p in pairs.items():
+        rank = p["A"].shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, hf_name, cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        ours, seg = hf_name, None
+        if kind == "ours" and hf_type == "llama" and hf_name != "lm_head":
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj", hf_name)
+            if m is None:
+                raise ValueError(f"{d}: adapter module {hf_name!r} has no counterpart in this LLaMA-style model")
+            sub, seg = _LLAMA_OURS[m.group(2)]
+            ours = f"transformer.h.{m.group(1)}.{sub}"
+        grouped.setdefault(ours, {})[seg] = (p["A"], p["B"], rank, scaling)
+
+    names = dict(model.named_modules())
+    for ours, parts in grouped.items():
+        if ours not in names:
+            raise ValueError(f"{d}: adapter module {ours!r} is not in the model")
+        ranks = {v[2] for v in parts.values()}
+        scalings = {round(v[3], 9) for v in parts.values()}
+        if len(ranks) > 1 or len(scalings) > 1:
+            raise ValueError(f"{d}: the adapters fused into {ours} have different ranks/alphas {ranks}/{scalings}; "
+                             f"not supported")
+        rank, scaling = next(iter(parts.values()))[2:]
+        segments = None
+        adapted = None if None in parts else list(parts)
+        if adapted is not None:
+            segments = _role_module(model, "q" if "attn" in ours else "up", int(ours.split(".")[2]))[1]
+        alpha = scaling * (math.sqrt(rank) if rslora else rank)
+        layer = _wrap(model, ours, rank, alpha, float(cfg.get("lora_dropout") or 0.0), segments, adapted, rslora)
+        order = layer.adapted or [None]
+        A = torch.cat([parts[s][0] for s in order], 0)
+        B = torch.cat([parts[s][1] for s in order], 0)
+        if ours == "lm_head" and kind == "ours" and B.shape[0] < layer.lora_B.shape[0]:
+            B = torch.cat([B, B.new_zeros(layer.lora_B.shape[0] - B.shape[0], B.shape[1])])  # padded vocab
+        for what, src, dst in (("lora_A", A, layer.lora_A), ("lora_B", B, layer.lora_B)):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{d}: {ours}.{what} has shape {tuple(src.shape)}, the model needs "
+                                 f"{tuple(dst.shape)} (adapter made for another model size?)")
+            with torch.no_grad():
+                dst.copy_(src)
+    freeze_non_lora(model)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. CLI: merge an adapter into a model; benchmark LoRA against full fine-tuning
+
+
+def cmd_merge(args):
+    model = GPT.from_pretrained(args.base)
+    load_adapter(model, args.adapter)
+    unload_lora(model, merge=True)
+    model.save_pretrained(args.out, format=args.format)
+    print(f"merged {args.adapter} into {args.base} -> {args.out} ({args.format} format)")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bench_child(variant: str, args) -> dict:
+    """One variant in this (fresh) process: build the model, then run steps; returns step times and
+    the peak RSS above the RSS of the loaded model (ru_maxrss: the kernel's high-water mark). The
+    batch has random tokens with the first quarter of each sequence masked (-100) like a prompt."""
+    import resource
+    import time
+
+    from finetune import make_optimizer, train_step
+    from model import GPTConfig
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1, block_size=args.seq_len))
+    if variant == "lora":
+        apply_lora(model, rank=args.rank, alpha=2 * args.rank, dropout=0.05, targets="q,v")
+    model.train()
+    loaded = _rss_mb()
+    opt = make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g)
+    targets = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g)
+    targets[:, : args.seq_len // 4] = -100  # a prompt part, as in instruction tuning
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train_step(model, opt, [(idx, targets)])
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return dict(variant=variant, loaded_mb=loaded, peak_mb=peak, above_mb=peak - loaded, step_s=times[1:],
+                trainable=count_parameters(model)[0])
+
+
+def cmd_bench(args):
+    import subprocess
+    import statistics
+
+    if args.child:
+        print(json.dumps(_bench_child(args.child, args)))
+        return
+    results = {"full": [], "lora": []}
+    for rep in range(args.repeats):  # interleaved A B A B: machine load drifts hit both alike
+        for variant in ("full", "lora"):
+            cmd = [sys.executable, __file__, "bench", "--child", variant] + [
+                f"--{k}={getattr(args, k)}" for k in ("batch_size", "seq_len", "steps", "rank", "threads")]
+            # glibc raises its mmap threshold after big frees and then keeps freed tensors in the heap,
+            # so RSS would overstate live memory; a fixed threshold returns every big tensor on free
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(args.mmap_threshold)) if args.mmap_threshold else None
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            results[variant].append(r)
+            print(f"rep {rep} {variant:4s}: loaded {r['loaded_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, above "
+                  f"loaded {r['above_mb']:.0f} MB, steps {', '.join(f'{t:.2f}' for t in r['step_s'])} s", flush=True)
+    med = {v: dict(above=statistics.median(r["above_mb"] for r in rs),
+                   step=statistics.median(t for r in rs for t in r["step_s"]),
+                   trainable=rs[0]["trainable"]) for v, rs in results.items()}
+    for v, m in med.items():
+        print(f"{v:4s}: trainable {m['trainable']:,} params, peak memory above the loaded model "
+              f"{m['above']:.0f} MB (median), step {m['step']:.2f} s (median)")
+    print(f"LoRA / full: memory above loaded {med['lora']['above'] / med['full']['above']:.2f}x, "
+          f"step time {med['lora']['step'] / med['full']['step']:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="LoRA tools: merge an adapter into a model; benchmark LoRA vs "
+                                             "full fine-tuning.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge a PEFT-format adapter into a model and save it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--base", required=True, help="gpt2 name, HF model dir (gpt2/llama) or our checkpoint dir")
+    m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
+    m.add_argument("--out", required=True, help="output model directory")
+    m.add_argument("--format", default="native", choices=["native", "hf"], help="output format")
+    m.set_defaults(fn=cmd_merge)
+    b = sub.add_parser("bench", help="peak memory and step time: full fine-tuning vs LoRA on a GPT-2-small-"
+                                     "shaped model (random weights), AdamW, each run in a fresh process",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--batch_size", type=int, default=4, help="sequences per step")
+    b.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
+    b.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
+    b.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved full/lora")
+    b.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 * rank, targets q,v)")
+    b.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    b.add_argument("--mmap_threshold", type=int, default=131072,
+                   help="MALLOC_MMAP_THRESHOLD_ for the runs, so freed tensors leave RSS (0 = glibc's default)")
+    b.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    b.set_defaults(fn=cmd_bench)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
