@@ -8,12 +8,16 @@ made by the tests with save_pretrained, so nothing is downloaded. Data the CEO p
 """
 
 import base64
+import functools
+import http.server
 import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 import bpe
 import finetune
+import hellaswag
 import lora
 from bpe import Tokenizer
 from lora import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter, unmerge_lora
@@ -926,7 +931,7 @@ def test_bpe_import_has_no_side_effects():
 # -----------------------------------------------------------------------------------------------
 # lora.py and finetune.py
 
-_LORA_ROOT = Path(__file__).resolve().parent
+_LORA_ROOT = ROOT
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -1383,3 +1388,407 @@ def test_finetune_help_lists_every_flag_and_imports_have_no_side_effects(tmp_pat
                  "--batch_size", "--grad_accum", "--grad_checkpointing", "--precision", "--optimizer", "--lr",
                  "--max_steps", "--eval_interval", "--out_dir", "--patience", "--train_last_n_blocks"):
         assert flag in r.stdout, flag
+
+
+# -----------------------------------------------------------------------------------------------
+# hellaswag.py
+
+HS_ROOT = ROOT
+HS_SHARED = SHARED
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Items in the public schema, crafted to hit the harness's rules: WikiHow brackets ([title], [header],
+# [step], nested), double and triple spaces, a context that ends in a bracket (so the query ends in a
+# space, which the harness moves onto the continuation), ctx_b to capitalise (and lower-case), empty
+# ctx_b, a HF-schema string label, and one item longer than the tiny models' 64 positions.
+HS_ITEMS = [
+    dict(ind=0, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.", ctx_b="he STARTS",
+         endings=["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                  "is holding a rubik's cube.", "pulling up roofing on a roof."], label=3),
+    dict(ind=1, activity_label="Home and Garden",
+         ctx_a="[header] How to paint a wall [title] Buy the  paint. [step] Pick a color you like.",
+         ctx_b="", endings=["[substeps] Mix it  well.", "Paint the   dog.", "[title] Open the can.",
+                            "Wait for it to dry [step] then paint again."], label="0"),
+    dict(ind=2, activity_label="Cooking", ctx_a="She puts the pan on the stove. [step]", ctx_b="",
+         endings=["She cracks two eggs.", " [header] The eggs sizzle.", "A dog barks loudly.",
+                  "They play the [a [b] c] piano."], label=1),
+    dict(ind=3, activity_label="Running a marathon", ctx_a="People run along a road.", ctx_b="a woman",
+         endings=["waves to the camera.", "drinks water from a cup.", "paints a wall.", "falls asleep."],
+         label=2),
+    dict(ind=4, activity_label="Sharpening knives",
+         ctx_a=" ".join(["A man sharpens a knife on a stone, slowly and carefully, while he talks."] * 4),
+         ctx_b="then he", endings=["cuts a tomato in half.", "throws the knife away.", "sings a song.",
+                                   "washes the stone with water and dries it."], label=0),
+    dict(ind=5, activity_label="Playing guitar", ctx_a="A boy holds a guitar.", ctx_b="The boy",
+         endings=["plays a song.", "eats the guitar.", "[title] tunes the strings.", "sleeps."], label=0),
+]
+
+
+def _hs_write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _hs_tokenizer_json(style="gpt2") -> str:
+    """A byte-level BPE trained on the items' text. style "gpt2": GPT-2's pre-tokenizer (words split
+    before spaces, so encode(a + b) == encode(a) + encode(b) at a space). style "merge": no
+    pre-splitting, so merges span the context/continuation boundary (as SentencePiece's "▁word"
+    pieces do) and splitting the whole string at the context's token count really matters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "gpt2")
+    tok.decoder = decoders.ByteLevel()
+    texts = [t for it in HS_ITEMS for t in [it["activity_label"], it["ctx_a"], it["ctx_b"], *it["endings"]]]
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 3, trainer)
+    return tok.to_str()
+
+
+def _hs_save_tokenizer(d, style="gpt2"):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_hs_tokenizer_json(style)),
+                                  eos_token="<|endoftext|>")
+    tok.save_pretrained(d)
+    return tok
+
+
+def _hs_hf_model(kind, vocab_size, d, std=0.3, positions=64):
+    """A tiny random HF causal LM of `positions` positions, float64, with its weights saved to d (float32)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=positions))
+    elif kind == "llama":
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                               max_position_embeddings=positions, bos_token_id=None, eos_token_id=None))
+    else:  # a model type model.py does not implement: must go through transformers
+        m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=vocab_size,
+                                                   max_position_embeddings=positions))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # HF's small init gives near-uniform logits; larger weights make comparisons bite
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    m.eval().save_pretrained(d)
+    return m.double()
+
+
+# ---- the reference: lm-evaluation-harness's definition, written out directly -------------------
+
+
+def _hs_ref_preprocess(text):  # lm_eval/tasks/hellaswag/utils.py, verbatim
+    text = text.strip()
+    # NOTE: Brackets are artifacts of the WikiHow dataset portion of HellaSwag.
+    text = text.replace(" [title]", ". ")
+    import re
+
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def _hs_ref_doc(doc):  # utils.process_docs
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {"query": _hs_ref_preprocess(doc["activity_label"] + ": " + ctx),
+            "choices": [_hs_ref_preprocess(e) for e in doc["endings"]], "gold": int(doc["label"])}
+
+
+def _hs_ref_loglikelihood(model, encode, context, continuation, max_length):
+    # TemplateLM._encode_pair: trailing spaces of the context go to the continuation; the whole
+    # string is encoded and split at the context's token count
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole_enc = encode(context + continuation)
+    context_enc = encode(context)
+    continuation_enc = whole_enc[len(context_enc):]
+    # HFLM._loglikelihood_tokens: left-truncate to max_length + 1, drop the last token
+    inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([inp])).logits[0], dim=-1)
+    cont = torch.tensor(continuation_enc)
+    picked = logp[len(inp) - len(cont):len(inp)].gather(1, cont[:, None])
+    return picked.sum().item()
+
+
+def _hs_ref_harness(model, encode, items, max_length=64):
+    """Per item: (lls, acc, acc_norm), the harness's process_results for multiple_choice."""
+    out = []
+    for it in items:
+        doc = _hs_ref_doc(it)
+        lls = [_hs_ref_loglikelihood(model, encode, doc["query"], " " + c, max_length) for c in doc["choices"]]
+        lens = [float(len(c)) for c in doc["choices"]]
+        pred = max(range(4), key=lambda i: lls[i])
+        pred_norm = max(range(4), key=lambda i: lls[i] / lens[i])
+        out.append((lls, float(pred == doc["gold"]), float(pred_norm == doc["gold"]), lens))
+    return out
+
+
+def _hs_check_against_ref(result, ref, tol=1e-5):
+    items = result["items"]
+    assert len(items) == len(ref) == result["n"]
+    for it, (lls, acc, acc_norm, lens) in zip(items, ref):
+        assert max(abs(a - b) for a, b in zip(it["ll"], lls)) <= tol, (it["ll"], lls)
+        assert it["norm"] == lens  # acc_norm divides by the preprocessed ending's characters
+        assert (it["pred"] == it["label"], it["pred_norm"] == it["label"]) == (acc == 1, acc_norm == 1)
+    n = len(ref)
+    assert result["acc"] == pytest.approx(sum(r[1] for r in ref) / n, abs=1e-12)
+    assert result["acc_norm"] == pytest.approx(sum(r[2] for r in ref) / n, abs=1e-12)
+    # the harness's mean_stderr: sample standard deviation / sqrt(n)
+    assert result["acc_stderr"] == pytest.approx(statistics.stdev([r[1] for r in ref]) / math.sqrt(n))
+    assert result["acc_norm_stderr"] == pytest.approx(statistics.stdev([r[2] for r in ref]) / math.sqrt(n))
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+
+def test_hellaswag_preprocess_matches_harness_rules():
+    P = hellaswag.preprocess
+    # [title] becomes ". ", other brackets vanish, then one pass of "  " -> " "
+    assert P("  Cake: [title] How to bake. [step] Mix  the flour.  ") == "Cake:. How to bake. Mix the flour."
+    assert P("a   b") == "a  b"  # a single left-to-right pass: three spaces leave two
+    assert P("[header] Step one") == " Step one"  # strip happens before the brackets go
+    assert P("Done. [step]") == "Done. "  # ... so a trailing bracket leaves a trailing space
+    assert P("x [a [b] c] y") == "x c] y"  # non-greedy: from the first "[" to the first "]"
+    assert P("[title]Tight") == "Tight"  # " [title]" needs its space; otherwise it is just a bracket
+    q = hellaswag.harness_query
+    assert q(HS_ITEMS[0]) == "Roof shingle removal: A man is sitting on a roof. He starts"  # capitalize()
+    assert q(HS_ITEMS[1]) == ("Home and Garden: How to paint a wall. Buy the paint. Pick a color you like.")
+    assert q(HS_ITEMS[2]) == "Cooking: She puts the pan on the stove. "
+    # a leading bracket leaves a leading space (the continuation then starts with two spaces)
+    assert hellaswag.harness_choices(HS_ITEMS[1]) == [" Mix it well.", "Paint the  dog.", " Open the can.",
+                                                     "Wait for it to dry then paint again."]
+    # and the transcribed harness code agrees on every field of every item
+    for it in HS_ITEMS:
+        assert q(it) == _hs_ref_doc(it)["query"]
+        assert hellaswag.harness_choices(it) == _hs_ref_doc(it)["choices"]
+
+
+@pytest.mark.parametrize("kind,style", [("gpt2", "gpt2"), ("gpt2", "merge"), ("llama", "merge"),
+                                        ("gpt_neox", "gpt2")])
+def test_hellaswag_harness_scores_match_transformers_reference(tmp_path, kind, style):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / kind
+    hf_tok = _hs_save_tokenizer(d, style)
+    hf = _hs_hf_model(kind, len(hf_tok), d)
+    ref_tok = AutoTokenizer.from_pretrained(d)
+    encode = lambda s: ref_tok.encode(s, add_special_tokens=False)
+    ref = _hs_ref_harness(hf, encode, HS_ITEMS)
+    assert len({tuple(r[0]) for r in ref}) == len(HS_ITEMS)  # scores differ between items: a real test
+    if style == "merge":  # the case that makes the harness's split matter does occur here
+        q = [hellaswag.harness_query(it) for it in HS_ITEMS]
+        assert any(encode(q[i] + " " + e)[:len(encode(q[i]))] != encode(q[i])
+                   for i, it in enumerate(HS_ITEMS) for e in hellaswag.harness_choices(it))
+    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS))
+
+    # the transformers model object, batches of 5 sequences (items split across forward passes)
+    r_hf = hellaswag.evaluate(hf, load_tokenizer(None, str(d)), data, batch_size=5, return_items=True)
+    assert r_hf["scoring"] == "harness"
+    _hs_check_against_ref(r_hf, ref)
+    # the CLI's loader: model.py for gpt2/llama, transformers for gpt_neox
+    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
+    assert isinstance(model, GPT) == (kind != "gpt_neox")
+    _hs_check_against_ref(hellaswag.evaluate(model, tok, data, batch_size=7, return_items=True), ref)
+    if kind == "llama":  # add_bos_token=True: the tokenizer puts BOS before context and whole string alike
+        ref_bos = _hs_ref_harness(hf, lambda s: [0] + encode(s), HS_ITEMS)
+        _hs_check_against_ref(hellaswag.evaluate(model, tok, data, return_items=True, bos_id=0), ref_bos)
+    if kind != "gpt_neox":
+        # our native checkpoint format (tokenizer in a tokenizer/ subfolder, as train_gpt2.py writes)
+        native = tmp_path / "native"
+        model.save_pretrained(str(native), format="native")
+        _hs_save_tokenizer(native / "tokenizer", style)
+        model2, tok2 = hellaswag.load_model(str(native), dtype=torch.float64)
+        _hs_check_against_ref(hellaswag.evaluate(model2, tok2, data, batch_size=64, return_items=True), ref)
+
+
+def test_hellaswag_gpt2_tokenizer_from_rank_file(tmp_path):
+    """GPT-2's real tokenizer: our path (model.load_tokenizer -> bpe.py -> tiktoken) against tiktoken
+    built directly from the rank file, through the harness reference."""
+    rank_file = HS_SHARED / "gpt2.tiktoken"
+    if not rank_file.exists():
+        pytest.skip(f"GPT-2 rank file not found at {rank_file}")
+    import tiktoken
+
+    ranks = {base64.b64decode(tok): int(r) for tok, r in (l.split() for l in rank_file.read_text().splitlines() if l)}
+    enc = tiktoken.Encoding("gpt2_ref", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256},
+                            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    hf = _hs_hf_model("gpt2", 50257, tmp_path / "m", std=0.2)
+    ref = _hs_ref_harness(hf, enc.encode_ordinary, HS_ITEMS)
+    model = GPT.from_pretrained(str(tmp_path / "m"), dtype=torch.float64)
+    r = hellaswag.evaluate(model, load_tokenizer(str(rank_file)), hellaswag.load_examples(
+        _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS)), batch_size=8, return_items=True)
+    _hs_check_against_ref(r, ref)
+
+
+def test_hellaswag_nanogpt_scoring_matches_build_nanogpt(tmp_path):
+    """build-nanogpt's render_example + masked per-token cross-entropy, one item (4 rows) at a time."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "m"
+    _hs_save_tokenizer(d)
+    hf = _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d, positions=256)
+    ref_tok = AutoTokenizer.from_pretrained(d)
+    items = HS_ITEMS
+    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", items))
+    correct, correct_norm, ref_avg = 0, 0, []
+    for ex in data:
+        ctx = ref_tok.encode(ex["ctx"], add_special_tokens=False)
+        ends = [ref_tok.encode(" " + e, add_special_tokens=False) for e in ex["endings"]]
+        T = max(len(ctx) + len(e) for e in ends)
+        tokens, mask = torch.zeros(4, T, dtype=torch.long), torch.zeros(4, T)
+        for i, e in enumerate(ends):
+            tokens[i, :len(ctx) + len(e)] = torch.tensor(ctx + e)
+            mask[i, len(ctx):len(ctx) + len(e)] = 1
+        with torch.no_grad():
+            logits = hf(tokens).logits
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(4, -1) * mask[:, 1:]
+        sum_loss, avg_loss = losses.sum(1), losses.sum(1) / mask[:, 1:].sum(1)
+        correct += int(sum_loss.argmin()) == ex["label"]
+        correct_norm += int(avg_loss.argmin()) == ex["label"]
+        ref_avg.append(avg_loss.tolist())
+    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
+    r = hellaswag.evaluate(model, tok, data, scoring="nanogpt", batch_size=6, return_items=True)
+    assert r["scoring"] == "nanogpt" and r["n"] == len(items)
+    assert r["acc"] == correct / len(items) and r["acc_norm"] == correct_norm / len(items)
+    for it, avg in zip(r["items"], ref_avg):
+        assert max(abs(-ll / n - a) for ll, n, a in zip(it["ll"], it["norm"], avg)) <= 1e-6
+
+
+def test_hellaswag_load_examples_schemas_and_errors(tmp_path):
+    good = HS_ITEMS[0]
+    # the HF datasets schema (Rowan/hellaswag: label a string, extra fields) and parquet
+    hf_rows = [dict(good, label="3", ind=24, source_id="activitynet~x", split="val", split_type="indomain")]
+    assert hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hf.jsonl", hf_rows))[0]["label"] == 3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(hf_rows * 2), tmp_path / "v.parquet")
+    ex = hellaswag.load_examples(tmp_path / "v.parquet")
+    assert len(ex) == 2 and ex[1]["label"] == 3 and ex[1]["ctx"] == "A man is sitting on a roof. he STARTS"
+
+    def error(rows_or_text, name="bad.jsonl"):
+        p = tmp_path / name
+        p.write_text(rows_or_text if isinstance(rows_or_text, str) else
+                     "".join(json.dumps(r) + "\n" for r in rows_or_text))
+        with pytest.raises(ValueError) as e:
+            hellaswag.load_examples(p)
+        return str(e.value)
+
+    no_label = {k: v for k, v in good.items() if k != "label"}
+    msg = error([good, no_label])
+    assert "bad.jsonl:2" in msg and "'label'" in msg
+    msg = error([good, good, {k: v for k, v in good.items() if k != "ctx_b"}])
+    assert "bad.jsonl:3" in msg and "'ctx_b'" in msg
+    msg = error([dict(good, label=4)])
+    assert "bad.jsonl:1" in msg and "label" in msg and "4" in msg
+    assert "bad.jsonl:1" in error([dict(good, label=-1)])
+    assert "test split has no labels" in error([dict(good, label="")])
+    msg = error([dict(good, endings=good["endings"][:3])])
+    assert "bad.jsonl:1" in msg and "endings" in msg and "3" in msg
+    assert "bad.jsonl:2" in error(json.dumps(good) + "\n{not json\n")
+    msg = error("", "empty.jsonl")
+    assert "empty.jsonl" in msg and "empty" in msg
+    with pytest.raises(FileNotFoundError, match="prepare_data.py hellaswag"):
+        hellaswag.load_examples(tmp_path / "missing.jsonl")
+
+
+def test_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served = tmp_path / "served"
+    served.mkdir()
+    _hs_write_jsonl(served / "hellaswag_val.jsonl", HS_ITEMS)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"
+    try:
+        path = hellaswag.download(tmp_path / "cache", url=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert path == tmp_path / "cache" / "hellaswag_val.jsonl"
+    assert path.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
+    assert list((tmp_path / "cache").iterdir()) == [path]  # no temporary file left behind
+    assert hellaswag.download(tmp_path / "cache", url=url) == path  # present: no request (server is down)
+    # offline: a clear error naming the URL and what to do, and nothing half-written
+    with pytest.raises(RuntimeError, match="could not download .*--data_file"):
+        hellaswag.download(tmp_path / "cache2", url=url)
+    assert list((tmp_path / "cache2").iterdir()) == []
+
+
+def test_hellaswag_torchrun_two_processes_match_one(tmp_path):
+    d = tmp_path / "m"
+    _hs_save_tokenizer(d)
+    from transformers import AutoTokenizer
+
+    _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d)
+    data_file = _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS + HS_ITEMS[:3])  # 9 items: uneven shards
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HS_ROOT))
+    common = [str(HS_ROOT / "hellaswag.py"), "--init_from", str(d), "--data_file", str(data_file),
+              "--device", "cpu", "--no_progress", "--batch_size", "6"]
+    runs = {}
+    for name, launcher in [("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])]:
+        out = tmp_path / name
+        p = subprocess.run(launcher + common + ["--json", f"{out}.json", "--per_item", f"{out}.jsonl"],
+                           env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("hellaswag scoring=harness n=9 ") == 1, (p.stdout, p.stderr[-3000:])  # rank 0 only
+        runs[name] = (json.loads(Path(f"{out}.json").read_text()),
+                      [json.loads(l) for l in Path(f"{out}.jsonl").read_text().splitlines()])
+    (one, one_items), (two, two_items) = runs["one"], runs["two"]
+    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "scoring"):
+        assert one[key] == two[key], key
+    assert [it["idx"] for it in two_items] == list(range(9))
+    for a, b in zip(one_items, two_items):
+        assert (a["pred"], a["pred_norm"], a["label"]) == (b["pred"], b["pred_norm"], b["label"])
+        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
+
+
+def test_hellaswag_cli_help_documents_every_flag():
+    p = subprocess.run([sys.executable, str(HS_ROOT / "hellaswag.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(HS_ROOT)))
+    assert p.returncode == 0
+    for flag in ("--init_from", "--data_file", "--scoring", "--limit", "--json", "--tokenizer", "--batch_size",
+                 "--device", "--dtype", "--per_item", "--bench", "--backend", "--add_bos"):
+        assert flag in p.stdout, flag
+
+
+def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
+    """train_gpt2.py calls evaluate mid-training on a (possibly wrapped) model in train mode."""
+    from model import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400, dropout=0.5)).train()
+    _hs_save_tokenizer(tmp_path)
+    tok = load_tokenizer(None, str(tmp_path))
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module)
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS[:4]))
+    r1 = hellaswag.evaluate(Wrapper(model), tok, data, return_items=True)
+    assert model.training  # restored
+    r2 = hellaswag.evaluate(model, tok, data, return_items=True, batch_size=1)
+    # dropout off in both (eval mode inside): same scores, batched or not
+    for a, b in zip(r1["items"], r2["items"]):
+        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
