@@ -1150,12 +1150,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]):
 
 class TextTokenizer:
     """What the scripts need from a tokenizer, whatever its kind: encode, encode_batch (fast bulk
-    encoding), decode, the end-of-text id (eot_id, None if it has none) and the vocabulary size
-    (n_vocab). Made by load_tokenizer."""
+    encoding), decode, the end-of-text id (eot_id, None if it has none), the begin-of-sequence id
+    that LLaMA-style tokenizers put first (bos_id, None for GPT-2-style ones; encode never adds it)
+    and the vocabulary size (n_vocab). Made by load_tokenizer."""
 
-    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None):
+    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None):
         self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
-        self._encode_batch = encode_batch
+        self._encode_batch, self.bos_id = encode_batch, bos_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special tokens written in the text (e.g. <|endoftext|>) are encoded
@@ -1189,7 +1190,7 @@ def load_tokenizer(spec: str | None = None, model_dir: str | None = None) -> Tex
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(str(p))
         return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False), hf.decode,
-                             hf.eos_token_id, len(hf))
+                             hf.eos_token_id, len(hf), bos_id=hf.bos_token_id)
     import bpe
 
     tok = bpe.load_tokenizer(spec)  # gpt2, .tiktoken rank file, bpe.py directory, encoder.json dir
