@@ -49,7 +49,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -57,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, hf_config_for
+from model import GPT, atomic_write, hf_config_for
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -491,18 +490,6 @@ def _llama_name(i: int, role: str) -> str:
     return f"model.layers.{i}.{sub}.{role}_proj"
 
 
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
     """Write the adapters as PEFT does, so peft.PeftModel.from_pretrained(hf_model, out_dir) loads
     them onto the matching transformers model (and load_adapter back onto ours)."""
@@ -530,8 +517,8 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return out
 
 

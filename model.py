@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -609,8 +608,8 @@ class GPT(nn.Module):
         else:
             raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
         weights = {k: v.contiguous().cpu() for k, v in weights.items()}
-        _atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
-        _atomic_write(out / config_name, lambda p: Path(p).write_text(json.dumps(config_json, indent=2)))
+        atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        atomic_write(out / config_name, lambda p: Path(p).write_text(json.dumps(config_json, indent=2)))
         # files of an earlier save in another format must not linger beside these weights
         for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
                       "model.safetensors.index.json", "pytorch_model.bin"):
@@ -1132,7 +1131,9 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]):
+def atomic_write(path: Path, write: Callable[[str], None]):
+    """Call write(tmp_name) on a temporary file beside path, then rename it over path: readers
+    never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
