@@ -41,9 +41,8 @@ from pathlib import Path
 
 import torch
 
-from lora import (_atomic_write, apply_lora, load_lora, lora_state_dict,
-                  save_adapter, trainable_report, unload_lora)
-from model import GPT, load_tokenizer
+from lora import apply_lora, load_lora, lora_state_dict, save_adapter, trainable_report, unload_lora
+from model import GPT, atomic_write, load_tokenizer
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -525,7 +524,7 @@ def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_to
 
 
 def _write_jsonl(path: Path, rows: list[dict]):
-    _atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def plot_losses(log: list[dict], path: Path):
@@ -545,7 +544,7 @@ def plot_losses(log: list[dict], path: Path):
     ax.set_ylabel("loss per response token")
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -580,7 +579,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
 
     # data
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
@@ -696,7 +695,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             md.append(f"**Input:** {r['input']}\n")
         md += [f"**Reference:** {r['output']}\n", f"**Before:** {r['response_before']}\n",
                f"**After:** {r['response_after']}\n"]
-    _atomic_write(out / "responses.md", lambda p: Path(p).write_text("\n".join(md)))
+    atomic_write(out / "responses.md", lambda p: Path(p).write_text("\n".join(md)))
     if lora and cfg.save_merged and best_lora is not None:
         try:
             unload_lora(model, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
