@@ -562,6 +562,28 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
                            f"synthetic {i}") for i in range(n)]
 
 
+@torch.no_grad()
+def _naive_predictions(model, tokenizer, examples, scoring, device=None):
+    """The straightforward loop the benchmark compares with: for each ending, one forward pass of
+    context + ending, log-softmax over every position, sum over the ending's tokens."""
+    model = _unwrap(model)
+    device = device or next(model.parameters()).device
+    requests = build_requests(examples, tokenizer, scoring)
+    lls = []
+    for ctx, cont, _ in requests:
+        idx = torch.tensor([ctx + cont], device=device)
+        logits = model(idx)[0] if isinstance(model, GPT) else model(input_ids=idx).logits
+        logp = F.log_softmax(_at_least_fp32(logits[0, :-1]), dim=-1)
+        tgt = idx[0, 1:]
+        lls.append(float(logp.gather(1, tgt[:, None])[-len(cont):].sum()))
+    out = []
+    for i in range(len(examples)):
+        ll = lls[4 * i:4 * i + 4]
+        norm = [requests[4 * i + j][2] for j in range(4)]
+        out.append((_argmax(ll), _argmax([a / b for a, b in zip(ll, norm)])))
+    return out
+
+
 def bench(model, tokenizer, examples, batch_size: int, repeats: int, scoring: str, device=None):
     """Items/s of evaluate() as shipped (batched, each context run once), batched without sharing
     the context, and one ending per forward pass; interleaved (A B C A B C ...) so that a change in
@@ -570,8 +592,9 @@ def bench(model, tokenizer, examples, batch_size: int, repeats: int, scoring: st
                 f"batched rows (batch_size={batch_size}, share_context=False)":
                     dict(batch_size=batch_size, share_context=False),
                 "one ending per forward (batch_size=1)": dict(batch_size=1, share_context=False)}
+    naive = "naive: one ending per forward, logits at every position"
     evaluate(model, tokenizer, examples[:4], scoring, batch_size, device)  # warm-up (allocator, kernels)
-    rates = {name: [] for name in variants}
+    rates = {name: [] for name in list(variants) + [naive]}
     results = {}
     for rep in range(repeats):
         for name, kw in variants.items():
@@ -579,10 +602,20 @@ def bench(model, tokenizer, examples, batch_size: int, repeats: int, scoring: st
             rates[name].append(r["n"] / r["seconds"])
             results[name] = (r["acc"], r["acc_norm"])
             print(f"  rep {rep + 1}/{repeats} {name}: {rates[name][-1]:.2f} items/s", flush=True)
+        t0 = time.perf_counter()
+        preds = _naive_predictions(model, tokenizer, examples, scoring, device)
+        rates[naive].append(len(examples) / (time.perf_counter() - t0))
+        print(f"  rep {rep + 1}/{repeats} {naive}: {rates[naive][-1]:.2f} items/s", flush=True)
+    base_preds = evaluate(model, tokenizer, examples, scoring, device=device, return_items=True)["items"]
+    agree = preds == [(it["pred"], it["pred_norm"]) for it in base_preds]
     med = {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
+    for name, m in med.items():
+        print(f"median {m:8.2f} items/s  {m / med[naive]:5.2f}x  {name}")
+    print(f"(ratios to the naive loop: a plain model(ctx + ending) per ending, full logits, log-softmax "
+          f"everywhere; its predictions equal evaluate()'s: {agree})")
     base = med["one ending per forward (batch_size=1)"]
     for name, m in med.items():
-        print(f"median {m:8.2f} items/s  {m / base:5.2f}x  {name}")
+        print(f"median {m:8.2f} items/s  {m / base:5.2f}x  {name}  (vs one ending per forward, logits where needed)")
     print(f"same acc/acc_norm in every variant: {len(set(results.values())) == 1} {next(iter(results.values()))}")
     return med
 
