@@ -66,6 +66,7 @@ def bench_gen(args):
     d = tempfile.mkdtemp()
     ours.save_pretrained(d)
     hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    fast = GPT.from_pretrained(d).eval().decode_layout_()  # the same weights, input-major (see decode_layout_)
     hf.generation_config.eos_token_id = None  # run the full length, as ours does without eos_token_id
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
     n = args.new_tokens
@@ -78,6 +79,7 @@ def bench_gen(args):
 
     variants = {
         "ours, KV cache": run("cache", lambda: ours.generate(prompt, n, temperature=0)),
+        "ours, decode layout": run("fast", lambda: fast.generate(prompt, n, temperature=0)),
         "HF generate, cache": run("hf", lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False,
                                                               pad_token_id=0)),
     }
@@ -85,14 +87,17 @@ def bench_gen(args):
         times = interleaved(variants, args.rounds)
         times.update(interleaved({"ours, no cache": run("nocache", lambda: ours.generate(
             prompt, n, temperature=0, use_cache=False))}, max(1, args.rounds // 3)))
-    same = torch.equal(outs["cache"], outs["nocache"]) and torch.equal(outs["cache"], outs["hf"][:, : outs["cache"].size(1)])
+    same = (torch.equal(outs["cache"], outs["nocache"]) and torch.equal(outs["cache"], outs["fast"])
+            and torch.equal(outs["cache"], outs["hf"][:, : outs["cache"].size(1)]))
     print(f"generation: GPT-2 small shape (124M), batch 1, prompt {args.prompt_len}, {n} new tokens, greedy, "
           f"{torch.get_num_threads()} threads; outputs identical across variants: {same}")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"  {k:20s} {n / med[k]:8.1f} tok/s  (median of {len(v)}: {med[k]:.2f} s)")
     print(f"  KV cache speed-up over no cache: {med['ours, no cache'] / med['ours, KV cache']:.1f}x")
-    print(f"  ours vs HF generate (cache):     {med['HF generate, cache'] / med['ours, KV cache']:.2f}x")
+    print(f"  ours vs HF generate (cache):     {med['HF generate, cache'] / med['ours, KV cache']:.2f}x "
+          f"(default nn.Linear layout), {med['HF generate, cache'] / med['ours, decode layout']:.2f}x "
+          f"(model.decode_layout_(), the layout HF's GPT-2 Conv1D weights have)")
 
 
 def bench_load(args):

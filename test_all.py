@@ -319,6 +319,17 @@ def test_model_greedy_and_beam_match_hf_generate(tmp_path, kind):
         assert torch.equal(got, ref)
     ref = _hf_generate(hf, prompt, max_new_tokens=10, eos_token_id=eos, pad_token_id=3)
     assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
+    # decode_layout_: input-major weights (transposed strides), same tokens, same saved files
+    logits = ours(prompt)[0]
+    ours.decode_layout_()
+    assert not ours.lm_head.weight.is_contiguous() and ours.lm_head.weight.t().is_contiguous()
+    w = ours.transformer.h[0].mlp.c_fc.weight
+    assert w.stride() == (1, w.size(0))
+    assert torch.allclose(ours(prompt)[0], logits, atol=1e-5)
+    assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
+    ours.save_pretrained(tmp_path / "relaid")
+    assert torch.equal(GPT.from_pretrained(str(tmp_path / "relaid")).generate(prompt, 10, temperature=0,
+                                                                               eos_token_id=eos, pad_token_id=3), ref)
 
 
 def test_model_batched_prompts_of_different_lengths(tmp_path):
@@ -1804,6 +1815,21 @@ def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
     # dropout off in both (eval mode inside): same scores, batched or not
     for a, b in zip(r1["items"], r2["items"]):
         assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
+
+
+def test_hellaswag_work_ratios_formula():
+    """The benchmark's arithmetic bound, against the count done by hand for one item."""
+    from model import GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400))
+    P = sum(p.numel() for p in model.transformer.h.parameters())
+    H = 400 * model.config.n_embd
+    ctx = list(range(10))
+    requests = [(ctx, list(range(n)), n) for n in (2, 3, 4, 5)]  # 14 ending tokens
+    shared = 10 * P + 14 * (P + H)
+    w = hellaswag.work_ratios(model, requests)
+    assert w["naive"] == pytest.approx((40 + 14) * (P + H) / shared)
+    assert w["one ending per forward"] == pytest.approx(((40 + 14) * P + 14 * H) / shared)
 
 
 # -----------------------------------------------------------------------------------------------
