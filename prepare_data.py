@@ -10,6 +10,8 @@ Every sub-command writes to data/<name>/ (change with --out_dir and --name):
     python prepare_data.py fineweb --remote_name sample-100BT --name fineweb_edu100B
     python prepare_data.py hellaswag                 # HellaSwag validation set (via hellaswag.py)
     python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # Alpaca jsonl for finetune.py
+    python prepare_data.py hh --split train                                    # HH-RLHF dialogues for finetune.py
+    python prepare_data.py hh_pairs --split train                              # HH-RLHF pairs for dpo.py
     python prepare_data.py SUBCOMMAND --help         # every flag, documented
 
 Shards. A shard is a 1024-byte header followed by the token ids as little-endian uint16 (uint32 if
@@ -533,6 +535,41 @@ def cmd_alpaca(args):
     print(f"{len(examples)} examples -> {out}")
 
 
+def cmd_hh(args):
+    """HH-RLHF conversations (the `chosen` side) as jsonl for `finetune.py --task dialogue`; the
+    parsing rules live in finetune.py (every record is checked here)."""
+    try:
+        import finetune
+    except ImportError as e:
+        raise SystemExit(f"error: finetune.py is needed for this sub-command ({e})") from None
+    examples = finetune.load_dialogues(args.data_file, args.n_samples, split=args.split)
+    out = Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps({"chosen": e["text"]}, ensure_ascii=False) + "\n" for e in examples),
+                   encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"{len(examples)} conversations -> {out}")
+
+
+def cmd_hh_pairs(args):
+    """HH-RLHF preference pairs (Anthropic/hh-rlhf through `datasets`, or a local jsonl with its
+    chosen/rejected conversations) as jsonl of {prompt, chosen, rejected} for `dpo.py --data_file`;
+    the splitting rules live in dpo.py."""
+    try:
+        import dpo
+    except ImportError as e:
+        raise SystemExit(f"error: dpo.py is needed for this sub-command ({e})") from None
+    pairs = dpo.load_pairs(args.data_file, split=args.split)
+    pairs = pairs[: args.n_samples] if args.n_samples else pairs
+    out = Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"{len(pairs)} pairs -> {out}")
+
+
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -597,6 +634,16 @@ def build_parser():
     p.add_argument("--max_response_chars", type=int, default=0, help="drop examples with longer outputs (0 = keep all)")
     p.add_argument("--n_samples", type=int, default=0, help="then keep the first N (0 = all)")
     p.set_defaults(fn=cmd_alpaca)
+
+    for name, what, fn in (("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh),
+                           ("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py",
+                            cmd_hh_pairs)):
+        p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        common(p, name, tokenizer=False)
+        p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
+        p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
+        p.add_argument("--n_samples", type=int, default=0, help="keep the first N (0 = all)")
+        p.set_defaults(fn=fn)
     return ap
 
 

@@ -2246,3 +2246,567 @@ def test_data_alpaca_subcommand_writes_filtered_jsonl(tmp_path):
     out = [json.loads(line) for line in (tmp_path / "data" / "alpaca" / "alpaca.jsonl").read_text().splitlines()]
     assert out == [r for r in rows if len(r["output"]) <= 35][:3]
     assert finetune.read_examples(tmp_path / "data" / "alpaca" / "alpaca.jsonl") == out
+
+
+# -----------------------------------------------------------------------------------------------
+# dpo.py
+
+import dpo  # noqa: E402
+
+
+def test_dpo_loss_hand_computed_values():
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -2.0])
+    z = torch.tensor([(-1 + 3) - (-1.5 + 2), (-2 + 1.5) - (-2 + 2)])  # [1.5, -0.5]
+    beta = 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    losses, cr, rw = dpo.dpo_loss(pc, pr, rc, rr, beta=beta)
+    assert torch.allclose(losses, torch.tensor([-math.log(sig(beta * v)) for v in z.tolist()]), atol=1e-6)
+    assert torch.allclose(cr, beta * (pc - rc)) and torch.allclose(rw, beta * (pr - rr))
+    ls = 0.2
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=ls)
+    want = [-(1 - ls) * math.log(sig(beta * v)) - ls * math.log(sig(-beta * v)) for v in z.tolist()]
+    assert torch.allclose(losses, torch.tensor(want), atol=1e-6)
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo")
+    assert torch.allclose(losses, torch.tensor([(v - 1 / (2 * beta)) ** 2 for v in z.tolist()]), atol=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+
+
+def test_dpo_policy_equal_reference_is_ln2_and_ties_are_not_correct():
+    c, r = torch.tensor([-4.0, -2.0, -7.0]), torch.tensor([-3.0, -9.0, -1.0])
+    losses, cr, rr = dpo.dpo_loss(c, r, c.clone(), r.clone(), beta=0.1)
+    assert torch.allclose(losses, torch.full((3,), math.log(2)))
+    m = dpo.pair_metrics(losses, cr, rr, c, r)
+    assert m["reward_accuracy"] == 0.0 and m["reward_margin"] == 0.0  # ties count as not correct
+    m = dpo.pair_metrics(losses, torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]), c, r)
+    assert m["reward_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_dpo_split_hh_pair_and_load_pairs_errors(tmp_path, capsys):
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant: Sure, Human: x."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant: No."
+    p, c, r = dpo.split_hh_pair(chosen, rejected)
+    assert p == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant:"
+    assert (c, r) == (" Sure, Human: x.", " No.")
+    # responses sharing their first words: the prompt still ends at the last shared Assistant marker
+    assert dpo.split_hh_pair("\n\nHuman: a\n\nAssistant: The cat", "\n\nHuman: a\n\nAssistant: The dog")[1] == " The cat"
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n"
+                 + json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"}) + "\n\n"
+                 + json.dumps({"prompt": "Q:", "chosen": " a"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: missing or non-string field 'rejected'"):
+        dpo.load_pairs(f)
+    f.write_text(json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"}) + "\n{bad\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
+        dpo.load_pairs(f)
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        dpo.load_pairs(tmp_path / "nope.jsonl")
+    tok = load_tokenizer("gpt2") if (SHARED / "gpt2.tiktoken").exists() else None
+    if tok is None:
+        pytest.skip("../shared/data/gpt2.tiktoken absent: truncation checks need GPT-2's tokenizer")
+    pairs = [{"prompt": "Q:", "chosen": " same", "rejected": " same"},
+             {"prompt": "word " * 50, "chosen": " yes " * 20, "rejected": " no"}]
+    out = dpo.tokenize_pairs(pairs, tok, tok.eot_id, max_length=30, max_prompt_length=10)
+    assert "1 pair(s) with identical" in capsys.readouterr().out
+    assert len(out) == 1 and len(out[0]["prompt"]) == 10 and tok.decode(out[0]["prompt"]).endswith("word ")
+    assert len(out[0]["prompt"]) + len(out[0]["chosen"]) == 30 and out[0]["rejected"][-1] == tok.eot_id
+
+
+def test_dpo_masking_only_response_tokens_count():
+    batch = [{"prompt": [5, 6, 7], "chosen": [8, 9, 1], "rejected": [10, 1]},
+             {"prompt": [4], "chosen": [3, 1], "rejected": [2, 2, 2, 1]}]
+    idx, labels = dpo.collate_pairs(batch, pad_id=0)
+    assert idx.shape == (4, 5)
+    assert labels[0].tolist() == [-100, -100, 8, 9, 1] and labels[2].tolist() == [-100, -100, 10, 1, -100]
+    assert labels[3].tolist() == [2, 2, 2, 1, -100]
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 12)
+    base = dpo.sequence_logps(logits, labels)
+    ref = torch.stack([F.log_softmax(logits[i], -1)[labels[i] != -100].gather(
+        1, labels[i][labels[i] != -100][:, None]).sum() for i in range(4)])
+    assert torch.allclose(base, ref)
+    noisy = logits.clone()
+    noisy[labels == -100] += 100 * torch.randn_like(noisy[labels == -100])  # prompt and padding positions
+    assert torch.allclose(dpo.sequence_logps(noisy, labels), base)
+
+
+def _dpo_tiny_policy(lora=True):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=64, dropout=0.0))
+    if lora:
+        apply_lora(m, 4, 8, 0.0, "q,v")
+        for name, p in m.named_parameters():  # non-zero B: the policy differs from its reference
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return m
+
+
+def _dpo_tiny_pairs(n, seed):
+    """A learnable preference: the chosen response repeats the prompt's last token, the rejected
+    one does not."""
+    g = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [g.randrange(2, 64) for _ in range(6)]
+        other = g.choice([t for t in range(2, 64) if t != p[-1]])
+        out.append({"prompt": p, "chosen": [p[-1], p[-1], 1], "rejected": [other, other, 1]})
+    return out
+
+
+def test_dpo_three_reference_modes_same_loss_and_gradients():
+    pairs = _dpo_tiny_pairs(4, 0)
+    keys = [dpo.pair_key(t) for t in pairs]
+    idx, labels = dpo.collate_pairs(pairs, 0)
+    cfg = dpo.DPOConfig(beta=0.1)
+    results = {}
+    for mode in ("copy", "adapter_off", "precomputed"):
+        policy = _dpo_tiny_policy()  # LoRA with B != 0: as after some training
+        ref = dpo.Reference(mode, policy)
+        if mode == "copy":
+            for m in ref.model.modules():  # the copy stands for the starting model: adapters contribute 0
+                if isinstance(m, lora.LoRALinear):
+                    m.scaling = 0.0
+        if mode == "precomputed":
+            dpo.precompute_reference(ref, pairs, keys, 0, "cpu", 2, None, "t")
+        policy.train()
+        m = dpo.dpo_step(policy, ref, [(idx, labels, keys)], cfg, __import__("contextlib").nullcontext, None)
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results[mode] = (m["loss"], grads)
+    loss0, g0 = results["copy"]
+    assert loss0 != pytest.approx(math.log(2), abs=1e-4)  # the policy really differs from the reference
+    for mode in ("adapter_off", "precomputed"):  # same to 1e-6 (fp32; only summation order may differ)
+        loss, g = results[mode]
+        assert loss == pytest.approx(loss0, abs=1e-6)
+        assert g.keys() == g0.keys() and all(torch.allclose(g[k], g0[k], atol=1e-6) for k in g)
+
+
+def test_dpo_learns_a_preference_rule_on_held_out_pairs():
+    torch.manual_seed(0)
+    policy = _dpo_tiny_policy(lora=False)
+    train_p, test_p = _dpo_tiny_pairs(256, 1), _dpo_tiny_pairs(64, 2)
+    tk = [dpo.pair_key(t) for t in train_p]
+    vk = [dpo.pair_key(t) for t in test_p]
+    ref = dpo.Reference("copy", policy)
+    null = __import__("contextlib").nullcontext
+    before = dpo.evaluate_pairs(policy, ref, test_p, vk, 0, "cpu", 32, null)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    cfg = dpo.DPOConfig(beta=0.5)
+    policy.train()
+    for step in range(60):
+        s = (step * 16) % 256
+        idx, labels = dpo.collate_pairs(train_p[s:s + 16], 0)
+        dpo.dpo_step(policy, ref, [(idx, labels, tk[s:s + 16])], cfg, null, None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after = dpo.evaluate_pairs(policy, ref, test_p, vk, 0, "cpu", 32, null)
+    assert before["eval_reward_accuracy"] == 0.0  # policy == reference: all ties
+    assert after["eval_reward_accuracy"] >= 0.85 and after["eval_loss"] < math.log(2) - 0.1
+
+
+def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
+    import bpe
+
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    rows = []
+    for i in range(24):
+        a, b = rnd.sample(words, 2)
+        rows.append({"chosen": f"\n\nHuman: say {a}\n\nAssistant: {a} {a}",
+                     "rejected": f"\n\nHuman: say {a}\n\nAssistant: {b} {b}"})
+    rows.append({"prompt": "x", "chosen": " same", "rejected": " same"})
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bpe.Tokenizer.train("".join(r["chosen"] + r["rejected"] for r in rows), 300,
+                        special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    args = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+            "--out_dir", str(tmp_path / "out"), "--reference", "precomputed", "--lora_rank", "4",
+            "--max_steps", "4", "--eval_interval", "2", "--batch_size", "2", "--grad_accum", "2",
+            "--n_generate", "1", "--max_new_tokens", "4", "--val_frac", "0.2", "--warmup_steps", "1"]
+    dpo.main(args)
+    out = capsys.readouterr().out
+    assert "identical chosen and rejected" in out and "reference log-probs: 25 computed" not in out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"loss", "reward_accuracy", "reward_margin"} <= set(r) for r in steps)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    assert rows[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: policy == reference
+    for f in ("dpo.png", "samples.md", "adapter/adapter_config.json", "ref_logps.json"):
+        assert (tmp_path / "out" / f).exists(), f
+    prepare_data.main(["hh_pairs", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
+    written = dpo.load_pairs(tmp_path / "d" / "hh_pairs" / "train.jsonl")
+    assert len(written) == 25 and written[0]["prompt"].endswith("\n\nAssistant:")
+    assert written[0]["chosen"].startswith(" ") and "Human" not in written[0]["chosen"]
+    dpo.main(args)  # a re-run reuses the cached reference log-probs
+    assert "0 computed, 24 from" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        dpo.main(args + ["--reference", "twin"])
+    assert "--reference 'twin'" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------
+# bench_memory.py
+
+BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=4,n_embd=256,vocab_size=512", "--samples", "40",
+           "--max_length", "512", "--batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def bench_memory_rows(tmp_path_factory):
+    import bench_memory
+
+    out = tmp_path_factory.mktemp("bm") / "mem.md"
+    bench_memory.main(BM_ARGS + ["--axes", "lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
+                                 "--out", str(out)])
+    rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    return out, rows
+
+
+def test_bench_memory_measured_directions_hold(bench_memory_rows):
+    out, rows = bench_memory_rows
+    assert all({"config", "peak_mb", "seconds", "status"} <= set(r) for r in rows.values())
+    base, lora_r = rows["ga=1 fp32 full no-gc adamw"], rows["ga=1 fp32 lora r=16 no-gc adamw"]
+    gc = rows["ga=1 fp32 full gc adamw"]
+    assert base["method"].startswith("RSS high-water mark")
+    # LoRA: gradients and optimizer state from the tensors that really exist after training
+    assert lora_r["grads_mb"] < 0.1 * base["grads_mb"] and lora_r["optimizer_mb"] < 0.1 * base["optimizer_mb"]
+    # checkpointing: less activation memory (measured by RSS), more time
+    assert gc["activations_mb"] < 0.75 * base["activations_mb"] and gc["peak_mb"] < base["peak_mb"]
+    assert gc["seconds"] > base["seconds"]
+    sgd, mom, adam = (rows[f"ga=1 fp32 full no-gc {o}"]["optimizer_mb"] for o in ("sgd", "sgd_momentum", "adam"))
+    assert sgd < mom < adam
+    bad = rows["ga=1 fp32 full no-gc bogus"]
+    assert bad["status"] == "failed" and "optimizer 'bogus'" in bad["reason"]
+    md = out.read_text()
+    assert "× (ValueError: optimizer 'bogus'" in md and "| gradient checkpointing | – | ↓ | – | – | ↑ |" in md
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_memory_estimate_within_25_percent_of_measured(bench_memory_rows, tmp_path):
+    import bench_memory
+
+    _, rows = bench_memory_rows
+    out = tmp_path / "est.md"
+    bench_memory.main(BM_ARGS + ["--axes", "gc", "--estimate", "--out", str(out)])
+    est = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    assert "ESTIMATES" in out.read_text()
+    k = "ga=1 fp32 full no-gc adamw"
+    # measured: the training peak less the process's non-tensor growth at load (see tensor_peak_mb)
+    assert est[k]["peak_mb"] == pytest.approx(rows[k]["tensor_peak_mb"], rel=0.25)
+    big = tmp_path / "7b.md"
+    bench_memory.main(["--model", "llama2-7b", "--samples", "8", "--axes", "lora", "--estimate",
+                       "--gpu_memory_gb", "40", "--out", str(big)])
+    r7 = {r["key"]: r for r in map(json.loads, big.with_suffix(".jsonl").read_text().splitlines())}
+    assert r7[k]["status"] == "failed" and "> 40 GB" in r7[k]["reason"]  # full fp32 AdamW: 7B x 16 bytes
+    assert r7["ga=1 fp32 lora r=16 no-gc adamw"]["status"] == "estimate"
+
+
+# -----------------------------------------------------------------------------------------------
+# finetune.py --task dialogue (HH-RLHF)
+
+HH_TEXT = ("\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word Human: here?"
+           "\n\nAssistant: Quoting Human: is fine.\nHuman: still me, the assistant.")
+
+
+class _HHCharTok:
+    """One token per character: every label can be checked against the text by hand."""
+    eot_id = 0
+
+    def encode(self, s):
+        return [ord(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_finetune_dialogue_masks_train_only_assistant_turns():
+    turns = finetune.parse_dialogue(HH_TEXT)
+    assert [r for r, _ in turns] == ["Human", "Assistant", "Human", "Assistant"]
+    assert turns[3][1] == " Quoting Human: is fine.\nHuman: still me, the assistant."  # no "\n\n": not a turn
+    assert finetune.format_dialogue(turns) == HH_TEXT
+    t = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000)
+    trained = "".join(chr(x) if x else "<eos>" for x in t["labels"] if x != -100)
+    assert trained == " It is 4." + " Quoting Human: is fine.\nHuman: still me, the assistant." + "<eos>"
+    # the labels are the next tokens: input position p carries token p + 1
+    full = [ord(c) for c in HH_TEXT] + [0]
+    assert t["input_ids"] == full[:-1]
+    assert all(lab in (-100, full[p + 1]) for p, lab in enumerate(t["labels"]))
+    whole = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000, mask_prompt=False)
+    assert sum(x != -100 for x in whole["labels"]) > sum(x != -100 for x in t["labels"])
+    ex = finetune.dialogue_example(HH_TEXT, "x")
+    assert finetune.format_prompt(ex) == "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word " \
+                                         "Human: here?\n\nAssistant:"
+    assert ex["output"].startswith("Quoting Human:")
+    with pytest.raises(ValueError, match="no '.*Assistant:' turn"):
+        finetune.parse_dialogue("\n\nHuman: only me")
+    with pytest.raises(ValueError, match="text before the first"):
+        finetune.parse_dialogue("hello\n\nHuman: x\n\nAssistant: y")
+
+
+def test_finetune_dialogue_bad_input_and_cli(tmp_path, capsys):
+    import bpe
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": HH_TEXT}) + "\n" + json.dumps({"rejected": HH_TEXT}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'chosen'"):
+        finetune.load_dialogues(bad)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "poetry"])
+    assert "--task 'poetry'" in capsys.readouterr().err
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    rows = [{"chosen": f"\n\nHuman: repeat {a}\n\nAssistant: {a} {a}\n\nHuman: again\n\nAssistant: {a}"}
+            for a in (rnd.choice(words) for _ in range(40))]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_data.main(["hh", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
+    assert (tmp_path / "d" / "hh" / "train.jsonl").read_text() == data.read_text()
+    bpe.Tokenizer.train("".join(r["chosen"] for r in rows), 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("why is the sky blue\ncat\n")
+    finetune.main(["--task", "dialogue", "--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "5",
+                   "--batch_size", "4", "--grad_accum", "1", "--lora_rank", "0", "--lr", "3e-3", "--n_generate", "2",
+                   "--max_new_tokens", "4", "--val_frac", "0.2", "--save_interval", "4", "--score_every_eval",
+                   "--reward_model", str(_tiny_reward_model(tmp_path / "rm")), "--prompts", str(prompts)])
+    assert sorted(p.name for p in out.glob("ckpt_step*")) == ["ckpt_step4", "ckpt_step8"]
+    assert GPT.from_pretrained(out / "ckpt_step8").config.n_layer == 2
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05
+    assert all(math.isfinite(r["reward_mean"]) and "reward_stderr" in r for r in evals)  # scored every eval
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert responses[0]["prompt"].endswith("\n\nHuman: again\n\nAssistant:")
+
+
+def test_finetune_chat_two_turns_reset_quit(tmp_path):
+    import io
+
+    import bpe
+
+    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = finetune.parse_args(["--chat", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                               "--task", "dialogue", "--max_new_tokens", "5", "--temperature", "0"])
+    out = io.StringIO()
+    prompts = finetune.chat(cfg, io.StringIO("hello there\nand again\n/reset\nfresh start\n/quit\nnever read\n"), out)
+    assert len(prompts) == 3
+    assert prompts[0] == "\n\nHuman: hello there\n\nAssistant:"
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("\n\nHuman: and again\n\nAssistant:")
+    assert prompts[2] == "\n\nHuman: fresh start\n\nAssistant:"  # /reset: no history
+    text = out.getvalue()
+    assert text.count("Assistant:") == 3 and "(history cleared)" in text and "never read" not in text
+    # the streamed reply is what greedy generation gives for the first prompt
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    m = GPT.from_pretrained(tmp_path / "model")
+    ids = tok.encode(prompts[0])
+    first = tok.decode([t for t in m.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
+                        if t != tok.eot_id])
+    first = first.split("\n\nHuman:")[0]
+    assert text.split("\n")[1].startswith("Assistant:" + first[:3])
+
+
+# -----------------------------------------------------------------------------------------------
+# finetune.py --task classify
+
+def test_finetune_classifier_last_token_pooling_left_and_right_padding():
+    torch.manual_seed(0)
+    clf = finetune.Classifier(GPT(GPTConfig.preset("tiny-llama", vocab_size=64)), 3).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11]
+    alone = torch.cat([clf(torch.tensor([a]))[0], clf(torch.tensor([b]))[0]])
+    right = torch.tensor([a, b + [0, 0, 0]])
+    mask_r = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    left = torch.tensor([a, [0, 0, 0] + b])
+    mask_l = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    assert torch.allclose(clf(right, attention_mask=mask_r)[0], alone, atol=1e-5)
+    assert torch.allclose(clf(left, attention_mask=mask_l)[0], alone, atol=1e-5)
+    # the training path: the label sits at the last real token of a right-padded collate batch
+    ex = [dict(input_ids=a, labels=[-100] * 4 + [2]), dict(input_ids=b, labels=[-100, 1])]
+    idx, targets = finetune.collate(ex, 0)
+    logits, loss = clf(idx, targets)
+    assert torch.allclose(logits, alone, atol=1e-5)
+    assert loss.item() == pytest.approx(F.cross_entropy(alone, torch.tensor([2, 1])).item(), abs=1e-5)
+
+
+def test_finetune_classifier_learns_and_bad_labels(tmp_path, capsys):
+    import bpe
+
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast slow old new".split()
+    rows = []
+    for _ in range(240):  # the class: does the text mention "dog"? (about 1 in 3 do)
+        ws = [rnd.choice(words) for _ in range(6)]
+        if rnd.random() < 0.35:
+            ws[rnd.randrange(6)] = "dog"
+        else:
+            ws = [w if w != "dog" else "cat" for w in ws]
+        rows.append({"text": " ".join(ws), "label": int("dog" in ws)})
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bpe.Tokenizer.train(" ".join(words) * 20, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = finetune.parse_args(["--task", "classify", "--init_from", str(tmp_path / "model"), "--tokenizer",
+                               str(tmp_path / "tok"), "--data_file", str(data), "--out_dir", str(tmp_path / "out"),
+                               "--num_classes", "2", "--lora_rank", "8", "--lora_targets", "all", "--lr", "1e-2",
+                               "--max_steps", "60", "--eval_interval", "30", "--batch_size", "8", "--grad_accum", "1",
+                               "--val_frac", "0.15", "--test_frac", "0.25", "--lora_dropout", "0.0"])
+    res = finetune.finetune_classifier(cfg)
+    last = [r for r in res["log"] if "test_accuracy" in r][-1]
+    test = finetune.split_examples(finetune.load_classification(data), 0.15, 0.25, cfg.seed)[2]
+    majority = max(sum(e["label"] == c for e in test) for c in (0, 1)) / len(test)
+    assert last["test_accuracy"] >= majority + 0.15 and last["test_macro_f1"] > 0.7
+    for f in ("adapter/adapter_config.json", "classifier_head.safetensors", "loss.png", "log.jsonl"):
+        assert (tmp_path / "out" / f).exists(), f
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,1\nbroken,3\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: label 3 is outside 0..1"):
+        finetune.load_classification(bad, num_classes=2)
+    balanced = finetune.load_classification(data, balance=True)
+    assert sum(e["label"] for e in balanced) * 2 == len(balanced)
+
+
+# -----------------------------------------------------------------------------------------------
+# finetune.py --score: reward model and LLM judge
+
+def _tiny_reward_model(d):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
+
+    words = "[PAD] [UNK] [CLS] [SEP] why is the sky blue a b c cat dog red it because light".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(d)
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        num_labels=1, max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+def test_finetune_score_reward_model_equals_transformers(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = _tiny_reward_model(tmp_path / "rm")
+    qs = ["why is the sky blue", "a b c", "cat"]
+    ans = ["because light", "dog red cat it is the a", "unknownword"]
+    ours = finetune.reward_scores(str(d), qs, ans, batch_size=2)
+    tok, rm = AutoTokenizer.from_pretrained(d), AutoModelForSequenceClassification.from_pretrained(d).eval()
+    with torch.no_grad():
+        ref = [rm(**tok(q, a, return_tensors="pt")).logits[0, 0].item() for q, a in zip(qs, ans)]
+    assert ours == pytest.approx(ref, abs=1e-5)  # batched with padding = one at a time
+    m, se = finetune.mean_stderr([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1, 2, 4]) / math.sqrt(3))
+
+
+class _JudgeServer:
+    """A local chat-completions endpoint that answers from a script of (status, body, delay)."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                status, reply, delay = outer.script.pop(0) if outer.script else (200, "50", 0)
+                time.sleep(delay)
+                data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_finetune_score_llm_judge_retries_cache_and_failures(tmp_path):
+    prompts = [{"instruction": f"q{i}", "input": "", "output": f"ref{i}"} for i in range(3)]
+    answers = ["a0", "a1", "a2"]
+    srv = _JudgeServer([(200, "87", 0), (429, "", 0), (200, " 12\n", 0), (200, "Score: 90", 0)])
+    try:
+        judge = finetune.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
+        scores, unjudged = finetune.judge_answers(judge, prompts, answers)
+        assert scores == [87, 12, None] and unjudged == [{"item": 2, "reason": "reply is not an integer 0-100: "
+                                                                              "'Score: 90'"}]
+        assert "`q0`" in srv.requests[0]["messages"][0]["content"] and "`ref0`" in srv.requests[0]["messages"][0]["content"]
+        assert len(srv.requests) == 4  # the 429 was retried
+        n = len(srv.requests)
+        again = finetune.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
+        assert again.score("q0", "ref0", "a0") == (87, "cached") and again.score("q1", "ref1", "a1")[0] == 12
+        assert len(srv.requests) == n  # cache hits: nothing paid twice
+        # a timeout, then a 500, then success
+        srv.script = [(200, "5", 0.5), (500, "", 0), (200, "7", 0)]
+        j = finetune.Judge(srv.url, "m", timeout=0.2, retries=3, backoff=0.01)
+        assert j.score("x", "y", "z") == (7, "judged")
+        # failing midway: the first item is judged and cached, the second exhausts the retries
+        srv.script = [(200, "40", 0)] + [(503, "", 0)] * 3
+        j = finetune.Judge(srv.url, "m2", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "mid.jsonl")
+        with pytest.raises(finetune.JudgeError, match="failed after 3 attempts .HTTP 503"):
+            finetune.judge_answers(j, prompts[:2], answers[:2])
+        assert [json.loads(line)["score"] for line in (tmp_path / "mid.jsonl").read_text().splitlines()] == [40]
+        assert finetune.parse_judge_score("100") == 100 and finetune.parse_judge_score("101") is None
+        assert finetune.parse_judge_score("7.5") is None
+    finally:
+        srv.close()
+    import socket
+
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    j = finetune.Judge(f"http://127.0.0.1:{port}", "m", timeout=0.5, retries=1, backoff=0.01)
+    with pytest.raises(finetune.JudgeError, match="failed after 2 attempts .ConnectionError"):
+        j.score("a", "b", "c")
+
+
+def test_finetune_score_run_over_checkpoints(tmp_path, capsys):
+    import bpe
+
+    d = _tiny_reward_model(tmp_path / "rm")
+    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    run = tmp_path / "run"
+    for i, step in enumerate((10, 20)):
+        torch.manual_seed(i)
+        GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(run / f"ckpt_step{step}", format="native")
+    (tmp_path / "p.txt").write_text("why is the sky blue\ncat\n")
+    srv = _JudgeServer([(200, "30", 0), (200, "60", 0), (200, "80", 0), (200, "90", 0)])
+    try:
+        finetune.main(["--score", str(run), "--tokenizer", str(tmp_path / "tok"), "--reward_model", str(d),
+                       "--judge_url", srv.url, "--prompts", str(tmp_path / "p.txt"), "--max_new_tokens", "3",
+                       "--task", "dialogue"])
+    finally:
+        srv.close()
+    rows = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in rows] == ["ckpt_step10", "ckpt_step20"] and rows[1]["step"] == 20
+    # the judge is asked once per distinct (prompt, answer); a repeated answer is a cache hit
+    replies, seen, want = iter([30, 60, 80, 90]), {}, []
+    for r in rows:
+        want.append([seen.setdefault((i, a), next(replies)) for i, a in enumerate(r["answers"])])
+    assert [r["judge"] for r in rows] == want and rows[1]["judge_mean"] == sum(want[1]) / 2
+    ref = finetune.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
+    assert rows[0]["reward"] == pytest.approx(ref, abs=1e-6)
+    assert "best by reward" in (run / "scores.md").read_text()
+    with pytest.raises(ValueError, match="needs --reward_model"):
+        finetune.main(["--score", str(run)])
