@@ -898,10 +898,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
 # -----------------------------------------------------------------------------------------------
 # 5. Classification: the LM head replaced by a linear head on the last real token
 
-HUB_CLASSIFICATION = {  # --dataset: (hub id, config, text field, pair field, validation split)
-    "sst2": ("nyu-mll/glue", "sst2", "sentence", None, "validation"),
-    "sms_spam": ("ucirvine/sms_spam", None, "sms", None, None),
-    "mnli": ("nyu-mll/glue", "mnli", "premise", "hypothesis", "validation_matched"),
+# --dataset: (hub id, config, text field, pair field). Only the train split is read and then split
+# into train/val/test like every other task (GLUE's own test labels are hidden).
+HUB_CLASSIFICATION = {
+    "sst2": ("nyu-mll/glue", "sst2", "sentence", None),
+    "sms_spam": ("ucirvine/sms_spam", None, "sms", None),
+    "mnli": ("nyu-mll/glue", "mnli", "premise", "hypothesis"),
 }
 
 
@@ -924,7 +926,7 @@ def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_sa
         if dataset not in HUB_CLASSIFICATION:
             raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(HUB_CLASSIFICATION)} "
                              f"(or give --data_file)")
-        hub, name, tf, pf, _ = HUB_CLASSIFICATION[dataset]
+        hub, name, tf, pf = HUB_CLASSIFICATION[dataset]
         try:
             from datasets import load_dataset
 
