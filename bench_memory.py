@@ -9,12 +9,15 @@ optimizer each cost and save, measured on finetune.py's own training step.
     python bench_memory.py --help
 
 Every configuration runs in a fresh Python process, so that one run's peak cannot leak into the
-next, and a configuration that fails (out of memory, a bad flag, a crash) is shown as × with its
-reason while the rest of the grid goes on. Per configuration it measures:
+next; the first configuration runs once more beforehand, discarded (the first process of a run
+measured slower: cold file cache and clocks). A configuration that fails (out of memory, a bad
+flag, a crash) is shown as × with its reason while the rest of the grid goes on. Per configuration
+it measures:
 
   loaded      memory once the model (and LoRA) is in place, before the first step
   peak        the training high-water mark: CUDA max_memory_allocated() on a GPU; on a CPU the
-              kernel's RSS high-water mark (ru_maxrss) of the process, minus the RSS of the empty
+              kernel's RSS high-water mark of the process (VmHWM; not ru_maxrss, which
+              survives an exec and can report the parent's peak), minus the RSS of the empty
               process (torch imported) measured at its start. glibc is told to return every freed
               tensor to the kernel (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors.
   parameters, gradients, optimizer state: the tensors' own sizes (numel x element size) of the
@@ -146,9 +149,7 @@ def load_examples(args, model) -> list[dict]:
 def _peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / MB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _rss_mb("VmHWM")  # the kernel's high-water mark of this process's resident memory
 
 
 def model_config(args) -> GPTConfig:
@@ -218,7 +219,7 @@ def run_config(c: dict, args) -> dict:
                 tensor_peak_mb=peak - max(0.0, loaded - params_b / MB),
                 grads_mb=grads_b / MB, optimizer_mb=opt_b / MB, activations_mb=max(0.0, acts),
                 seconds=seconds, tokens_per_s=n_tokens / seconds, trainable=sum(p.numel() for p in trainable),
-                method="CUDA max_memory_allocated" if cuda else "RSS high-water mark (ru_maxrss) above the empty process")
+                method="CUDA max_memory_allocated" if cuda else "RSS high-water mark (VmHWM) above the empty process")
 
 
 def run_in_subprocess(c: dict, args) -> dict:
@@ -401,6 +402,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
     results = {}
+    if not args.estimate:  # measured, not kept: the first process of a run pays one-time costs (cold
+        run_in_subprocess(next(iter(unique.values())), args)  # file cache, clocks) the others do not
     with open(jsonl, "w") as f:
         for i, (k, c) in enumerate(unique.items()):
             r = estimate_config(c, args) if args.estimate else run_in_subprocess(c, args)

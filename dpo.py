@@ -566,8 +566,6 @@ def _bench_child(mode: str, args) -> dict:
     """GPT-2-small-shaped LoRA policy (random weights), the reference set up the given way, two
     training steps. 'weights + reference' = RSS after the reference exists minus RSS before the
     model was built; for precomputed it includes the cached log-probs (and the pass computing them)."""
-    import resource
-
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base = _rss_mb()
@@ -592,7 +590,7 @@ def _bench_child(mode: str, args) -> dict:
                  contextlib.nullcontext, None)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mb("VmHWM")
     return dict(mode=mode, weights_plus_reference_mb=ref_mb, peak_mb=peak - base)
 
 

@@ -762,6 +762,9 @@ def main(argv=None):
                 for it in items:
                     f.write(json.dumps(it) + "\n")
     if world_size > 1:
+        # every rank waits for rank 0's writing: a rank that tears down its gloo group while another
+        # still talks to it can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -639,19 +639,21 @@ def cmd_merge(args):
     print(f"merged {args.adapter} into {args.base} -> {args.out} ({args.format} format)")
 
 
-def _rss_mb() -> float:
+def _rss_mb(field_name: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MB. VmHWM, not
+    getrusage's ru_maxrss: the kernel carries ru_maxrss over an exec, so a child started by a big
+    parent (a test runner) would report the parent's peak as its own."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def _bench_child(variant: str, args) -> dict:
     """One variant in this (fresh) process: build the model, then run steps; returns step times and
-    the peak RSS above the RSS of the loaded model (ru_maxrss: the kernel's high-water mark). The
+    the peak RSS above the RSS of the loaded model (VmHWM: the kernel's high-water mark). The
     batch has random tokens with the first quarter of each sequence masked (-100) like a prompt."""
-    import resource
     import time
 
     from finetune import make_optimizer, train_step
@@ -674,7 +676,7 @@ def _bench_child(variant: str, args) -> dict:
         t0 = time.perf_counter()
         train_step(model, opt, [(idx, targets)])
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _rss_mb("VmHWM")
     return dict(variant=variant, loaded_mb=loaded, peak_mb=peak, above_mb=peak - loaded, step_s=times[1:],
                 trainable=count_parameters(model)[0])
 
