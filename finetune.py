@@ -137,9 +137,9 @@ class FinetuneConfig:
     prompts: str | None = field(default=None, metadata=dict(
         help="--score: jsonl of {instruction, input?, output? (reference)} or text, one prompt a line "
              "(default: the 40 built-in everyday questions)"))
-    reward_model: str | None = field(default=None, metadata=dict(
-        help="--score: HF sequence-classification reward model, e.g. "
-             "OpenAssistant/reward-model-deberta-v3-large-v2"))
+    reward_model: str = field(default="OpenAssistant/reward-model-deberta-v3-large-v2", metadata=dict(
+        help="--score / --score_every_eval: HF sequence-classification reward model (hub id or dir); "
+             "'none' = judge only"))
     judge_url: str | None = field(default=None, metadata=dict(
         help="--score: OpenAI-compatible API base URL; POSTs {url}/chat/completions"))
     judge_model: str = field(default="gpt-4o-mini", metadata=dict(help="--score: the judge's model name"))
@@ -176,6 +176,8 @@ def parse_args(argv=None) -> FinetuneConfig:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(ap, FinetuneConfig)
     cfg = FinetuneConfig(**vars(ap.parse_args(argv)))
+    if str(cfg.reward_model).lower() == "none":
+        cfg.reward_model = None
     checks = [
         (cfg.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = full fine-tuning), got {cfg.lora_rank}"),
         (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),

@@ -2809,4 +2809,4 @@ def test_finetune_score_run_over_checkpoints(tmp_path, capsys):
     assert rows[0]["reward"] == pytest.approx(ref, abs=1e-6)
     assert "best by reward" in (run / "scores.md").read_text()
     with pytest.raises(ValueError, match="needs --reward_model"):
-        finetune.main(["--score", str(run)])
+        finetune.main(["--score", str(run), "--reward_model", "none"])

@@ -655,6 +655,9 @@ def train(cfg: TrainConfig, given: dict | None = None):
             log_line(out_dir, {"type": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                                "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
     if ddp:
+        # tear down together: a rank whose gloo group goes away while another still talks to it can
+        # abort at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return out_dir
 
