@@ -42,6 +42,7 @@ for this machine, and labelled as estimates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -53,8 +54,13 @@ from pathlib import Path
 
 import torch
 
-from lora import _rss_mb
-from model import GPT, GPTConfig, atomic_write
+import dpo
+from bpe import atomic_write, load_tokenizer
+from finetune import collate, estimate_memory, tokenize_examples, train_step
+from lora import apply_lora, weight_dtype
+from model import GPT, GPTConfig, autocast_and_scaler, make_optimizer, peak_memory_mb, run_main
+from model import process_memory_mb as _rss_mb
+from prepare_data import load_alpaca
 
 BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw")
 AXES = ("ga", "mp", "lora", "gc", "optimizer", "rank")
@@ -139,17 +145,12 @@ def synthetic_examples(n: int, vocab: int, max_length: int, seed: int = 0) -> li
 def load_examples(args, model) -> list[dict]:
     if args.data_file is None:
         return synthetic_examples(args.samples, model.config.vocab_size, args.max_length)
-    from finetune import load_alpaca, tokenize_examples
-    from model import load_tokenizer
-
     tok = load_tokenizer(None, args.init_from)
     return tokenize_examples(load_alpaca(args.data_file, n_samples=args.samples), tok, tok.eot_id, args.max_length)
 
 
 def _peak_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / MB
-    return _rss_mb("VmHWM")  # the kernel's high-water mark of this process's resident memory
+    return peak_memory_mb(device)
 
 
 def model_config(args) -> GPTConfig:
@@ -161,9 +162,6 @@ def model_config(args) -> GPTConfig:
 
 
 def run_config(c: dict, args) -> dict:
-    from finetune import collate, make_optimizer, setup_precision, train_step, weight_dtype
-    from lora import apply_lora
-
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -184,7 +182,7 @@ def run_config(c: dict, args) -> dict:
     model.grad_checkpointing = c["gc"]
     model.train()
     examples = load_examples(args, model)
-    autocast, scaler = setup_precision(c["mp"], "cuda" if cuda else "cpu")
+    autocast, scaler = autocast_and_scaler(c["mp"], "cuda" if cuda else "cpu")
     opt = make_optimizer(model, c["optimizer"], lr=1e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     params_b = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -260,9 +258,6 @@ def longest_micro_batch(args, ga: int, vocab: int) -> int:
 
 
 def estimate_config(c: dict, args) -> dict:
-    from finetune import estimate_memory, weight_dtype
-    from lora import apply_lora
-
     with torch.device("meta"):
         model = GPT(model_config(args)).to(weight_dtype(c["mp"], c["lora"] > 0))
         if c["lora"]:
@@ -391,7 +386,110 @@ def bar_chart(results: dict, path: Path):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------------------------
+# 4. DPO: the memory of the three reference modes (dpo.py --reference copy | adapter_off | precomputed)
+
+
+def _dpo_child(mode: str, args) -> dict:
+    """GPT-2-small-shaped LoRA policy (random weights), the reference set up the given way, two
+    training steps. 'weights + reference' = RSS after the reference exists minus RSS before the
+    model was built; for precomputed it includes the cached log-probs (and the pass computing them)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    base = _rss_mb()
+    cfg = dpo.DPOConfig(reference=mode, lora_rank=16, lora_alpha=32, beta=0.1)
+    policy = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1, block_size=args.seq_len))
+    apply_lora(policy, 16, 32, 0.0, "q,v")
+    g = torch.Generator().manual_seed(1)
+    data = [{"prompt": torch.randint(0, 50257, (args.seq_len // 2,), generator=g).tolist(),
+             "chosen": torch.randint(0, 50257, (args.seq_len // 2,), generator=g).tolist(),
+             "rejected": torch.randint(0, 50257, (args.seq_len // 2,), generator=g).tolist()} for _ in range(8)]
+    keys = [dpo.pair_key(t) for t in data]
+    ref = dpo.Reference(mode, policy)
+    if mode == "precomputed":
+        dpo.precompute_reference(ref, data, keys, 0, "cpu", args.batch_size, None, "bench")
+    ref_mb = _rss_mb() - base
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    policy.train()
+    for s in range(2):
+        b = data[s * args.batch_size: (s + 1) * args.batch_size]
+        idx, labels = dpo.collate_pairs(b, 0)
+        dpo.dpo_step(policy, ref, [(idx, labels, keys[s * args.batch_size: (s + 1) * args.batch_size])], cfg,
+                 contextlib.nullcontext, None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = _rss_mb("VmHWM")
+    return dict(mode=mode, weights_plus_reference_mb=ref_mb, peak_mb=peak - base)
+
+
+def dpo_estimate(gpus=(16, 40)) -> str:
+    """Paper arithmetic, bf16 weights, LoRA r=16 on q,v (fp32 adapters + AdamW), or full fine-tuning
+    (fp32 master weights + grads + AdamW's two moments). Activations are not included: with
+    gradient checkpointing and a micro-batch of one pair they are small next to these."""
+    rows = ["| model | policy | reference | weights + reference | + gradients & optimizer | " +
+            " | ".join(f"fits {g} GB" for g in gpus) + " |", "|" + " --- |" * (5 + len(gpus))]
+    for preset in ("gpt2-medium", "llama2-7b"):
+        with torch.device("meta"):
+            m = GPT(GPTConfig.preset(preset))
+        n = sum(p.numel() for p in m.parameters())
+        with torch.device("meta"):
+            apply_lora(m, 16, 32, 0.0, "q,v")
+        n_lora = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        for policy, wbytes, train_bytes in (("LoRA r=16", 2 * n, 16 * n_lora), ("full", 4 * n, 12 * n)):
+            for mode in ("copy", "adapter_off", "precomputed"):
+                if mode == "adapter_off" and policy == "full":
+                    continue
+                ref = 2 * n if mode == "copy" else 0  # bf16 frozen copy
+                total = (wbytes + ref + train_bytes) / 1e9
+                fits = " | ".join("yes" if total < g else "no" for g in gpus)  # before activations
+                rows.append(f"| {preset} ({n / 1e9:.2f}B) | {policy} | {mode} | {(wbytes + ref) / 1e9:.1f} GB | "
+                            f"{total:.1f} GB | {fits} |")
+    return "\n".join(rows)
+
+
+def cmd_dpo(argv):
+    import statistics
+
+    ap = argparse.ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
+                                 "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--estimate", action="store_true", help="print the paper arithmetic for 16/40 GB GPUs")
+    ap.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (prompt + response)")
+    ap.add_argument("--batch_size", type=int, default=2, help="pairs per step")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode, interleaved")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.estimate:
+        print("ESTIMATE (arithmetic, not measured): bf16 weights, fp32 trainable tensors with AdamW\n")
+        print(dpo_estimate())
+        return
+    if args.child:
+        print(json.dumps(_dpo_child(args.child, args)))
+        return
+    res = {m: [] for m in ("copy", "adapter_off", "precomputed")}
+    for rep in range(args.repeats):
+        for mode in res:
+            cmd = [sys.executable, __file__, "dpo", "--child", mode, f"--seq_len={args.seq_len}",
+                   f"--batch_size={args.batch_size}", f"--threads={args.threads}"]
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave RSS at once
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                           .stdout.strip().splitlines()[-1])
+            res[mode].append(r)
+            print(f"rep {rep} {mode:12s}: weights + reference {r['weights_plus_reference_mb']:.0f} MB, "
+                  f"training peak {r['peak_mb']:.0f} MB (RSS above the empty process)", flush=True)
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("weights_plus_reference_mb", "peak_mb")}
+           for m, rs in res.items()}
+    for m, v in med.items():
+        print(f"{m:12s} weights + reference {v['weights_plus_reference_mb']:6.0f} MB "
+              f"({v['weights_plus_reference_mb'] / med['copy']['weights_plus_reference_mb']:.2f}x copy), "
+              f"training peak {v['peak_mb']:6.0f} MB ({v['peak_mb'] / med['copy']['peak_mb']:.2f}x copy)")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dpo"]:
+        return cmd_dpo(argv[1:])
     args = parse_args(argv)
     if args.child:
         print(json.dumps(run_config(json.loads(args.child), args)))
@@ -420,4 +518,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,5 +1,6 @@
 """
-bench_speed.py: how fast is model.py? Measured side by side with the references, on this machine.
+bench_speed.py: how fast is this project's code? Measured side by side with the references, on
+this machine.
 
     python bench_speed.py gen      # generation tokens/s: KV cache vs none, ours vs HF generate
     python bench_speed.py train    # training tokens/s: ours vs HF GPT2LMHeadModel (vs nanoGPT's model.py)
@@ -7,24 +8,39 @@ bench_speed.py: how fast is model.py? Measured side by side with the references,
     python bench_speed.py load --preset llama2-7b --dir /tmp/fake-llama2-7b
                                    # host RAM while loading a 7B checkpoint in bf16 (writes a fake
                                    # all-zero HF checkpoint of that shape first, 13.5 GB of disk)
-    python bench_speed.py all --nanogpt path/to/nanoGPT/model.py
+    python bench_speed.py bpe --input ../shared/data/english_pd.txt
+                                   # bpe.py: training vs HF tokenizers and the naive algorithm,
+                                   # encoding (tiktoken export) vs tiktoken's GPT-2
+    python bench_speed.py hellaswag --bench_preset gpt2
+                                   # hellaswag.py: batched scoring vs one ending per forward pass
+    python bench_speed.py all --nanogpt path/to/nanoGPT/model.py     # peak, gen and train
 
 How it measures: every compared variant runs in the same process on the same weights and inputs,
 interleaved (A B C A B C ...) so that load from elsewhere on a shared machine hits all of them
-alike; the figures are medians over the rounds, and the ratios are of the medians. nanoGPT's
-model.py is not part of this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
+alike; the figures are medians over the rounds, and the ratios are of the medians (bpe training
+runs each variant in a fresh process, for its own peak memory). nanoGPT's model.py is not part of
+this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
 """
 
 import argparse
 import importlib.util
+import os
+import random
 import statistics
 import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 
+import regex
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
+import bpe
+import hellaswag as hs
+from bpe import load_tokenizer
+from model import GPT, GPTConfig, process_memory_mb
+from prepare_data import hellaswag_item, load_hellaswag
 
 
 def timed(fn):
@@ -229,9 +245,260 @@ def bench_train(args):
     return results
 
 
+# -----------------------------------------------------------------------------------------------
+# bpe.py: our trainer vs HF tokenizers vs the naive algorithm; tiktoken export vs tiktoken
+
+
+def naive_merge_step(seqs, new_id):
+    """One step of the naive algorithm (minbpe's): count every pair in every chunk occurrence,
+    then merge the top pair everywhere. Only used by the benchmark, to extrapolate its cost."""
+    counts = Counter()
+    for s in seqs:
+        counts.update(zip(s, s[1:]))
+    (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], (-kv[0][0], -kv[0][1])))
+    return [bpe._merge_pair(s, a, b, new_id) for s in seqs]
+
+
+def _peak_rss_mb():
+    return process_memory_mb("VmHWM")  # not ru_maxrss: it survives an exec (see model.peak_memory_mb)
+
+
+def _bench_train_ours(path, vocab_size, pattern):
+    t = time.perf_counter()
+    tok = bpe.Tokenizer.train([path], vocab_size, pattern=pattern)
+    return time.perf_counter() - t, _peak_rss_mb(), tok.vocab_size
+
+
+def _bench_train_hf(path, vocab_size):
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers, decoders
+    t = time.perf_counter()
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train([str(path)], trainer)
+    return time.perf_counter() - t, _peak_rss_mb(), hf.get_vocab_size()
+
+
+def _in_fresh_process(fn, *args):
+    """Run fn(*args) in a new Python process, so that peak memory is its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def bench_bpe(args):
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such input file")
+    size_mb = path.stat().st_size / 1e6
+    print(f"# bpe.py on {path} ({size_mb:.1f} MB), {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    trained = {}
+    print("\n## training (each run in a fresh process; time includes reading and pre-splitting)")
+    print("| vocab | ours s | ours peak MB | HF tokenizers s | HF peak MB | ours/HF |")
+    print("|---|---|---|---|---|---|")
+    for v in args.vocab_sizes:
+        ours, hf = [], []
+        for _ in range(args.repeats):  # interleaved, so that machine load hits both alike
+            ours.append(_in_fresh_process(_bench_train_ours, path, v, args.pattern))
+            if not args.skip_hf:
+                hf.append(_in_fresh_process(_bench_train_hf, path, v))
+        t_ours = _median([r[0] for r in ours])
+        trained[v] = t_ours
+        m_ours = max(r[1] for r in ours)
+        if hf:
+            t_hf, m_hf = _median([r[0] for r in hf]), max(r[1] for r in hf)
+            print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | {t_hf:.2f} | {m_hf:.0f} | {t_ours / t_hf:.2f}x |")
+        else:
+            print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | - | - | - |")
+
+    if args.naive_merges > 0:
+        # The naive cost per merge is proportional to the total length of the chunk sequences,
+        # which shrinks as merges go on: time it at the start and at the end state of each run
+        # (the chunks encoded with our trained vocabulary) and take the average.
+        text = path.read_text(encoding="utf-8")
+        chunks = regex.findall(bpe.resolve_pattern(args.pattern), text)
+        del text
+
+        def naive_seconds_per_merge(seqs, first_id):
+            t = time.perf_counter()
+            for k in range(args.naive_merges):
+                seqs = naive_merge_step(seqs, first_id + k)
+            return (time.perf_counter() - t) / args.naive_merges
+
+        start = naive_seconds_per_merge([list(c.encode("utf-8")) for c in chunks], 256)
+        print(f"\n## naive algorithm (minbpe: recount all pairs over all {len(chunks):,} chunk "
+              f"occurrences each merge), timed over {args.naive_merges} merges")
+        print("| vocab | naive s/merge at start, at end | naive, extrapolated | ours | speed-up |")
+        print("|---|---|---|---|---|")
+        for v, t_ours in trained.items():
+            tok = bpe.Tokenizer.train([path], v, pattern=args.pattern)
+            ids = {c: tok.encode_ordinary(c) for c in set(chunks)}
+            end = naive_seconds_per_merge([ids[c] for c in chunks], v)
+            t_naive = (start + end) / 2 * (v - 256)
+            print(f"| {v} | {start:.2f}, {end:.2f} | {t_naive / 3600:.1f} h | {t_ours:.1f} s | "
+                  f"{t_naive / t_ours:,.0f}x |")
+        del chunks, ids
+
+    if args.gpt2 and Path(args.gpt2).is_file():
+        import tiktoken
+        import tiktoken.load
+        text = path.read_text(encoding="utf-8")
+        docs = text.split("\n\n")
+        ref = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN,
+                                mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(args.gpt2)),
+                                special_tokens=dict(bpe.GPT2_SPECIAL_TOKENS))
+        ours = bpe.Tokenizer.from_tiktoken_file(args.gpt2).to_tiktoken()
+        if ours.encode_ordinary(text) != ref.encode_ordinary(text):
+            raise AssertionError("the export and tiktoken's GPT-2 disagree")
+        print(f"\n## encoding throughput, GPT-2 vocabulary, MB/s (median of {args.repeats}, interleaved)")
+        print("| how | bpe.py to_tiktoken() | tiktoken gpt2 | ratio |")
+        print("|---|---|---|---|")
+        for label, run in [("encode_ordinary(whole file), 1 thread", lambda e: e.encode_ordinary(text)),
+                           (f"encode_ordinary_batch({len(docs):,} paragraphs), {args.threads} threads",
+                            lambda e: e.encode_ordinary_batch(docs, num_threads=args.threads))]:
+            times = {"ours": [], "ref": []}
+            for r in range(args.repeats):  # interleaved, alternating which goes first
+                for key, enc in [("ours", ours), ("ref", ref)][::1 if r % 2 else -1]:
+                    t = time.perf_counter()
+                    run(enc)
+                    times[key].append(time.perf_counter() - t)
+            mbps = {k: size_mb / _median(v) for k, v in times.items()}
+            print(f"| {label} | {mbps['ours']:.1f} | {mbps['ref']:.1f} | {mbps['ours'] / mbps['ref']:.2f}x |")
+        sample = text[:1_000_000]
+        py = bpe.Tokenizer.from_tiktoken_file(args.gpt2)
+        t = time.perf_counter()
+        py.encode_ordinary(sample)
+        mbps = len(sample.encode()) / 1e6 / (time.perf_counter() - t)
+        print(f"\nfor scale: the pure-Python encode() does {mbps:.2f} MB/s on the first 1 MB "
+              f"(with its per-chunk cache)")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+
+
+
+# -----------------------------------------------------------------------------------------------
+# hellaswag.py: batched scoring vs one ending per forward pass
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
+    """Items with HellaSwag's shape and roughly its lengths (contexts of 15-90 words, endings of
+    8-30), for timing when the real file is not at hand. Scores on them mean nothing."""
+    rng = random.Random(seed)
+    words = ("the a man woman is are then he she they it with on in into of to and holds runs takes "
+             "water ball rope kitchen paint brush camera hair dog car table floor wall shows puts "
+             "continues starts begins while after slowly quickly several people outside inside").split()
+    say = lambda lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+    return [hellaswag_item(dict(activity_label=say(1, 3).title(), ctx_a=say(15, 80) + ".", ctx_b=say(0, 10),
+                                endings=[say(8, 30) + "." for _ in range(4)], label=rng.randrange(4)),
+                           f"synthetic {i}") for i in range(n)]
+
+
+@torch.no_grad()
+def _naive_predictions(model, tokenizer, examples, scoring, device=None):
+    """The straightforward loop the benchmark compares with: for each ending, one forward pass of
+    context + ending, log-softmax over every position, sum over the ending's tokens."""
+    model = hs._unwrap(model)
+    device = device or next(model.parameters()).device
+    requests = hs.build_requests(examples, tokenizer, scoring)
+    lls = []
+    for ctx, cont, _ in requests:
+        idx = torch.tensor([ctx + cont], device=device)
+        logits = model(idx)[0] if isinstance(model, GPT) else model(input_ids=idx).logits
+        logp = F.log_softmax(hs._at_least_fp32(logits[0, :-1]), dim=-1)
+        tgt = idx[0, 1:]
+        lls.append(float(logp.gather(1, tgt[:, None])[-len(cont):].sum()))
+    out = []
+    for i in range(len(examples)):
+        ll = lls[4 * i:4 * i + 4]
+        norm = [requests[4 * i + j][2] for j in range(4)]
+        out.append((hs._argmax(ll), hs._argmax([a / b for a, b in zip(ll, norm)])))
+    return out
+
+
+def work_ratios(model: GPT, requests) -> dict:
+    """Multiply-adds of each benchmark variant relative to the shipped one, from token counts alone:
+    every weight of the blocks is used once per token that runs through them, and the output layer's
+    once per position whose logits are computed (attention scores and padding left out). On hardware
+    that is compute-bound already at one sequence (a CPU), these ratios bound the possible speed-ups;
+    batching can add more only where one short sequence leaves the device idle (a GPU)."""
+    blocks = sum(p.numel() for p in model.transformer.h.parameters())
+    head = model.lm_head.weight.numel()
+    ctx = sum(len(requests[i][0]) for i in range(0, len(requests), 4))
+    cont = sum(len(r[1]) for r in requests)
+    every = sum(len(r[0]) + len(r[1]) for r in requests)
+    shared = ctx * blocks + cont * (blocks + head)  # contexts once, logits only for ending tokens
+    return {"naive": every * (blocks + head) / shared,  # every position through blocks and output layer
+            "one ending per forward": (every * blocks + cont * head) / shared}
+
+
+def hellaswag_variants(model, tokenizer, examples, batch_size: int, repeats: int, scoring: str, device=None):
+    """Items/s of hellaswag.evaluate() as shipped (batched, each context run once), batched without sharing
+    the context, and one ending per forward pass; interleaved (A B C A B C ...) so that a change in
+    machine load hits all alike; medians and ratios to the one-ending-per-forward baseline."""
+    batch_size = batch_size or hs.default_batch_size(device or next(hs._unwrap(model).parameters()).device)
+    variants = {f"batched, shared context (batch_size={batch_size})": dict(batch_size=batch_size),
+                f"batched rows (batch_size={batch_size}, share_context=False)":
+                    dict(batch_size=batch_size, share_context=False),
+                "one ending per forward (batch_size=1)": dict(batch_size=1, share_context=False)}
+    naive = "naive: one ending per forward, logits at every position"
+    hs.evaluate(model, tokenizer, examples[:4], scoring, batch_size, device)  # warm-up (allocator, kernels)
+    rates = {name: [] for name in list(variants) + [naive]}
+    results = {}
+    for rep in range(repeats):
+        for name, kw in variants.items():
+            r = hs.evaluate(model, tokenizer, examples, scoring, device=device, **kw)
+            rates[name].append(r["n"] / r["seconds"])
+            results[name] = (r["acc"], r["acc_norm"])
+            print(f"  rep {rep + 1}/{repeats} {name}: {rates[name][-1]:.2f} items/s", flush=True)
+        t0 = time.perf_counter()
+        preds = _naive_predictions(model, tokenizer, examples, scoring, device)
+        rates[naive].append(len(examples) / (time.perf_counter() - t0))
+        print(f"  rep {rep + 1}/{repeats} {naive}: {rates[naive][-1]:.2f} items/s", flush=True)
+    base_preds = hs.evaluate(model, tokenizer, examples, scoring, device=device, return_items=True)["items"]
+    agree = preds == [(it["pred"], it["pred_norm"]) for it in base_preds]
+    med = {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
+    for name, m in med.items():
+        print(f"median {m:8.2f} items/s  {m / med[naive]:5.2f}x  {name}")
+    print(f"(ratios to the naive loop: a plain model(ctx + ending) per ending, full logits, log-softmax "
+          f"everywhere; its predictions equal evaluate()'s: {agree})")
+    base = med["one ending per forward (batch_size=1)"]
+    for name, m in med.items():
+        print(f"median {m:8.2f} items/s  {m / base:5.2f}x  {name}  (vs one ending per forward, logits where needed)")
+    print(f"same acc/acc_norm in every variant: {len(set(results.values())) == 1} {next(iter(results.values()))}")
+    if isinstance(hs._unwrap(model), GPT):
+        w = work_ratios(hs._unwrap(model), hs.build_requests(examples, tokenizer, scoring))
+        print(f"arithmetic bound (multiply-adds relative to the shipped evaluation, see work_ratios): naive "
+              f"{w['naive']:.2f}x, one ending per forward {w['one ending per forward']:.2f}x: on a device that "
+              f"is compute-bound at one sequence, no batching beats these")
+    return med
+
+
+
+
+def bench_hellaswag(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.bench_preset:
+        tokenizer = load_tokenizer(args.tokenizer or "gpt2")
+        model = GPT(GPTConfig.preset(args.bench_preset, vocab_size=tokenizer.n_vocab)).to(device).eval()
+    else:
+        model, tokenizer = hs.load_model(args.init_from, args.tokenizer, "auto", device)
+    examples = (load_hellaswag(args.data_file) if args.data_file else synthetic_examples(args.items))[: args.items]
+    print(f"hellaswag: {len(examples)} items, scoring={args.scoring}, device={device}, threads="
+          f"{torch.get_num_threads()}, model={args.bench_preset or args.init_from}")
+    hellaswag_variants(model, tokenizer, examples, args.batch_size, args.rounds, args.scoring, device)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "train", "peak", "load", "all"], help="which benchmark")
+    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "hellaswag", "all"], help="which benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (medians over these)")
     ap.add_argument("--prompt_len", type=int, default=16, help="gen: prompt tokens")
@@ -245,11 +512,35 @@ def main(argv=None):
     ap.add_argument("--nanogpt", default=None, help="train: path to nanoGPT's model.py, to include it")
     ap.add_argument("--preset", default="llama2-7b", help="load: model preset whose shape the checkpoint has")
     ap.add_argument("--dir", default="/tmp/fake-llama2-7b", help="load: checkpoint directory (made if absent)")
+    ap.add_argument("--input", default=str(bpe.DEFAULT_GPT2_RANKS.with_name("english_pd.txt")),
+                    help="bpe: a UTF-8 text file to train and encode")
+    ap.add_argument("--vocab_sizes", type=int, nargs="+", default=[4096, 32768], help="bpe: vocabularies to train")
+    ap.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"],
+                    help="bpe: our split pattern (gpt2 is the closest to HF's ByteLevel)")
+    ap.add_argument("--repeats", type=int, default=5, help="bpe: runs per variant; medians are reported")
+    ap.add_argument("--naive_merges", type=int, default=2,
+                    help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
+    ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
+    ap.add_argument("--gpt2", default=str(bpe.DEFAULT_GPT2_RANKS), help="bpe: GPT-2 rank file for the encoding part")
+    ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it)")
+    ap.add_argument("--bench_preset", default=None,
+                    help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
+    ap.add_argument("--tokenizer", default=None, help="hellaswag: tokenizer spec (default: the model's, else GPT-2's)")
+    ap.add_argument("--data_file", default=None, help="hellaswag: real items (default: synthetic ones of its shape)")
+    ap.add_argument("--items", type=int, default=32, help="hellaswag: items per run")
+    ap.add_argument("--scoring", default="harness", choices=hs.SCORINGS, help="hellaswag: the scoring")
+    ap.add_argument("--hs_batch_size", dest="batch_size_hs", type=int, default=None,
+                    help="hellaswag: rows per forward pass (default: hellaswag.default_batch_size)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.what == "hellaswag":
+        args.batch_size = args.batch_size_hs
     for what in (["peak", "gen", "train"] if args.what == "all" else [args.what]):
-        {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load}[what](args)
+        {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
+         "hellaswag": bench_hellaswag}[what](args)
 
 
 if __name__ == "__main__":
-    main()
+    from model import run_main
+
+    run_main(main)

@@ -731,22 +731,32 @@ def _read_text(path):
         raise ValueError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
 
 
-def _write_atomically(path, text):
-    """Write to a temporary file beside `path`, then rename it: readers never see half a file."""
+def atomic_write(path, write):
+    """Call write(tmp_name) on a temporary file beside `path`, then rename it over `path`: readers
+    never see a half-written file, and a kill mid-write leaves the old file whole. The file gets the
+    usual mode (0666 less the umask; mkstemp alone would make it private to its owner)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
-def load_tokenizer(spec, pattern="gpt2"):
-    """CLI helper: 'gpt2' (the rank file beside the checkout, else tiktoken's download), a directory
-    or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken rank file."""
+def _write_atomically(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
+
+
+def load_bpe(spec, pattern="gpt2"):
+    """A Tokenizer from 'gpt2' (the rank file beside the checkout, else tiktoken's download), a
+    directory or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken file."""
     if spec == "gpt2":
         if DEFAULT_GPT2_RANKS.is_file():
             return Tokenizer.from_tiktoken_file(DEFAULT_GPT2_RANKS)
@@ -764,143 +774,58 @@ def load_tokenizer(spec, pattern="gpt2"):
         return Tokenizer.from_tiktoken_file(path, pattern=pattern)
     return Tokenizer.load(path)
 
-
 # -----------------------------------------------------------------------------------------------
-# 5. Benchmark: our trainer vs HF tokenizers vs the naive algorithm; tiktoken export vs tiktoken
+# 5. One interface for every tokenizer the scripts meet: ours, GPT-2's, or a Hugging Face one
 
-def naive_merge_step(seqs, new_id):
-    """One step of the naive algorithm (minbpe's): count every pair in every chunk occurrence,
-    then merge the top pair everywhere. Only used by the benchmark, to extrapolate its cost."""
-    counts = Counter()
-    for s in seqs:
-        counts.update(zip(s, s[1:]))
-    (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], (-kv[0][0], -kv[0][1])))
-    return [_merge_pair(s, a, b, new_id) for s in seqs]
+TOKENIZER_FILES = ("tokenizer.bpe", "tokenizer.json", "tokenizer.model", "vocab.json", "encoder.json")
 
 
-def _peak_rss_mb():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class TextTokenizer:
+    """What the training scripts need from a tokenizer, whatever its kind: encode (text as ordinary
+    text: a "<|endoftext|>" written in user or web text stays characters, never the control token,
+    which only the code itself inserts), encode_batch, decode, the end-of-text id (eot_id), the
+    begin-of-sequence id LLaMA-style tokenizers put first (bos_id, None for GPT-2-style ones;
+    encode never adds it) and the vocabulary size (n_vocab). Made by load_tokenizer."""
+
+    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None, source=None):
+        self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
+        self._encode_batch, self.bos_id, self.source = encode_batch, bos_id, source
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        if self._encode_batch is not None:
+            return self._encode_batch(list(texts))
+        return [self._encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids])
 
 
-def _bench_train_ours(path, vocab_size, pattern):
-    t = time.perf_counter()
-    tok = Tokenizer.train([path], vocab_size, pattern=pattern)
-    return time.perf_counter() - t, _peak_rss_mb(), tok.vocab_size
+def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
+    """spec: "gpt2" (GPT-2's, as tiktoken has it), a *.tiktoken rank file (GPT-2's pattern), a
+    directory saved by bpe.py, or a directory with a Hugging Face tokenizer (tokenizer.json, ...).
+    With spec None: model_dir's own tokenizer (the directory itself or its tokenizer/ folder) if it
+    has one, else GPT-2's. `source` is our Tokenizer (or the HF tokenizer's directory), for export."""
+    if spec is None and model_dir is not None and Path(model_dir).is_dir():
+        d = Path(model_dir)
+        spec = next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
+    spec = str(spec or "gpt2")
+    p = Path(spec)
+    if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
+        from transformers import AutoTokenizer
 
-
-def _bench_train_hf(path, vocab_size):
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers, decoders
-    t = time.perf_counter()
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train([str(path)], trainer)
-    return time.perf_counter() - t, _peak_rss_mb(), hf.get_vocab_size()
-
-
-def _in_fresh_process(fn, *args):
-    """Run fn(*args) in a new Python process, so that peak memory is its own."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return ex.submit(fn, *args).result()
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
-def bench(args):
-    path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such input file")
-    size_mb = path.stat().st_size / 1e6
-    print(f"# bpe.py bench on {path} ({size_mb:.1f} MB), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    trained = {}
-    print("\n## training (each run in a fresh process; time includes reading and pre-splitting)")
-    print("| vocab | ours s | ours peak MB | HF tokenizers s | HF peak MB | ours/HF |")
-    print("|---|---|---|---|---|---|")
-    for v in args.vocab_sizes:
-        ours, hf = [], []
-        for _ in range(args.repeats):  # interleaved, so that machine load hits both alike
-            ours.append(_in_fresh_process(_bench_train_ours, path, v, args.pattern))
-            if not args.skip_hf:
-                hf.append(_in_fresh_process(_bench_train_hf, path, v))
-        t_ours = _median([r[0] for r in ours])
-        trained[v] = t_ours
-        m_ours = max(r[1] for r in ours)
-        if hf:
-            t_hf, m_hf = _median([r[0] for r in hf]), max(r[1] for r in hf)
-            print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | {t_hf:.2f} | {m_hf:.0f} | {t_ours / t_hf:.2f}x |")
-        else:
-            print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | - | - | - |")
-
-    if args.naive_merges > 0:
-        # The naive cost per merge is proportional to the total length of the chunk sequences,
-        # which shrinks as merges go on: time it at the start and at the end state of each run
-        # (the chunks encoded with our trained vocabulary) and take the average.
-        text = path.read_text(encoding="utf-8")
-        chunks = regex.findall(resolve_pattern(args.pattern), text)
-        del text
-
-        def naive_seconds_per_merge(seqs, first_id):
-            t = time.perf_counter()
-            for k in range(args.naive_merges):
-                seqs = naive_merge_step(seqs, first_id + k)
-            return (time.perf_counter() - t) / args.naive_merges
-
-        start = naive_seconds_per_merge([list(c.encode("utf-8")) for c in chunks], 256)
-        print(f"\n## naive algorithm (minbpe: recount all pairs over all {len(chunks):,} chunk "
-              f"occurrences each merge), timed over {args.naive_merges} merges")
-        print("| vocab | naive s/merge at start, at end | naive, extrapolated | ours | speed-up |")
-        print("|---|---|---|---|---|")
-        for v, t_ours in trained.items():
-            tok = Tokenizer.train([path], v, pattern=args.pattern)
-            ids = {c: tok.encode_ordinary(c) for c in set(chunks)}
-            end = naive_seconds_per_merge([ids[c] for c in chunks], v)
-            t_naive = (start + end) / 2 * (v - 256)
-            print(f"| {v} | {start:.2f}, {end:.2f} | {t_naive / 3600:.1f} h | {t_ours:.1f} s | "
-                  f"{t_naive / t_ours:,.0f}x |")
-        del chunks, ids
-
-    if args.gpt2 and Path(args.gpt2).is_file():
-        import tiktoken
-        import tiktoken.load
-        text = path.read_text(encoding="utf-8")
-        docs = text.split("\n\n")
-        ref = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
-                                mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(args.gpt2)),
-                                special_tokens=dict(GPT2_SPECIAL_TOKENS))
-        ours = Tokenizer.from_tiktoken_file(args.gpt2).to_tiktoken()
-        if ours.encode_ordinary(text) != ref.encode_ordinary(text):
-            raise AssertionError("the export and tiktoken's GPT-2 disagree")
-        print(f"\n## encoding throughput, GPT-2 vocabulary, MB/s (median of {args.repeats}, interleaved)")
-        print("| how | bpe.py to_tiktoken() | tiktoken gpt2 | ratio |")
-        print("|---|---|---|---|")
-        for label, run in [("encode_ordinary(whole file), 1 thread", lambda e: e.encode_ordinary(text)),
-                           (f"encode_ordinary_batch({len(docs):,} paragraphs), {args.threads} threads",
-                            lambda e: e.encode_ordinary_batch(docs, num_threads=args.threads))]:
-            times = {"ours": [], "ref": []}
-            for r in range(args.repeats):  # interleaved, alternating which goes first
-                for key, enc in [("ours", ours), ("ref", ref)][::1 if r % 2 else -1]:
-                    t = time.perf_counter()
-                    run(enc)
-                    times[key].append(time.perf_counter() - t)
-            mbps = {k: size_mb / _median(v) for k, v in times.items()}
-            print(f"| {label} | {mbps['ours']:.1f} | {mbps['ref']:.1f} | {mbps['ours'] / mbps['ref']:.2f}x |")
-        sample = text[:1_000_000]
-        py = Tokenizer.from_tiktoken_file(args.gpt2)
-        t = time.perf_counter()
-        py.encode_ordinary(sample)
-        mbps = len(sample.encode()) / 1e6 / (time.perf_counter() - t)
-        print(f"\nfor scale: the pure-Python encode() does {mbps:.2f} MB/s on the first 1 MB "
-              f"(with its per-chunk cache)")
-    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+        try:
+            hf = AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:
+            raise ValueError(f"{p}: not a tokenizer directory ({type(e).__name__}: {e})") from None
+        return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
+                             hf.decode, hf.eos_token_id, len(hf), bos_id=hf.bos_token_id, source=p)
+    tok = load_bpe(spec)
+    enc = tok.to_tiktoken()  # the same ids as tok.encode, at Rust speed
+    return TextTokenizer(tok.name, enc.encode_ordinary, tok.decode, tok.special_tokens.get("<|endoftext|>"),
+                         tok.vocab_size, enc.encode_ordinary_batch, source=tok)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -926,7 +851,7 @@ def cmd_train(args):
 
 
 def cmd_encode(args):
-    tok = load_tokenizer(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern)
     allowed = "all" if args.allow_special else set()
     text = _read_input_text(args)
     try:
@@ -938,7 +863,7 @@ def cmd_encode(args):
 
 
 def cmd_decode(args):
-    tok = load_tokenizer(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern)
     raw = args.ids if args.ids is not None else (_read_text(args.input) if args.input else sys.stdin.read())
     try:
         ids = [int(x) for x in raw.split()]
@@ -948,7 +873,7 @@ def cmd_decode(args):
 
 
 def cmd_show(args):
-    tok = load_tokenizer(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern)
     text = _read_input_text(args)
     ids = tok.encode(text, allowed_special="all")
     if args.ids:
@@ -962,8 +887,8 @@ def cmd_show(args):
 
 
 def cmd_compare(args):
-    tok = load_tokenizer(args.tokenizer, args.pattern)
-    gpt2 = load_tokenizer(args.gpt2)
+    tok = load_bpe(args.tokenizer, args.pattern)
+    gpt2 = load_bpe(args.gpt2)
     rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
              "ours/GPT-2")]
     for p in args.input:
@@ -1032,22 +957,6 @@ def main(argv=None):
     p.add_argument("--show_tokens", type=int, default=10, help="learned tokens to list (default 10)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="time training and encoding against HF tokenizers, the naive "
-                                     "algorithm and tiktoken")
-    p.add_argument("--input", required=True, help="a UTF-8 text file, e.g. ../shared/data/english_pd.txt")
-    p.add_argument("--vocab_sizes", type=int, nargs="+", default=[4096, 32768],
-                   help="vocabulary sizes to train (default: 4096 32768)")
-    p.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"],
-                   help="our split pattern (default gpt2, the closest to HF's ByteLevel)")
-    p.add_argument("--repeats", type=int, default=5, help="runs per variant; medians are reported")
-    p.add_argument("--naive_merges", type=int, default=2,
-                   help="merges of the naive algorithm to time and extrapolate (0 = skip)")
-    p.add_argument("--skip_hf", action="store_true", help="do not run HF tokenizers")
-    p.add_argument("--gpt2", default=str(DEFAULT_GPT2_RANKS),
-                   help="GPT-2 rank file for the encoding benchmark (default: ../shared/data/gpt2.tiktoken)")
-    p.add_argument("--threads", type=int, default=2, help="threads for batch encoding (default 2)")
-    p.set_defaults(func=bench)
-
     args = parser.parse_args(argv)
     if getattr(args, "pattern", None) == "none":
         args.pattern = None
@@ -1055,7 +964,7 @@ def main(argv=None):
         args.func(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -20,17 +20,18 @@ Run it:
     python hellaswag.py --init_from out/ckpt/model --limit 1000 --per_item items.jsonl
     python hellaswag.py --init_from path/to/any_hf_causal_lm --json result.json
     torchrun --nproc_per_node=8 hellaswag.py --init_from gpt2-medium    # shards the items
-    python hellaswag.py --bench                            # batched vs one ending per forward pass
     python hellaswag.py --help
+(Speed, batched against one ending per forward pass: `python bench_speed.py hellaswag`.)
 
 Use it (train_gpt2.py does, in its eval step):
-    from hellaswag import load_examples, evaluate
-    examples = load_examples("data/hellaswag/hellaswag_val.jsonl")
+    from prepare_data import load_hellaswag
+    from hellaswag import evaluate
+    examples = load_hellaswag("data/hellaswag/hellaswag_val.jsonl")
     r = evaluate(model, tokenizer, examples, scoring="harness")   # r["acc_norm"], r["acc"], ...
 
-Reading order: 1. data (download, load_examples), 2. turning an item into four (context tokens,
-continuation tokens) requests, 3. scoring requests in batches, 4. evaluate (sharding, metrics),
-5. loading models, 6. benchmark, 7. the CLI.
+Reading order: 1. turning an item into four (context tokens, continuation tokens) requests,
+2. scoring requests in batches, 3. evaluate (sharding, metrics), 4. loading models, 5. the CLI.
+(The items themselves are read and checked by prepare_data.py.)
 """
 
 from __future__ import annotations
@@ -38,114 +39,21 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
-import os
-import random
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, load_tokenizer
-
-HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "data" / "hellaswag"
+from bpe import atomic_write, load_tokenizer
+from model import GPT, KVCache, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision, run_main
+from prepare_data import HELLASWAG_VAL_URL, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 
 # -----------------------------------------------------------------------------------------------
-# 1. Data
-
-
-def download(cache_dir=DEFAULT_CACHE_DIR, url: str = HELLASWAG_VAL_URL) -> Path:
-    """Fetch the HellaSwag validation set into cache_dir (skipped when already there) and return
-    its path. Written to a temporary name and renamed, so an interrupted download never leaves a
-    truncated file that later runs would take for the whole set."""
-    import requests
-
-    cache_dir = Path(cache_dir)
-    dest = cache_dir / Path(url).name
-    if dest.exists() and dest.stat().st_size > 0:
-        return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with requests.get(url, stream=True, timeout=60) as r:
-                r.raise_for_status()
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-        os.replace(tmp, dest)
-    except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}: {e}). Offline? Fetch it on a "
-                           f"machine with internet and put it at {dest}, or pass --data_file.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def load_examples(path) -> list[dict]:
-    """Read HellaSwag items from a .jsonl file (the public hellaswag_*.jsonl, or rows of HF
-    `datasets`' Rowan/hellaswag written with to_json, where label is a string) or a .parquet file
-    (the hub's Rowan/hellaswag files). Each item comes back with label as an int and ctx filled in.
-    Bad input raises ValueError naming the file, the line and the field."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file (fetch it with `python prepare_data.py hellaswag`, "
-                                f"or pass --data_file)")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = [(f"{path}: row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    else:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rows.append((where, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not rows:
-        raise ValueError(f"{path}: no examples (the file is empty)")
-    return [_check_example(row, where) for where, row in rows]
-
-
-def _check_example(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for key in ("activity_label", "ctx_a", "ctx_b", "endings", "label"):
-        if key not in row:
-            raise ValueError(f"{where}: missing field {key!r} (HellaSwag items need activity_label, "
-                             f"ctx_a, ctx_b, endings, label)")
-    for key in ("activity_label", "ctx_a", "ctx_b"):
-        if not isinstance(row[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
-    endings = row["endings"]
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-        n = len(endings) if isinstance(endings, list) else type(endings).__name__
-        raise ValueError(f"{where}: field 'endings' must be a list of 4 strings, got {n}")
-    label = row["label"]
-    # the public jsonl has int labels, HF datasets' Rowan/hellaswag strings ("0".."3"; "" in its test split)
-    if isinstance(label, str) and label.strip().isdigit():
-        label = int(label)
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
-        raise ValueError(f"{where}: field 'label' must be 0, 1, 2 or 3, got {row['label']!r}"
-                         + (" (the test split has no labels)" if row["label"] == "" else ""))
-    ctx = row.get("ctx")
-    if not isinstance(ctx, str):  # the dataset defines ctx as ctx_a, a space, then ctx_b (when not empty)
-        ctx = row["ctx_a"] + (" " + row["ctx_b"] if row["ctx_b"] else "")
-    return {**row, "ctx": ctx, "label": label}
-
-
-# -----------------------------------------------------------------------------------------------
-# 2. From an item to four (context tokens, continuation tokens) requests
+# 1. From an item to four (context tokens, continuation tokens) requests
 
 
 def preprocess(text: str) -> str:
@@ -221,7 +129,7 @@ def build_requests(examples: list[dict], tokenizer, scoring: str = "harness", bo
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Scoring requests in batches
+# 2. Scoring requests in batches
 
 
 def _unwrap(model):
@@ -391,21 +299,11 @@ def _score_shared(model: GPT, requests, groups, batch_size, max_len, device, sco
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. evaluate: items -> acc, acc_norm, their standard errors
+# 3. evaluate: items -> acc, acc_norm, their standard errors
 
 
 def _argmax(xs) -> int:
     return max(range(len(xs)), key=lambda i: xs[i])  # the first of equal maxima, like np.argmax
-
-
-def _mean_stderr(k: float, n: float) -> float:
-    """Standard error of a mean of n 0/1 outcomes with k ones: sample std / sqrt(n), the harness's
-    mean_stderr. For 0/1 values the sample variance is n p (1-p) / (n-1), so sums are enough
-    (which is what lets sharded runs reduce three numbers instead of gathering every outcome)."""
-    if n < 2:
-        return float("nan")
-    p = k / n
-    return math.sqrt(p * (1 - p) / (n - 1))
 
 
 def default_batch_size(device) -> int:
@@ -488,8 +386,10 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
             dist.all_gather_object(gathered, items)
             items = sorted((it for part in gathered for it in part), key=lambda it: it["idx"])
     n, k, k_norm = counts
-    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=_mean_stderr(k, n),
-                  acc_norm_stderr=_mean_stderr(k_norm, n), n=n, scoring=scoring,
+    # standard errors from sums (for 0/1 outcomes the sum of squares is the sum): the harness's
+    # mean_stderr, and sharded runs reduce three numbers instead of gathering every outcome
+    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=mean_stderr(k, k, n)[1],
+                  acc_norm_stderr=mean_stderr(k_norm, k_norm, n)[1], n=n, scoring=scoring,
                   seconds=round(time.time() - t0, 3))
     if return_items:
         result["items"] = items
@@ -504,7 +404,7 @@ def summary_line(r: dict) -> str:
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. Loading a model and its tokenizer
+# 4. Loading a model and its tokenizer
 
 
 def load_model(init_from: str, tokenizer: str | None = None, backend: str = "auto", device="cpu",
@@ -557,104 +457,7 @@ def bos_token_id(tokenizer, *dirs) -> int | None:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Benchmark: batched scoring vs one ending per forward pass
-
-
-def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
-    """Items with HellaSwag's shape and roughly its lengths (contexts of 15-90 words, endings of
-    8-30), for timing when the real file is not at hand. Scores on them mean nothing."""
-    rng = random.Random(seed)
-    words = ("the a man woman is are then he she they it with on in into of to and holds runs takes "
-             "water ball rope kitchen paint brush camera hair dog car table floor wall shows puts "
-             "continues starts begins while after slowly quickly several people outside inside").split()
-    say = lambda lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
-    return [_check_example(dict(activity_label=say(1, 3).title(), ctx_a=say(15, 80) + ".", ctx_b=say(0, 10),
-                                endings=[say(8, 30) + "." for _ in range(4)], label=rng.randrange(4)),
-                           f"synthetic {i}") for i in range(n)]
-
-
-@torch.no_grad()
-def _naive_predictions(model, tokenizer, examples, scoring, device=None):
-    """The straightforward loop the benchmark compares with: for each ending, one forward pass of
-    context + ending, log-softmax over every position, sum over the ending's tokens."""
-    model = _unwrap(model)
-    device = device or next(model.parameters()).device
-    requests = build_requests(examples, tokenizer, scoring)
-    lls = []
-    for ctx, cont, _ in requests:
-        idx = torch.tensor([ctx + cont], device=device)
-        logits = model(idx)[0] if isinstance(model, GPT) else model(input_ids=idx).logits
-        logp = F.log_softmax(_at_least_fp32(logits[0, :-1]), dim=-1)
-        tgt = idx[0, 1:]
-        lls.append(float(logp.gather(1, tgt[:, None])[-len(cont):].sum()))
-    out = []
-    for i in range(len(examples)):
-        ll = lls[4 * i:4 * i + 4]
-        norm = [requests[4 * i + j][2] for j in range(4)]
-        out.append((_argmax(ll), _argmax([a / b for a, b in zip(ll, norm)])))
-    return out
-
-
-def work_ratios(model: GPT, requests) -> dict:
-    """Multiply-adds of each benchmark variant relative to the shipped one, from token counts alone:
-    every weight of the blocks is used once per token that runs through them, and the output layer's
-    once per position whose logits are computed (attention scores and padding left out). On hardware
-    that is compute-bound already at one sequence (a CPU), these ratios bound the possible speed-ups;
-    batching can add more only where one short sequence leaves the device idle (a GPU)."""
-    blocks = sum(p.numel() for p in model.transformer.h.parameters())
-    head = model.lm_head.weight.numel()
-    ctx = sum(len(requests[i][0]) for i in range(0, len(requests), 4))
-    cont = sum(len(r[1]) for r in requests)
-    every = sum(len(r[0]) + len(r[1]) for r in requests)
-    shared = ctx * blocks + cont * (blocks + head)  # contexts once, logits only for ending tokens
-    return {"naive": every * (blocks + head) / shared,  # every position through blocks and output layer
-            "one ending per forward": (every * blocks + cont * head) / shared}
-
-
-def bench(model, tokenizer, examples, batch_size: int, repeats: int, scoring: str, device=None):
-    """Items/s of evaluate() as shipped (batched, each context run once), batched without sharing
-    the context, and one ending per forward pass; interleaved (A B C A B C ...) so that a change in
-    machine load hits all alike; medians and ratios to the one-ending-per-forward baseline."""
-    batch_size = batch_size or default_batch_size(device or next(_unwrap(model).parameters()).device)
-    variants = {f"batched, shared context (batch_size={batch_size})": dict(batch_size=batch_size),
-                f"batched rows (batch_size={batch_size}, share_context=False)":
-                    dict(batch_size=batch_size, share_context=False),
-                "one ending per forward (batch_size=1)": dict(batch_size=1, share_context=False)}
-    naive = "naive: one ending per forward, logits at every position"
-    evaluate(model, tokenizer, examples[:4], scoring, batch_size, device)  # warm-up (allocator, kernels)
-    rates = {name: [] for name in list(variants) + [naive]}
-    results = {}
-    for rep in range(repeats):
-        for name, kw in variants.items():
-            r = evaluate(model, tokenizer, examples, scoring, device=device, **kw)
-            rates[name].append(r["n"] / r["seconds"])
-            results[name] = (r["acc"], r["acc_norm"])
-            print(f"  rep {rep + 1}/{repeats} {name}: {rates[name][-1]:.2f} items/s", flush=True)
-        t0 = time.perf_counter()
-        preds = _naive_predictions(model, tokenizer, examples, scoring, device)
-        rates[naive].append(len(examples) / (time.perf_counter() - t0))
-        print(f"  rep {rep + 1}/{repeats} {naive}: {rates[naive][-1]:.2f} items/s", flush=True)
-    base_preds = evaluate(model, tokenizer, examples, scoring, device=device, return_items=True)["items"]
-    agree = preds == [(it["pred"], it["pred_norm"]) for it in base_preds]
-    med = {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
-    for name, m in med.items():
-        print(f"median {m:8.2f} items/s  {m / med[naive]:5.2f}x  {name}")
-    print(f"(ratios to the naive loop: a plain model(ctx + ending) per ending, full logits, log-softmax "
-          f"everywhere; its predictions equal evaluate()'s: {agree})")
-    base = med["one ending per forward (batch_size=1)"]
-    for name, m in med.items():
-        print(f"median {m:8.2f} items/s  {m / base:5.2f}x  {name}  (vs one ending per forward, logits where needed)")
-    print(f"same acc/acc_norm in every variant: {len(set(results.values())) == 1} {next(iter(results.values()))}")
-    if isinstance(_unwrap(model), GPT):
-        w = work_ratios(_unwrap(model), build_requests(examples, tokenizer, scoring))
-        print(f"arithmetic bound (multiply-adds relative to the shipped evaluation, see work_ratios): naive "
-              f"{w['naive']:.2f}x, one ending per forward {w['one ending per forward']:.2f}x: on a device that "
-              f"is compute-bound at one sequence, no batching beats these")
-    return med
-
-
-# -----------------------------------------------------------------------------------------------
-# 7. CLI
+# 5. CLI
 
 
 def main(argv=None):
@@ -667,7 +470,7 @@ def main(argv=None):
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
                          "default: hellaswag_val.jsonl in --cache_dir, downloaded if missing")
-    ap.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where the download goes")
+    ap.add_argument("--cache_dir", default="data/hellaswag", help="where the download goes")
     ap.add_argument("--scoring", default="harness", choices=SCORINGS,
                     help="harness: lm-evaluation-harness's hellaswag (acc_norm divides by characters); "
                          "nanogpt: build-nanogpt's (acc_norm = lowest average per-token loss)")
@@ -683,71 +486,36 @@ def main(argv=None):
     ap.add_argument("--add_bos", action="store_true",
                     help="put the tokenizer's BOS token (else end-of-text) before every context, like the "
                          "harness's add_bos_token=True (off by default, as the harness does for causal LMs)")
-    ap.add_argument("--device", default=None, help="cpu|cuda|mps (default: cuda if available; cuda:LOCAL_RANK "
-                                                   "under torchrun)")
+    ap.add_argument("--device", default="auto", help="cpu|cuda|mps|auto (cuda = cuda:LOCAL_RANK under torchrun)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weight dtype; auto = bfloat16 on a GPU that has it, else float32 (log-softmax is "
-                         "always float32)")
+                    help="weight dtype; auto = bfloat16 on a GPU with bf16 tensor cores, else float32 "
+                         "(log-softmax is always float32)")
     ap.add_argument("--json", default=None, help="write the result dict to this file")
     ap.add_argument("--per_item", default=None,
                     help="write one jsonl line per item (idx, label, ll, norm, pred, pred_norm)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    ap.add_argument("--seed", type=int, default=0, help="seed (only the benchmark's random model uses it)")
-    ap.add_argument("--bench", action="store_true",
-                    help="time batched scoring vs one ending per forward pass (interleaved, medians) and exit")
-    ap.add_argument("--bench_preset", default=None,
-                    help="--bench on a randomly initialised GPTConfig preset (e.g. gpt2, small-cpu) instead "
-                         "of --init_from, with GPT-2's tokenizer")
-    ap.add_argument("--bench_items", type=int, default=32,
-                    help="--bench: items per run (synthetic HellaSwag-shaped ones unless --data_file)")
-    ap.add_argument("--bench_repeats", type=int, default=3, help="--bench: runs of each variant")
     args = ap.parse_args(argv)
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    if world_size > 1:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device = pick_device(args.device)
+    rank, _, world_size = init_distributed(device)
     dtype = args.dtype
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    dtype = getattr(torch, dtype)
-    torch.manual_seed(args.seed)
-
-    if args.bench and args.bench_preset:
-        tokenizer = load_tokenizer(args.tokenizer or "gpt2")
-        config = GPTConfig.preset(args.bench_preset, vocab_size=tokenizer.n_vocab)
-        model = GPT(config).to(device=device, dtype=dtype).eval()
-    else:
-        model, tokenizer = load_model(args.init_from, args.tokenizer, args.backend, device, dtype)
+        dtype = "bfloat16" if pick_precision("auto", device) == "bf16" else "float32"
+    model, tokenizer = load_model(args.init_from, args.tokenizer, args.backend, device, getattr(torch, dtype))
     bos_id = None
     if args.add_bos:
         bos_id = bos_token_id(tokenizer, args.tokenizer, args.init_from)
         if bos_id is None:
             raise ValueError("--add_bos: this tokenizer has no BOS / end-of-text token")
-
-    if args.bench:
-        examples = (load_examples(args.data_file) if args.data_file else synthetic_examples(args.bench_items))
-        examples = examples[:args.bench_items]
-        print(f"bench: {len(examples)} items, scoring={args.scoring}, device={device}, dtype={dtype}, "
-              f"threads={torch.get_num_threads()}, model={args.bench_preset or args.init_from}")
-        bench(model, tokenizer, examples, args.batch_size, args.bench_repeats, args.scoring, device)
-        return
-
     if args.data_file:
         data_file = Path(args.data_file)
     elif rank == 0:
-        data_file = download(args.cache_dir)
+        data_file = download_hellaswag(args.cache_dir)
     else:
         data_file = Path(args.cache_dir) / Path(HELLASWAG_VAL_URL).name
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 may have been downloading
-    examples = load_examples(data_file)
-    if args.limit is not None:
-        examples = examples[:args.limit]
+    examples = load_hellaswag(data_file)[: args.limit]
 
     result = evaluate(model, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
                       progress=not args.no_progress, return_items=bool(args.per_item), bos_id=bos_id)
@@ -755,18 +523,12 @@ def main(argv=None):
     if rank == 0:
         print(summary_line(result) + f" model={args.init_from} data={data_file}")
         if args.json:
-            Path(args.json).write_text(json.dumps({**result, "model": args.init_from, "data_file": str(data_file)},
-                                                  indent=2) + "\n")
+            atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
+                {**result, "model": args.init_from, "data_file": str(data_file)}, indent=2) + "\n"))
         if args.per_item:
-            with open(args.per_item, "w") as f:
-                for it in items:
-                    f.write(json.dumps(it) + "\n")
-    if world_size > 1:
-        # every rank waits for rank 0's writing: a rank that tears down its gloo group while another
-        # still talks to it can abort ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+            atomic_write(Path(args.per_item), lambda p: Path(p).write_text("".join(json.dumps(it) + "\n" for it in items)))
+    end_distributed()  # every rank waits for rank 0's writing
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

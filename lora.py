@@ -15,7 +15,7 @@ Read it top to bottom:
   2. Targets: names such as q,v / attn / mlp / all / lm_head -> modules (and slices) of each model kind.
   3. apply_lora, freezing, lora_state_dict / load_lora, merge / unmerge / unload, the trainable line.
   4. PEFT's format: save_adapter / load_adapter (adapter_config.json + adapter_model.safetensors).
-  5. A small CLI: merge an adapter into a model; the memory/speed benchmark of LoRA vs full fine-tuning.
+  5. A small CLI: merge an adapter into a model.
 
 Target names and how they map (our GPT fuses projections; see README "lora.py"):
   q, k, v   attention query/key/value. Ours: rows of the fused attn.c_attn, each with its OWN A and B
@@ -38,7 +38,7 @@ Use it:
 
 Run it:
     python lora.py merge --base gpt2 --adapter out/adapter --out out/merged
-    python lora.py bench          # peak memory and step time: full fine-tuning vs LoRA r=16 (CPU)
+(LoRA against full fine-tuning, in memory and time: bench_memory.py.)
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -56,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, atomic_write, hf_config_for
+from bpe import atomic_write
+from model import GPT, hf_config_for, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -307,6 +306,16 @@ def resolve_targets(model, targets, layers=None) -> dict[str, tuple[list | None,
 # 3. Applying, freezing, saving, merging
 
 
+def weight_dtype(precision: str, lora: bool) -> torch.dtype:
+    """dtype to load the weights in. Full fine-tuning keeps fp32 weights (the optimizer's master
+    copy: bf16/fp16 weights would round small updates away) and lets autocast run the matmuls in
+    half precision. With LoRA the base weights never change, so they can be stored in half
+    precision (half the memory); the LoRA weights themselves stay fp32 (see lora.py)."""
+    if lora and precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
 def lora_layers(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -358,13 +367,6 @@ def freeze_non_lora(model):
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     return model
-
-
-only_optimize_lora_parameters = freeze_non_lora  # the name loralib users know
-
-
-def lora_parameters(model):
-    return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
@@ -628,7 +630,7 @@ def load_adapter(model, adapter_dir):
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. CLI: merge an adapter into a model; benchmark LoRA against full fine-tuning
+# 5. CLI: merge an adapter into a model
 
 
 def cmd_merge(args):
@@ -639,81 +641,9 @@ def cmd_merge(args):
     print(f"merged {args.adapter} into {args.base} -> {args.out} ({args.format} format)")
 
 
-def _rss_mb(field_name: str = "VmRSS") -> float:
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MB. VmHWM, not
-    getrusage's ru_maxrss: the kernel carries ru_maxrss over an exec, so a child started by a big
-    parent (a test runner) would report the parent's peak as its own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _bench_child(variant: str, args) -> dict:
-    """One variant in this (fresh) process: build the model, then run steps; returns step times and
-    the peak RSS above the RSS of the loaded model (VmHWM: the kernel's high-water mark). The
-    batch has random tokens with the first quarter of each sequence masked (-100) like a prompt."""
-    import time
-
-    from finetune import make_optimizer, train_step
-    from model import GPTConfig
-
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1, block_size=args.seq_len))
-    if variant == "lora":
-        apply_lora(model, rank=args.rank, alpha=2 * args.rank, dropout=0.05, targets="q,v")
-    model.train()
-    loaded = _rss_mb()
-    opt = make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g)
-    targets = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g)
-    targets[:, : args.seq_len // 4] = -100  # a prompt part, as in instruction tuning
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        train_step(model, opt, [(idx, targets)])
-        times.append(time.perf_counter() - t0)
-    peak = _rss_mb("VmHWM")
-    return dict(variant=variant, loaded_mb=loaded, peak_mb=peak, above_mb=peak - loaded, step_s=times[1:],
-                trainable=count_parameters(model)[0])
-
-
-def cmd_bench(args):
-    import subprocess
-    import statistics
-
-    if args.child:
-        print(json.dumps(_bench_child(args.child, args)))
-        return
-    results = {"full": [], "lora": []}
-    for rep in range(args.repeats):  # interleaved A B A B: machine load drifts hit both alike
-        for variant in ("full", "lora"):
-            cmd = [sys.executable, __file__, "bench", "--child", variant] + [
-                f"--{k}={getattr(args, k)}" for k in ("batch_size", "seq_len", "steps", "rank", "threads")]
-            # glibc raises its mmap threshold after big frees and then keeps freed tensors in the heap,
-            # so RSS would overstate live memory; a fixed threshold returns every big tensor on free
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(args.mmap_threshold)) if args.mmap_threshold else None
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            results[variant].append(r)
-            print(f"rep {rep} {variant:4s}: loaded {r['loaded_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, above "
-                  f"loaded {r['above_mb']:.0f} MB, steps {', '.join(f'{t:.2f}' for t in r['step_s'])} s", flush=True)
-    med = {v: dict(above=statistics.median(r["above_mb"] for r in rs),
-                   step=statistics.median(t for r in rs for t in r["step_s"]),
-                   trainable=rs[0]["trainable"]) for v, rs in results.items()}
-    for v, m in med.items():
-        print(f"{v:4s}: trainable {m['trainable']:,} params, peak memory above the loaded model "
-              f"{m['above']:.0f} MB (median), step {m['step']:.2f} s (median)")
-    print(f"LoRA / full: memory above loaded {med['lora']['above'] / med['full']['above']:.2f}x, "
-          f"step time {med['lora']['step'] / med['full']['step']:.2f}x")
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="LoRA tools: merge an adapter into a model; benchmark LoRA vs "
-                                             "full fine-tuning.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="LoRA tools: merge an adapter into a model.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a PEFT-format adapter into a model and save it",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -722,22 +652,9 @@ def main(argv=None):
     m.add_argument("--out", required=True, help="output model directory")
     m.add_argument("--format", default="native", choices=["native", "hf"], help="output format")
     m.set_defaults(fn=cmd_merge)
-    b = sub.add_parser("bench", help="peak memory and step time: full fine-tuning vs LoRA on a GPT-2-small-"
-                                     "shaped model (random weights), AdamW, each run in a fresh process",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--batch_size", type=int, default=4, help="sequences per step")
-    b.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
-    b.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
-    b.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved full/lora")
-    b.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 * rank, targets q,v)")
-    b.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    b.add_argument("--mmap_threshold", type=int, default=131072,
-                   help="MALLOC_MMAP_THRESHOLD_ for the runs, so freed tensors leave RSS (0 = glibc's default)")
-    b.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    b.set_defaults(fn=cmd_bench)
     args = ap.parse_args(argv)
     args.fn(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

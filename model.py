@@ -1,21 +1,19 @@
 """
-model.py: one GPT class for the GPT-2 and LLaMA families, readable top to bottom.
+model.py: one GPT class for the GPT-2 and LLaMA families, readable top to bottom, and the few
+things every training script shares.
 
 What is in here, in reading order:
   1. GPTConfig: one dataclass whose switches (norm, positions, attention heads, MLP, bias, tying)
      cover GPT-2 and LLaMA-2 without a second model class, plus named presets.
   2. The modules: norms, rotary embeddings, causal self-attention (SDPA or a manual path kept
-     for learning), MLP (GELU or SwiGLU), the transformer block.
-  3. GPT: forward + loss, GPT-2 initialisation, optimizer groups, MFU.
+     for learning), MLP (GELU or SwiGLU), the transformer block, a memory-lean cross-entropy.
+  3. GPT: forward + loss, GPT-2 initialisation, MFU.
   4. Hugging Face weights in (`GPT.from_pretrained`) and out (`model.save_pretrained`).
   5. Generation with a KV cache: greedy, temperature, top-k, top-p, beam search, stop tokens,
      batched prompts of different lengths, streaming.
-  6. A tokenizer helper and a small sampling CLI.
-
-Run it:
-    python model.py --init_from gpt2 --prompt "Hello, I'm a language model,"
-    python model.py --init_from path/to/hf_or_our_checkpoint_dir --prompt "..." --top_p 0.9
-    python model.py --help
+  6. What the training scripts share (as nanoGPT keeps its optimizer set-up here): flags from a
+     config dataclass, device and precision, optimizer and LR schedule, torchrun, run directories,
+     logs, plots and memory readings.
 
 Use it:
     from model import GPT, GPTConfig
@@ -24,6 +22,7 @@ Use it:
     logits, loss = model(idx, targets)                   # logits: (B, T, vocab_size)
     out = model.generate(idx, 50, temperature=0.8, top_k=200)
     model.save_pretrained("out/hf")                      # loads in transformers.AutoModelForCausalLM
+(chat.py samples from a model on the command line.)
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `lm_head`, ...). LLaMA checkpoints are mapped onto the same names: q/k/v projections are fused into
@@ -34,17 +33,22 @@ so one matmul does the work of three (or two).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bpe import atomic_write
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -306,8 +310,9 @@ class Block(nn.Module):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`; the same
-    value and gradient as F.cross_entropy, with much less memory traffic.
+    """Cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`: the mean over
+    the counted rows (reduction "mean"), or each row's loss, 0 where ignored ("none": DPO's
+    log-probabilities). The same values and gradients as F.cross_entropy, with much less memory.
 
     Why: with a 50k vocabulary the logits are the largest tensor of the whole step (B*T*V floats,
     more than all the activations of a small model). F.cross_entropy under autocast first copies
@@ -317,7 +322,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     backward rebuilds softmax(logits) - onehot(target) chunk by chunk straight into the gradient."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int = -100):
+    def forward(ctx, logits, targets, ignore_index: int = -100, reduction: str = "mean"):
         N, V = logits.shape
         chunk = max(1, 2 ** 21 // V)  # ~8 MB of fp32 per chunk
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -326,11 +331,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
         target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
-        n_valid = valid.sum()
-        loss = ((lse - target_logit) * valid).sum() / n_valid  # -log softmax(target), averaged
+        per_row = (lse - target_logit) * valid  # -log softmax(target); 0 where ignored
+        n_valid = valid.sum() if reduction == "mean" else torch.ones((), device=logits.device)
         ctx.save_for_backward(logits, safe_targets, valid, lse, n_valid)
-        ctx.chunk = chunk
-        return loss
+        ctx.chunk, ctx.reduction = chunk, reduction
+        return per_row.sum() / n_valid if reduction == "mean" else per_row
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -342,32 +347,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             g = logits[i:j].to(torch.float32, copy=True).sub_(lse[i:j, None]).exp_()  # softmax, recomputed
             g[torch.arange(j - i, device=g.device), targets[i:j]] -= 1.0  # minus one-hot(target)
             grad[i:j] = g.mul_(weight[i:j, None])
-        return grad, None, None
+        return grad, None, None, None
 
 
 # -----------------------------------------------------------------------------------------------
 # 3. The model
 
-# Dense bf16 tensor-core peak FLOP/s, for MFU (model FLOPs utilisation). Matched against the CUDA
-# device name, most specific first.
+# Dense bf16 tensor-core peak FLOP/s (fp16 on GPUs without bf16), for MFU (model FLOPs
+# utilisation), by the exact name torch.cuda.get_device_name() reports: matching by substring would
+# give an "L40" the "L4"'s peak and an "H100 NVL" the SXM's.
 GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "V100": 125e12,  # fp16
-    "T4": 65e12,  # fp16
+    "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 70e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3090": 71e12,
+    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12, "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla T4": 65e12,
 }
 
 
 def gpu_peak_flops(device_name: str) -> float | None:
-    for key, flops in GPU_PEAK_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
+    return GPU_PEAK_FLOPS.get(device_name.strip())
 
 
 class GPT(nn.Module):
@@ -511,29 +511,19 @@ class GPT(nn.Module):
 
     # ---- training helpers ----------------------------------------------------------------------
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
-                             device_type: str = "cpu", eps: float = 1e-8):
-        """AdamW with weight decay on 2-D tensors only (matmul weights and embeddings); biases and
-        norm gains are not decayed: shrinking them towards 0 only hurts."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"  # one kernel for all parameters instead of one per tensor
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward, PaLM appendix B): 6 per parameter for the
-        matmuls, plus 12 * n_layer * n_head * head_dim * T for attention's scores and mixing."""
+        """Training FLOPs per token (forward + backward, PaLM appendix B): 6 per parameter of a matmul,
+        plus 12 * n_layer * n_head * head_dim * T for attention's scores and mixing. An untied input
+        embedding (LLaMA) is a table lookup, not a matmul: it is left out."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+        n = self.get_num_params() - (0 if c.tie_embeddings else self.transformer.wte.weight.numel())
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float | None = None):
+    def estimate_mfu(self, tokens_per_sec: float, seq_len: int, device=None, peak_flops: float | None = None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak. peak_flops
-        defaults to the table above for the current CUDA device; None when it is unknown."""
+        defaults to the table above for that CUDA device; None when it is unknown."""
         if peak_flops is None and torch.cuda.is_available():
-            peak_flops = gpu_peak_flops(torch.cuda.get_device_name())
+            peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
         if not peak_flops:
             return None
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
@@ -1146,118 +1136,404 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
     return out
 
 
-def atomic_write(path: Path, write: Callable[[str], None]):
-    """Call write(tmp_name) on a temporary file beside path, then rename it over path: readers
-    never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # -----------------------------------------------------------------------------------------------
-# 6. Tokenizers and the CLI
+# 6. What the training scripts share: flags from a config dataclass, device and precision, the
+#    optimizer and its schedule, torchrun, run directories, logs, plots and memory readings
 
 
-class TextTokenizer:
-    """What the scripts need from a tokenizer, whatever its kind: encode, encode_batch (fast bulk
-    encoding), decode, the end-of-text id (eot_id, None if it has none), the begin-of-sequence id
-    that LLaMA-style tokenizers put first (bos_id, None for GPT-2-style ones; encode never adds it)
-    and the vocabulary size (n_vocab). Made by load_tokenizer."""
-
-    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None):
-        self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
-        self._encode_batch, self.bos_id = encode_batch, bos_id
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text; special tokens written in the text (e.g. <|endoftext|>) are encoded
-        as themselves."""
-        return self._encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._encode_batch is not None:
-            return self._encode_batch(list(texts))
-        return [self._encode(t) for t in texts]
-
-    def decode(self, ids) -> str:
-        return self._decode([int(i) for i in ids])
+def cfg(default, help: str, choices=None, min=None, max=None):
+    """A field of a training config dataclass: its default, its --help text and the values its
+    flag accepts (choices, or a min/max range checked when the flags are parsed)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max))
 
 
-def load_tokenizer(spec: str | None = None, model_dir: str | None = None) -> TextTokenizer:
-    """spec: "gpt2" (GPT-2's, as tiktoken has it), a *.tiktoken rank file (GPT-2's pattern), a
-    directory saved by bpe.py, or a directory with a Hugging Face tokenizer (tokenizer.json, ...).
-    With spec None: model_dir's own tokenizer (the directory itself or its tokenizer/ folder) if it
-    has one, else GPT-2's. bpe.py and tiktoken do the work; tiktoken encodes in bulk."""
-    if spec is None and model_dir is not None and Path(model_dir).is_dir():
-        d = Path(model_dir)
-        for cand in (d / "tokenizer", d):
-            if any((cand / f).exists() for f in ("tokenizer.bpe", "tokenizer.json", "tokenizer.model",
-                                                  "vocab.json", "encoder.json")):
-                spec = str(cand)
-                break
-    spec = spec or "gpt2"
-    p = Path(spec)
-    if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
-        from transformers import AutoTokenizer
-        hf = AutoTokenizer.from_pretrained(str(p))
-        return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False), hf.decode,
-                             hf.eos_token_id, len(hf), bos_id=hf.bos_token_id)
-    import bpe
-
-    tok = bpe.load_tokenizer(spec)  # gpt2, .tiktoken rank file, bpe.py directory, encoder.json dir
-    enc = tok.to_tiktoken()
-    return TextTokenizer(tok.name, lambda s: enc.encode(s, allowed_special="all"), tok.decode,
-                         tok.special_tokens.get("<|endoftext|>"), tok.vocab_size,
-                         lambda texts: enc.encode_batch(texts, allowed_special="all"))
+def _flag_type(kind, name: str, lo, hi):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = name
+    return parse
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample text from a GPT-2 / LLaMA-family model.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--init_from", default="gpt2",
-                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, or a local model directory "
-                         "(HF format or ours)")
-    ap.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
-    ap.add_argument("--tokenizer", default=None,
-                    help="'gpt2', a .tiktoken rank file, or a tokenizer directory (default: the model "
-                         "directory's own tokenizer, else GPT-2's)")
-    ap.add_argument("--num_samples", type=int, default=3, help="how many continuations")
-    ap.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per sample")
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    ap.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
-    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
-    ap.add_argument("--num_beams", type=int, default=1, help=">1: beam search instead of sampling")
-    ap.add_argument("--length_penalty", type=float, default=1.0, help="beam search length exponent")
-    ap.add_argument("--no_cache", action="store_true", help="recompute the whole prefix at every step")
-    ap.add_argument("--stop_at_eos", action="store_true", help="end a sample at the end-of-text token")
-    ap.add_argument("--seed", type=int, default=1337, help="random seed for reproducible samples")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu|cuda|mps")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="weight dtype")
-    args = ap.parse_args(argv)
-
-    model = GPT.from_pretrained(args.init_from, dtype=getattr(torch, args.dtype), device=args.device)
-    if args.device == "cpu":
-        model.decode_layout_()  # inference only: the faster weight layout for 1-token steps on CPU
-    tok = load_tokenizer(args.tokenizer, args.init_from)
-    ids = tok.encode(args.prompt)
-    batch = torch.tensor([ids] * args.num_samples, dtype=torch.long)
-    out = model.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                         top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                         use_cache=not args.no_cache, seed=args.seed,
-                         eos_token_id=tok.eot_id if args.stop_at_eos else None)
-    for row in out.tolist():
-        new = row[len(ids):]
-        if args.stop_at_eos and tok.eot_id in new:
-            new = new[: new.index(tok.eot_id)]
-        print(args.prompt + tok.decode(new))
-        print("-" * 60)
+def config_parser(cls, description: str, alt_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """One --flag per field of the config dataclass `cls`, with the field's help, type, choices and
+    range (a bad value is an argparse error that names the flag). Every default is None here, so
+    that parse_config can tell the flags given on the command line from the others.
+    alt_defaults {label: {field: value}} are shown in the help too (e.g. a recipe's defaults)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        m = f.metadata
+        alts = "".join(f"; {label}: {d[f.name]!r}" for label, d in (alt_defaults or {}).items() if f.name in d)
+        kw = dict(default=None, help=f"{m['help']} (default: {f.default!r}{alts})".replace("%", "%%"))
+        kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split("|")[0].strip(), str)
+        if kind is bool:
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            ap.add_argument(f"--{f.name}", choices=m.get("choices"), **kw,
+                            type=_flag_type(kind, f.name, m.get("min"), m.get("max")) if kind is not str else str)
+    return ap
 
 
-if __name__ == "__main__":
-    main()
+def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_defaults=None):
+    """(config, the flags given): the dataclass's defaults, then `defaults`, then the flags."""
+    given = {k: v for k, v in vars(config_parser(cls, description, alt_defaults).parse_args(argv)).items()
+             if v is not None}
+    return cls(**{**(defaults or {}), **given}), given
+
+
+def pick_device(name: str = "auto") -> str:
+    """'auto': a CUDA GPU, else Apple's MPS, else the CPU. Under torchrun (LOCAL_RANK set) 'cuda'
+    means this process's own GPU, cuda:LOCAL_RANK: with plain 'cuda' every rank would use GPU 0."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return name
+
+
+def pick_precision(name: str, device: str) -> str:
+    """'auto': bf16 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100,
+    RTX 30xx and later), fp16 with loss scaling on older GPUs (V100, T4: is_bf16_supported() says
+    True there, but runs bf16 through slow emulation), fp32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else "fp16"
+    return "fp32"
+
+
+def autocast_and_scaler(precision: str, device_type: str):
+    """(autocast context factory, GradScaler or None). Mixed precision keeps fp32 master weights and
+    runs the matmuls in 16 bits. bf16 has fp32's exponent range: autocast is all it needs. fp16 has a
+    5-bit exponent, so small gradients underflow to zero: the loss is multiplied by a large factor
+    before backward and the gradients divided by it before the step (GradScaler, which also skips
+    steps whose gradients overflowed)."""
+    if precision == "fp32":
+        return contextlib.nullcontext, None
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision {precision!r}: expected fp32, fp16 or bf16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+    return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
+
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd_momentum": 1, "sgd_nesterov": 1, "sgd": 0}
+
+
+def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.0,
+                   betas=(0.9, 0.999), fused: bool = False):
+    """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmul weights,
+    embeddings, LoRA's A and B): shrinking biases and norm gains towards 0 only hurts. AdamW decays
+    the weights directly (decoupled); Adam adds the penalty to the gradient instead. fused: one
+    kernel for all parameters instead of one per tensor (CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if name in ("adamw", "adam"):
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, betas=betas,
+                                                                            fused=fused or None)
+    if name == "rmsprop":  # what the DPO paper's reference implementation used
+        return torch.optim.RMSprop(groups, lr=lr)
+    if name in ("sgd", "sgd_momentum", "sgd_nesterov"):
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9,
+                               nesterov=name == "sgd_nesterov")
+    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)}")
+
+
+def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
+    """Unscale (fp16), clip, step, zero the gradients; returns the gradient norm before clipping, as a
+    device tensor (reading it would make the host wait for the device). Clipping the global norm
+    bounds the update when a rare batch gives a huge gradient (a loss spike), instead of letting it
+    wreck the weights the optimizer has built up. With fp16 the gradients are unscaled first (clip
+    the true gradients, not the scaled ones), and GradScaler skips a step whose gradients overflowed."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to max_lr, cosine decay to min_lr at total_steps, then flat. Warmup: at step 0
+    Adam's moment estimates are empty and a random network's gradients are large and erratic; a
+    full-size first step can throw the weights somewhere they never recover from. Cosine: big steps
+    while far from a minimum, small ones at the end to settle into it."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size). Under torchrun (RANK and WORLD_SIZE set) this joins the
+    process group: NCCL between GPUs, gloo between CPU processes. Plain python is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 0, 1
+    import torch.distributed as dist
+
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return rank, local, world
+
+
+def end_distributed():
+    """Leave the process group together: a rank whose gloo group goes away while another still
+    talks to it can abort at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
+_held_locks = {}  # out_dir -> the open, locked run.lock of this process
+
+
+def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make out_dir ready for a run, before any work: nothing already written is lost.
+    - A lock file (run.lock, holding the pid) is taken first: a second live run on the same out_dir
+      stops here. The kernel releases the lock when the process ends, even by SIGKILL.
+    - A fresh run on an out_dir that holds a run stops, unless --resume (continue it) or
+      --overwrite (clear it first) was given.
+    - Creating the lock also shows that the directory is writable."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    key = str(out.resolve())
+    if key in _held_locks:  # an earlier run of this same process (tests, notebooks): not a rival
+        os.close(_held_locks.pop(key))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"--out_dir {out}: cannot write there ({e.strerror})") from None
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"--out_dir {out}: another run (pid {holder}) is using it; wait for it to end or "
+                         f"choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = fd  # kept open (and locked) until this process exits
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held and not resume and not overwrite:
+        raise ValueError(f"--out_dir {out} holds a run ({', '.join(held)}); pass --resume to continue it or "
+                         f"--overwrite to replace it")
+    if overwrite:
+        for p in out.iterdir():
+            if p.name != "run.lock":
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return out
+
+
+def resumed_config(cls, c, given: dict, out_dir, fixed=()):
+    """--resume: the run's saved config.json, with the flags given now on top (e.g. a longer
+    --max_steps), but never a change to the `fixed` fields (the model and what is trained)."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
+    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})" for k in fixed if k in given and given[k] != saved.get(k)]
+    if changed:
+        raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
+    return cls(**{**saved, **given, "resume": True})
+
+
+def rng_state(device: str = "cpu") -> dict:
+    """This process's random generators as plain tensors, lists and numbers (weights_only-loadable:
+    nothing is pickled). Each rank has its own streams, so a checkpoint keeps one of these per rank."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None,
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(s: dict, device: str = "cpu"):
+    import numpy as np
+
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(s["cuda"], device)
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def all_ranks(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: every rank's value, on every rank (one rank: [obj])."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):
+    """out_dir/ckpt/state.pt: what a fine-tuning run needs to continue exactly where it stopped: the
+    trainable weights (a LoRA's are a few MB; frozen weights come back from --init_from), the
+    optimizer state, the step and `extra` (data order, RNG states, best so far). Under DDP or FSDP
+    the weights and optimizer state are gathered whole, so every rank must call this; rank 0 writes.
+    Written to a temporary name and renamed: a kill leaves the previous state or the new one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if master:
+        path = Path(out_dir) / "ckpt" / "state.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(model=model_sd, optimizer=optim_sd, step=step, extra=extra)
+        try:
+            atomic_write(path, lambda p: torch.save(state, p))
+        except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
+            raise OSError(f"{path}: writing the training state failed ({str(e).splitlines()[0][:160]}); is the "
+                          f"disk full? The previous state is kept") from None
+
+
+def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
+    """(step, extra) of out_dir/ckpt/state.pt, its weights and optimizer state loaded into model and
+    optimizer (every rank reads the file; FSDP keeps its own shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    path = Path(out_dir) / "ckpt" / "state.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no training state in {out_dir} (expected {path})")
+    try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors and plain data
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); it may be truncated") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    return state["step"], state["extra"]
+
+
+def rewrite_log(path, keep) -> list[dict]:
+    """Keep only the rows of a log.jsonl for which keep(row) is true (a resumed run drops what the
+    killed run logged after its checkpoint, since it is about to be redone); returns them."""
+    rows = [r for r in read_log(path) if keep(r)]
+    atomic_write(Path(path), lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    return rows
+
+
+def read_log(path) -> list[dict]:
+    """The rows of a log.jsonl. A damaged line (a kill while it was written, a full disk) is
+    skipped, counted and reported rather than blocking a resume or a plot."""
+    rows, bad = [], []
+    if Path(path).exists():
+        for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row = None
+                bad.append(n)
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+            elif row is not None:
+                bad.append(n)
+    if bad:
+        print(f"warning: {path}: skipped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))}"
+              f"{' ...' if len(bad) > 5 else ''})", file=sys.stderr)
+    return rows
+
+
+def run_main(main, argv=None):
+    """Run a script's main so that a user error (a bad file, value or flag, missing data, an
+    unreachable hub, a full disk) is one line `error: ...` and exit status 2, with no traceback.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def peak_memory_mb(device: str = "cpu") -> float:
+    """The memory high-water mark: on CUDA, max_memory_allocated of that device (live tensors); on a
+    CPU, the process's resident-set peak (VmHWM; not getrusage's ru_maxrss, which the kernel carries
+    over an exec, so a child started by a big parent would report the parent's peak)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
+    return process_memory_mb("VmHWM")
+
+
+def process_memory_mb(which: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(which + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)) from sums, so that sharded evaluations reduce
+    three numbers instead of gathering every value. NaN where undefined."""
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = total / n
+    if n < 2:
+        return mean, float("nan")
+    var = max(0.0, (total_sq - total * total / n) / (n - 1))
+    return mean, math.sqrt(var / n)
+
+
+def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hlines=()):
+    """A PNG with one subplot per panel; each panel plots the listed log keys against "step" (from
+    the rows that have the key). hlines: (panel index, y, label) reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for i, (ax, keys) in enumerate(zip(axes[0], panels)):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if len(pts) <= 50 else "-", lw=1, alpha=0.8, label=key)
+        for j, y, label in hlines:
+            if j == i:
+                ax.axhline(y, ls="--", color="gray", label=label)
+        ax.set_xlabel("step")
+        ax.set_title(titles[i] if titles else "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

@@ -1,46 +1,36 @@
 """
-prepare_data.py: text corpora -> token shards that train_gpt2.py reads.
+prepare_data.py: every data set the other scripts read, downloaded or derived, checked, normalised
+and written to data/<name>/ (change with --out_dir and --name).
 
-Every sub-command writes to data/<name>/ (change with --out_dir and --name):
-
-    python prepare_data.py builtin                   # no network: stdlib docstrings, own 4096-token BPE
-    python prepare_data.py shakespeare               # tiny Shakespeare (1 MB, downloaded with requests)
+    python prepare_data.py builtin          # no network: stdlib docstrings -> token shards, own BPE
+    python prepare_data.py shakespeare      # tiny Shakespeare (1 MB, downloaded with requests)
     python prepare_data.py text --input "books/*.txt" --name books     # your own corpus
-    python prepare_data.py fineweb                   # FineWeb-Edu sample-10BT: ~100 shards of 100M tokens
-    python prepare_data.py fineweb --remote_name sample-100BT --name fineweb_edu100B
-    python prepare_data.py hellaswag                 # HellaSwag validation set (via hellaswag.py)
-    python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # Alpaca jsonl for finetune.py
-    python prepare_data.py hh --split train                                    # HH-RLHF dialogues for finetune.py
-    python prepare_data.py hh_pairs --split train                              # HH-RLHF pairs for dpo.py
+    python prepare_data.py fineweb          # FineWeb-Edu sample-10BT: ~100 shards of 100M tokens
+    python prepare_data.py hellaswag        # HellaSwag validation set, for hellaswag.py
+    python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # jsonl for finetune.py
+    python prepare_data.py hh --split train          # HH-RLHF dialogues for finetune.py --task dialogue
+    python prepare_data.py hh_pairs --split train    # HH-RLHF preference pairs for dpo.py
     python prepare_data.py SUBCOMMAND --help         # every flag, documented
 
-Shards. A shard is a 1024-byte header followed by the token ids as little-endian uint16 (uint32 if
-the vocabulary has more than 65536 ids). The header is an 8-byte magic, a version, the token count
-and a JSON object (tokenizer name, vocab size, end-of-text id, split, where the stream stood when the
-shard was finished), so a reader can check that a file is ours, whole, and made with the tokenizer
-it expects. Shard 0 is the validation split (<name>_val_000000.bin), shards 1, 2, ... are the
-training split (<name>_train_000001.bin, ...). Every document is preceded by <|endoftext|>, so the
-model learns where documents start; a document may run across a shard boundary.
+Shards (what train_gpt2.py reads). A shard is a 1024-byte header, then the token ids as little-endian
+uint16 (uint32 above 65536 ids). The header holds a magic, a version, the token count and a JSON
+object (tokenizer name, vocab size, end-of-text id, split, where the stream stood when the shard was
+closed), so a reader can check that a file is ours, whole, and made with the tokenizer it expects.
+Shard 0 is the validation split (<name>_val_000000.bin), shards 1, 2, ... the training split. Every
+document is preceded by <|endoftext|>, so the model learns where documents start. Shards are written
+to a temporary name and renamed; a re-run skips the finished ones and goes on from the document
+where the last one stopped. Tokenizer: GPT-2's (tiktoken), or --tokenizer DIR for one trained with
+bpe.py (copied to data/<name>/tokenizer/ so the trainer decodes with the same one).
 
-Tokenizer: GPT-2's (tiktoken) by default, or --tokenizer DIR for one trained with bpe.py (it is
-copied to data/<name>/tokenizer/ so that the trainer decodes with the same one). Tokenizing runs in
---num_workers processes.
+The built-in corpus (`builtin`), what `python train_gpt2.py` trains on when nothing else was
+prepared, comes from text every Python installation carries: the docstrings of the standard
+library's modules, classes and functions (read with `ast`, never imported) plus the language
+reference topics in `pydoc_data`, about 2.3 MB of English. One module is one document; a module is
+held out for validation when the CRC32 of its path is 0 mod 10. The tokenizer is a 4096-token BPE
+that bpe.py trains on the training split, cached in data/builtin/tokenizer/.
 
-Resuming: a shard is written to a temporary name and renamed when complete, so a killed run never
-leaves a partial shard that looks whole. Each shard's header records how many documents were consumed
-when it was closed; running the same command again skips the finished shards (and those documents)
-and goes on from there. The last shard is marked final: a finished folder is not rewritten.
-
-The built-in corpus (`builtin`) is what `python train_gpt2.py` trains on when nothing else was
-prepared: it is made, with no network, from text every Python installation carries: the docstrings
-of the standard library's modules, classes and functions (read with `ast` from the source files,
-never imported) plus the language reference topics in `pydoc_data`, about 2.3 MB of English on
-Python 3.11. `--packages numpy torch` adds the docstrings of installed packages. One module is one
-document; a module goes to the validation split when the CRC32 of its path is 0 mod 10 (about 10%
-of modules, held out whole); the training modules are shuffled with a fixed seed. The tokenizer
-is a 4096-token BPE that bpe.py trains on the training split (a small vocabulary suits small CPU
-models), cached in data/builtin/tokenizer/. The corpus depends on the Python version, and is the
-same on every run of the same installation.
+Records (what finetune.py, dpo.py and hellaswag.py read): Alpaca instructions, HH-RLHF dialogues and
+preference pairs, classification sets and HellaSwag items, each checked record by record.
 """
 
 from __future__ import annotations
@@ -52,6 +42,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import sys
@@ -63,6 +54,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from bpe import Tokenizer, atomic_write, load_tokenizer
+from model import run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -83,20 +77,21 @@ def token_dtype(vocab_size: int):
 
 
 def write_shard(path: Path, tokens: np.ndarray, meta: dict):
-    """Write one shard atomically: to path.tmp, then rename (a kill never leaves a partial shard)."""
+    """Write one shard atomically (a kill never leaves a partial shard that looks whole)."""
     meta = dict(meta, dtype=np.dtype(token_dtype(meta["vocab_size"])).name)
     blob = json.dumps(meta, sort_keys=True).encode("utf-8")
     if _FIXED.size + len(blob) > HEADER_BYTES:
         raise ValueError(f"shard header metadata too long ({len(blob)} bytes): {meta}")
     header = _FIXED.pack(MAGIC, VERSION, len(tokens)) + blob
     header += b"\0" * (HEADER_BYTES - len(header))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(np.asarray(tokens).astype(np.dtype(token_dtype(meta["vocab_size"])).newbyteorder("<")).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(np.asarray(tokens).astype(np.dtype(token_dtype(meta["vocab_size"])).newbyteorder("<")).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
 
 
 def read_header(path) -> dict:
@@ -137,12 +132,19 @@ def read_header(path) -> dict:
 
 
 def load_shard(path) -> np.ndarray:
-    """The tokens of a shard, memory-mapped (read lazily; nothing is loaded until sliced)."""
+    """The tokens of a shard, memory-mapped. Every id is checked against the header's vocab_size
+    first (one vectorised max, about a second per GB): an id out of range would otherwise surface
+    as an indexing error deep in the model, or a device-side assert on a GPU, naming no file."""
     meta = read_header(path)
     if meta["n_tokens"] == 0:
         return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r",
-                     offset=HEADER_BYTES, shape=(meta["n_tokens"],))
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r",
+                       offset=HEADER_BYTES, shape=(meta["n_tokens"],))
+    top = int(tokens.max())
+    if top >= meta["vocab_size"]:
+        raise ValueError(f"{path}: token id {top} at position {int(np.argmax(tokens >= meta['vocab_size']))} is not "
+                         f"below the vocab_size {meta['vocab_size']} of its header: corrupt shard, re-run prepare_data.py")
+    return tokens
 
 
 def list_shards(data_dir, split: str) -> list[Path]:
@@ -168,21 +170,16 @@ def tokenizer_name(spec: str) -> str:
 
 
 def load_text_tokenizer(spec: str):
-    """model.load_tokenizer with a clear error when GPT-2's vocabulary cannot be had offline."""
-    from model import load_tokenizer
-
+    """bpe.load_tokenizer, with what to do when GPT-2's vocabulary cannot be had offline."""
     try:
         return load_tokenizer(spec)
     except ValueError as e:
-        if spec == "gpt2":
-            raise SystemExit(
-                f"error: GPT-2's tokenizer is not available ({e}).\ntiktoken downloads it on first use: "
-                f"run once with network access (it is then cached in TIKTOKEN_CACHE_DIR or the temp "
-                f"directory), or put GPT-2's rank file at ../shared/data/gpt2.tiktoken beside the "
-                f"checkout, or train your own with `python bpe.py train --input FILES --vocab_size "
-                f"8192 --out tok/` and pass --tokenizer tok/ (the `builtin` corpus does this for you)."
-            ) from None
-        raise
+        if spec != "gpt2":
+            raise
+        raise ValueError(f"GPT-2's tokenizer is not available ({e}). tiktoken downloads it on first use: run once "
+                         f"with network access (it is cached in TIKTOKEN_CACHE_DIR), or train your own with "
+                         f"`python bpe.py train --input FILES --vocab_size 8192 --out tok/` and pass --tokenizer "
+                         f"tok/ (the builtin corpus does this for you)") from None
 
 
 _worker_tok = None
@@ -328,11 +325,13 @@ def write_shards(docs: Iterable[str], out_dir, name: str, tokenizer: str = "gpt2
 # 4. Sources
 
 def read_text_file(path) -> str:
-    path = Path(path)
+    """The text of a UTF-8 file; bytes that are not UTF-8 are an error naming the file and line."""
+    data = Path(path).read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -423,8 +422,6 @@ def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(),
     if tokenizer is None:  # train our own small BPE on the training split (held-out modules unseen)
         tok_dir = out_dir / "tokenizer"
         if not (tok_dir / "tokenizer.bpe").exists():
-            from bpe import Tokenizer
-
             t0 = time.time()
             bpe_tok = Tokenizer.train("\n\n".join(train), vocab_size, pattern="gpt4",
                                       special_tokens=["<|endoftext|>"])
@@ -461,22 +458,310 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 
 
 def download(url: str, dest: Path) -> Path:
-    """Download url to dest (atomically); kept if already there."""
+    """Download url to dest (skipped when already there); written to a temporary name and renamed,
+    so an interrupted download never leaves a truncated file that later runs take for the whole."""
     import requests
 
-    if dest.exists():
+    dest = Path(dest)
+    if dest.exists() and dest.stat().st_size > 0:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    r = requests.get(url, timeout=60)
-    r.raise_for_status()
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(r.content)
-    os.replace(tmp, dest)
+    try:
+        r = requests.get(url, timeout=60)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        raise ValueError(f"could not download {url} ({type(e).__name__}). Offline? Fetch it on a machine with "
+                         f"internet and put it at {dest}, or pass --data_file / --input.") from None
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(r.content))
     return dest
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. The command line
+# 5. Records for fine-tuning and evaluation: Alpaca instructions, HH-RLHF dialogues and preference
+#    pairs, classification sets, HellaSwag items. Every record is checked; a bad one is named by
+#    file and line. Hub versions come through `datasets` (or requests), with a one-line error
+#    saying what to do when the hub cannot be reached.
+
+
+def read_jsonl(path) -> list[tuple[str, object]]:
+    """[("file:line", record), ...] of a .jsonl file; blank lines skipped, bad JSON named by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    rows = []
+    for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def hub_rows(name: str, config=None, split: str = "train", offline_hint: str = "") -> list[tuple[str, dict]]:
+    """[("name split row i", row), ...] of a hub dataset, or a one-line error when it cannot be had."""
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, config, split=split)
+    except Exception as e:
+        raise ValueError(f"could not load {name} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}). {offline_hint}") from None
+    return [(f"{name} {split} row {i}", r) for i, r in enumerate(ds)]
+
+
+def _offline_hint(sub: str, flag: str = "--data_file") -> str:
+    return (f"Offline? Run `python prepare_data.py {sub}` on a machine with internet, copy data/{sub}/ here "
+            f"and pass {flag} data/{sub}/...")
+
+
+def _strings(rec, where: str, required, optional=()) -> dict:
+    """The record's string fields (optional ones default to ""), or an error naming the field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object with {', '.join(required)}, got {type(rec).__name__}")
+    for key in required:
+        if not isinstance(rec.get(key), str):
+            raise ValueError(f"{where}: missing field {key!r}" if rec.get(key) is None else
+                             f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+    for key in optional:
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+    return {k: rec.get(k) or "" for k in (*required, *optional)}
+
+
+# ---- Alpaca. The Stanford Alpaca templates, verbatim (github.com/tatsu-lab/stanford_alpaca,
+# train.py PROMPT_DICT); the response follows "### Response:" directly, as in Stanford's targets.
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(example: dict) -> str:
+    """The Alpaca prompt for an example: the with-input template when `input` is non-empty. A
+    dialogue example carries its own prompt (the conversation up to its last "Assistant:")."""
+    if "prompt" in example:
+        return example["prompt"]
+    if example.get("input"):
+        return PROMPT_INPUT.format(instruction=example["instruction"], input=example["input"])
+    return PROMPT_NO_INPUT.format(instruction=example["instruction"])
+
+
+def load_alpaca(data_file=None, max_response_chars: int = 0, n_samples: int = 0) -> list[dict]:
+    """Alpaca examples {instruction, input, output} from a .json file (a list) or a .jsonl file, or
+    tatsu-lab/alpaca from the hub. Filters as in the reports: drop outputs longer than
+    max_response_chars, then keep the first n_samples (0 = no limit)."""
+    if data_file is None:
+        rows = hub_rows("tatsu-lab/alpaca", offline_hint=_offline_hint("alpaca"))
+    elif Path(data_file).suffix == ".jsonl" or not Path(data_file).is_file():
+        rows = read_jsonl(data_file)
+    else:
+        try:
+            data = json.loads(read_text_file(data_file))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{data_file}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs "
+                             f"that suffix") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{data_file}: expected a JSON list of objects with instruction/input/output")
+        rows = [(f"{data_file}: example {i}", r) for i, r in enumerate(data)]
+    if not rows:
+        raise ValueError(f"{data_file}: the data file is empty")
+    examples = [_strings(r, where, ("instruction", "output"), ("input",)) for where, r in rows]
+    if max_response_chars:
+        examples = [e for e in examples if len(e["output"]) <= max_response_chars]
+    examples = examples[:n_samples] if n_samples else examples
+    if not examples:
+        raise ValueError("no examples left after filtering (--max_response_chars / --n_samples)")
+    return examples
+
+
+# ---- HH-RLHF: "\n\nHuman: ...\n\nAssistant: ...", repeated. A marker counts only with its two
+# newlines, so "Human:" quoted inside an answer stays part of that answer.
+DIALOGUE_MARKERS = {"\n\nHuman:": "Human", "\n\nAssistant:": "Assistant"}
+ASSISTANT = "\n\nAssistant:"
+
+
+def parse_dialogue(text: str, where: str = "dialogue") -> list[tuple[str, str]]:
+    """[(role, text), ...] in order; each text is what follows its marker (leading space kept)."""
+    parts = re.split("(" + "|".join(map(re.escape, DIALOGUE_MARKERS)) + ")", text)
+    if parts[0].strip():
+        raise ValueError(f"{where}: text before the first '\\n\\nHuman:' marker: {parts[0][:40]!r}")
+    turns = [(DIALOGUE_MARKERS[m], t) for m, t in zip(parts[1::2], parts[2::2])]
+    if not any(role == "Assistant" for role, _ in turns):
+        raise ValueError(f"{where}: no '\\n\\nAssistant:' turn in the conversation")
+    return turns
+
+
+def format_dialogue(turns: list[tuple[str, str]], add_assistant_prompt: bool = False) -> str:
+    """The inverse of parse_dialogue; with add_assistant_prompt, ends with "\\n\\nAssistant:" for the
+    model to answer (a chat prompt)."""
+    return "".join(f"\n\n{role}:{t}" for role, t in turns) + (ASSISTANT if add_assistant_prompt else "")
+
+
+def dialogue_example(text: str, where: str) -> dict:
+    """A dialogue as an example: the whole text for training, and for generation the prompt up to
+    the last assistant turn and that turn's answer as the reference."""
+    turns = parse_dialogue(text, where)
+    last = max(i for i, (role, _) in enumerate(turns) if role == "Assistant")
+    prompt = format_dialogue(turns[:last], add_assistant_prompt=True)
+    return {"text": text, "prompt": prompt, "instruction": prompt.strip(), "input": "",
+            "output": turns[last][1].strip()}
+
+
+def load_dialogues(data_file=None, n_samples: int = 0, split: str = "train") -> list[dict]:
+    """HH-RLHF conversations (the `chosen` one of each pair) from a jsonl file or Anthropic/hh-rlhf."""
+    rows = (read_jsonl(data_file) if data_file is not None else
+            hub_rows("Anthropic/hh-rlhf", split=split, offline_hint=_offline_hint("hh")))
+    out = []
+    for where, rec in rows[:n_samples or None]:
+        out.append(dialogue_example(_strings(rec, where, ("chosen",))["chosen"], where))
+    if not out:
+        raise ValueError(f"{data_file or 'Anthropic/hh-rlhf'}: no conversations")
+    return out
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-RLHF stores two whole conversations that share every turn but the last answer. The prompt
+    is their longest common prefix that ends with "\\n\\nAssistant:"; the responses are the rest."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT, 0, n)  # the marker must lie inside the shared part
+    if cut < 0:
+        raise ValueError("the two conversations share no prefix ending in '\\n\\nAssistant:'")
+    cut += len(ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def load_pairs(data_file=None, split: str = "train") -> list[dict]:
+    """Preference pairs [{prompt, chosen, rejected}] from a jsonl file (generic, or HH-RLHF's whole
+    chosen/rejected conversations, split here) or Anthropic/hh-rlhf."""
+    rows = (read_jsonl(data_file) if data_file is not None else
+            hub_rows("Anthropic/hh-rlhf", split=split, offline_hint=_offline_hint("hh_pairs")))
+    pairs = []
+    for where, rec in rows:
+        has_prompt = isinstance(rec, dict) and "prompt" in rec
+        r = _strings(rec, where, ("chosen", "rejected") + (("prompt",) if has_prompt else ()))
+        if not has_prompt:
+            try:
+                r["prompt"], r["chosen"], r["rejected"] = split_hh_pair(r["chosen"], r["rejected"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+    if not pairs:
+        raise ValueError(f"{data_file}: no pairs in the file")
+    return pairs
+
+
+# ---- classification: --dataset names (hub id, config, text field, pair field). Only the train
+# split is read and then split into train/val/test like every other task (GLUE hides its test labels).
+HUB_CLASSIFICATION = {
+    "sst2": ("nyu-mll/glue", "sst2", "sentence", None),
+    "sms_spam": ("ucirvine/sms_spam", None, "sms", None),
+    "mnli": ("nyu-mll/glue", "mnli", "premise", "hypothesis"),
+}
+
+
+def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_samples: int = 0,
+                        balance: bool = False, seed: int = 1337) -> list[dict]:
+    """[{text, text_pair, label}] from a .jsonl/.csv file (fields text, text_pair?, label) or a hub
+    dataset; every label is checked against num_classes."""
+    import csv
+
+    fields_ = ("text", "text_pair")
+    if data_file is not None and Path(data_file).suffix == ".csv" and Path(data_file).is_file():
+        with open(data_file, newline="", encoding="utf-8") as f:
+            rows = [(f"{data_file}:{i + 2}", r) for i, r in enumerate(csv.DictReader(f))]
+    elif data_file is not None:
+        rows = read_jsonl(data_file)
+    elif dataset in HUB_CLASSIFICATION:
+        hub, name, *fields_ = HUB_CLASSIFICATION[dataset]
+        rows = hub_rows(hub, name, offline_hint="Offline? Pass --data_file with a local .jsonl/.csv copy.")
+    else:
+        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(HUB_CLASSIFICATION)} (or give --data_file)")
+    out = []
+    for where, r in rows:
+        text = _strings(r, where, (fields_[0],))[fields_[0]]
+        try:
+            label = int(r.get("label"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: field 'label' must be an integer, got {r.get('label')!r}") from None
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{where}: label {label} is outside 0..{num_classes - 1} (--num_classes {num_classes})")
+        out.append(dict(text=text, text_pair=(r.get(fields_[1]) or "") if fields_[1] else "", label=label))
+    if balance:  # the same number of examples of every class, so accuracy cannot be won by the majority
+        by = {}
+        for ex in out:
+            by.setdefault(ex["label"], []).append(ex)
+        n = min(len(v) for v in by.values())
+        rng = random.Random(seed)
+        out = [ex for v in by.values() for ex in rng.sample(v, n)]
+        rng.shuffle(out)
+    out = out[:n_samples] if n_samples else out
+    if not out:
+        raise ValueError("no classification examples")
+    return out
+
+
+# ---- HellaSwag (Zellers et al. 2019): a context and four endings, one of them right.
+HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def download_hellaswag(cache_dir="data/hellaswag", url: str = HELLASWAG_VAL_URL) -> Path:
+    return download(url, Path(cache_dir) / Path(url).name)
+
+
+def load_hellaswag(path) -> list[dict]:
+    """HellaSwag items from a .jsonl file (the public hellaswag_*.jsonl, or rows of HF `datasets`'
+    Rowan/hellaswag, whose labels are strings) or a .parquet file (the hub's files), each with label
+    as an int and ctx filled in."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (fetch it with `python prepare_data.py hellaswag`, "
+                                f"or pass --data_file)")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = [(f"{path}: row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return [hellaswag_item(row, where) for where, row in rows]
+
+
+def hellaswag_item(row, where: str) -> dict:
+    missing = [k for k in ("activity_label", "ctx_a", "ctx_b", "endings", "label") if not isinstance(row, dict)
+               or k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r} (HellaSwag items need activity_label, ctx_a, "
+                         f"ctx_b, endings, label)")
+    _strings(row, where, ("activity_label",), ("ctx_a", "ctx_b"))
+    endings = row["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        n = len(endings) if isinstance(endings, list) else type(endings).__name__
+        raise ValueError(f"{where}: field 'endings' must be a list of 4 strings, got {n}")
+    label = row["label"]
+    # the public jsonl has int labels, HF datasets' Rowan/hellaswag strings ("0".."3"; "" in its test split)
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+        raise ValueError(f"{where}: field 'label' must be 0, 1, 2 or 3, got {row['label']!r}"
+                         + (" (the test split has no labels)" if row["label"] == "" else ""))
+    ctx = row.get("ctx")
+    if not isinstance(ctx, str):  # the dataset defines ctx as ctx_a, a space, then ctx_b (when not empty)
+        ctx = row["ctx_a"] + (" " + row["ctx_b"] if row["ctx_b"] else "")
+    return {**row, "ctx": ctx, "label": label}
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. The command line
 
 def cmd_builtin(args):
     prepare_builtin(Path(args.out_dir) / (args.name or "builtin"), args.vocab_size, args.packages,
@@ -510,64 +795,33 @@ def cmd_fineweb(args):
                  extra_meta={"source": f"{args.dataset}:{args.remote_name}"})
 
 
+def _write_jsonl(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                    encoding="utf-8"))
+    print(f"{len(rows)} records -> {path}")
+
+
 def cmd_hellaswag(args):
-    try:
-        import hellaswag
-    except ImportError as e:
-        raise SystemExit(f"error: hellaswag.py is needed for this sub-command ({e})") from None
-    print(hellaswag.download(Path(args.out_dir) / (args.name or "hellaswag")))
+    print(download_hellaswag(Path(args.out_dir) / (args.name or "hellaswag")))
 
 
 def cmd_alpaca(args):
-    """Alpaca (tatsu-lab/alpaca through `datasets`, or --data_file), filtered as finetune.py would, as
-    one jsonl file that `finetune.py --data_file` reads; the loading rules live in finetune.py."""
-    try:
-        import finetune
-    except ImportError as e:
-        raise SystemExit(f"error: finetune.py is needed for this sub-command ({e})") from None
-    examples = finetune.load_alpaca(args.data_file, args.max_response_chars, args.n_samples)
-    out = Path(args.out_dir) / (args.name or "alpaca") / "alpaca.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps({k: ex.get(k, "") for k in ("instruction", "input", "output")},
-                                      ensure_ascii=False) + "\n" for ex in examples), encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"{len(examples)} examples -> {out}")
+    """Alpaca (tatsu-lab/alpaca, or --data_file) filtered as finetune.py would, as one jsonl file."""
+    examples = load_alpaca(args.data_file, args.max_response_chars, args.n_samples)
+    _write_jsonl(Path(args.out_dir) / (args.name or "alpaca") / "alpaca.jsonl", examples)
 
 
 def cmd_hh(args):
-    """HH-RLHF conversations (the `chosen` side) as jsonl for `finetune.py --task dialogue`; the
-    parsing rules live in finetune.py (every record is checked here)."""
-    try:
-        import finetune
-    except ImportError as e:
-        raise SystemExit(f"error: finetune.py is needed for this sub-command ({e})") from None
-    examples = finetune.load_dialogues(args.data_file, args.n_samples, split=args.split)
-    out = Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"chosen": e["text"]}, ensure_ascii=False) + "\n" for e in examples),
-                   encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"{len(examples)} conversations -> {out}")
+    """HH-RLHF conversations (the `chosen` side) as jsonl for `finetune.py --task dialogue`."""
+    examples = load_dialogues(args.data_file, args.n_samples, split=args.split)
+    _write_jsonl(Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl", [{"chosen": e["text"]} for e in examples])
 
 
 def cmd_hh_pairs(args):
-    """HH-RLHF preference pairs (Anthropic/hh-rlhf through `datasets`, or a local jsonl with its
-    chosen/rejected conversations) as jsonl of {prompt, chosen, rejected} for `dpo.py --data_file`;
-    the splitting rules live in dpo.py."""
-    try:
-        import dpo
-    except ImportError as e:
-        raise SystemExit(f"error: dpo.py is needed for this sub-command ({e})") from None
-    pairs = dpo.load_pairs(args.data_file, split=args.split)
-    pairs = pairs[: args.n_samples] if args.n_samples else pairs
-    out = Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"{len(pairs)} pairs -> {out}")
+    """HH-RLHF preference pairs as jsonl of {prompt, chosen, rejected} for `dpo.py --data_file`."""
+    pairs = load_pairs(args.data_file, split=args.split)
+    _write_jsonl(Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl", pairs[: args.n_samples or None])
 
 
 def build_parser():
@@ -622,12 +876,12 @@ def build_parser():
     p.add_argument("--val_tokens", type=int, default=0, help="validation shard size (0 = shard_tokens)")
     p.set_defaults(fn=cmd_fineweb)
 
-    p = sub.add_parser("hellaswag", help="HellaSwag validation set (hellaswag.py downloads it)",
+    p = sub.add_parser("hellaswag", help="HellaSwag validation set (downloaded with requests)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(p, "hellaswag", tokenizer=False)
     p.set_defaults(fn=cmd_hellaswag)
 
-    p = sub.add_parser("alpaca", help="Alpaca instructions as jsonl for finetune.py (rules in finetune.py)",
+    p = sub.add_parser("alpaca", help="Alpaca instructions as jsonl for finetune.py",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(p, "alpaca", tokenizer=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")
@@ -649,11 +903,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        args.fn(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    args.fn(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,9 +2,13 @@
 The test suite: `python -m pytest -q test_all.py` (what CI runs; see README).
 
 Every test compares against a reference that could disagree: transformers' own models and
-generate(), a formula, or a straightforward re-implementation kept here. Tiny random models are
-made by the tests with save_pretrained, so nothing is downloaded. Data the CEO provides lives in
-../shared/data/ beside the checkout; tests that need it skip with the reason when it is absent.
+generate(), peft, tiktoken, a formula, or a straightforward re-implementation kept here. Tiny random
+models are made by the tests with save_pretrained, so nothing is downloaded. Data the CEO provides
+lives in ../shared/data/ beside the checkout; tests that need it skip with the reason when it is absent.
+
+The sections follow the README's reading order: shared helpers, then bpe.py, model.py,
+prepare_data.py, train_gpt2.py, hellaswag.py, lora.py, finetune.py, dpo.py, score.py, chat.py, the
+benchmarks, and the layout rules.
 """
 
 import base64
@@ -29,15 +33,20 @@ import regex
 import torch
 import torch.nn.functional as F
 
+import bench_speed
 import bpe
+import chat
+import dpo
 import finetune
 import hellaswag
 import lora
+import model as model_py
 import prepare_data
+import score
 import train_gpt2
-from bpe import Tokenizer
+from bpe import Tokenizer, load_tokenizer
 from lora import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter, unmerge_lora
-from model import GPT, GPTConfig, KVCache, filter_logits, load_tokenizer
+from model import GPT, GPTConfig, KVCache, filter_logits
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -46,7 +55,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 # -----------------------------------------------------------------------------------------------
-# helpers: tiny random Hugging Face models written with save_pretrained
+# shared helpers: tiny random models, tokenizers anyone can check by hand, a small corpus
 
 
 def _randomize(model, std=0.3, seed=0):
@@ -91,397 +100,170 @@ def max_diff(a, b):
 IDX = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-# -----------------------------------------------------------------------------------------------
-# model.py: HF weights in
-
-
-LLAMA_CASES = {
-    "mha": dict(num_key_value_heads=4),
-    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "untied_rope_theta": dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0),
-}
-
-
-def test_model_gpt2_logits_match_transformers(tmp_path):
-    hf, d = hf_gpt2(tmp_path)
-    ours = GPT.from_pretrained(str(d))
-    with torch.no_grad():
-        ref = hf(IDX).logits
-        logits, _ = ours(IDX)
-    assert logits.shape == ref.shape == (2, 24, 97)
-    assert ref.std() > 0.2  # a meaningful comparison, not two near-constant outputs
-    assert max_diff(logits, ref) <= 1e-4
-
-
-@pytest.mark.parametrize("case", list(LLAMA_CASES))
-def test_model_llama_logits_match_transformers(tmp_path, case):
-    hf, d = hf_llama(tmp_path, **LLAMA_CASES[case])
-    ours = GPT.from_pretrained(str(d))
-    c = ours.config
-    assert c.n_kv_head == LLAMA_CASES[case]["num_key_value_heads"]
-    assert c.tie_embeddings == LLAMA_CASES[case].get("tie_word_embeddings", False)
-    assert c.rope_theta == LLAMA_CASES[case].get("rope_theta", 10000.0)
-    with torch.no_grad():
-        ref = hf(IDX).logits
-        logits, _ = ours(IDX)
-    assert ref.std() > 0.2
-    assert max_diff(logits, ref) <= 1e-4
-
-
-def test_model_sharded_safetensors_and_bin_load(tmp_path):
-    hf, d = hf_llama(tmp_path, "sharded", save_kw=dict(max_shard_size="20KB"), num_key_value_heads=2)
-    assert (d / "model.safetensors.index.json").exists()
-    assert len(list(d.glob("*.safetensors"))) > 1
-    ours = GPT.from_pretrained(str(d))
-    with torch.no_grad():
-        assert max_diff(ours(IDX)[0], hf(IDX).logits) <= 1e-4
-    # pytorch_model.bin, read with weights_only=True; OpenAI-style names without "transformer."
-    hf2, d2 = hf_gpt2(tmp_path)
-    (d2 / "model.safetensors").unlink()
-    sd = {k.removeprefix("transformer."): v for k, v in hf2.state_dict().items() if k != "lm_head.weight"}
-    sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # old HF causal-mask buffer: must be ignored
-    torch.save(sd, d2 / "pytorch_model.bin")
-    ours2 = GPT.from_pretrained(str(d2))
-    with torch.no_grad():
-        assert max_diff(ours2(IDX)[0], hf2(IDX).logits) <= 1e-4
-
-
-def test_model_from_pretrained_dtype_and_meta_free(tmp_path):
-    _, d = hf_llama(tmp_path, num_key_value_heads=2)
-    m = GPT.from_pretrained(str(d), dtype=torch.bfloat16)
-    tensors = list(m.parameters()) + list(m.buffers())
-    assert all(t.device.type == "cpu" for t in tensors)  # nothing left on the meta device
-    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
-    m(IDX)  # runs
-
-
-# -----------------------------------------------------------------------------------------------
-# model.py: HF weights out
-
-
-@pytest.mark.parametrize("preset,overrides", [
-    ("tiny-gpt2", dict(vocab_size=97, vocab_pad_multiple=64)),  # padded rows are cut off on export
-    ("tiny-gpt2", dict(vocab_size=97, bias=False, tie_embeddings=False)),  # zero biases for HF
-    ("tiny-llama", dict(vocab_size=97)),
-    ("tiny-llama", dict(vocab_size=97, tie_embeddings=True, rope_theta=1e5, n_kv_head=1)),
-])
-def test_model_save_pretrained_loads_in_transformers(tmp_path, preset, overrides):
-    from transformers import AutoModelForCausalLM
+def _lora_hf_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    ours = GPT(GPTConfig.preset(preset, **overrides)).eval()
-    _randomize(ours, std=0.2)
-    ours.save_pretrained(tmp_path / "out")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        ref = hf(IDX).logits
-        logits, _ = ours(IDX)
-    assert ref.shape == logits.shape == (2, 24, 97)
-    assert max_diff(logits, ref) <= 1e-4
-    back = GPT.from_pretrained(str(tmp_path / "out"))  # and back into ours
-    with torch.no_grad():
-        assert max_diff(back(IDX)[0], logits) <= 1e-5
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=96, eos_token_id=96)
+    model = _randomize(GPT2LMHeadModel(cfg).eval())
+    model.save_pretrained(tmp_path / "hf_gpt2")
+    return model, tmp_path / "hf_gpt2"
 
 
-def test_model_unexpressible_config_says_so_and_native_format_works(tmp_path):
-    cfg = GPTConfig.preset("tiny-gpt2", norm="rmsnorm")  # layernorm-free GPT-2: no HF class has it
-    m = GPT(cfg).eval()
-    with pytest.raises(ValueError, match="cannot be expressed as a Hugging Face model"):
-        m.save_pretrained(tmp_path / "x")
-    assert not (tmp_path / "x" / "config.json").exists()
-    m.save_pretrained(tmp_path / "x", format="native")
-    back = GPT.from_pretrained(str(tmp_path / "x"))
-    assert back.config == cfg
-    with torch.no_grad():
-        assert max_diff(back(IDX)[0], m(IDX)[0]) == 0.0
+def _lora_hf_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-
-# -----------------------------------------------------------------------------------------------
-# model.py: forward, init, training helpers
-
-
-def test_model_loss_ignores_minus_100_and_padded_vocab_never_predicted():
     torch.manual_seed(0)
-    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=100, vocab_pad_multiple=64))
-    assert m.lm_head.weight.shape[0] == 128
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, bos_token_id=None,
+                      eos_token_id=None)
+    model = _randomize(LlamaForCausalLM(cfg).eval(), std=0.2)
+    model.save_pretrained(tmp_path / "hf_llama")
+    return model, tmp_path / "hf_llama"
+
+
+def _lora_hf(kind, tmp_path):
+    return _lora_hf_gpt2(tmp_path) if kind == "gpt2" else _lora_hf_llama(tmp_path)
+
+
+def _lora_randomize_adapters(model, seed=1, std=0.2):
+    """A trained-looking adapter: B != 0 (fresh ones are exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        m.lm_head.weight[100:] = 10.0  # make the padded rows as tempting as possible
-    x = torch.randint(0, 100, (2, 16))
-    y = torch.randint(0, 100, (2, 16))
-    y[0, :5] = -100
-    logits, loss = m(x, y)
-    assert logits.shape == (2, 16, 100)
-    ref = F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1), ignore_index=-100)  # real vocab only
-    assert abs(loss.item() - ref.item()) < 1e-5
-    loss.backward()
-    assert m.lm_head.weight.grad[100:].abs().max() == 0  # padded rows get no signal
-    out = m.generate(torch.zeros(64, 1, dtype=torch.long), 8, temperature=2.0, seed=0)
-    assert out.max() < 100
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_chunked_cross_entropy_equals_f_cross_entropy(dtype):
-    from model import ChunkedCrossEntropy
-
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(300, 5000, generator=g) * 3).to(dtype).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    t = torch.randint(0, 5000, (300,), generator=g)
-    t[::7] = -100
-    loss = ChunkedCrossEntropy.apply(x, t, -100)
-    (loss * 2.5).backward()  # a non-unit upstream gradient
-    ref = F.cross_entropy(x_ref.float(), t, ignore_index=-100)
-    (ref * 2.5).backward()
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert x.grad.dtype == dtype
-    assert (x.grad.float() - x_ref.grad.float()).abs().max() < (1e-7 if dtype == torch.float32 else 1e-4)
+def _lora_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
 
 
-def test_model_gpt2_init_scales_residual_projections():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=128, vocab_size=256, block_size=32))
-    std_resid = torch.cat([m.transformer.h[i].attn.c_proj.weight.flatten() for i in range(8)]).std().item()
-    std_other = torch.cat([m.transformer.h[i].attn.c_attn.weight.flatten() for i in range(8)]).std().item()
-    assert abs(std_other - 0.02) < 0.001
-    assert abs(std_resid - 0.02 / math.sqrt(2 * 8)) < 0.0005
+_LORA_IDX = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def test_model_manual_attention_equals_sdpa_and_grad_checkpointing_same_grads():
-    torch.manual_seed(0)
-    cfg = GPTConfig.preset("tiny-llama", vocab_size=97)
-    a = _randomize(GPT(cfg), std=0.2)
-    b = GPT(GPTConfig.preset("tiny-llama", vocab_size=97, attn_impl="manual"))
-    b.load_state_dict(a.state_dict())
+def _hf_logits(model, idx=_LORA_IDX):
     with torch.no_grad():
-        assert max_diff(a(IDX)[0], b(IDX)[0]) < 1e-4
-    a.train()
-    _, loss = a(IDX, IDX)
-    loss.backward()
-    g = {n: p.grad.clone() for n, p in a.named_parameters()}
-    a.zero_grad()
-    a.grad_checkpointing = True
-    _, loss2 = a(IDX, IDX)
-    loss2.backward()
-    assert abs(loss.item() - loss2.item()) < 1e-6
-    assert all(torch.allclose(g[n], p.grad, atol=1e-6) for n, p in a.named_parameters())
+        return model(idx).logits
 
 
-def test_model_optimizer_groups_mfu_and_presets():
-    m = GPT(GPTConfig.preset("tiny-gpt2"))
-    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    n = sum(p.numel() for p in m.parameters())
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n
-    # MFU: 6N + 12 L H hd T FLOPs per token, over a given peak
-    c = m.config
-    expected = (6 * m.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 128) * 1000 / 1e12
-    assert abs(m.estimate_mfu(1000, 128, peak_flops=1e12) - expected) < 1e-12
-    # preset sizes (on the meta device: no memory) against the published parameter counts
-    with torch.device("meta"):
-        assert abs(GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1)).get_num_params(False) / 1e6 - 124.4) < 0.1
-        assert abs(GPT(GPTConfig.preset("llama2-7b")).get_num_params() / 1e9 - 6.74) < 0.01
-        modern = GPT(GPTConfig.preset("modern-124m"))
-    assert modern.config.ffn_hidden == 2048 and modern.config.n_kv_head == 6
-
-
-# -----------------------------------------------------------------------------------------------
-# model.py: generation
-
-
-def _hf_generate(hf, idx, pad_token_id=0, **kw):
+def _our_logits(model, idx=_LORA_IDX):
     with torch.no_grad():
-        return hf.generate(idx, do_sample=False, pad_token_id=pad_token_id, **kw)
+        return model.eval()(idx)[0]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
-def test_model_greedy_and_beam_match_hf_generate(tmp_path, kind):
-    hf, d = hf_gpt2(tmp_path) if kind == "gpt2" else hf_llama(tmp_path, num_key_value_heads=2)
-    hf.generation_config.eos_token_id = None
-    ours = GPT.from_pretrained(str(d))
-    prompt = IDX[:, :6]
-    ref = _hf_generate(hf, prompt, max_new_tokens=12)
-    assert torch.equal(ours.generate(prompt, 12, temperature=0), ref)
-    assert torch.equal(ours.generate(prompt, 12, temperature=0, use_cache=False), ref)
-    for nb, lp in ((3, 1.0), (4, 0.5)):
-        ref = _hf_generate(hf, prompt, max_new_tokens=10, num_beams=nb, length_penalty=lp)
-        assert torch.equal(ours.generate(prompt, 10, num_beams=nb, length_penalty=lp), ref)
-        assert torch.equal(ours.generate(prompt, 10, num_beams=nb, length_penalty=lp, use_cache=False), ref)
-    # with stop tokens that really occur: finished hypotheses of different lengths
-    free = ours.generate(prompt, 10, num_beams=3)
-    eos = [int(free[0, 8]), int(free[1, 10])]
-    for early in (False, True):
-        # (a non-zero pad id: HF replaces pad_token_id=0 by the first eos id when filling)
-        ref = _hf_generate(hf, prompt, max_new_tokens=10, num_beams=3, eos_token_id=eos, early_stopping=early,
-                           pad_token_id=3)
-        got = ours.generate(prompt, 10, num_beams=3, eos_token_id=eos, pad_token_id=3, early_stopping=early)
-        assert torch.equal(got, ref)
-    ref = _hf_generate(hf, prompt, max_new_tokens=10, eos_token_id=eos, pad_token_id=3)
-    assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
-    # decode_layout_: input-major weights (transposed strides), same tokens, same saved files
-    logits = ours(prompt)[0]
-    ours.decode_layout_()
-    assert not ours.lm_head.weight.is_contiguous() and ours.lm_head.weight.t().is_contiguous()
-    w = ours.transformer.h[0].mlp.c_fc.weight
-    assert w.stride() == (1, w.size(0))
-    assert torch.allclose(ours(prompt)[0], logits, atol=1e-5)
-    assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
-    ours.save_pretrained(tmp_path / "relaid")
-    assert torch.equal(GPT.from_pretrained(str(tmp_path / "relaid")).generate(prompt, 10, temperature=0,
-                                                                               eos_token_id=eos, pad_token_id=3), ref)
+class _CharTok:
+    """A tokenizer whose ids anyone can compute by hand: one id per character (ASCII)."""
+    eot_id, n_vocab, name = 127, 128, "chars"
+
+    def encode(self, s):
+        return [ord(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i != self.eot_id)
 
 
-def test_model_batched_prompts_of_different_lengths(tmp_path):
-    hf, d = hf_llama(tmp_path, num_key_value_heads=2)
-    ours = GPT.from_pretrained(str(d))
-    prompts = [IDX[0, :3].tolist(), IDX[1, :9].tolist(), IDX[0, 5:11].tolist()]
-    out = ours.generate(prompts, 8, temperature=0)
-    assert out.shape == (3, 9 + 8)
-    for i, p in enumerate(prompts):  # each row equals generating that prompt alone
-        alone = ours.generate(torch.tensor([p]), 8, temperature=0)
-        assert out[i, -8:].tolist() == alone[0, -8:].tolist()
-    # and equals HF generate with the same left padding and attention mask
-    ids = torch.zeros(3, 9, dtype=torch.long)
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = torch.tensor(p), 1
-    ref = _hf_generate(hf, ids, attention_mask=mask, max_new_tokens=8)
-    assert torch.equal(out, ref)
-    assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, use_cache=False), ref)
-    assert torch.equal(ours.generate(ids, 6, num_beams=2, attention_mask=mask),
-                       _hf_generate(hf, ids, attention_mask=mask, max_new_tokens=6, num_beams=2))
+def _train_documents():
+    """~150 KB of English-ish text that every Python carries: a few stdlib modules' sources, cut at
+    blank-line pairs into documents."""
+    import argparse
+    import json as json_mod
+    import textwrap
+    import typing
+    docs = []
+    for mod in (argparse, textwrap, json_mod.decoder, typing):
+        docs += [d for d in Path(mod.__file__).read_text().split("\n\n\n") if d.strip()]
+    return docs
 
 
-def test_model_sampling_seed_cache_stream_and_context_limit(tmp_path):
-    _, d = hf_llama(tmp_path)
-    m = GPT.from_pretrained(str(d))
-    a = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
-    b = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=7, use_cache=False)
-    c = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=8)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    streamed = []
-    out = m.generate(IDX[:, :4], 10, temperature=0, stream=lambda t: streamed.append(t.clone()))
-    assert torch.equal(torch.stack(streamed, 1), out[:, 4:])
-    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):
-        m.generate(torch.zeros(1, 60, dtype=torch.long), 10)
-    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):
-        m(torch.zeros(1, 65, dtype=torch.long))
+@pytest.fixture(scope="module")
+def train_corpus(tmp_path_factory):
+    """(docs, tokenizer dir, data dir, bpe Tokenizer): shards with a 4096-token val split and
+    20000-token train shards (several, so that reads cross shard boundaries)."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = _train_documents()
+    tok = Tokenizer.train("\n".join(docs[:200]), 512, pattern="gpt4", special_tokens=["<|endoftext|>"])
+    tok.save(root / "tok")
+    prepare_data.write_shards(docs, root / "data", "tiny", str(root / "tok"), shard_tokens=20000, val_tokens=4096)
+    return docs, root / "tok", root / "data", tok
 
 
-def test_model_top_k_top_p_sample_only_inside_their_set():
-    probs = torch.tensor([0.05, 0.40, 0.02, 0.25, 0.15, 0.08, 0.05])
-    logits = probs.log()
-    assert torch.isfinite(filter_logits(logits, top_k=3)).nonzero().flatten().tolist() == [1, 3, 4]
-    # nucleus: sorted 0.40, 0.25, 0.15 (cum 0.80), 0.08 (cum 0.88), ... smallest set reaching p
-    assert torch.isfinite(filter_logits(logits, top_p=0.7)).nonzero().flatten().tolist() == [1, 3, 4]
-    assert torch.isfinite(filter_logits(logits, top_p=0.65)).nonzero().flatten().tolist() == [1, 3]
-    assert torch.isfinite(filter_logits(logits, top_p=0.01)).nonzero().flatten().tolist() == [1]
-    assert torch.isfinite(filter_logits(logits, top_k=2, top_p=0.99)).nonzero().flatten().tolist() == [1, 3]
-    # through generate, with the model's output replaced by the crafted distribution
-    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=7))
-    m.logits_from_hidden = lambda h: logits.expand(*h.shape[:-1], 7)
-    for kw, allowed in ((dict(top_k=3), {1, 3, 4}), (dict(top_p=0.65), {1, 3}), (dict(top_p=0.7), {1, 3, 4})):
-        out = m.generate(torch.zeros(2000, 1, dtype=torch.long), 1, temperature=1.0, seed=0, **kw)[:, 1]
-        assert set(out.tolist()) == allowed  # never outside, and every member does occur
-        if kw == dict(top_k=3):  # renormalised frequencies: 0.40/0.80, 0.25/0.80, 0.15/0.80
-            freq = torch.bincount(out, minlength=7).float() / 2000
-            assert abs(freq[1] - 0.5) < 0.05 and abs(freq[4] - 0.1875) < 0.05
+TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--block_size", "64", "--seq_len", "64",
+        "--batch_size", "4", "--total_batch_size", "512", "--max_lr", "3e-3", "--warmup_steps", "5",
+        "--val_tokens", "2048", "--num_samples", "1", "--sample_len", "8", "--compile", "off", "--device", "cpu",
+        "--hellaswag_file", ""]
 
 
-def test_model_kv_cache_reorder():
-    cfg = GPTConfig.preset("tiny-llama")
-    cache = KVCache(cfg, 3, 8, "cpu", torch.float32)
-    k = torch.arange(3.0)[:, None, None, None].expand(3, cfg.n_kv_head, 2, cfg.head_dim)
-    cache.update(0, k, k)
-    cache.reorder(torch.tensor([2, 2, 0]))
-    assert cache.k[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+def _train(data_dir, out_dir, *extra):
+    train_gpt2.main(["--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *map(str, extra)])
+    return _log(out_dir)
 
 
-def test_model_load_tokenizer_kinds(tmp_path):
-    tok = Tokenizer.train(BPE_SMALL_CORPUS, 300, special_tokens=["<|endoftext|>"])
-    tok.save(tmp_path / "m" / "tokenizer")
-    t = load_tokenizer(None, str(tmp_path / "m"))  # a checkpoint dir's own tokenizer/ folder
-    text = "hello tokens<|endoftext|>world"
-    assert t.encode(text) == tok.encode(text, allowed_special="all")
-    assert t.encode_batch([text, "hello"]) == [t.encode(text), t.encode("hello")]
-    assert t.eot_id == tok.special_tokens["<|endoftext|>"] and t.n_vocab == 300
-    assert t.decode(t.encode(text)) == text
-    rank_file = SHARED / "gpt2.tiktoken"
-    if not rank_file.exists():
-        pytest.skip(f"{rank_file} absent: GPT-2 part of the tokenizer test skipped")
-    g = load_tokenizer(str(rank_file))
-    assert g.encode("Hello world<|endoftext|>") == [15496, 995, 50256] and g.eot_id == 50256
+def _log(out_dir):
+    recs = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return ([r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"])
 
 
-# -----------------------------------------------------------------------------------------------
-# model.py: bad input
+HH_TEXT = ("\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word Human: here?"
+           "\n\nAssistant: Quoting Human: is fine.\nHuman: still me, the assistant.")
 
 
-def test_model_bad_checkpoints_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a model directory"):
-        GPT.from_pretrained(str(tmp_path / "empty"))
-    _, d = hf_gpt2(tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    # unknown model_type
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    with pytest.raises(ValueError, match="model_type='bert' is not supported"):
-        GPT.from_pretrained(str(d))
-    # shape mismatch: config says wider than the weights
-    (d / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
-    with pytest.raises(ValueError, match=r"wrong shape.*transformer\.wte\.weight: checkpoint \(97, 32\) vs model \(97, 64\)"):
-        GPT.from_pretrained(str(d))
-    # a layer more than the weights have: the missing tensors are named
-    (d / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
-    with pytest.raises(ValueError, match=r"missing \(12\): transformer\.h\.2\.ln_1\.weight"):
-        GPT.from_pretrained(str(d))
-    (d / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        GPT.from_pretrained(str(d))
-    # corrupted weights file
-    (d / "config.json").write_text(json.dumps(cfg))
-    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        GPT.from_pretrained(str(d))
-    (d / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no weights"):
-        GPT.from_pretrained(str(d))
+class _HHCharTok:
+    """One token per character: every label can be checked against the text by hand."""
+    eot_id = 0
+
+    def encode(self, s):
+        return [ord(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
 
 
-def test_model_cli_samples_from_a_local_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, "model.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "--top_p" in r.stdout and "--num_beams" in r.stdout
-    rank_file = SHARED / "gpt2.tiktoken"
-    if not rank_file.exists():
-        pytest.skip(f"{rank_file} absent: the CLI sampling part needs GPT-2's rank file")
+def _tiny_reward_model(d):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
+
+    words = "[PAD] [UNK] [CLS] [SEP] why is the sky blue a b c cat dog red it because light".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(d)
     torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=50257)).save_pretrained(tmp_path / "m")
-    r = subprocess.run([sys.executable, "model.py", "--init_from", str(tmp_path / "m"), "--tokenizer",
-                        str(rank_file), "--prompt", "Hello world", "--num_samples", "2", "--max_new_tokens", "5"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Hello world") == 2
+    DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        num_labels=1, max_position_embeddings=64)).save_pretrained(d)
+    return d
 
 
 # -----------------------------------------------------------------------------------------------
 # bpe.py
 
+
 BPE_DATA = SHARED
+
+
 BPE_SCRIPT = ROOT / "bpe.py"
+
+
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+
 
 BPE_ENGLISH = """It is a truth universally acknowledged, that a single man in possession of a good
 fortune, must be in want of a wife. "My dear Mr. Bennet," said his lady to him one day, "have you
 heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. I'm sure it's
 true; they'd said we'll see, you've heard, they're 1,234 steps away in 2024... DON'T SHOUT.
 """
+
+
 BPE_CHINESE = """分词是每一门从零开始的课程的第一章。学生在一本以中文为主的手册上训练一个字节级的
 BPE 分词器，词表大小为 1024，然后检查编码再解码能否完整地重建文件。接着，他们比较自己的分词器和
 GPT-2 的分词器在英文和中文文本上的词元数量，并解释其中的差别：GPT-2 的词表主要来自英文网页，
 所以一个汉字常常要用两到三个词元来表示。"""
+
+
 BPE_CODE = '''def fib(n: int) -> int:
     """Return the n-th Fibonacci number."""
     if n < 2:
@@ -492,8 +274,14 @@ BPE_CODE = '''def fib(n: int) -> int:
 for i in range(10):\r\n    print(f"{i:>3} {fib(i)}")  # 0 1 1 2 3 5 8 ...
 \tx = {"a": [1, 2.5e-3, None], 'b': 0xFF}  \n
 '''
+
+
 BPE_EMOJI = "👋🏽 hello 🌍! 👨‍👩‍👧‍👦 family, 🇫🇷 flag, ❤️‍🔥, ✨✨✨ 🤖🤖 Ω≈ç√∫˜µ≤≥÷ «ça va?» naïve café ŝ"
+
+
 BPE_SMALL_CORPUS = "\n\n".join([BPE_ENGLISH, BPE_CHINESE, BPE_CODE, BPE_EMOJI]) * 2
+
+
 BPE_VARIED = [
     "Hello world", "", " ", "a", BPE_ENGLISH, BPE_CHINESE, BPE_CODE, BPE_EMOJI,
     " " * 3000, "x" + " " * 1000 + "y", "\n" * 300, "\t \n \r\n  \u3000 \xa0end  ",
@@ -617,8 +405,6 @@ def bpe_gpt2_files(tmp_path_factory):
     return d
 
 
-# ---- patterns and GPT-2 exactness
-
 def test_bpe_patterns_are_tiktokens(monkeypatch):
     from tiktoken_ext import openai_public
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})
@@ -684,8 +470,6 @@ def test_bpe_gpt2_saved_readable_and_reloaded(bpe_gpt2_ours, bpe_gpt2_ref, tmp_p
     lines = (tmp_path / "gpt2.bpe").read_text(encoding="utf-8").split("\n")
     assert '256 merge 220 83 " t"' in lines  # GPT-2's first merge, "Ġ t", printable
 
-
-# ---- training
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
 def test_bpe_train_matches_naive_reference(pattern):
@@ -761,8 +545,6 @@ def test_bpe_train_bad_input(tmp_path, monkeypatch):
         Tokenizer.train("hello", 300, pattern="gpt5")
 
 
-# ---- encoding, decoding, the tiktoken export
-
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
 def test_bpe_roundtrip_and_export_on_random_strings(bpe_trained, pattern):
     from hypothesis import given, settings, strategies as st
@@ -836,8 +618,6 @@ def test_bpe_surrogates_like_tiktoken(bpe_gpt2_ours, bpe_gpt2_ref):
         assert bpe_gpt2_ours.encode(s) == bpe_gpt2_ref.encode(s)
 
 
-# ---- saving and loading
-
 def test_bpe_save_load_both_formats(bpe_trained, tmp_path):
     import tiktoken.load
     for pattern, tok in bpe_trained.items():
@@ -910,8 +690,6 @@ def test_bpe_load_rejects_bad_files(bpe_trained, tmp_path):
             Tokenizer.from_tiktoken_file(tmp_path / "bad.tiktoken", special_tokens={})
 
 
-# ---- command line
-
 def _bpe_cli(*args, cwd):
     return subprocess.run([sys.executable, str(BPE_SCRIPT), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
@@ -951,8 +729,9 @@ def test_bpe_cli(tmp_path):
                           (["encode", "--tokenizer", "en.txt", "--text", "x"], "en.txt, line 1: expected"),
                           (["decode", "--tokenizer", "tok", "--ids", "1 two"], "expected token ids")]:
         r = _bpe_cli(*args, cwd=tmp_path)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = _bpe_cli("bench", "--help", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the benchmark lives in bench_speed.py
+    r = subprocess.run([sys.executable, str(ROOT / "bench_speed.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--vocab_sizes" in r.stdout and "--naive_merges" in r.stdout
 
 
@@ -962,921 +741,349 @@ def test_bpe_import_has_no_side_effects():
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
 
 
-# -----------------------------------------------------------------------------------------------
-# lora.py and finetune.py
-
-
-
-# -----------------------------------------------------------------------------------------------
-# helpers
-
-
-def _lora_hf_gpt2(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=96, eos_token_id=96)
-    model = _randomize(GPT2LMHeadModel(cfg).eval())
-    model.save_pretrained(tmp_path / "hf_gpt2")
-    return model, tmp_path / "hf_gpt2"
-
-
-def _lora_hf_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, bos_token_id=None,
-                      eos_token_id=None)
-    model = _randomize(LlamaForCausalLM(cfg).eval(), std=0.2)
-    model.save_pretrained(tmp_path / "hf_llama")
-    return model, tmp_path / "hf_llama"
-
-
-def _lora_hf(kind, tmp_path):
-    return _lora_hf_gpt2(tmp_path) if kind == "gpt2" else _lora_hf_llama(tmp_path)
-
-
-def _lora_randomize_adapters(model, seed=1, std=0.2):
-    """A trained-looking adapter: B != 0 (fresh ones are exactly zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def _lora_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-_LORA_IDX = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
-
-
-def _hf_logits(model, idx=_LORA_IDX):
-    with torch.no_grad():
-        return model(idx).logits
-
-
-def _our_logits(model, idx=_LORA_IDX):
-    with torch.no_grad():
-        return model.eval()(idx)[0]
-
-
-class _CharTok:
-    """A tokenizer whose ids anyone can compute by hand: one id per character (ASCII)."""
-    eot_id, n_vocab, name = 127, 128, "chars"
-
-    def encode(self, s):
-        return [ord(c) for c in s]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids if i != self.eot_id)
-
-
-# -----------------------------------------------------------------------------------------------
-# lora.py
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_lora_fresh_adapter_gives_exactly_the_base_logits(tmp_path, kind):
-    hf, d = _lora_hf(kind, tmp_path)
-    ours = GPT.from_pretrained(d)
-    base = _our_logits(ours)
-    apply_lora(ours, rank=4, alpha=8, targets="all,lm_head")
-    assert torch.equal(_our_logits(ours), base)  # B = 0: not close, equal
-    hf_base = _hf_logits(hf)
-    apply_lora(hf, rank=4, alpha=8, targets="all")  # the same on the transformers model itself
-    assert torch.equal(_hf_logits(hf), hf_base)
-    assert _lora_diff(hf_base, base) < 1e-4
-
-
-def test_lora_merge_equals_formula_and_unmerged_logits(tmp_path):
-    _, d = _lora_hf_llama(tmp_path)  # GQA: q and v slices have different sizes
-    model = GPT.from_pretrained(d)
-    W0 = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_lora(model, rank=4, alpha=8, targets="q,v,o,gate,down")
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(3):  # train a little, so B != 0
-        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    unmerged = _our_logits(model)
-    merge_lora(model)
-    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
-    # the merged weight is W + (alpha/r) B A on the q and v rows only (formula, block by block)
-    layer = model.transformer.h[1].attn.c_attn
-    c = model.config
-    qd, kvd = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    A, B = layer.lora_A.detach(), layer.lora_B.detach()
-    W = W0["transformer.h.1.attn.c_attn.weight"]
-    want = W.clone()
-    want[:qd] += 2.0 * B[:qd] @ A[:4]
-    want[qd + kvd:] += 2.0 * B[qd:] @ A[4:]
-    assert _lora_diff(layer.base.weight, want) < 1e-6
-    assert torch.equal(layer.base.weight[qd:qd + kvd], W[qd:qd + kvd])  # k rows untouched
-    unmerge_lora(model)
-    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
-    assert _lora_diff(layer.base.weight, W) < 1e-6
-
-
-def test_lora_optimizer_step_changes_only_lora_tensors(tmp_path):
-    _, d = _lora_hf_gpt2(tmp_path)
-    model = GPT.from_pretrained(d)
-    apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
-    # embeddings, lm_head (tied) and norms are frozen: only lora_A / lora_B train
-    opt = finetune.make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
-    model.train()
-    finetune.train_step(model, opt, [(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])], grad_clip=1.0)
-    for k, v in model.state_dict().items():
-        if ".lora_" in k:
-            assert not torch.equal(v, before[k]), k
-        else:
-            assert torch.equal(v, before[k]), k
-
-
-def test_lora_grad_checkpointing_gives_the_same_lora_gradients(tmp_path):
-    _, d = _lora_hf_llama(tmp_path)
-    grads = []
-    for ckpt in (False, True):
-        model = GPT.from_pretrained(d)
-        apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v,down")  # dropout: RNG replayed in recompute
-        _lora_randomize_adapters(model)  # B != 0, so lora_A gets a gradient too
-        model.grad_checkpointing = ckpt
-        model.train()
-        torch.manual_seed(3)
-        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 8  # A, B of c_attn (q|v) and c_proj, 2 blocks
-    for n in grads[0]:
-        assert grads[0][n].abs().sum() > 0, n
-        assert _lora_diff(grads[0][n], grads[1][n]) < 1e-6, n
-
-
-@pytest.mark.parametrize("preset,peft_targets,our_targets", [
-    ("gpt2-medium", ["c_attn"], "c_attn"),
-    ("gpt2-medium", ["c_attn", "c_proj", "c_fc"], "c_attn,c_proj,c_fc"),
-    ("llama2-7b", ["q_proj", "v_proj"], "q,v"),
-    ("llama2-7b", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "all"),
-])
-def test_lora_trainable_counts_equal_peft_on_meta_models(preset, peft_targets, our_targets):
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):
-        ours = GPT(GPTConfig.preset(preset, vocab_pad_multiple=1))
-        if preset.startswith("gpt2"):
-            hf = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
-        else:
-            hf = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
-        hf_ours = GPT2LMHeadModel(hf.config) if preset.startswith("gpt2") else LlamaForCausalLM(hf.config)
-        peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=peft_targets))
-        apply_lora(ours, rank=16, alpha=32, targets=our_targets)
-        apply_lora(hf_ours, rank=16, alpha=32, targets=our_targets)
-    want = peft_model.get_nb_trainable_parameters()
-    assert lora.count_parameters(ours) == want
-    assert lora.count_parameters(hf_ours) == want
-    if our_targets == "q,v":  # and the formula: 32 layers x r x (in + out) for q and for v
-        assert want[0] == 32 * 16 * 2 * (4096 + 4096) == 8_388_608
-    assert lora.trainable_report(ours) == (f"trainable params: {want[0]:,d} || all params: {want[1]:,d} || "
-                                           f"trainable%: {100 * want[0] / want[1]:.4f}")
-
-
-@pytest.mark.parametrize("kind,targets", [("gpt2", "q,v,o,up,down"), ("llama", "all,lm_head")])
-def test_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets):
-    from peft import PeftModel
-
-    hf, d = _lora_hf(kind, tmp_path)
-    ours = GPT.from_pretrained(d)
-    apply_lora(ours, rank=4, alpha=8, targets=targets, layers=[1] if kind == "llama" else None)
-    _lora_randomize_adapters(ours)
-    save_adapter(ours, tmp_path / "adapter", str(d))
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
-    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert _lora_diff(_hf_logits(peft_model), _our_logits(ours)) <= 1e-5
-    # and back: the PEFT-format adapter read into a fresh model of ours
-    fresh = GPT.from_pretrained(d)
-    load_adapter(fresh, tmp_path / "adapter")
-    assert _lora_diff(_our_logits(fresh), _our_logits(ours)) <= 1e-5
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_lora_peft_adapter_loads_into_our_model_with_equal_logits(tmp_path, kind):
-    from peft import LoraConfig, get_peft_model
-
-    hf, d = _lora_hf(kind, tmp_path)
-    targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
-                        rank_pattern={"down_proj": 2} if kind == "llama" else {})
-    peft_model = get_peft_model(hf, config)
-    _lora_randomize_adapters(peft_model)
-    peft_model.save_pretrained(tmp_path / "peft_adapter")
-    ours = GPT.from_pretrained(d)
-    load_adapter(ours, tmp_path / "peft_adapter")
-    assert _lora_diff(_our_logits(ours), _hf_logits(peft_model.eval())) <= 1e-5
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(lora_state_dict(ours))
-
-
-def test_lora_on_transformers_gpt2_conv1d_slices_roundtrips_through_peft(tmp_path):
-    from peft import PeftModel
-
-    hf, d = _lora_hf_gpt2(tmp_path)
-    apply_lora(hf, rank=4, alpha=8, targets="q,v")  # rows of HF's Conv1D c_attn
-    _lora_randomize_adapters(hf)
-    save_adapter(hf, tmp_path / "a")
-    hf2 = _lora_hf_gpt2(tmp_path / "second")[0]
-    peft_model = PeftModel.from_pretrained(hf2, tmp_path / "a").eval()
-    assert _lora_diff(_hf_logits(peft_model), _hf_logits(hf)) <= 1e-5
-    merged = _hf_logits(merge_lora(hf))  # Conv1D stores W transposed: merge must transpose the update
-    assert _lora_diff(merged, _hf_logits(peft_model)) <= 1e-5
-
-
-def test_lora_bad_input_gives_clear_errors(tmp_path):
-    _, d = _lora_hf_gpt2(tmp_path)
-    model = GPT.from_pretrained(d)
-    with pytest.raises(ValueError, match="unknown LoRA target 'qq'"):
-        apply_lora(model, 4, 8, targets="q,qq")
-    for rank in (-1, 0, 1.5):
-        with pytest.raises(ValueError, match="rank must be an integer >= 1"):
-            apply_lora(model, rank, 8)
-    with pytest.raises(ValueError, match="GELU"):
-        apply_lora(model, 4, 8, targets="gate")
-    with pytest.raises(ValueError, match="overlap"):
-        apply_lora(model, 4, 8, targets="c_attn,q")
-    with pytest.raises(ValueError, match="last blocks"):
-        apply_lora(model, 4, 8, layers=5)
-    assert not lora.lora_layers(model)  # nothing half-applied
-    with pytest.raises(ValueError, match="no LoRA adapters"):
-        save_adapter(model, tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_adapter(model, tmp_path)
-    _, dl = _lora_hf_llama(tmp_path)
-    llama = GPT.from_pretrained(dl)
-    apply_lora(llama, 4, 8, targets="c_attn")
-    with pytest.raises(ValueError, match="no PEFT equivalent on LLaMA"):
-        save_adapter(llama, tmp_path / "y")
-    # tied lm_head: merging would change the input embeddings too
-    apply_lora(model, 4, 8, targets="lm_head")
-    with pytest.raises(ValueError, match="tied"):
-        merge_lora(model)
-
-
-# -----------------------------------------------------------------------------------------------
-# finetune.py
-
-
-def test_finetune_alpaca_templates_are_stanfords():
-    # github.com/tatsu-lab/stanford_alpaca/blob/main/train.py, PROMPT_DICT
-    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
-                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                  "Add the numbers.\n\n### Input:\n2 and 3\n\n### Response:")
-    no_input = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                "the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
-    assert finetune.format_prompt({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) == with_input
-    assert finetune.format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"}) == no_input
-
-
-def test_finetune_loss_masking_eos_and_truncation(capsys):
-    tok = _CharTok()
-    ex = {"instruction": "Say hi.", "input": "", "output": "hi there"}
-    prompt = tok.encode(finetune.format_prompt(ex))
-    full = prompt + tok.encode("hi there") + [tok.eot_id]
-    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000)
-    assert t["input_ids"] == full[:-1]
-    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi there") + [tok.eot_id]  # EOS is trained
-    assert not t["truncated"] and t["n_response"] == 9
-    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000, mask_prompt=False)
-    assert t["labels"] == full[1:]
-    # too long: cut from the response end (EOS first), prompt labels still masked
-    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=len(prompt) + 3)
-    assert t["truncated"] and t["input_ids"] == full[:len(prompt) + 3]
-    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi th")[:4]
-    # a prompt that fills the context leaves no response: reported, not trained on
-    long = {"instruction": "x" * 300, "input": "", "output": "y"}
-    kept = finetune.tokenize_examples([ex, long, ex], tok, tok.eot_id, max_length=200, name="train")
-    assert len(kept) == 2
-    out = capsys.readouterr().out
-    assert "1 of 3 examples longer than 201 tokens were truncated" in out
-    assert "1 example(s) left out because the prompt alone fills the context" in out and "[1]" in out
-
-
-def test_finetune_grad_accumulation_4x1_equals_1x4_and_per_token_mean():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128, block_size=256))
-    model.train()
-    tok = _CharTok()
-    exs = [{"instruction": "Echo.", "input": "a" * k, "output": "b" * (3 * k + 1)} for k in (1, 4, 9, 2)]
-    data = [finetune.tokenize_example(e, tok, tok.eot_id, 256) for e in exs]
-    assert not any(d["truncated"] for d in data)
-
-    def grads(micro):
-        model.zero_grad()
-        loss, n = finetune.accumulate_gradients(model, micro)
-        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    l4, n4, g4 = grads([finetune.collate(data, pad_id=0)])
-    l1, n1, g1 = grads([finetune.collate([d], pad_id=0) for d in data])
-    # reference: sum of every response token's cross-entropy / number of response tokens
-    model.zero_grad()
-    total = sum(F.cross_entropy(model(torch.tensor([d["input_ids"]]))[0][0], torch.tensor(d["labels"]),
-                                ignore_index=-100, reduction="sum") for d in data)
-    n_ref = sum(sum(x != -100 for x in d["labels"]) for d in data)
-    (total / n_ref).backward()
-    assert n4 == n1 == n_ref
-    assert abs(l4 - l1) < 1e-5 and abs(l4 - total.item() / n_ref) < 1e-5
-    for k, p in model.named_parameters():  # fp32; tolerance covers summation order only
-        assert torch.allclose(g4[k], g1[k], rtol=1e-4, atol=1e-6), k
-        assert torch.allclose(g1[k], p.grad, rtol=1e-4, atol=1e-6), k
-
-
-@pytest.mark.parametrize("precision,lora_rank", [("fp16", 4), ("bf16", 4), ("fp16", 0)])
-def test_finetune_half_precision_steps_on_cpu(precision, lora_rank):
-    torch.manual_seed(0)
-    dtype = finetune.weight_dtype(precision, lora_rank > 0)
-    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)).to(dtype)
-    if lora_rank:
-        assert dtype in (torch.float16, torch.bfloat16)  # frozen base in half precision
-        apply_lora(model, lora_rank, 8, targets="all")
-        _lora_randomize_adapters(model, std=0.05)
-    else:
-        assert dtype == torch.float32  # full fine-tuning keeps fp32 master weights
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(p.dtype == torch.float32 for p in trainable.values())  # what GradScaler needs
-    autocast, scaler = finetune.setup_precision(precision, "cpu")
-    assert (scaler is not None) == (precision == "fp16")
-    opt = finetune.make_optimizer(model, "adamw", lr=1e-2)
-    model.train()
-    idx = torch.randint(0, 127, (2, 16), generator=torch.Generator().manual_seed(0))
-    r = finetune.train_step(model, opt, [(idx[:, :-1], idx[:, 1:])], scaler, autocast, grad_clip=1.0)
-    assert torch.isfinite(torch.tensor(r["loss"])) and r["n_tokens"] == 30
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
-    assert changed, "the step updated nothing (skipped by the scaler?)"
-
-
-def _ft_setup(tmp_path):
-    """A tiny native GPT-2-style model, a bpe.py tokenizer trained on the data, an Alpaca jsonl."""
-    import bpe
-
-    rnd = random.Random(0)
-    words = "red blue green cat dog sun tree big small fast".split()
-    recs = []
-    for i in range(48):
-        a, b = rnd.sample(words, 2)
-        recs.append({"instruction": f"Repeat {a} {b}.", "input": "" if i % 2 else "twice", "output": f"{a} {b} {a} {b}"})
-    data = tmp_path / "alpaca.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    text = "\n".join(finetune.format_prompt(r) + r["output"] for r in recs)
-    bpe.Tokenizer.train(text, 400, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400)).save_pretrained(tmp_path / "model", format="native")
-    return data
-
-
-@pytest.mark.parametrize("lora_args", [["--lora_rank", "0", "--lr", "3e-3"],
-                                       ["--lora_rank", "8", "--lora_alpha", "16", "--lora_targets", "all",
-                                        "--lr", "1e-2", "--grad_checkpointing"]])
-def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
-    data = _ft_setup(tmp_path)
-    out = tmp_path / "out"
-    finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
-                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "12", "--eval_interval", "6",
-                   "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15", "--n_generate", "2",
-                   "--max_new_tokens", "6", "--lora_dropout", "0.0"] + lora_args)
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "val_loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 13)) and all("lr" in r for r in steps)
-    assert [r["step"] for r in evals] == [0, 6, 12]
-    assert min(r["val_loss"] for r in evals[1:]) < evals[0]["val_loss"] - 0.05
-    for f in ("config.json", "loss.png", "responses.jsonl", "responses.md", "best_model/gpt_config.json",
-              "best_model/tokenizer/tokenizer.bpe"):
-        assert (out / f).exists(), f
-    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(responses) == 2 and {"response_before", "response_after", "output"} <= set(responses[0])
-    best = GPT.from_pretrained(out / "best_model")  # merged (LoRA) or full weights, loadable as any model
-    assert sum(p.numel() for p in best.parameters()) == sum(
-        p.numel() for p in GPT.from_pretrained(tmp_path / "model").parameters())
-    if lora_args[1] != "0":
-        assert (out / "best_adapter" / "adapter_config.json").exists()
-
-
-def test_finetune_bad_data_and_flags_give_clear_errors(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
-    with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'output'"):
-        finetune.load_alpaca(f)
-    f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-        finetune.load_alpaca(f)
-    f.write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
-        finetune.load_alpaca(f)
-    g = tmp_path / "d.json"
-    g.write_text(json.dumps([{"instruction": "a", "output": 3}]))
-    with pytest.raises(ValueError, match=r"example 0: field 'output' must be a string"):
-        finetune.load_alpaca(g)
-    g.write_text(json.dumps([{"instruction": "a", "output": "x" * 10}]))
-    with pytest.raises(ValueError, match="no examples left"):
-        finetune.load_alpaca(g, max_response_chars=5)
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--lora_rank", "-1"])
-    with pytest.raises(ValueError, match="unknown LoRA target"):
-        finetune.prepare_model(GPT(GPTConfig.preset("tiny-gpt2")), finetune.parse_args(["--lora_targets", "q,w"]))
-
-
-def test_finetune_split_is_deterministic_and_filters_apply(tmp_path):
-    g = tmp_path / "d.json"
-    g.write_text(json.dumps([{"instruction": str(i), "input": "", "output": "y" * (i % 7)} for i in range(100)]))
-    ex = finetune.load_alpaca(g, max_response_chars=5, n_samples=40)
-    assert len(ex) == 40 and all(len(e["output"]) <= 5 for e in ex)
-    assert [e["instruction"] for e in ex[:3]] == ["0", "1", "2"]  # the first N after filtering
-    a = finetune.split_examples(ex, 0.1, 0.2, seed=7)
-    assert a == finetune.split_examples(ex, 0.1, 0.2, seed=7) and [len(s) for s in a] == [28, 4, 8]
-    assert sorted(e["instruction"] for s in a for e in s) == sorted(e["instruction"] for e in ex)
-
-
-def test_finetune_help_lists_every_flag_and_imports_have_no_side_effects(tmp_path):
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import lora, finetune; finetune.main(['--help'])"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("usage:")  # importing printed nothing
-    assert list(tmp_path.iterdir()) == []  # and wrote nothing
-    for flag in ("--init_from", "--data_file", "--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_targets",
-                 "--batch_size", "--grad_accum", "--grad_checkpointing", "--precision", "--optimizer", "--lr",
-                 "--max_steps", "--eval_interval", "--out_dir", "--patience", "--train_last_n_blocks"):
-        assert flag in r.stdout, flag
-
-
-# -----------------------------------------------------------------------------------------------
-# hellaswag.py
-
-HS_ROOT = ROOT
-HS_SHARED = SHARED
-
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-# Items in the public schema, crafted to hit the harness's rules: WikiHow brackets ([title], [header],
-# [step], nested), double and triple spaces, a context that ends in a bracket (so the query ends in a
-# space, which the harness moves onto the continuation), ctx_b to capitalise (and lower-case), empty
-# ctx_b, a HF-schema string label, and one item longer than the tiny models' 64 positions.
-HS_ITEMS = [
-    dict(ind=0, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.", ctx_b="he STARTS",
-         endings=["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                  "is holding a rubik's cube.", "pulling up roofing on a roof."], label=3),
-    dict(ind=1, activity_label="Home and Garden",
-         ctx_a="[header] How to paint a wall [title] Buy the  paint. [step] Pick a color you like.",
-         ctx_b="", endings=["[substeps] Mix it  well.", "Paint the   dog.", "[title] Open the can.",
-                            "Wait for it to dry [step] then paint again."], label="0"),
-    dict(ind=2, activity_label="Cooking", ctx_a="She puts the pan on the stove. [step]", ctx_b="",
-         endings=["She cracks two eggs.", " [header] The eggs sizzle.", "A dog barks loudly.",
-                  "They play the [a [b] c] piano."], label=1),
-    dict(ind=3, activity_label="Running a marathon", ctx_a="People run along a road.", ctx_b="a woman",
-         endings=["waves to the camera.", "drinks water from a cup.", "paints a wall.", "falls asleep."],
-         label=2),
-    dict(ind=4, activity_label="Sharpening knives",
-         ctx_a=" ".join(["A man sharpens a knife on a stone, slowly and carefully, while he talks."] * 4),
-         ctx_b="then he", endings=["cuts a tomato in half.", "throws the knife away.", "sings a song.",
-                                   "washes the stone with water and dries it."], label=0),
-    dict(ind=5, activity_label="Playing guitar", ctx_a="A boy holds a guitar.", ctx_b="The boy",
-         endings=["plays a song.", "eats the guitar.", "[title] tunes the strings.", "sleeps."], label=0),
-]
-
-
-def _hs_write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _hs_tokenizer_json(style="gpt2") -> str:
-    """A byte-level BPE trained on the items' text. style "gpt2": GPT-2's pre-tokenizer (words split
-    before spaces, so encode(a + b) == encode(a) + encode(b) at a space). style "merge": no
-    pre-splitting, so merges span the context/continuation boundary (as SentencePiece's "▁word"
-    pieces do) and splitting the whole string at the context's token count really matters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "gpt2")
-    tok.decoder = decoders.ByteLevel()
-    texts = [t for it in HS_ITEMS for t in [it["activity_label"], it["ctx_a"], it["ctx_b"], *it["endings"]]]
-    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts * 3, trainer)
-    return tok.to_str()
-
-
-def _hs_save_tokenizer(d, style="gpt2"):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_hs_tokenizer_json(style)),
-                                  eos_token="<|endoftext|>")
-    tok.save_pretrained(d)
-    return tok
-
-
-def _hs_hf_model(kind, vocab_size, d, std=0.3, positions=64):
-    """A tiny random HF causal LM of `positions` positions, float64, with its weights saved to d (float32)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=positions))
-    elif kind == "llama":
-        m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                                               max_position_embeddings=positions, bos_token_id=None, eos_token_id=None))
-    else:  # a model type model.py does not implement: must go through transformers
-        m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, vocab_size=vocab_size,
-                                                   max_position_embeddings=positions))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # HF's small init gives near-uniform logits; larger weights make comparisons bite
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    m.eval().save_pretrained(d)
-    return m.double()
-
-
-# ---- the reference: lm-evaluation-harness's definition, written out directly -------------------
-
-
-def _hs_ref_preprocess(text):  # lm_eval/tasks/hellaswag/utils.py, verbatim
-    text = text.strip()
-    # NOTE: Brackets are artifacts of the WikiHow dataset portion of HellaSwag.
-    text = text.replace(" [title]", ". ")
-    import re
-
-    text = re.sub("\\[.*?\\]", "", text)
-    text = text.replace("  ", " ")
-    return text
-
-
-def _hs_ref_doc(doc):  # utils.process_docs
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return {"query": _hs_ref_preprocess(doc["activity_label"] + ": " + ctx),
-            "choices": [_hs_ref_preprocess(e) for e in doc["endings"]], "gold": int(doc["label"])}
-
-
-def _hs_ref_loglikelihood(model, encode, context, continuation, max_length):
-    # TemplateLM._encode_pair: trailing spaces of the context go to the continuation; the whole
-    # string is encoded and split at the context's token count
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole_enc = encode(context + continuation)
-    context_enc = encode(context)
-    continuation_enc = whole_enc[len(context_enc):]
-    # HFLM._loglikelihood_tokens: left-truncate to max_length + 1, drop the last token
-    inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]
-    with torch.no_grad():
-        logp = F.log_softmax(model(torch.tensor([inp])).logits[0], dim=-1)
-    cont = torch.tensor(continuation_enc)
-    picked = logp[len(inp) - len(cont):len(inp)].gather(1, cont[:, None])
-    return picked.sum().item()
-
-
-def _hs_ref_harness(model, encode, items, max_length=64):
-    """Per item: (lls, acc, acc_norm), the harness's process_results for multiple_choice."""
-    out = []
-    for it in items:
-        doc = _hs_ref_doc(it)
-        lls = [_hs_ref_loglikelihood(model, encode, doc["query"], " " + c, max_length) for c in doc["choices"]]
-        lens = [float(len(c)) for c in doc["choices"]]
-        pred = max(range(4), key=lambda i: lls[i])
-        pred_norm = max(range(4), key=lambda i: lls[i] / lens[i])
-        out.append((lls, float(pred == doc["gold"]), float(pred_norm == doc["gold"]), lens))
-    return out
-
-
-def _hs_check_against_ref(result, ref, tol=1e-5):
-    items = result["items"]
-    assert len(items) == len(ref) == result["n"]
-    for it, (lls, acc, acc_norm, lens) in zip(items, ref):
-        assert max(abs(a - b) for a, b in zip(it["ll"], lls)) <= tol, (it["ll"], lls)
-        assert it["norm"] == lens  # acc_norm divides by the preprocessed ending's characters
-        assert (it["pred"] == it["label"], it["pred_norm"] == it["label"]) == (acc == 1, acc_norm == 1)
-    n = len(ref)
-    assert result["acc"] == pytest.approx(sum(r[1] for r in ref) / n, abs=1e-12)
-    assert result["acc_norm"] == pytest.approx(sum(r[2] for r in ref) / n, abs=1e-12)
-    # the harness's mean_stderr: sample standard deviation / sqrt(n)
-    assert result["acc_stderr"] == pytest.approx(statistics.stdev([r[1] for r in ref]) / math.sqrt(n))
-    assert result["acc_norm_stderr"] == pytest.approx(statistics.stdev([r[2] for r in ref]) / math.sqrt(n))
-
-
-# ---- tests ---------------------------------------------------------------------------------------
-
-
-def test_hellaswag_preprocess_matches_harness_rules():
-    P = hellaswag.preprocess
-    # [title] becomes ". ", other brackets vanish, then one pass of "  " -> " "
-    assert P("  Cake: [title] How to bake. [step] Mix  the flour.  ") == "Cake:. How to bake. Mix the flour."
-    assert P("a   b") == "a  b"  # a single left-to-right pass: three spaces leave two
-    assert P("[header] Step one") == " Step one"  # strip happens before the brackets go
-    assert P("Done. [step]") == "Done. "  # ... so a trailing bracket leaves a trailing space
-    assert P("x [a [b] c] y") == "x c] y"  # non-greedy: from the first "[" to the first "]"
-    assert P("[title]Tight") == "Tight"  # " [title]" needs its space; otherwise it is just a bracket
-    q = hellaswag.harness_query
-    assert q(HS_ITEMS[0]) == "Roof shingle removal: A man is sitting on a roof. He starts"  # capitalize()
-    assert q(HS_ITEMS[1]) == ("Home and Garden: How to paint a wall. Buy the paint. Pick a color you like.")
-    assert q(HS_ITEMS[2]) == "Cooking: She puts the pan on the stove. "
-    # a leading bracket leaves a leading space (the continuation then starts with two spaces)
-    assert hellaswag.harness_choices(HS_ITEMS[1]) == [" Mix it well.", "Paint the  dog.", " Open the can.",
-                                                     "Wait for it to dry then paint again."]
-    # and the transcribed harness code agrees on every field of every item
-    for it in HS_ITEMS:
-        assert q(it) == _hs_ref_doc(it)["query"]
-        assert hellaswag.harness_choices(it) == _hs_ref_doc(it)["choices"]
-
-
-@pytest.mark.parametrize("kind,style", [("gpt2", "gpt2"), ("gpt2", "merge"), ("llama", "merge"),
-                                        ("gpt_neox", "gpt2")])
-def test_hellaswag_harness_scores_match_transformers_reference(tmp_path, kind, style):
-    from transformers import AutoTokenizer
-
-    d = tmp_path / kind
-    hf_tok = _hs_save_tokenizer(d, style)
-    hf = _hs_hf_model(kind, len(hf_tok), d)
-    ref_tok = AutoTokenizer.from_pretrained(d)
-    encode = lambda s: ref_tok.encode(s, add_special_tokens=False)
-    ref = _hs_ref_harness(hf, encode, HS_ITEMS)
-    assert len({tuple(r[0]) for r in ref}) == len(HS_ITEMS)  # scores differ between items: a real test
-    if style == "merge":  # the case that makes the harness's split matter does occur here
-        q = [hellaswag.harness_query(it) for it in HS_ITEMS]
-        assert any(encode(q[i] + " " + e)[:len(encode(q[i]))] != encode(q[i])
-                   for i, it in enumerate(HS_ITEMS) for e in hellaswag.harness_choices(it))
-    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS))
-
-    # the transformers model object, batches of 5 sequences (items split across forward passes)
-    r_hf = hellaswag.evaluate(hf, load_tokenizer(None, str(d)), data, batch_size=5, return_items=True)
-    assert r_hf["scoring"] == "harness"
-    _hs_check_against_ref(r_hf, ref)
-    # the CLI's loader: model.py for gpt2/llama, transformers for gpt_neox
-    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
-    assert isinstance(model, GPT) == (kind != "gpt_neox")
-    _hs_check_against_ref(hellaswag.evaluate(model, tok, data, batch_size=7, return_items=True), ref)
-    if kind == "llama":  # add_bos_token=True: the tokenizer puts BOS before context and whole string alike
-        ref_bos = _hs_ref_harness(hf, lambda s: [0] + encode(s), HS_ITEMS)
-        _hs_check_against_ref(hellaswag.evaluate(model, tok, data, return_items=True, bos_id=0), ref_bos)
-    if kind != "gpt_neox":
-        # our native checkpoint format (tokenizer in a tokenizer/ subfolder, as train_gpt2.py writes)
-        native = tmp_path / "native"
-        model.save_pretrained(str(native), format="native")
-        _hs_save_tokenizer(native / "tokenizer", style)
-        model2, tok2 = hellaswag.load_model(str(native), dtype=torch.float64)
-        _hs_check_against_ref(hellaswag.evaluate(model2, tok2, data, batch_size=64, return_items=True), ref)
-
-
-def test_hellaswag_gpt2_tokenizer_from_rank_file(tmp_path):
-    """GPT-2's real tokenizer: our path (model.load_tokenizer -> bpe.py -> tiktoken) against tiktoken
-    built directly from the rank file, through the harness reference."""
-    rank_file = HS_SHARED / "gpt2.tiktoken"
+def test_bpe_load_tokenizer_kinds(tmp_path):
+    tok = Tokenizer.train(BPE_SMALL_CORPUS, 300, special_tokens=["<|endoftext|>"])
+    tok.save(tmp_path / "m" / "tokenizer")
+    t = load_tokenizer(None, str(tmp_path / "m"))  # a checkpoint dir's own tokenizer/ folder
+    text = "hello tokens<|endoftext|>world"
+    # text is ordinary text: a "<|endoftext|>" written in it stays characters, never the control token
+    assert t.encode(text) == tok.encode(text, disallowed_special=()) and t.eot_id not in t.encode(text)
+    assert t.encode_batch([text, "hello"]) == [t.encode(text), t.encode("hello")]
+    assert t.eot_id == tok.special_tokens["<|endoftext|>"] and t.n_vocab == 300
+    assert t.decode(t.encode(text)) == text
+    rank_file = SHARED / "gpt2.tiktoken"
     if not rank_file.exists():
-        pytest.skip(f"GPT-2 rank file not found at {rank_file}")
-    import tiktoken
-
-    ranks = {base64.b64decode(tok): int(r) for tok, r in (l.split() for l in rank_file.read_text().splitlines() if l)}
-    enc = tiktoken.Encoding("gpt2_ref", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256},
-                            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    hf = _hs_hf_model("gpt2", 50257, tmp_path / "m", std=0.2)
-    ref = _hs_ref_harness(hf, enc.encode_ordinary, HS_ITEMS)
-    model = GPT.from_pretrained(str(tmp_path / "m"), dtype=torch.float64)
-    r = hellaswag.evaluate(model, load_tokenizer(str(rank_file)), hellaswag.load_examples(
-        _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS)), batch_size=8, return_items=True)
-    _hs_check_against_ref(r, ref)
-
-
-def test_hellaswag_nanogpt_scoring_matches_build_nanogpt(tmp_path):
-    """build-nanogpt's render_example + masked per-token cross-entropy, one item (4 rows) at a time."""
-    from transformers import AutoTokenizer
-
-    d = tmp_path / "m"
-    _hs_save_tokenizer(d)
-    hf = _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d, positions=256)
-    ref_tok = AutoTokenizer.from_pretrained(d)
-    items = HS_ITEMS
-    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", items))
-    correct, correct_norm, ref_avg = 0, 0, []
-    for ex in data:
-        ctx = ref_tok.encode(ex["ctx"], add_special_tokens=False)
-        ends = [ref_tok.encode(" " + e, add_special_tokens=False) for e in ex["endings"]]
-        T = max(len(ctx) + len(e) for e in ends)
-        tokens, mask = torch.zeros(4, T, dtype=torch.long), torch.zeros(4, T)
-        for i, e in enumerate(ends):
-            tokens[i, :len(ctx) + len(e)] = torch.tensor(ctx + e)
-            mask[i, len(ctx):len(ctx) + len(e)] = 1
-        with torch.no_grad():
-            logits = hf(tokens).logits
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                 reduction="none").view(4, -1) * mask[:, 1:]
-        sum_loss, avg_loss = losses.sum(1), losses.sum(1) / mask[:, 1:].sum(1)
-        correct += int(sum_loss.argmin()) == ex["label"]
-        correct_norm += int(avg_loss.argmin()) == ex["label"]
-        ref_avg.append(avg_loss.tolist())
-    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
-    r = hellaswag.evaluate(model, tok, data, scoring="nanogpt", batch_size=6, return_items=True)
-    assert r["scoring"] == "nanogpt" and r["n"] == len(items)
-    assert r["acc"] == correct / len(items) and r["acc_norm"] == correct_norm / len(items)
-    for it, avg in zip(r["items"], ref_avg):
-        assert max(abs(-ll / n - a) for ll, n, a in zip(it["ll"], it["norm"], avg)) <= 1e-6
-
-
-def test_hellaswag_load_examples_schemas_and_errors(tmp_path):
-    good = HS_ITEMS[0]
-    # the HF datasets schema (Rowan/hellaswag: label a string, extra fields) and parquet
-    hf_rows = [dict(good, label="3", ind=24, source_id="activitynet~x", split="val", split_type="indomain")]
-    assert hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hf.jsonl", hf_rows))[0]["label"] == 3
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(hf_rows * 2), tmp_path / "v.parquet")
-    ex = hellaswag.load_examples(tmp_path / "v.parquet")
-    assert len(ex) == 2 and ex[1]["label"] == 3 and ex[1]["ctx"] == "A man is sitting on a roof. he STARTS"
-
-    def error(rows_or_text, name="bad.jsonl"):
-        p = tmp_path / name
-        p.write_text(rows_or_text if isinstance(rows_or_text, str) else
-                     "".join(json.dumps(r) + "\n" for r in rows_or_text))
-        with pytest.raises(ValueError) as e:
-            hellaswag.load_examples(p)
-        return str(e.value)
-
-    no_label = {k: v for k, v in good.items() if k != "label"}
-    msg = error([good, no_label])
-    assert "bad.jsonl:2" in msg and "'label'" in msg
-    msg = error([good, good, {k: v for k, v in good.items() if k != "ctx_b"}])
-    assert "bad.jsonl:3" in msg and "'ctx_b'" in msg
-    msg = error([dict(good, label=4)])
-    assert "bad.jsonl:1" in msg and "label" in msg and "4" in msg
-    assert "bad.jsonl:1" in error([dict(good, label=-1)])
-    assert "test split has no labels" in error([dict(good, label="")])
-    msg = error([dict(good, endings=good["endings"][:3])])
-    assert "bad.jsonl:1" in msg and "endings" in msg and "3" in msg
-    assert "bad.jsonl:2" in error(json.dumps(good) + "\n{not json\n")
-    msg = error("", "empty.jsonl")
-    assert "empty.jsonl" in msg and "empty" in msg
-    with pytest.raises(FileNotFoundError, match="prepare_data.py hellaswag"):
-        hellaswag.load_examples(tmp_path / "missing.jsonl")
-
-
-def test_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = tmp_path / "served"
-    served.mkdir()
-    _hs_write_jsonl(served / "hellaswag_val.jsonl", HS_ITEMS)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"
-    try:
-        path = hellaswag.download(tmp_path / "cache", url=url)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert path == tmp_path / "cache" / "hellaswag_val.jsonl"
-    assert path.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
-    assert list((tmp_path / "cache").iterdir()) == [path]  # no temporary file left behind
-    assert hellaswag.download(tmp_path / "cache", url=url) == path  # present: no request (server is down)
-    # offline: a clear error naming the URL and what to do, and nothing half-written
-    with pytest.raises(RuntimeError, match="could not download .*--data_file"):
-        hellaswag.download(tmp_path / "cache2", url=url)
-    assert list((tmp_path / "cache2").iterdir()) == []
-
-
-def test_hellaswag_torchrun_two_processes_match_one(tmp_path):
-    d = tmp_path / "m"
-    _hs_save_tokenizer(d)
-    from transformers import AutoTokenizer
-
-    _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d)
-    data_file = _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS + HS_ITEMS[:3])  # 9 items: uneven shards
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HS_ROOT))
-    common = [str(HS_ROOT / "hellaswag.py"), "--init_from", str(d), "--data_file", str(data_file),
-              "--device", "cpu", "--no_progress", "--batch_size", "6"]
-    runs = {}
-    for name, launcher in [("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2"])]:
-        out = tmp_path / name
-        p = subprocess.run(launcher + common + ["--json", f"{out}.json", "--per_item", f"{out}.jsonl"],
-                           env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert p.stdout.count("hellaswag scoring=harness n=9 ") == 1, (p.stdout, p.stderr[-3000:])  # rank 0 only
-        runs[name] = (json.loads(Path(f"{out}.json").read_text()),
-                      [json.loads(l) for l in Path(f"{out}.jsonl").read_text().splitlines()])
-    (one, one_items), (two, two_items) = runs["one"], runs["two"]
-    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "scoring"):
-        assert one[key] == two[key], key
-    assert [it["idx"] for it in two_items] == list(range(9))
-    for a, b in zip(one_items, two_items):
-        assert (a["pred"], a["pred_norm"], a["label"]) == (b["pred"], b["pred_norm"], b["label"])
-        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
-
-
-def test_hellaswag_cli_help_documents_every_flag():
-    p = subprocess.run([sys.executable, str(HS_ROOT / "hellaswag.py"), "--help"], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYTHONPATH=str(HS_ROOT)))
-    assert p.returncode == 0
-    for flag in ("--init_from", "--data_file", "--scoring", "--limit", "--json", "--tokenizer", "--batch_size",
-                 "--device", "--dtype", "--per_item", "--bench", "--backend", "--add_bos"):
-        assert flag in p.stdout, flag
-
-
-def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
-    """train_gpt2.py calls evaluate mid-training on a (possibly wrapped) model in train mode."""
-    from model import GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400, dropout=0.5)).train()
-    _hs_save_tokenizer(tmp_path)
-    tok = load_tokenizer(None, str(tmp_path))
-
-    class Wrapper(torch.nn.Module):  # stands in for DDP (.module)
-        def __init__(self, m):
-            super().__init__()
-            self.module = m
-
-    data = hellaswag.load_examples(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS[:4]))
-    r1 = hellaswag.evaluate(Wrapper(model), tok, data, return_items=True)
-    assert model.training  # restored
-    r2 = hellaswag.evaluate(model, tok, data, return_items=True, batch_size=1)
-    # dropout off in both (eval mode inside): same scores, batched or not
-    for a, b in zip(r1["items"], r2["items"]):
-        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
-
-
-def test_hellaswag_work_ratios_formula():
-    """The benchmark's arithmetic bound, against the count done by hand for one item."""
-    from model import GPTConfig
-
-    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400))
-    P = sum(p.numel() for p in model.transformer.h.parameters())
-    H = 400 * model.config.n_embd
-    ctx = list(range(10))
-    requests = [(ctx, list(range(n)), n) for n in (2, 3, 4, 5)]  # 14 ending tokens
-    shared = 10 * P + 14 * (P + H)
-    w = hellaswag.work_ratios(model, requests)
-    assert w["naive"] == pytest.approx((40 + 14) * (P + H) / shared)
-    assert w["one ending per forward"] == pytest.approx(((40 + 14) * P + 14 * H) / shared)
+        pytest.skip(f"{rank_file} absent: GPT-2 part of the tokenizer test skipped")
+    g = load_tokenizer(str(rank_file))
+    assert g.encode("Hello world") == [15496, 995] and g.eot_id == 50256 and 50256 not in g.encode("<|endoftext|>")
 
 
 # -----------------------------------------------------------------------------------------------
-# prepare_data.py and train_gpt2.py
-
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# model.py
 
 
-def _train_documents():
-    """~150 KB of English-ish text that every Python carries: a few stdlib modules' sources, cut at
-    blank-line pairs into documents."""
-    import argparse
-    import json as json_mod
-    import textwrap
-    import typing
-    docs = []
-    for mod in (argparse, textwrap, json_mod.decoder, typing):
-        docs += [d for d in Path(mod.__file__).read_text().split("\n\n\n") if d.strip()]
-    return docs
+LLAMA_CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "untied_rope_theta": dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0),
+}
 
 
-@pytest.fixture(scope="module")
-def train_corpus(tmp_path_factory):
-    """(docs, tokenizer dir, data dir, bpe Tokenizer): shards with a 4096-token val split and
-    20000-token train shards (several, so that reads cross shard boundaries)."""
-    root = tmp_path_factory.mktemp("corpus")
-    docs = _train_documents()
-    tok = Tokenizer.train("\n".join(docs[:200]), 512, pattern="gpt4", special_tokens=["<|endoftext|>"])
-    tok.save(root / "tok")
-    prepare_data.write_shards(docs, root / "data", "tiny", str(root / "tok"), shard_tokens=20000, val_tokens=4096)
-    return docs, root / "tok", root / "data", tok
+def test_model_gpt2_logits_match_transformers(tmp_path):
+    hf, d = hf_gpt2(tmp_path)
+    ours = GPT.from_pretrained(str(d))
+    with torch.no_grad():
+        ref = hf(IDX).logits
+        logits, _ = ours(IDX)
+    assert logits.shape == ref.shape == (2, 24, 97)
+    assert ref.std() > 0.2  # a meaningful comparison, not two near-constant outputs
+    assert max_diff(logits, ref) <= 1e-4
 
 
-TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--block_size", "64", "--seq_len", "64",
-        "--batch_size", "4", "--total_batch_size", "512", "--max_lr", "3e-3", "--warmup_steps", "5",
-        "--val_tokens", "2048", "--num_samples", "1", "--sample_len", "8", "--compile", "off", "--device", "cpu",
-        "--hellaswag_file", ""]
+@pytest.mark.parametrize("case", list(LLAMA_CASES))
+def test_model_llama_logits_match_transformers(tmp_path, case):
+    hf, d = hf_llama(tmp_path, **LLAMA_CASES[case])
+    ours = GPT.from_pretrained(str(d))
+    c = ours.config
+    assert c.n_kv_head == LLAMA_CASES[case]["num_key_value_heads"]
+    assert c.tie_embeddings == LLAMA_CASES[case].get("tie_word_embeddings", False)
+    assert c.rope_theta == LLAMA_CASES[case].get("rope_theta", 10000.0)
+    with torch.no_grad():
+        ref = hf(IDX).logits
+        logits, _ = ours(IDX)
+    assert ref.std() > 0.2
+    assert max_diff(logits, ref) <= 1e-4
 
 
-def _train(data_dir, out_dir, *extra):
-    train_gpt2.main(["--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *map(str, extra)])
-    return _log(out_dir)
+def test_model_sharded_safetensors_and_bin_load(tmp_path):
+    hf, d = hf_llama(tmp_path, "sharded", save_kw=dict(max_shard_size="20KB"), num_key_value_heads=2)
+    assert (d / "model.safetensors.index.json").exists()
+    assert len(list(d.glob("*.safetensors"))) > 1
+    ours = GPT.from_pretrained(str(d))
+    with torch.no_grad():
+        assert max_diff(ours(IDX)[0], hf(IDX).logits) <= 1e-4
+    # pytorch_model.bin, read with weights_only=True; OpenAI-style names without "transformer."
+    hf2, d2 = hf_gpt2(tmp_path)
+    (d2 / "model.safetensors").unlink()
+    sd = {k.removeprefix("transformer."): v for k, v in hf2.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # old HF causal-mask buffer: must be ignored
+    torch.save(sd, d2 / "pytorch_model.bin")
+    ours2 = GPT.from_pretrained(str(d2))
+    with torch.no_grad():
+        assert max_diff(ours2(IDX)[0], hf2(IDX).logits) <= 1e-4
 
 
-def _log(out_dir):
-    recs = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    return ([r for r in recs if r["type"] == "train"], [r for r in recs if r["type"] == "eval"])
+def test_model_from_pretrained_dtype_and_meta_free(tmp_path):
+    _, d = hf_llama(tmp_path, num_key_value_heads=2)
+    m = GPT.from_pretrained(str(d), dtype=torch.bfloat16)
+    tensors = list(m.parameters()) + list(m.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)  # nothing left on the meta device
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    m(IDX)  # runs
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny-gpt2", dict(vocab_size=97, vocab_pad_multiple=64)),  # padded rows are cut off on export
+    ("tiny-gpt2", dict(vocab_size=97, bias=False, tie_embeddings=False)),  # zero biases for HF
+    ("tiny-llama", dict(vocab_size=97)),
+    ("tiny-llama", dict(vocab_size=97, tie_embeddings=True, rope_theta=1e5, n_kv_head=1)),
+])
+def test_model_save_pretrained_loads_in_transformers(tmp_path, preset, overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig.preset(preset, **overrides)).eval()
+    _randomize(ours, std=0.2)
+    ours.save_pretrained(tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        ref = hf(IDX).logits
+        logits, _ = ours(IDX)
+    assert ref.shape == logits.shape == (2, 24, 97)
+    assert max_diff(logits, ref) <= 1e-4
+    back = GPT.from_pretrained(str(tmp_path / "out"))  # and back into ours
+    with torch.no_grad():
+        assert max_diff(back(IDX)[0], logits) <= 1e-5
+
+
+def test_model_unexpressible_config_says_so_and_native_format_works(tmp_path):
+    cfg = GPTConfig.preset("tiny-gpt2", norm="rmsnorm")  # layernorm-free GPT-2: no HF class has it
+    m = GPT(cfg).eval()
+    with pytest.raises(ValueError, match="cannot be expressed as a Hugging Face model"):
+        m.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x" / "config.json").exists()
+    m.save_pretrained(tmp_path / "x", format="native")
+    back = GPT.from_pretrained(str(tmp_path / "x"))
+    assert back.config == cfg
+    with torch.no_grad():
+        assert max_diff(back(IDX)[0], m(IDX)[0]) == 0.0
+
+
+def test_model_loss_ignores_minus_100_and_padded_vocab_never_predicted():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=100, vocab_pad_multiple=64))
+    assert m.lm_head.weight.shape[0] == 128
+    with torch.no_grad():
+        m.lm_head.weight[100:] = 10.0  # make the padded rows as tempting as possible
+    x = torch.randint(0, 100, (2, 16))
+    y = torch.randint(0, 100, (2, 16))
+    y[0, :5] = -100
+    logits, loss = m(x, y)
+    assert logits.shape == (2, 16, 100)
+    ref = F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1), ignore_index=-100)  # real vocab only
+    assert abs(loss.item() - ref.item()) < 1e-5
+    loss.backward()
+    assert m.lm_head.weight.grad[100:].abs().max() == 0  # padded rows get no signal
+    out = m.generate(torch.zeros(64, 1, dtype=torch.long), 8, temperature=2.0, seed=0)
+    assert out.max() < 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_chunked_cross_entropy_equals_f_cross_entropy(dtype):
+    from model import ChunkedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 5000, generator=g) * 3).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    t = torch.randint(0, 5000, (300,), generator=g)
+    t[::7] = -100
+    loss = ChunkedCrossEntropy.apply(x, t, -100)
+    (loss * 2.5).backward()  # a non-unit upstream gradient
+    ref = F.cross_entropy(x_ref.float(), t, ignore_index=-100)
+    (ref * 2.5).backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert x.grad.dtype == dtype
+    assert (x.grad.float() - x_ref.grad.float()).abs().max() < (1e-7 if dtype == torch.float32 else 1e-4)
+
+
+def test_model_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=128, vocab_size=256, block_size=32))
+    std_resid = torch.cat([m.transformer.h[i].attn.c_proj.weight.flatten() for i in range(8)]).std().item()
+    std_other = torch.cat([m.transformer.h[i].attn.c_attn.weight.flatten() for i in range(8)]).std().item()
+    assert abs(std_other - 0.02) < 0.001
+    assert abs(std_resid - 0.02 / math.sqrt(2 * 8)) < 0.0005
+
+
+def test_model_manual_attention_equals_sdpa_and_grad_checkpointing_same_grads():
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=97)
+    a = _randomize(GPT(cfg), std=0.2)
+    b = GPT(GPTConfig.preset("tiny-llama", vocab_size=97, attn_impl="manual"))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert max_diff(a(IDX)[0], b(IDX)[0]) < 1e-4
+    a.train()
+    _, loss = a(IDX, IDX)
+    loss.backward()
+    g = {n: p.grad.clone() for n, p in a.named_parameters()}
+    a.zero_grad()
+    a.grad_checkpointing = True
+    _, loss2 = a(IDX, IDX)
+    loss2.backward()
+    assert abs(loss.item() - loss2.item()) < 1e-6
+    assert all(torch.allclose(g[n], p.grad, atol=1e-6) for n, p in a.named_parameters())
+
+
+def test_model_optimizer_groups_mfu_and_presets():
+    m = GPT(GPTConfig.preset("tiny-gpt2"))
+    opt = model_py.make_optimizer(m, "adamw", 1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for p in m.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n
+    # MFU: 6N + 12 L H hd T FLOPs per token, over a given peak
+    c = m.config
+    expected = (6 * m.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 128) * 1000 / 1e12
+    assert abs(m.estimate_mfu(1000, 128, peak_flops=1e12) - expected) < 1e-12
+    # preset sizes (on the meta device: no memory) against the published parameter counts
+    with torch.device("meta"):
+        assert abs(GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1)).get_num_params(False) / 1e6 - 124.4) < 0.1
+        assert abs(GPT(GPTConfig.preset("llama2-7b")).get_num_params() / 1e9 - 6.74) < 0.01
+        modern = GPT(GPTConfig.preset("modern-124m"))
+    assert modern.config.ffn_hidden == 2048 and modern.config.n_kv_head == 6
+
+
+def _hf_generate(hf, idx, pad_token_id=0, **kw):
+    with torch.no_grad():
+        return hf.generate(idx, do_sample=False, pad_token_id=pad_token_id, **kw)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
+def test_model_greedy_and_beam_match_hf_generate(tmp_path, kind):
+    hf, d = hf_gpt2(tmp_path) if kind == "gpt2" else hf_llama(tmp_path, num_key_value_heads=2)
+    hf.generation_config.eos_token_id = None
+    ours = GPT.from_pretrained(str(d))
+    prompt = IDX[:, :6]
+    ref = _hf_generate(hf, prompt, max_new_tokens=12)
+    assert torch.equal(ours.generate(prompt, 12, temperature=0), ref)
+    assert torch.equal(ours.generate(prompt, 12, temperature=0, use_cache=False), ref)
+    for nb, lp in ((3, 1.0), (4, 0.5)):
+        ref = _hf_generate(hf, prompt, max_new_tokens=10, num_beams=nb, length_penalty=lp)
+        assert torch.equal(ours.generate(prompt, 10, num_beams=nb, length_penalty=lp), ref)
+        assert torch.equal(ours.generate(prompt, 10, num_beams=nb, length_penalty=lp, use_cache=False), ref)
+    # with stop tokens that really occur: finished hypotheses of different lengths
+    free = ours.generate(prompt, 10, num_beams=3)
+    eos = [int(free[0, 8]), int(free[1, 10])]
+    for early in (False, True):
+        # (a non-zero pad id: HF replaces pad_token_id=0 by the first eos id when filling)
+        ref = _hf_generate(hf, prompt, max_new_tokens=10, num_beams=3, eos_token_id=eos, early_stopping=early,
+                           pad_token_id=3)
+        got = ours.generate(prompt, 10, num_beams=3, eos_token_id=eos, pad_token_id=3, early_stopping=early)
+        assert torch.equal(got, ref)
+    ref = _hf_generate(hf, prompt, max_new_tokens=10, eos_token_id=eos, pad_token_id=3)
+    assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
+    # decode_layout_: input-major weights (transposed strides), same tokens, same saved files
+    logits = ours(prompt)[0]
+    ours.decode_layout_()
+    assert not ours.lm_head.weight.is_contiguous() and ours.lm_head.weight.t().is_contiguous()
+    w = ours.transformer.h[0].mlp.c_fc.weight
+    assert w.stride() == (1, w.size(0))
+    assert torch.allclose(ours(prompt)[0], logits, atol=1e-5)
+    assert torch.equal(ours.generate(prompt, 10, temperature=0, eos_token_id=eos, pad_token_id=3), ref)
+    ours.save_pretrained(tmp_path / "relaid")
+    assert torch.equal(GPT.from_pretrained(str(tmp_path / "relaid")).generate(prompt, 10, temperature=0,
+                                                                               eos_token_id=eos, pad_token_id=3), ref)
+
+
+def test_model_batched_prompts_of_different_lengths(tmp_path):
+    hf, d = hf_llama(tmp_path, num_key_value_heads=2)
+    ours = GPT.from_pretrained(str(d))
+    prompts = [IDX[0, :3].tolist(), IDX[1, :9].tolist(), IDX[0, 5:11].tolist()]
+    out = ours.generate(prompts, 8, temperature=0)
+    assert out.shape == (3, 9 + 8)
+    for i, p in enumerate(prompts):  # each row equals generating that prompt alone
+        alone = ours.generate(torch.tensor([p]), 8, temperature=0)
+        assert out[i, -8:].tolist() == alone[0, -8:].tolist()
+    # and equals HF generate with the same left padding and attention mask
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = torch.tensor(p), 1
+    ref = _hf_generate(hf, ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(out, ref)
+    assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, use_cache=False), ref)
+    assert torch.equal(ours.generate(ids, 6, num_beams=2, attention_mask=mask),
+                       _hf_generate(hf, ids, attention_mask=mask, max_new_tokens=6, num_beams=2))
+
+
+def test_model_sampling_seed_cache_stream_and_context_limit(tmp_path):
+    _, d = hf_llama(tmp_path)
+    m = GPT.from_pretrained(str(d))
+    a = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    b = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=7, use_cache=False)
+    c = m.generate(IDX[:, :4], 20, temperature=1.0, top_k=50, top_p=0.95, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    streamed = []
+    out = m.generate(IDX[:, :4], 10, temperature=0, stream=lambda t: streamed.append(t.clone()))
+    assert torch.equal(torch.stack(streamed, 1), out[:, 4:])
+    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):
+        m.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_model_top_k_top_p_sample_only_inside_their_set():
+    probs = torch.tensor([0.05, 0.40, 0.02, 0.25, 0.15, 0.08, 0.05])
+    logits = probs.log()
+    assert torch.isfinite(filter_logits(logits, top_k=3)).nonzero().flatten().tolist() == [1, 3, 4]
+    # nucleus: sorted 0.40, 0.25, 0.15 (cum 0.80), 0.08 (cum 0.88), ... smallest set reaching p
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).nonzero().flatten().tolist() == [1, 3, 4]
+    assert torch.isfinite(filter_logits(logits, top_p=0.65)).nonzero().flatten().tolist() == [1, 3]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).nonzero().flatten().tolist() == [1]
+    assert torch.isfinite(filter_logits(logits, top_k=2, top_p=0.99)).nonzero().flatten().tolist() == [1, 3]
+    # through generate, with the model's output replaced by the crafted distribution
+    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=7))
+    m.logits_from_hidden = lambda h: logits.expand(*h.shape[:-1], 7)
+    for kw, allowed in ((dict(top_k=3), {1, 3, 4}), (dict(top_p=0.65), {1, 3}), (dict(top_p=0.7), {1, 3, 4})):
+        out = m.generate(torch.zeros(2000, 1, dtype=torch.long), 1, temperature=1.0, seed=0, **kw)[:, 1]
+        assert set(out.tolist()) == allowed  # never outside, and every member does occur
+        if kw == dict(top_k=3):  # renormalised frequencies: 0.40/0.80, 0.25/0.80, 0.15/0.80
+            freq = torch.bincount(out, minlength=7).float() / 2000
+            assert abs(freq[1] - 0.5) < 0.05 and abs(freq[4] - 0.1875) < 0.05
+
+
+def test_model_kv_cache_reorder():
+    cfg = GPTConfig.preset("tiny-llama")
+    cache = KVCache(cfg, 3, 8, "cpu", torch.float32)
+    k = torch.arange(3.0)[:, None, None, None].expand(3, cfg.n_kv_head, 2, cfg.head_dim)
+    cache.update(0, k, k)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert cache.k[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+
+
+def test_model_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    _, d = hf_gpt2(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    # unknown model_type
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type='bert' is not supported"):
+        GPT.from_pretrained(str(d))
+    # shape mismatch: config says wider than the weights
+    (d / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    with pytest.raises(ValueError, match=r"wrong shape.*transformer\.wte\.weight: checkpoint \(97, 32\) vs model \(97, 64\)"):
+        GPT.from_pretrained(str(d))
+    # a layer more than the weights have: the missing tensors are named
+    (d / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(ValueError, match=r"missing \(12\): transformer\.h\.2\.ln_1\.weight"):
+        GPT.from_pretrained(str(d))
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        GPT.from_pretrained(str(d))
+    # corrupted weights file
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        GPT.from_pretrained(str(d))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        GPT.from_pretrained(str(d))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1958,13 +1165,13 @@ def test_data_bad_shards_and_inputs_give_clear_errors(train_corpus, tmp_path):
     (mixed / "tiny_train_000002.bin").unlink()
     other = tmp_path / "other_model"
     GPT(train_gpt2.GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(other, format="native")
-    with pytest.raises(SystemExit, match=r"vocab_size is 300 but the shards in .* have vocab_size 512"):
+    with pytest.raises(ValueError, match=r"vocab_size is 300 but the shards in .* have vocab_size 512"):
         _train(mixed, tmp_path / "o", "--init_from", other, "--max_steps", 1)
     # inputs
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         prepare_data.main(["text", "--input", str(tmp_path / "nothing*.txt"), "--tokenizer", str(tok_dir)])
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(SystemExit, match="empty input file"):
+    with pytest.raises(ValueError, match="empty input file"):
         prepare_data.main(["text", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tok_dir)])
     with pytest.raises(ValueError, match="only .* tokens, all taken by the validation split"):
         prepare_data.write_shards(["tiny"], tmp_path / "small", "s", str(tok_dir), 100, 4096)
@@ -2006,13 +1213,119 @@ def test_data_builtin_corpus_is_stdlib_docstrings_with_held_out_modules(tmp_path
     assert val_text == "".join("<|endoftext|>" + t for p, t in docs if prepare_data.is_val_document(p))
 
 
+def test_data_fineweb_and_hellaswag_commands_with_stand_ins(train_corpus, tmp_path, monkeypatch):
+    """The hub is out of reach in tests: stand-ins for `datasets` and `hellaswag` check what the
+    sub-commands ask of them and what they make of the answer."""
+    import types
+    docs, tok_dir, _, tok = train_corpus
+    asked = {}
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        asked.update(path=path, name=name, split=split, streaming=streaming)
+        return iter([{"text": d, "id": i} for i, d in enumerate(docs)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    prepare_data.main(["fineweb", "--out_dir", str(tmp_path), "--tokenizer", str(tok_dir), "--shard_tokens", "30000",
+                       "--num_workers", "1"])
+    assert asked == {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train", "streaming": True}
+    out = tmp_path / "fineweb_edu"
+    shards = prepare_data.list_shards(out, "val") + prepare_data.list_shards(out, "train")
+    assert [prepare_data.read_header(p)["n_tokens"] for p in shards[:-1]] == [30000] * (len(shards) - 1)
+    eot = tok.special_tokens["<|endoftext|>"]
+    assert np.concatenate([prepare_data.load_shard(p) for p in shards]).tolist() == \
+        [t for d in docs for t in [eot] + tok.encode(d)]
+    got = []
+    monkeypatch.setattr(prepare_data, "download", lambda url, dest: got.append((url, Path(dest))) or Path(dest))
+    prepare_data.main(["hellaswag", "--out_dir", str(tmp_path)])
+    assert got == [(prepare_data.HELLASWAG_VAL_URL, tmp_path / "hellaswag" / "hellaswag_val.jsonl")]
+
+
+def test_data_alpaca_subcommand_writes_filtered_jsonl(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "ctx", "output": "x" * (10 * i + 1)}
+            for i in range(6)]
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps(rows))
+    prepare_data.main(["alpaca", "--data_file", str(src), "--out_dir", str(tmp_path / "data"),
+                       "--max_response_chars", "35", "--n_samples", "3"])
+    out = [json.loads(line) for line in (tmp_path / "data" / "alpaca" / "alpaca.jsonl").read_text().splitlines()]
+    assert out == [r for r in rows if len(r["output"]) <= 35][:3]
+    assert prepare_data.load_alpaca(tmp_path / "data" / "alpaca" / "alpaca.jsonl") == out
+
+
+def test_data_hellaswag_items_schemas_and_errors(tmp_path):
+    good = HS_ITEMS[0]
+    # the HF datasets schema (Rowan/hellaswag: label a string, extra fields) and parquet
+    hf_rows = [dict(good, label="3", ind=24, source_id="activitynet~x", split="val", split_type="indomain")]
+    assert prepare_data.load_hellaswag(_hs_write_jsonl(tmp_path / "hf.jsonl", hf_rows))[0]["label"] == 3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(hf_rows * 2), tmp_path / "v.parquet")
+    ex = prepare_data.load_hellaswag(tmp_path / "v.parquet")
+    assert len(ex) == 2 and ex[1]["label"] == 3 and ex[1]["ctx"] == "A man is sitting on a roof. he STARTS"
+
+    def error(rows_or_text, name="bad.jsonl"):
+        p = tmp_path / name
+        p.write_text(rows_or_text if isinstance(rows_or_text, str) else
+                     "".join(json.dumps(r) + "\n" for r in rows_or_text))
+        with pytest.raises(ValueError) as e:
+            prepare_data.load_hellaswag(p)
+        return str(e.value)
+
+    no_label = {k: v for k, v in good.items() if k != "label"}
+    msg = error([good, no_label])
+    assert "bad.jsonl:2" in msg and "'label'" in msg
+    msg = error([good, good, {k: v for k, v in good.items() if k != "ctx_b"}])
+    assert "bad.jsonl:3" in msg and "'ctx_b'" in msg
+    msg = error([dict(good, label=4)])
+    assert "bad.jsonl:1" in msg and "label" in msg and "4" in msg
+    assert "bad.jsonl:1" in error([dict(good, label=-1)])
+    assert "test split has no labels" in error([dict(good, label="")])
+    msg = error([dict(good, endings=good["endings"][:3])])
+    assert "bad.jsonl:1" in msg and "endings" in msg and "3" in msg
+    assert "bad.jsonl:2" in error(json.dumps(good) + "\n{not json\n")
+    msg = error("", "empty.jsonl")
+    assert "empty.jsonl" in msg and "empty" in msg
+    with pytest.raises(FileNotFoundError, match="prepare_data.py hellaswag"):
+        prepare_data.load_hellaswag(tmp_path / "missing.jsonl")
+
+
+def test_data_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served = tmp_path / "served"
+    served.mkdir()
+    _hs_write_jsonl(served / "hellaswag_val.jsonl", HS_ITEMS)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"
+    try:
+        path = prepare_data.download_hellaswag(tmp_path / "cache", url=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert path == tmp_path / "cache" / "hellaswag_val.jsonl"
+    assert path.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
+    assert list((tmp_path / "cache").iterdir()) == [path]  # no temporary file left behind
+    assert prepare_data.download_hellaswag(tmp_path / "cache", url=url) == path  # present: no request (server is down)
+    # offline: a clear error naming the URL and what to do, and nothing half-written
+    with pytest.raises(ValueError, match="could not download .*--data_file"):
+        prepare_data.download_hellaswag(tmp_path / "cache2", url=url)
+    assert list((tmp_path / "cache2").iterdir()) == []
+
+
 # -----------------------------------------------------------------------------------------------
 # train_gpt2.py
 
 
 def test_train_lr_schedule_matches_formula():
     cfg = train_gpt2.TrainConfig()  # GPT-3 small: 6e-4, 715 warmup, 19073 steps, floor 10%
-    lr = lambda s: train_gpt2.get_lr(s, cfg)
+    lr = lambda s: model_py.lr_at(s, cfg.max_steps, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps)
     assert lr(0) == pytest.approx(6e-4 / 715)
     assert lr(99) == pytest.approx(6e-4 * 100 / 715)
     assert lr(714) == pytest.approx(6e-4)
@@ -2176,7 +1489,7 @@ def test_train_hellaswag_in_the_loop_uses_the_uncompiled_model_sharded(train_cor
     _, _, data_dir, _ = train_corpus
     calls = []
     fake = types.ModuleType("hellaswag")
-    fake.load_examples = lambda path: [{"i": i} for i in range(10)]
+    monkeypatch.setattr(prepare_data, "load_hellaswag", lambda path: [{"i": i} for i in range(10)])
 
     def evaluate(model, tokenizer, examples, scoring="harness", batch_size=8, device=None, rank=0, world_size=1):
         calls.append((type(model).__name__, len(examples), rank, world_size, tokenizer.n_vocab))
@@ -2204,54 +1517,849 @@ def test_train_help_documents_every_flag_and_bad_batch_is_explained(train_corpus
     for f in train_gpt2.fields(train_gpt2.TrainConfig):
         assert len(f.metadata["help"]) > 10, f.name
     _, _, data_dir, _ = train_corpus
-    with pytest.raises(SystemExit, match=r"--total_batch_size 1000 is not a multiple of .* 4 \* 64 \* 1 = 256"):
+    with pytest.raises(ValueError, match=r"--total_batch_size 1000 is not a multiple of seq_len \* world_size = "
+                                         r"64 \* 1; try --total_batch_size 960"):
         _train(data_dir, tmp_path / "o", "--total_batch_size", "1000")
+    # a --batch_size given by hand that does not divide the step: the message names one that does
+    with pytest.raises(ValueError, match=r"--total_batch_size 320 is not a multiple of .* 4 \* 64 \* 1; --batch_size 1 "
+                                         r"divides it"):
+        _train(data_dir, tmp_path / "o", "--total_batch_size", "320")
 
 
-def test_data_fineweb_and_hellaswag_commands_with_stand_ins(train_corpus, tmp_path, monkeypatch):
-    """The hub is out of reach in tests: stand-ins for `datasets` and `hellaswag` check what the
-    sub-commands ask of them and what they make of the answer."""
-    import types
-    docs, tok_dir, _, tok = train_corpus
-    asked = {}
-
-    def load_dataset(path, name=None, split=None, streaming=False):
-        asked.update(path=path, name=name, split=split, streaming=streaming)
-        return iter([{"text": d, "id": i} for i, d in enumerate(docs)])
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    prepare_data.main(["fineweb", "--out_dir", str(tmp_path), "--tokenizer", str(tok_dir), "--shard_tokens", "30000",
-                       "--num_workers", "1"])
-    assert asked == {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train", "streaming": True}
-    out = tmp_path / "fineweb_edu"
-    shards = prepare_data.list_shards(out, "val") + prepare_data.list_shards(out, "train")
-    assert [prepare_data.read_header(p)["n_tokens"] for p in shards[:-1]] == [30000] * (len(shards) - 1)
-    eot = tok.special_tokens["<|endoftext|>"]
-    assert np.concatenate([prepare_data.load_shard(p) for p in shards]).tolist() == \
-        [t for d in docs for t in [eot] + tok.encode(d)]
-    got = []
-    fake = types.SimpleNamespace(download=lambda d: got.append(Path(d)) or Path(d) / "hellaswag_val.jsonl")
-    monkeypatch.setitem(sys.modules, "hellaswag", fake)
-    prepare_data.main(["hellaswag", "--out_dir", str(tmp_path)])
-    assert got == [tmp_path / "hellaswag"]
+# -----------------------------------------------------------------------------------------------
+# hellaswag.py
 
 
-def test_data_alpaca_subcommand_writes_filtered_jsonl(tmp_path):
-    rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "ctx", "output": "x" * (10 * i + 1)}
-            for i in range(6)]
-    src = tmp_path / "alpaca.json"
-    src.write_text(json.dumps(rows))
-    prepare_data.main(["alpaca", "--data_file", str(src), "--out_dir", str(tmp_path / "data"),
-                       "--max_response_chars", "35", "--n_samples", "3"])
-    out = [json.loads(line) for line in (tmp_path / "data" / "alpaca" / "alpaca.jsonl").read_text().splitlines()]
-    assert out == [r for r in rows if len(r["output"]) <= 35][:3]
-    assert finetune.read_examples(tmp_path / "data" / "alpaca" / "alpaca.jsonl") == out
+HS_ROOT = ROOT
+
+
+HS_SHARED = SHARED
+
+
+# Items in the public schema, crafted to hit the harness's rules: WikiHow brackets ([title], [header],
+# [step], nested), double and triple spaces, a context that ends in a bracket (so the query ends in a
+# space, which the harness moves onto the continuation), ctx_b to capitalise (and lower-case), empty
+# ctx_b, a HF-schema string label, and one item longer than the tiny models' 64 positions.
+HS_ITEMS = [
+    dict(ind=0, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.", ctx_b="he STARTS",
+         endings=["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                  "is holding a rubik's cube.", "pulling up roofing on a roof."], label=3),
+    dict(ind=1, activity_label="Home and Garden",
+         ctx_a="[header] How to paint a wall [title] Buy the  paint. [step] Pick a color you like.",
+         ctx_b="", endings=["[substeps] Mix it  well.", "Paint the   dog.", "[title] Open the can.",
+                            "Wait for it to dry [step] then paint again."], label="0"),
+    dict(ind=2, activity_label="Cooking", ctx_a="She puts the pan on the stove. [step]", ctx_b="",
+         endings=["She cracks two eggs.", " [header] The eggs sizzle.", "A dog barks loudly.",
+                  "They play the [a [b] c] piano."], label=1),
+    dict(ind=3, activity_label="Running a marathon", ctx_a="People run along a road.", ctx_b="a woman",
+         endings=["waves to the camera.", "drinks water from a cup.", "paints a wall.", "falls asleep."],
+         label=2),
+    dict(ind=4, activity_label="Sharpening knives",
+         ctx_a=" ".join(["A man sharpens a knife on a stone, slowly and carefully, while he talks."] * 4),
+         ctx_b="then he", endings=["cuts a tomato in half.", "throws the knife away.", "sings a song.",
+                                   "washes the stone with water and dries it."], label=0),
+    dict(ind=5, activity_label="Playing guitar", ctx_a="A boy holds a guitar.", ctx_b="The boy",
+         endings=["plays a song.", "eats the guitar.", "[title] tunes the strings.", "sleeps."], label=0),
+]
+
+
+def _hs_write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _hs_tokenizer_json(style="gpt2") -> str:
+    """A byte-level BPE trained on the items' text. style "gpt2": GPT-2's pre-tokenizer (words split
+    before spaces, so encode(a + b) == encode(a) + encode(b) at a space). style "merge": no
+    pre-splitting, so merges span the context/continuation boundary (as SentencePiece's "▁word"
+    pieces do) and splitting the whole string at the context's token count really matters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "gpt2")
+    tok.decoder = decoders.ByteLevel()
+    texts = [t for it in HS_ITEMS for t in [it["activity_label"], it["ctx_a"], it["ctx_b"], *it["endings"]]]
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 3, trainer)
+    return tok.to_str()
+
+
+def _hs_save_tokenizer(d, style="gpt2"):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_hs_tokenizer_json(style)),
+                                  eos_token="<|endoftext|>")
+    tok.save_pretrained(d)
+    return tok
+
+
+def _hs_hf_model(kind, vocab_size, d, std=0.3, positions=64):
+    """A tiny random HF causal LM of `positions` positions, float64, with its weights saved to d (float32)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=positions))
+    elif kind == "llama":
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                               max_position_embeddings=positions, bos_token_id=None, eos_token_id=None))
+    else:  # a model type model.py does not implement: must go through transformers
+        m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=vocab_size,
+                                                   max_position_embeddings=positions))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # HF's small init gives near-uniform logits; larger weights make comparisons bite
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    m.eval().save_pretrained(d)
+    return m.double()
+
+
+def _hs_ref_preprocess(text):  # lm_eval/tasks/hellaswag/utils.py, verbatim
+    text = text.strip()
+    # NOTE: Brackets are artifacts of the WikiHow dataset portion of HellaSwag.
+    text = text.replace(" [title]", ". ")
+    import re
+
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def _hs_ref_doc(doc):  # utils.process_docs
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {"query": _hs_ref_preprocess(doc["activity_label"] + ": " + ctx),
+            "choices": [_hs_ref_preprocess(e) for e in doc["endings"]], "gold": int(doc["label"])}
+
+
+def _hs_ref_loglikelihood(model, encode, context, continuation, max_length):
+    # TemplateLM._encode_pair: trailing spaces of the context go to the continuation; the whole
+    # string is encoded and split at the context's token count
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole_enc = encode(context + continuation)
+    context_enc = encode(context)
+    continuation_enc = whole_enc[len(context_enc):]
+    # HFLM._loglikelihood_tokens: left-truncate to max_length + 1, drop the last token
+    inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([inp])).logits[0], dim=-1)
+    cont = torch.tensor(continuation_enc)
+    picked = logp[len(inp) - len(cont):len(inp)].gather(1, cont[:, None])
+    return picked.sum().item()
+
+
+def _hs_ref_harness(model, encode, items, max_length=64):
+    """Per item: (lls, acc, acc_norm), the harness's process_results for multiple_choice."""
+    out = []
+    for it in items:
+        doc = _hs_ref_doc(it)
+        lls = [_hs_ref_loglikelihood(model, encode, doc["query"], " " + c, max_length) for c in doc["choices"]]
+        lens = [float(len(c)) for c in doc["choices"]]
+        pred = max(range(4), key=lambda i: lls[i])
+        pred_norm = max(range(4), key=lambda i: lls[i] / lens[i])
+        out.append((lls, float(pred == doc["gold"]), float(pred_norm == doc["gold"]), lens))
+    return out
+
+
+def _hs_check_against_ref(result, ref, tol=1e-5):
+    items = result["items"]
+    assert len(items) == len(ref) == result["n"]
+    for it, (lls, acc, acc_norm, lens) in zip(items, ref):
+        assert max(abs(a - b) for a, b in zip(it["ll"], lls)) <= tol, (it["ll"], lls)
+        assert it["norm"] == lens  # acc_norm divides by the preprocessed ending's characters
+        assert (it["pred"] == it["label"], it["pred_norm"] == it["label"]) == (acc == 1, acc_norm == 1)
+    n = len(ref)
+    assert result["acc"] == pytest.approx(sum(r[1] for r in ref) / n, abs=1e-12)
+    assert result["acc_norm"] == pytest.approx(sum(r[2] for r in ref) / n, abs=1e-12)
+    # the harness's mean_stderr: sample standard deviation / sqrt(n)
+    assert result["acc_stderr"] == pytest.approx(statistics.stdev([r[1] for r in ref]) / math.sqrt(n))
+    assert result["acc_norm_stderr"] == pytest.approx(statistics.stdev([r[2] for r in ref]) / math.sqrt(n))
+
+
+def test_hellaswag_preprocess_matches_harness_rules():
+    P = hellaswag.preprocess
+    # [title] becomes ". ", other brackets vanish, then one pass of "  " -> " "
+    assert P("  Cake: [title] How to bake. [step] Mix  the flour.  ") == "Cake:. How to bake. Mix the flour."
+    assert P("a   b") == "a  b"  # a single left-to-right pass: three spaces leave two
+    assert P("[header] Step one") == " Step one"  # strip happens before the brackets go
+    assert P("Done. [step]") == "Done. "  # ... so a trailing bracket leaves a trailing space
+    assert P("x [a [b] c] y") == "x c] y"  # non-greedy: from the first "[" to the first "]"
+    assert P("[title]Tight") == "Tight"  # " [title]" needs its space; otherwise it is just a bracket
+    q = hellaswag.harness_query
+    assert q(HS_ITEMS[0]) == "Roof shingle removal: A man is sitting on a roof. He starts"  # capitalize()
+    assert q(HS_ITEMS[1]) == ("Home and Garden: How to paint a wall. Buy the paint. Pick a color you like.")
+    assert q(HS_ITEMS[2]) == "Cooking: She puts the pan on the stove. "
+    # a leading bracket leaves a leading space (the continuation then starts with two spaces)
+    assert hellaswag.harness_choices(HS_ITEMS[1]) == [" Mix it well.", "Paint the  dog.", " Open the can.",
+                                                     "Wait for it to dry then paint again."]
+    # and the transcribed harness code agrees on every field of every item
+    for it in HS_ITEMS:
+        assert q(it) == _hs_ref_doc(it)["query"]
+        assert hellaswag.harness_choices(it) == _hs_ref_doc(it)["choices"]
+
+
+@pytest.mark.parametrize("kind,style", [("gpt2", "gpt2"), ("gpt2", "merge"), ("llama", "merge"),
+                                        ("gpt_neox", "gpt2")])
+def test_hellaswag_harness_scores_match_transformers_reference(tmp_path, kind, style):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / kind
+    hf_tok = _hs_save_tokenizer(d, style)
+    hf = _hs_hf_model(kind, len(hf_tok), d)
+    ref_tok = AutoTokenizer.from_pretrained(d)
+    encode = lambda s: ref_tok.encode(s, add_special_tokens=False)
+    ref = _hs_ref_harness(hf, encode, HS_ITEMS)
+    assert len({tuple(r[0]) for r in ref}) == len(HS_ITEMS)  # scores differ between items: a real test
+    if style == "merge":  # the case that makes the harness's split matter does occur here
+        q = [hellaswag.harness_query(it) for it in HS_ITEMS]
+        assert any(encode(q[i] + " " + e)[:len(encode(q[i]))] != encode(q[i])
+                   for i, it in enumerate(HS_ITEMS) for e in hellaswag.harness_choices(it))
+    data = prepare_data.load_hellaswag(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS))
+
+    # the transformers model object, batches of 5 sequences (items split across forward passes)
+    r_hf = hellaswag.evaluate(hf, load_tokenizer(None, str(d)), data, batch_size=5, return_items=True)
+    assert r_hf["scoring"] == "harness"
+    _hs_check_against_ref(r_hf, ref)
+    # the CLI's loader: model.py for gpt2/llama, transformers for gpt_neox
+    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
+    assert isinstance(model, GPT) == (kind != "gpt_neox")
+    _hs_check_against_ref(hellaswag.evaluate(model, tok, data, batch_size=7, return_items=True), ref)
+    if kind == "llama":  # add_bos_token=True: the tokenizer puts BOS before context and whole string alike
+        ref_bos = _hs_ref_harness(hf, lambda s: [0] + encode(s), HS_ITEMS)
+        _hs_check_against_ref(hellaswag.evaluate(model, tok, data, return_items=True, bos_id=0), ref_bos)
+    if kind != "gpt_neox":
+        # our native checkpoint format (tokenizer in a tokenizer/ subfolder, as train_gpt2.py writes)
+        native = tmp_path / "native"
+        model.save_pretrained(str(native), format="native")
+        _hs_save_tokenizer(native / "tokenizer", style)
+        model2, tok2 = hellaswag.load_model(str(native), dtype=torch.float64)
+        _hs_check_against_ref(hellaswag.evaluate(model2, tok2, data, batch_size=64, return_items=True), ref)
+
+
+def test_hellaswag_gpt2_tokenizer_from_rank_file(tmp_path):
+    """GPT-2's real tokenizer: our path (model.load_tokenizer -> bpe.py -> tiktoken) against tiktoken
+    built directly from the rank file, through the harness reference."""
+    rank_file = HS_SHARED / "gpt2.tiktoken"
+    if not rank_file.exists():
+        pytest.skip(f"GPT-2 rank file not found at {rank_file}")
+    import tiktoken
+
+    ranks = {base64.b64decode(tok): int(r) for tok, r in (l.split() for l in rank_file.read_text().splitlines() if l)}
+    enc = tiktoken.Encoding("gpt2_ref", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256},
+                            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    hf = _hs_hf_model("gpt2", 50257, tmp_path / "m", std=0.2)
+    ref = _hs_ref_harness(hf, enc.encode_ordinary, HS_ITEMS)
+    model = GPT.from_pretrained(str(tmp_path / "m"), dtype=torch.float64)
+    r = hellaswag.evaluate(model, load_tokenizer(str(rank_file)), prepare_data.load_hellaswag(
+        _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS)), batch_size=8, return_items=True)
+    _hs_check_against_ref(r, ref)
+
+
+def test_hellaswag_nanogpt_scoring_matches_build_nanogpt(tmp_path):
+    """build-nanogpt's render_example + masked per-token cross-entropy, one item (4 rows) at a time."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "m"
+    _hs_save_tokenizer(d)
+    hf = _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d, positions=256)
+    ref_tok = AutoTokenizer.from_pretrained(d)
+    items = HS_ITEMS
+    data = prepare_data.load_hellaswag(_hs_write_jsonl(tmp_path / "hs.jsonl", items))
+    correct, correct_norm, ref_avg = 0, 0, []
+    for ex in data:
+        ctx = ref_tok.encode(ex["ctx"], add_special_tokens=False)
+        ends = [ref_tok.encode(" " + e, add_special_tokens=False) for e in ex["endings"]]
+        T = max(len(ctx) + len(e) for e in ends)
+        tokens, mask = torch.zeros(4, T, dtype=torch.long), torch.zeros(4, T)
+        for i, e in enumerate(ends):
+            tokens[i, :len(ctx) + len(e)] = torch.tensor(ctx + e)
+            mask[i, len(ctx):len(ctx) + len(e)] = 1
+        with torch.no_grad():
+            logits = hf(tokens).logits
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(4, -1) * mask[:, 1:]
+        sum_loss, avg_loss = losses.sum(1), losses.sum(1) / mask[:, 1:].sum(1)
+        correct += int(sum_loss.argmin()) == ex["label"]
+        correct_norm += int(avg_loss.argmin()) == ex["label"]
+        ref_avg.append(avg_loss.tolist())
+    model, tok = hellaswag.load_model(str(d), dtype=torch.float64)
+    r = hellaswag.evaluate(model, tok, data, scoring="nanogpt", batch_size=6, return_items=True)
+    assert r["scoring"] == "nanogpt" and r["n"] == len(items)
+    assert r["acc"] == correct / len(items) and r["acc_norm"] == correct_norm / len(items)
+    for it, avg in zip(r["items"], ref_avg):
+        assert max(abs(-ll / n - a) for ll, n, a in zip(it["ll"], it["norm"], avg)) <= 1e-6
+
+
+def test_hellaswag_torchrun_two_processes_match_one(tmp_path):
+    d = tmp_path / "m"
+    _hs_save_tokenizer(d)
+    from transformers import AutoTokenizer
+
+    _hs_hf_model("gpt2", len(AutoTokenizer.from_pretrained(d)), d)
+    data_file = _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS + HS_ITEMS[:3])  # 9 items: uneven shards
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HS_ROOT))
+    common = [str(HS_ROOT / "hellaswag.py"), "--init_from", str(d), "--data_file", str(data_file),
+              "--device", "cpu", "--no_progress", "--batch_size", "6"]
+    runs = {}
+    for name, launcher in [("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])]:
+        out = tmp_path / name
+        p = subprocess.run(launcher + common + ["--json", f"{out}.json", "--per_item", f"{out}.jsonl"],
+                           env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("hellaswag scoring=harness n=9 ") == 1, (p.stdout, p.stderr[-3000:])  # rank 0 only
+        runs[name] = (json.loads(Path(f"{out}.json").read_text()),
+                      [json.loads(l) for l in Path(f"{out}.jsonl").read_text().splitlines()])
+    (one, one_items), (two, two_items) = runs["one"], runs["two"]
+    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "scoring"):
+        assert one[key] == two[key], key
+    assert [it["idx"] for it in two_items] == list(range(9))
+    for a, b in zip(one_items, two_items):
+        assert (a["pred"], a["pred_norm"], a["label"]) == (b["pred"], b["pred_norm"], b["label"])
+        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
+
+
+def test_hellaswag_cli_help_documents_every_flag():
+    p = subprocess.run([sys.executable, str(HS_ROOT / "hellaswag.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(HS_ROOT)))
+    assert p.returncode == 0
+    for flag in ("--init_from", "--data_file", "--scoring", "--limit", "--json", "--tokenizer", "--batch_size",
+                 "--device", "--dtype", "--per_item", "--backend", "--add_bos"):
+        assert flag in p.stdout, flag
+
+
+def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
+    """train_gpt2.py calls evaluate mid-training on a (possibly wrapped) model in train mode."""
+    from model import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400, dropout=0.5)).train()
+    _hs_save_tokenizer(tmp_path)
+    tok = load_tokenizer(None, str(tmp_path))
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module)
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    data = prepare_data.load_hellaswag(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS[:4]))
+    r1 = hellaswag.evaluate(Wrapper(model), tok, data, return_items=True)
+    assert model.training  # restored
+    r2 = hellaswag.evaluate(model, tok, data, return_items=True, batch_size=1)
+    # dropout off in both (eval mode inside): same scores, batched or not
+    for a, b in zip(r1["items"], r2["items"]):
+        assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
+
+
+# -----------------------------------------------------------------------------------------------
+# lora.py
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_fresh_adapter_gives_exactly_the_base_logits(tmp_path, kind):
+    hf, d = _lora_hf(kind, tmp_path)
+    ours = GPT.from_pretrained(d)
+    base = _our_logits(ours)
+    apply_lora(ours, rank=4, alpha=8, targets="all,lm_head")
+    assert torch.equal(_our_logits(ours), base)  # B = 0: not close, equal
+    hf_base = _hf_logits(hf)
+    apply_lora(hf, rank=4, alpha=8, targets="all")  # the same on the transformers model itself
+    assert torch.equal(_hf_logits(hf), hf_base)
+    assert _lora_diff(hf_base, base) < 1e-4
+
+
+def test_lora_merge_equals_formula_and_unmerged_logits(tmp_path):
+    _, d = _lora_hf_llama(tmp_path)  # GQA: q and v slices have different sizes
+    model = GPT.from_pretrained(d)
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8, targets="q,v,o,gate,down")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):  # train a little, so B != 0
+        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    unmerged = _our_logits(model)
+    merge_lora(model)
+    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
+    # the merged weight is W + (alpha/r) B A on the q and v rows only (formula, block by block)
+    layer = model.transformer.h[1].attn.c_attn
+    c = model.config
+    qd, kvd = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    W = W0["transformer.h.1.attn.c_attn.weight"]
+    want = W.clone()
+    want[:qd] += 2.0 * B[:qd] @ A[:4]
+    want[qd + kvd:] += 2.0 * B[qd:] @ A[4:]
+    assert _lora_diff(layer.base.weight, want) < 1e-6
+    assert torch.equal(layer.base.weight[qd:qd + kvd], W[qd:qd + kvd])  # k rows untouched
+    unmerge_lora(model)
+    assert _lora_diff(_our_logits(model), unmerged) <= 1e-5
+    assert _lora_diff(layer.base.weight, W) < 1e-6
+
+
+def test_lora_optimizer_step_changes_only_lora_tensors(tmp_path):
+    _, d = _lora_hf_gpt2(tmp_path)
+    model = GPT.from_pretrained(d)
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    # embeddings, lm_head (tied) and norms are frozen: only lora_A / lora_B train
+    opt = model_py.make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    model.train()
+    finetune.train_step(model, opt, [(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])], grad_clip=1.0)
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            assert not torch.equal(v, before[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+def test_lora_grad_checkpointing_gives_the_same_lora_gradients(tmp_path):
+    _, d = _lora_hf_llama(tmp_path)
+    grads = []
+    for ckpt in (False, True):
+        model = GPT.from_pretrained(d)
+        apply_lora(model, rank=4, alpha=8, dropout=0.1, targets="q,v,down")  # dropout: RNG replayed in recompute
+        _lora_randomize_adapters(model)  # B != 0, so lora_A gets a gradient too
+        model.grad_checkpointing = ckpt
+        model.train()
+        torch.manual_seed(3)
+        _, loss = model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 8  # A, B of c_attn (q|v) and c_proj, 2 blocks
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0, n
+        assert _lora_diff(grads[0][n], grads[1][n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("preset,peft_targets,our_targets", [
+    ("gpt2-medium", ["c_attn"], "c_attn"),
+    ("gpt2-medium", ["c_attn", "c_proj", "c_fc"], "c_attn,c_proj,c_fc"),
+    ("llama2-7b", ["q_proj", "v_proj"], "q,v"),
+    ("llama2-7b", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "all"),
+])
+def test_lora_trainable_counts_equal_peft_on_meta_models(preset, peft_targets, our_targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        ours = GPT(GPTConfig.preset(preset, vocab_pad_multiple=1))
+        if preset.startswith("gpt2"):
+            hf = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+        else:
+            hf = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
+        hf_ours = GPT2LMHeadModel(hf.config) if preset.startswith("gpt2") else LlamaForCausalLM(hf.config)
+        peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=peft_targets))
+        apply_lora(ours, rank=16, alpha=32, targets=our_targets)
+        apply_lora(hf_ours, rank=16, alpha=32, targets=our_targets)
+    want = peft_model.get_nb_trainable_parameters()
+    assert lora.count_parameters(ours) == want
+    assert lora.count_parameters(hf_ours) == want
+    if our_targets == "q,v":  # and the formula: 32 layers x r x (in + out) for q and for v
+        assert want[0] == 32 * 16 * 2 * (4096 + 4096) == 8_388_608
+    assert lora.trainable_report(ours) == (f"trainable params: {want[0]:,d} || all params: {want[1]:,d} || "
+                                           f"trainable%: {100 * want[0] / want[1]:.4f}")
+
+
+@pytest.mark.parametrize("kind,targets", [("gpt2", "q,v,o,up,down"), ("llama", "all,lm_head")])
+def test_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets):
+    from peft import PeftModel
+
+    hf, d = _lora_hf(kind, tmp_path)
+    ours = GPT.from_pretrained(d)
+    apply_lora(ours, rank=4, alpha=8, targets=targets, layers=[1] if kind == "llama" else None)
+    _lora_randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(d))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert _lora_diff(_hf_logits(peft_model), _our_logits(ours)) <= 1e-5
+    # and back: the PEFT-format adapter read into a fresh model of ours
+    fresh = GPT.from_pretrained(d)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert _lora_diff(_our_logits(fresh), _our_logits(ours)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_peft_adapter_loads_into_our_model_with_equal_logits(tmp_path, kind):
+    from peft import LoraConfig, get_peft_model
+
+    hf, d = _lora_hf(kind, tmp_path)
+    targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
+                        rank_pattern={"down_proj": 2} if kind == "llama" else {})
+    peft_model = get_peft_model(hf, config)
+    _lora_randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft_adapter")
+    ours = GPT.from_pretrained(d)
+    load_adapter(ours, tmp_path / "peft_adapter")
+    assert _lora_diff(_our_logits(ours), _hf_logits(peft_model.eval())) <= 1e-5
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(lora_state_dict(ours))
+
+
+def test_lora_on_transformers_gpt2_conv1d_slices_roundtrips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    hf, d = _lora_hf_gpt2(tmp_path)
+    apply_lora(hf, rank=4, alpha=8, targets="q,v")  # rows of HF's Conv1D c_attn
+    _lora_randomize_adapters(hf)
+    save_adapter(hf, tmp_path / "a")
+    hf2 = _lora_hf_gpt2(tmp_path / "second")[0]
+    peft_model = PeftModel.from_pretrained(hf2, tmp_path / "a").eval()
+    assert _lora_diff(_hf_logits(peft_model), _hf_logits(hf)) <= 1e-5
+    merged = _hf_logits(merge_lora(hf))  # Conv1D stores W transposed: merge must transpose the update
+    assert _lora_diff(merged, _hf_logits(peft_model)) <= 1e-5
+
+
+def test_lora_bad_input_gives_clear_errors(tmp_path):
+    _, d = _lora_hf_gpt2(tmp_path)
+    model = GPT.from_pretrained(d)
+    with pytest.raises(ValueError, match="unknown LoRA target 'qq'"):
+        apply_lora(model, 4, 8, targets="q,qq")
+    for rank in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+            apply_lora(model, rank, 8)
+    with pytest.raises(ValueError, match="GELU"):
+        apply_lora(model, 4, 8, targets="gate")
+    with pytest.raises(ValueError, match="overlap"):
+        apply_lora(model, 4, 8, targets="c_attn,q")
+    with pytest.raises(ValueError, match="last blocks"):
+        apply_lora(model, 4, 8, layers=5)
+    assert not lora.lora_layers(model)  # nothing half-applied
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapter(model, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, tmp_path)
+    _, dl = _lora_hf_llama(tmp_path)
+    llama = GPT.from_pretrained(dl)
+    apply_lora(llama, 4, 8, targets="c_attn")
+    with pytest.raises(ValueError, match="no PEFT equivalent on LLaMA"):
+        save_adapter(llama, tmp_path / "y")
+    # tied lm_head: merging would change the input embeddings too
+    apply_lora(model, 4, 8, targets="lm_head")
+    with pytest.raises(ValueError, match="tied"):
+        merge_lora(model)
+
+
+# -----------------------------------------------------------------------------------------------
+# finetune.py
+
+
+def test_finetune_alpaca_templates_are_stanfords():
+    # github.com/tatsu-lab/stanford_alpaca/blob/main/train.py, PROMPT_DICT
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                  "Add the numbers.\n\n### Input:\n2 and 3\n\n### Response:")
+    no_input = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
+    assert prepare_data.format_prompt({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) == with_input
+    assert prepare_data.format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"}) == no_input
+
+
+def test_finetune_loss_masking_eos_and_truncation(capsys):
+    tok = _CharTok()
+    ex = {"instruction": "Say hi.", "input": "", "output": "hi there"}
+    prompt = tok.encode(prepare_data.format_prompt(ex))
+    full = prompt + tok.encode("hi there") + [tok.eot_id]
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000)
+    assert t["input_ids"] == full[:-1]
+    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi there") + [tok.eot_id]  # EOS is trained
+    assert not t["truncated"] and t["n_response"] == 9
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=1000, mask_prompt=False)
+    assert t["labels"] == full[1:]
+    # too long: cut from the response end (EOS first), prompt labels still masked
+    t = finetune.tokenize_example(ex, tok, tok.eot_id, max_length=len(prompt) + 3)
+    assert t["truncated"] and t["input_ids"] == full[:len(prompt) + 3]
+    assert t["labels"] == [-100] * (len(prompt) - 1) + tok.encode("hi th")[:4]
+    # a prompt that fills the context leaves no response: reported, not trained on
+    long = {"instruction": "x" * 300, "input": "", "output": "y"}
+    kept = finetune.tokenize_examples([ex, long, ex], tok, tok.eot_id, max_length=200, name="train")
+    assert len(kept) == 2
+    out = capsys.readouterr().out
+    assert "1 of 3 examples longer than 201 tokens were truncated" in out
+    assert "1 example(s) left out because the prompt alone fills the context" in out and "[1]" in out
+
+
+def test_finetune_grad_accumulation_4x1_equals_1x4_and_per_token_mean():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128, block_size=256))
+    model.train()
+    tok = _CharTok()
+    exs = [{"instruction": "Echo.", "input": "a" * k, "output": "b" * (3 * k + 1)} for k in (1, 4, 9, 2)]
+    data = [finetune.tokenize_example(e, tok, tok.eot_id, 256) for e in exs]
+    assert not any(d["truncated"] for d in data)
+
+    def grads(micro):
+        model.zero_grad()
+        loss, n = finetune.accumulate_gradients(model, micro)
+        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    l4, n4, g4 = grads([finetune.collate(data, pad_id=0)])
+    l1, n1, g1 = grads([finetune.collate([d], pad_id=0) for d in data])
+    # reference: sum of every response token's cross-entropy / number of response tokens
+    model.zero_grad()
+    total = sum(F.cross_entropy(model(torch.tensor([d["input_ids"]]))[0][0], torch.tensor(d["labels"]),
+                                ignore_index=-100, reduction="sum") for d in data)
+    n_ref = sum(sum(x != -100 for x in d["labels"]) for d in data)
+    (total / n_ref).backward()
+    assert n4 == n1 == n_ref
+    assert abs(l4 - l1) < 1e-5 and abs(l4 - total.item() / n_ref) < 1e-5
+    for k, p in model.named_parameters():  # fp32; tolerance covers summation order only
+        assert torch.allclose(g4[k], g1[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(g1[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("precision,lora_rank", [("fp16", 4), ("bf16", 4), ("fp16", 0)])
+def test_finetune_half_precision_steps_on_cpu(precision, lora_rank):
+    torch.manual_seed(0)
+    dtype = lora.weight_dtype(precision, lora_rank > 0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)).to(dtype)
+    if lora_rank:
+        assert dtype in (torch.float16, torch.bfloat16)  # frozen base in half precision
+        apply_lora(model, lora_rank, 8, targets="all")
+        _lora_randomize_adapters(model, std=0.05)
+    else:
+        assert dtype == torch.float32  # full fine-tuning keeps fp32 master weights
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())  # what GradScaler needs
+    autocast, scaler = model_py.autocast_and_scaler(precision, "cpu")
+    assert (scaler is not None) == (precision == "fp16")
+    opt = model_py.make_optimizer(model, "adamw", lr=1e-2)
+    model.train()
+    idx = torch.randint(0, 127, (2, 16), generator=torch.Generator().manual_seed(0))
+    r = finetune.train_step(model, opt, [(idx[:, :-1], idx[:, 1:])], scaler, autocast, grad_clip=1.0)
+    assert torch.isfinite(torch.tensor(r["loss"])) and r["n_tokens"] == 30
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert changed, "the step updated nothing (skipped by the scaler?)"
+
+
+def _ft_setup(tmp_path):
+    """A tiny native GPT-2-style model, a bpe.py tokenizer trained on the data, an Alpaca jsonl."""
+    import bpe
+
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    recs = []
+    for i in range(48):
+        a, b = rnd.sample(words, 2)
+        recs.append({"instruction": f"Repeat {a} {b}.", "input": "" if i % 2 else "twice", "output": f"{a} {b} {a} {b}"})
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = "\n".join(prepare_data.format_prompt(r) + r["output"] for r in recs)
+    bpe.Tokenizer.train(text, 400, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400)).save_pretrained(tmp_path / "model", format="native")
+    return data
+
+
+@pytest.mark.parametrize("lora_args", [["--lora_rank", "0", "--lr", "3e-3"],
+                                       ["--lora_rank", "8", "--lora_alpha", "16", "--lora_targets", "all",
+                                        "--lr", "1e-2", "--grad_checkpointing"]])
+def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
+    data = _ft_setup(tmp_path)
+    out = tmp_path / "out"
+    finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "12", "--eval_interval", "6",
+                   "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15", "--n_generate", "2",
+                   "--max_new_tokens", "6", "--lora_dropout", "0.0"] + lora_args)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13)) and all("lr" in r for r in steps)
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert min(r["val_loss"] for r in evals[1:]) < evals[0]["val_loss"] - 0.05
+    for f in ("config.json", "loss.png", "responses.jsonl", "responses.md", "best_model/gpt_config.json",
+              "best_model/tokenizer/tokenizer.bpe"):
+        assert (out / f).exists(), f
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 2 and {"response_before", "response_after", "output"} <= set(responses[0])
+    best = GPT.from_pretrained(out / "best_model")  # merged (LoRA) or full weights, loadable as any model
+    assert sum(p.numel() for p in best.parameters()) == sum(
+        p.numel() for p in GPT.from_pretrained(tmp_path / "model").parameters())
+    if lora_args[1] != "0":
+        assert (out / "best_adapter" / "adapter_config.json").exists()
+
+
+def test_finetune_bad_data_and_flags_give_clear_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'output'"):
+        prepare_data.load_alpaca(f)
+    f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        prepare_data.load_alpaca(f)
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        prepare_data.load_alpaca(f)
+    g = tmp_path / "d.json"
+    g.write_text(json.dumps([{"instruction": "a", "output": 3}]))
+    with pytest.raises(ValueError, match=r"example 0: field 'output' must be a string"):
+        prepare_data.load_alpaca(g)
+    g.write_text(json.dumps([{"instruction": "a", "output": "x" * 10}]))
+    with pytest.raises(ValueError, match="no examples left"):
+        prepare_data.load_alpaca(g, max_response_chars=5)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--lora_rank", "-1"])
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        finetune.prepare_model(GPT(GPTConfig.preset("tiny-gpt2")), finetune.parse_args(["--lora_targets", "q,w"]))
+
+
+def test_finetune_split_is_deterministic_and_filters_apply(tmp_path):
+    g = tmp_path / "d.json"
+    g.write_text(json.dumps([{"instruction": str(i), "input": "", "output": "y" * (i % 7)} for i in range(100)]))
+    ex = prepare_data.load_alpaca(g, max_response_chars=5, n_samples=40)
+    assert len(ex) == 40 and all(len(e["output"]) <= 5 for e in ex)
+    assert [e["instruction"] for e in ex[:3]] == ["0", "1", "2"]  # the first N after filtering
+    a = finetune.split_examples(ex, 0.1, 0.2, seed=7)
+    assert a == finetune.split_examples(ex, 0.1, 0.2, seed=7) and [len(s) for s in a] == [28, 4, 8]
+    assert sorted(e["instruction"] for s in a for e in s) == sorted(e["instruction"] for e in ex)
+
+
+def test_finetune_help_lists_every_flag_and_imports_have_no_side_effects(tmp_path):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import lora, finetune; finetune.main(['--help'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage:")  # importing printed nothing
+    assert list(tmp_path.iterdir()) == []  # and wrote nothing
+    for flag in ("--init_from", "--data_file", "--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_targets",
+                 "--batch_size", "--grad_accum", "--grad_checkpointing", "--precision", "--optimizer", "--lr",
+                 "--max_steps", "--eval_interval", "--out_dir", "--patience", "--train_last_n_blocks"):
+        assert flag in r.stdout, flag
+
+
+def test_finetune_dialogue_masks_train_only_assistant_turns():
+    turns = prepare_data.parse_dialogue(HH_TEXT)
+    assert [r for r, _ in turns] == ["Human", "Assistant", "Human", "Assistant"]
+    assert turns[3][1] == " Quoting Human: is fine.\nHuman: still me, the assistant."  # no "\n\n": not a turn
+    assert prepare_data.format_dialogue(turns) == HH_TEXT
+    t = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000)
+    trained = "".join(chr(x) if x else "<eos>" for x in t["labels"] if x != -100)
+    assert trained == " It is 4." + " Quoting Human: is fine.\nHuman: still me, the assistant." + "<eos>"
+    # the labels are the next tokens: input position p carries token p + 1
+    full = [ord(c) for c in HH_TEXT] + [0]
+    assert t["input_ids"] == full[:-1]
+    assert all(lab in (-100, full[p + 1]) for p, lab in enumerate(t["labels"]))
+    whole = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000, mask_prompt=False)
+    assert sum(x != -100 for x in whole["labels"]) > sum(x != -100 for x in t["labels"])
+    ex = prepare_data.dialogue_example(HH_TEXT, "x")
+    assert prepare_data.format_prompt(ex) == "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word " \
+                                         "Human: here?\n\nAssistant:"
+    assert ex["output"].startswith("Quoting Human:")
+    with pytest.raises(ValueError, match="no '.*Assistant:' turn"):
+        prepare_data.parse_dialogue("\n\nHuman: only me")
+    with pytest.raises(ValueError, match="text before the first"):
+        prepare_data.parse_dialogue("hello\n\nHuman: x\n\nAssistant: y")
+
+
+def test_finetune_dialogue_bad_input_and_cli(tmp_path, capsys):
+    import bpe
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": HH_TEXT}) + "\n" + json.dumps({"rejected": HH_TEXT}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'chosen'"):
+        prepare_data.load_dialogues(bad)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "poetry"])
+    assert "argument --task: invalid choice: 'poetry'" in capsys.readouterr().err
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    rows = [{"chosen": f"\n\nHuman: repeat {a}\n\nAssistant: {a} {a}\n\nHuman: again\n\nAssistant: {a}"}
+            for a in (rnd.choice(words) for _ in range(40))]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_data.main(["hh", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
+    assert (tmp_path / "d" / "hh" / "train.jsonl").read_text() == data.read_text()
+    bpe.Tokenizer.train("".join(r["chosen"] for r in rows), 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("why is the sky blue\ncat\n")
+    finetune.main(["--task", "dialogue", "--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "5",
+                   "--batch_size", "4", "--grad_accum", "1", "--lora_rank", "0", "--lr", "3e-3", "--n_generate", "2",
+                   "--max_new_tokens", "4", "--val_frac", "0.2", "--save_interval", "4", "--score_every_eval",
+                   "--reward_model", str(_tiny_reward_model(tmp_path / "rm")), "--prompts", str(prompts)])
+    assert sorted(p.name for p in out.glob("ckpt_step*")) == ["ckpt_step4", "ckpt_step8"]
+    assert GPT.from_pretrained(out / "ckpt_step8").config.n_layer == 2
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05
+    assert all(math.isfinite(r["reward_mean"]) and "reward_stderr" in r for r in evals)  # scored every eval
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert responses[0]["prompt"].endswith("\n\nHuman: again\n\nAssistant:")
+
+
+def test_finetune_classifier_last_token_pooling_left_and_right_padding():
+    torch.manual_seed(0)
+    clf = finetune.Classifier(GPT(GPTConfig.preset("tiny-llama", vocab_size=64)), 3).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11]
+    alone = torch.cat([clf(torch.tensor([a]))[0], clf(torch.tensor([b]))[0]])
+    right = torch.tensor([a, b + [0, 0, 0]])
+    mask_r = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    left = torch.tensor([a, [0, 0, 0] + b])
+    mask_l = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    assert torch.allclose(clf(right, attention_mask=mask_r)[0], alone, atol=1e-5)
+    assert torch.allclose(clf(left, attention_mask=mask_l)[0], alone, atol=1e-5)
+    # the training path: the label sits at the last real token of a right-padded collate batch
+    ex = [dict(input_ids=a, labels=[-100] * 4 + [2]), dict(input_ids=b, labels=[-100, 1])]
+    idx, targets = finetune.collate(ex, 0)
+    logits, loss = clf(idx, targets)
+    assert torch.allclose(logits, alone, atol=1e-5)
+    assert loss.item() == pytest.approx(F.cross_entropy(alone, torch.tensor([2, 1])).item(), abs=1e-5)
+
+
+def test_finetune_classifier_learns_and_bad_labels(tmp_path, capsys):
+    import bpe
+
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast slow old new".split()
+    rows = []
+    for _ in range(240):  # the class: does the text mention "dog"? (about 1 in 3 do)
+        ws = [rnd.choice(words) for _ in range(6)]
+        if rnd.random() < 0.35:
+            ws[rnd.randrange(6)] = "dog"
+        else:
+            ws = [w if w != "dog" else "cat" for w in ws]
+        rows.append({"text": " ".join(ws), "label": int("dog" in ws)})
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bpe.Tokenizer.train(" ".join(words) * 20, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = finetune.parse_args(["--task", "classify", "--init_from", str(tmp_path / "model"), "--tokenizer",
+                               str(tmp_path / "tok"), "--data_file", str(data), "--out_dir", str(tmp_path / "out"),
+                               "--num_classes", "2", "--lora_rank", "8", "--lora_targets", "all", "--lr", "1e-2",
+                               "--max_steps", "60", "--eval_interval", "30", "--batch_size", "8", "--grad_accum", "1",
+                               "--val_frac", "0.15", "--test_frac", "0.25", "--lora_dropout", "0.0"])
+    res = finetune.finetune(cfg)
+    last = [r for r in res["log"] if "test_accuracy" in r][-1]
+    test = finetune.split_examples(prepare_data.load_classification(data), 0.15, 0.25, cfg.seed)[2]
+    majority = max(sum(e["label"] == c for e in test) for c in (0, 1)) / len(test)
+    assert last["test_accuracy"] >= majority + 0.15 and last["test_macro_f1"] > 0.7
+    for f in ("best_adapter/adapter_config.json", "best_adapter/classifier_head.safetensors", "loss.png", "log.jsonl",
+              "summary.json"):
+        assert (tmp_path / "out" / f).exists(), f
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,1\nbroken,3\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: label 3 is outside 0..1"):
+        prepare_data.load_classification(bad, num_classes=2)
+    balanced = prepare_data.load_classification(data, balance=True)
+    assert sum(e["label"] for e in balanced) * 2 == len(balanced)
 
 
 # -----------------------------------------------------------------------------------------------
 # dpo.py
-
-import dpo  # noqa: E402
 
 
 def test_dpo_loss_hand_computed_values():
@@ -2278,30 +2386,30 @@ def test_dpo_policy_equal_reference_is_ln2_and_ties_are_not_correct():
     losses, cr, rr = dpo.dpo_loss(c, r, c.clone(), r.clone(), beta=0.1)
     assert torch.allclose(losses, torch.full((3,), math.log(2)))
     m = dpo.pair_metrics(losses, cr, rr, c, r)
-    assert m["reward_accuracy"] == 0.0 and m["reward_margin"] == 0.0  # ties count as not correct
+    assert m["reward_accuracy"].item() == 0.0 and m["reward_margin"].item() == 0.0  # ties count as not correct
     m = dpo.pair_metrics(losses, torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]), c, r)
-    assert m["reward_accuracy"] == pytest.approx(1 / 3)
+    assert m["reward_accuracy"].item() == pytest.approx(1 / 3)
 
 
 def test_dpo_split_hh_pair_and_load_pairs_errors(tmp_path, capsys):
     chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant: Sure, Human: x."
     rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant: No."
-    p, c, r = dpo.split_hh_pair(chosen, rejected)
+    p, c, r = prepare_data.split_hh_pair(chosen, rejected)
     assert p == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: say Human: x\n\nAssistant:"
     assert (c, r) == (" Sure, Human: x.", " No.")
     # responses sharing their first words: the prompt still ends at the last shared Assistant marker
-    assert dpo.split_hh_pair("\n\nHuman: a\n\nAssistant: The cat", "\n\nHuman: a\n\nAssistant: The dog")[1] == " The cat"
+    assert prepare_data.split_hh_pair("\n\nHuman: a\n\nAssistant: The cat", "\n\nHuman: a\n\nAssistant: The dog")[1] == " The cat"
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n"
                  + json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"}) + "\n\n"
                  + json.dumps({"prompt": "Q:", "chosen": " a"}) + "\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:4: missing or non-string field 'rejected'"):
-        dpo.load_pairs(f)
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: missing field 'rejected'"):
+        prepare_data.load_pairs(f)
     f.write_text(json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"}) + "\n{bad\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
-        dpo.load_pairs(f)
+        prepare_data.load_pairs(f)
     with pytest.raises(FileNotFoundError, match="no such data file"):
-        dpo.load_pairs(tmp_path / "nope.jsonl")
+        prepare_data.load_pairs(tmp_path / "nope.jsonl")
     tok = load_tokenizer("gpt2") if (SHARED / "gpt2.tiktoken").exists() else None
     if tok is None:
         pytest.skip("../shared/data/gpt2.tiktoken absent: truncation checks need GPT-2's tokenizer")
@@ -2372,7 +2480,7 @@ def test_dpo_three_reference_modes_same_loss_and_gradients():
         policy.train()
         m = dpo.dpo_step(policy, ref, [(idx, labels, keys)], cfg, __import__("contextlib").nullcontext, None)
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-        results[mode] = (m["loss"], grads)
+        results[mode] = (m["loss"].item(), grads)
     loss0, g0 = results["copy"]
     assert loss0 != pytest.approx(math.log(2), abs=1e-4)  # the policy really differs from the reference
     for mode in ("adapter_off", "precomputed"):  # same to 1e-6 (fp32; only summation order may differ)
@@ -2437,275 +2545,34 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
     for f in ("dpo.png", "samples.md", "adapter/adapter_config.json", "ref_logps.json"):
         assert (tmp_path / "out" / f).exists(), f
     prepare_data.main(["hh_pairs", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
-    written = dpo.load_pairs(tmp_path / "d" / "hh_pairs" / "train.jsonl")
+    written = prepare_data.load_pairs(tmp_path / "d" / "hh_pairs" / "train.jsonl")
     assert len(written) == 25 and written[0]["prompt"].endswith("\n\nAssistant:")
     assert written[0]["chosen"].startswith(" ") and "Human" not in written[0]["chosen"]
-    dpo.main(args)  # a re-run reuses the cached reference log-probs
+    with pytest.raises(ValueError, match="holds a run .* --resume .* --overwrite"):
+        dpo.main(args)  # a fresh run never overwrites another
+    dpo.main(args + ["--resume"])  # a resumed run reuses the cached reference log-probs
     assert "0 computed, 24 from" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         dpo.main(args + ["--reference", "twin"])
-    assert "--reference 'twin'" in capsys.readouterr().err
+    assert "argument --reference: invalid choice: 'twin'" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------------------------
-# bench_memory.py
-
-BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=4,n_embd=256,vocab_size=512", "--samples", "40",
-           "--max_length", "512", "--batch_size", "8"]
+# score.py
 
 
-@pytest.fixture(scope="module")
-def bench_memory_rows(tmp_path_factory):
-    import bench_memory
-
-    out = tmp_path_factory.mktemp("bm") / "mem.md"
-    bench_memory.main(BM_ARGS + ["--axes", "lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
-                                 "--out", str(out)])
-    rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
-    return out, rows
-
-
-def test_bench_memory_measured_directions_hold(bench_memory_rows):
-    out, rows = bench_memory_rows
-    assert all({"config", "peak_mb", "seconds", "status"} <= set(r) for r in rows.values())
-    base, lora_r = rows["ga=1 fp32 full no-gc adamw"], rows["ga=1 fp32 lora r=16 no-gc adamw"]
-    gc = rows["ga=1 fp32 full gc adamw"]
-    assert base["method"].startswith("RSS high-water mark")
-    # LoRA: gradients and optimizer state from the tensors that really exist after training
-    assert lora_r["grads_mb"] < 0.1 * base["grads_mb"] and lora_r["optimizer_mb"] < 0.1 * base["optimizer_mb"]
-    # checkpointing: less activation memory (measured by RSS), more time
-    assert gc["activations_mb"] < 0.75 * base["activations_mb"] and gc["peak_mb"] < base["peak_mb"]
-    assert gc["seconds"] > base["seconds"]
-    sgd, mom, adam = (rows[f"ga=1 fp32 full no-gc {o}"]["optimizer_mb"] for o in ("sgd", "sgd_momentum", "adam"))
-    assert sgd < mom < adam
-    bad = rows["ga=1 fp32 full no-gc bogus"]
-    assert bad["status"] == "failed" and "optimizer 'bogus'" in bad["reason"]
-    md = out.read_text()
-    assert "× (ValueError: optimizer 'bogus'" in md and "| gradient checkpointing | – | ↓ | – | – | ↑ |" in md
-    assert out.with_suffix(".png").stat().st_size > 0
-
-
-def test_bench_memory_estimate_within_25_percent_of_measured(bench_memory_rows, tmp_path):
-    import bench_memory
-
-    _, rows = bench_memory_rows
-    out = tmp_path / "est.md"
-    bench_memory.main(BM_ARGS + ["--axes", "gc", "--estimate", "--out", str(out)])
-    est = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
-    assert "ESTIMATES" in out.read_text()
-    k = "ga=1 fp32 full no-gc adamw"
-    # measured: the training peak less the process's non-tensor growth at load (see tensor_peak_mb)
-    assert est[k]["peak_mb"] == pytest.approx(rows[k]["tensor_peak_mb"], rel=0.25)
-    big = tmp_path / "7b.md"
-    bench_memory.main(["--model", "llama2-7b", "--samples", "8", "--axes", "lora", "--estimate",
-                       "--gpu_memory_gb", "40", "--out", str(big)])
-    r7 = {r["key"]: r for r in map(json.loads, big.with_suffix(".jsonl").read_text().splitlines())}
-    assert r7[k]["status"] == "failed" and "> 40 GB" in r7[k]["reason"]  # full fp32 AdamW: 7B x 16 bytes
-    assert r7["ga=1 fp32 lora r=16 no-gc adamw"]["status"] == "estimate"
-
-
-# -----------------------------------------------------------------------------------------------
-# finetune.py --task dialogue (HH-RLHF)
-
-HH_TEXT = ("\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word Human: here?"
-           "\n\nAssistant: Quoting Human: is fine.\nHuman: still me, the assistant.")
-
-
-class _HHCharTok:
-    """One token per character: every label can be checked against the text by hand."""
-    eot_id = 0
-
-    def encode(self, s):
-        return [ord(c) for c in s]
-
-    def decode(self, ids):
-        return "".join(map(chr, ids))
-
-
-def test_finetune_dialogue_masks_train_only_assistant_turns():
-    turns = finetune.parse_dialogue(HH_TEXT)
-    assert [r for r, _ in turns] == ["Human", "Assistant", "Human", "Assistant"]
-    assert turns[3][1] == " Quoting Human: is fine.\nHuman: still me, the assistant."  # no "\n\n": not a turn
-    assert finetune.format_dialogue(turns) == HH_TEXT
-    t = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000)
-    trained = "".join(chr(x) if x else "<eos>" for x in t["labels"] if x != -100)
-    assert trained == " It is 4." + " Quoting Human: is fine.\nHuman: still me, the assistant." + "<eos>"
-    # the labels are the next tokens: input position p carries token p + 1
-    full = [ord(c) for c in HH_TEXT] + [0]
-    assert t["input_ids"] == full[:-1]
-    assert all(lab in (-100, full[p + 1]) for p, lab in enumerate(t["labels"]))
-    whole = finetune.tokenize_dialogue(HH_TEXT, _HHCharTok(), 0, max_length=1000, mask_prompt=False)
-    assert sum(x != -100 for x in whole["labels"]) > sum(x != -100 for x in t["labels"])
-    ex = finetune.dialogue_example(HH_TEXT, "x")
-    assert finetune.format_prompt(ex) == "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And the word " \
-                                         "Human: here?\n\nAssistant:"
-    assert ex["output"].startswith("Quoting Human:")
-    with pytest.raises(ValueError, match="no '.*Assistant:' turn"):
-        finetune.parse_dialogue("\n\nHuman: only me")
-    with pytest.raises(ValueError, match="text before the first"):
-        finetune.parse_dialogue("hello\n\nHuman: x\n\nAssistant: y")
-
-
-def test_finetune_dialogue_bad_input_and_cli(tmp_path, capsys):
-    import bpe
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"chosen": HH_TEXT}) + "\n" + json.dumps({"rejected": HH_TEXT}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'chosen'"):
-        finetune.load_dialogues(bad)
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--task", "poetry"])
-    assert "--task 'poetry'" in capsys.readouterr().err
-    rnd = random.Random(0)
-    words = "red blue green cat dog sun tree big small fast".split()
-    rows = [{"chosen": f"\n\nHuman: repeat {a}\n\nAssistant: {a} {a}\n\nHuman: again\n\nAssistant: {a}"}
-            for a in (rnd.choice(words) for _ in range(40))]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepare_data.main(["hh", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
-    assert (tmp_path / "d" / "hh" / "train.jsonl").read_text() == data.read_text()
-    bpe.Tokenizer.train("".join(r["chosen"] for r in rows), 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
-    out = tmp_path / "out"
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("why is the sky blue\ncat\n")
-    finetune.main(["--task", "dialogue", "--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
-                   "--data_file", str(data), "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "5",
-                   "--batch_size", "4", "--grad_accum", "1", "--lora_rank", "0", "--lr", "3e-3", "--n_generate", "2",
-                   "--max_new_tokens", "4", "--val_frac", "0.2", "--save_interval", "4", "--score_every_eval",
-                   "--reward_model", str(_tiny_reward_model(tmp_path / "rm")), "--prompts", str(prompts)])
-    assert sorted(p.name for p in out.glob("ckpt_step*")) == ["ckpt_step4", "ckpt_step8"]
-    assert GPT.from_pretrained(out / "ckpt_step8").config.n_layer == 2
-    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05
-    assert all(math.isfinite(r["reward_mean"]) and "reward_stderr" in r for r in evals)  # scored every eval
-    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert responses[0]["prompt"].endswith("\n\nHuman: again\n\nAssistant:")
-
-
-def test_finetune_chat_two_turns_reset_quit(tmp_path):
-    import io
-
-    import bpe
-
-    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
-    cfg = finetune.parse_args(["--chat", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
-                               "--task", "dialogue", "--max_new_tokens", "5", "--temperature", "0"])
-    out = io.StringIO()
-    prompts = finetune.chat(cfg, io.StringIO("hello there\nand again\n/reset\nfresh start\n/quit\nnever read\n"), out)
-    assert len(prompts) == 3
-    assert prompts[0] == "\n\nHuman: hello there\n\nAssistant:"
-    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("\n\nHuman: and again\n\nAssistant:")
-    assert prompts[2] == "\n\nHuman: fresh start\n\nAssistant:"  # /reset: no history
-    text = out.getvalue()
-    assert text.count("Assistant:") == 3 and "(history cleared)" in text and "never read" not in text
-    # the streamed reply is what greedy generation gives for the first prompt
-    tok = load_tokenizer(str(tmp_path / "tok"))
-    m = GPT.from_pretrained(tmp_path / "model")
-    ids = tok.encode(prompts[0])
-    first = tok.decode([t for t in m.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
-                        if t != tok.eot_id])
-    first = first.split("\n\nHuman:")[0]
-    assert text.split("\n")[1].startswith("Assistant:" + first[:3])
-
-
-# -----------------------------------------------------------------------------------------------
-# finetune.py --task classify
-
-def test_finetune_classifier_last_token_pooling_left_and_right_padding():
-    torch.manual_seed(0)
-    clf = finetune.Classifier(GPT(GPTConfig.preset("tiny-llama", vocab_size=64)), 3).eval()
-    a, b = [5, 6, 7, 8, 9], [10, 11]
-    alone = torch.cat([clf(torch.tensor([a]))[0], clf(torch.tensor([b]))[0]])
-    right = torch.tensor([a, b + [0, 0, 0]])
-    mask_r = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
-    left = torch.tensor([a, [0, 0, 0] + b])
-    mask_l = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
-    assert torch.allclose(clf(right, attention_mask=mask_r)[0], alone, atol=1e-5)
-    assert torch.allclose(clf(left, attention_mask=mask_l)[0], alone, atol=1e-5)
-    # the training path: the label sits at the last real token of a right-padded collate batch
-    ex = [dict(input_ids=a, labels=[-100] * 4 + [2]), dict(input_ids=b, labels=[-100, 1])]
-    idx, targets = finetune.collate(ex, 0)
-    logits, loss = clf(idx, targets)
-    assert torch.allclose(logits, alone, atol=1e-5)
-    assert loss.item() == pytest.approx(F.cross_entropy(alone, torch.tensor([2, 1])).item(), abs=1e-5)
-
-
-def test_finetune_classifier_learns_and_bad_labels(tmp_path, capsys):
-    import bpe
-
-    rnd = random.Random(0)
-    words = "red blue green cat dog sun tree big small fast slow old new".split()
-    rows = []
-    for _ in range(240):  # the class: does the text mention "dog"? (about 1 in 3 do)
-        ws = [rnd.choice(words) for _ in range(6)]
-        if rnd.random() < 0.35:
-            ws[rnd.randrange(6)] = "dog"
-        else:
-            ws = [w if w != "dog" else "cat" for w in ws]
-        rows.append({"text": " ".join(ws), "label": int("dog" in ws)})
-    data = tmp_path / "cls.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    bpe.Tokenizer.train(" ".join(words) * 20, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
-    cfg = finetune.parse_args(["--task", "classify", "--init_from", str(tmp_path / "model"), "--tokenizer",
-                               str(tmp_path / "tok"), "--data_file", str(data), "--out_dir", str(tmp_path / "out"),
-                               "--num_classes", "2", "--lora_rank", "8", "--lora_targets", "all", "--lr", "1e-2",
-                               "--max_steps", "60", "--eval_interval", "30", "--batch_size", "8", "--grad_accum", "1",
-                               "--val_frac", "0.15", "--test_frac", "0.25", "--lora_dropout", "0.0"])
-    res = finetune.finetune_classifier(cfg)
-    last = [r for r in res["log"] if "test_accuracy" in r][-1]
-    test = finetune.split_examples(finetune.load_classification(data), 0.15, 0.25, cfg.seed)[2]
-    majority = max(sum(e["label"] == c for e in test) for c in (0, 1)) / len(test)
-    assert last["test_accuracy"] >= majority + 0.15 and last["test_macro_f1"] > 0.7
-    for f in ("adapter/adapter_config.json", "classifier_head.safetensors", "loss.png", "log.jsonl"):
-        assert (tmp_path / "out" / f).exists(), f
-    bad = tmp_path / "bad.csv"
-    bad.write_text("text,label\nfine,1\nbroken,3\n")
-    with pytest.raises(ValueError, match=r"bad.csv:3: label 3 is outside 0..1"):
-        finetune.load_classification(bad, num_classes=2)
-    balanced = finetune.load_classification(data, balance=True)
-    assert sum(e["label"] for e in balanced) * 2 == len(balanced)
-
-
-# -----------------------------------------------------------------------------------------------
-# finetune.py --score: reward model and LLM judge
-
-def _tiny_reward_model(d):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
-
-    words = "[PAD] [UNK] [CLS] [SEP] why is the sky blue a b c cat dog red it because light".split()
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(d)
-    torch.manual_seed(0)
-    DebertaV2ForSequenceClassification(DebertaV2Config(
-        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        num_labels=1, max_position_embeddings=64)).save_pretrained(d)
-    return d
-
-
-def test_finetune_score_reward_model_equals_transformers(tmp_path):
+def test_score_reward_model_equals_transformers(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     d = _tiny_reward_model(tmp_path / "rm")
     qs = ["why is the sky blue", "a b c", "cat"]
     ans = ["because light", "dog red cat it is the a", "unknownword"]
-    ours = finetune.reward_scores(str(d), qs, ans, batch_size=2)
+    ours = score.reward_scores(str(d), qs, ans, batch_size=2)
     tok, rm = AutoTokenizer.from_pretrained(d), AutoModelForSequenceClassification.from_pretrained(d).eval()
     with torch.no_grad():
         ref = [rm(**tok(q, a, return_tensors="pt")).logits[0, 0].item() for q, a in zip(qs, ans)]
     assert ours == pytest.approx(ref, abs=1e-5)  # batched with padding = one at a time
-    m, se = finetune.mean_stderr([1.0, 2.0, 4.0])
+    m, se = model_py.mean_stderr(7.0, 21.0, 3)  # from the sum and the sum of squares
     assert m == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1, 2, 4]) / math.sqrt(3))
 
 
@@ -2742,33 +2609,33 @@ class _JudgeServer:
         self.httpd.shutdown()
 
 
-def test_finetune_score_llm_judge_retries_cache_and_failures(tmp_path):
+def test_score_llm_judge_retries_cache_and_failures(tmp_path):
     prompts = [{"instruction": f"q{i}", "input": "", "output": f"ref{i}"} for i in range(3)]
     answers = ["a0", "a1", "a2"]
     srv = _JudgeServer([(200, "87", 0), (429, "", 0), (200, " 12\n", 0), (200, "Score: 90", 0)])
     try:
-        judge = finetune.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
-        scores, unjudged = finetune.judge_answers(judge, prompts, answers)
+        judge = score.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
+        scores, unjudged = score.judge_answers(judge, prompts, answers)
         assert scores == [87, 12, None] and unjudged == [{"item": 2, "reason": "reply is not an integer 0-100: "
                                                                               "'Score: 90'"}]
         assert "`q0`" in srv.requests[0]["messages"][0]["content"] and "`ref0`" in srv.requests[0]["messages"][0]["content"]
         assert len(srv.requests) == 4  # the 429 was retried
         n = len(srv.requests)
-        again = finetune.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
+        again = score.Judge(srv.url, "m", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "c.jsonl")
         assert again.score("q0", "ref0", "a0") == (87, "cached") and again.score("q1", "ref1", "a1")[0] == 12
         assert len(srv.requests) == n  # cache hits: nothing paid twice
         # a timeout, then a 500, then success
         srv.script = [(200, "5", 0.5), (500, "", 0), (200, "7", 0)]
-        j = finetune.Judge(srv.url, "m", timeout=0.2, retries=3, backoff=0.01)
+        j = score.Judge(srv.url, "m", timeout=0.2, retries=3, backoff=0.01)
         assert j.score("x", "y", "z") == (7, "judged")
         # failing midway: the first item is judged and cached, the second exhausts the retries
         srv.script = [(200, "40", 0)] + [(503, "", 0)] * 3
-        j = finetune.Judge(srv.url, "m2", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "mid.jsonl")
-        with pytest.raises(finetune.JudgeError, match="failed after 3 attempts .HTTP 503"):
-            finetune.judge_answers(j, prompts[:2], answers[:2])
+        j = score.Judge(srv.url, "m2", timeout=2, retries=2, backoff=0.01, cache_path=tmp_path / "mid.jsonl")
+        with pytest.raises(score.JudgeError, match="failed after 3 attempts .HTTP 503"):
+            score.judge_answers(j, prompts[:2], answers[:2])
         assert [json.loads(line)["score"] for line in (tmp_path / "mid.jsonl").read_text().splitlines()] == [40]
-        assert finetune.parse_judge_score("100") == 100 and finetune.parse_judge_score("101") is None
-        assert finetune.parse_judge_score("7.5") is None
+        assert score.parse_judge_score("100") == 100 and score.parse_judge_score("101") is None
+        assert score.parse_judge_score("7.5") is None
     finally:
         srv.close()
     import socket
@@ -2776,12 +2643,12 @@ def test_finetune_score_llm_judge_retries_cache_and_failures(tmp_path):
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    j = finetune.Judge(f"http://127.0.0.1:{port}", "m", timeout=0.5, retries=1, backoff=0.01)
-    with pytest.raises(finetune.JudgeError, match="failed after 2 attempts .ConnectionError"):
+    j = score.Judge(f"http://127.0.0.1:{port}", "m", timeout=0.5, retries=1, backoff=0.01)
+    with pytest.raises(score.JudgeError, match="failed after 2 attempts .ConnectionError"):
         j.score("a", "b", "c")
 
 
-def test_finetune_score_run_over_checkpoints(tmp_path, capsys):
+def test_score_run_over_checkpoints(tmp_path, capsys):
     import bpe
 
     d = _tiny_reward_model(tmp_path / "rm")
@@ -2793,7 +2660,7 @@ def test_finetune_score_run_over_checkpoints(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("why is the sky blue\ncat\n")
     srv = _JudgeServer([(200, "30", 0), (200, "60", 0), (200, "80", 0), (200, "90", 0)])
     try:
-        finetune.main(["--score", str(run), "--tokenizer", str(tmp_path / "tok"), "--reward_model", str(d),
+        score.main(["--init_from", str(run), "--tokenizer", str(tmp_path / "tok"), "--reward_model", str(d),
                        "--judge_url", srv.url, "--prompts", str(tmp_path / "p.txt"), "--max_new_tokens", "3",
                        "--task", "dialogue"])
     finally:
@@ -2805,8 +2672,177 @@ def test_finetune_score_run_over_checkpoints(tmp_path, capsys):
     for r in rows:
         want.append([seen.setdefault((i, a), next(replies)) for i, a in enumerate(r["answers"])])
     assert [r["judge"] for r in rows] == want and rows[1]["judge_mean"] == sum(want[1]) / 2
-    ref = finetune.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
+    ref = score.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
     assert rows[0]["reward"] == pytest.approx(ref, abs=1e-6)
     assert "best by reward" in (run / "scores.md").read_text()
     with pytest.raises(ValueError, match="needs --reward_model"):
-        finetune.main(["--score", str(run), "--reward_model", "none"])
+        score.main(["--init_from", str(run), "--reward_model", "none"])
+
+
+# -----------------------------------------------------------------------------------------------
+# chat.py
+
+
+def test_chat_samples_a_prompt_from_a_local_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, "chat.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--top_p" in r.stdout and "--num_beams" in r.stdout
+    rank_file = SHARED / "gpt2.tiktoken"
+    if not rank_file.exists():
+        pytest.skip(f"{rank_file} absent: the CLI sampling part needs GPT-2's rank file")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=50257)).save_pretrained(tmp_path / "m")
+    r = subprocess.run([sys.executable, "chat.py", "--init_from", str(tmp_path / "m"), "--tokenizer",
+                        str(rank_file), "--prompt", "Hello world", "--num_samples", "2", "--max_new_tokens", "5"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Hello world") == 2
+
+
+def test_chat_two_turns_reset_quit(tmp_path):
+    import io
+
+    import bpe
+
+    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = chat.parse_args(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                           "--template", "dialogue", "--max_new_tokens", "5", "--temperature", "0"])
+    out = io.StringIO()
+    prompts = chat.chat(cfg, io.StringIO("hello there\nand again\n/reset\nfresh start\n/quit\nnever read\n"), out)
+    assert len(prompts) == 3
+    assert prompts[0] == "\n\nHuman: hello there\n\nAssistant:"
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("\n\nHuman: and again\n\nAssistant:")
+    assert prompts[2] == "\n\nHuman: fresh start\n\nAssistant:"  # /reset: no history
+    text = out.getvalue()
+    assert text.count("Assistant:") == 3 and "(history cleared)" in text and "never read" not in text
+    # the streamed reply is what greedy generation gives for the first prompt
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    m = GPT.from_pretrained(tmp_path / "model")
+    ids = tok.encode(prompts[0])
+    first = tok.decode([t for t in m.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
+                        if t != tok.eot_id])
+    first = first.split("\n\nHuman:")[0]
+    assert text.split("\n")[1].startswith("Assistant:" + first[:3])
+
+
+# -----------------------------------------------------------------------------------------------
+# bench_speed.py and bench_memory.py
+
+
+def test_bench_speed_hellaswag_work_ratios_formula():
+    """The benchmark's arithmetic bound, against the count done by hand for one item."""
+    from model import GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400))
+    P = sum(p.numel() for p in model.transformer.h.parameters())
+    H = 400 * model.config.n_embd
+    ctx = list(range(10))
+    requests = [(ctx, list(range(n)), n) for n in (2, 3, 4, 5)]  # 14 ending tokens
+    shared = 10 * P + 14 * (P + H)
+    w = bench_speed.work_ratios(model, requests)
+    assert w["naive"] == pytest.approx((40 + 14) * (P + H) / shared)
+    assert w["one ending per forward"] == pytest.approx(((40 + 14) * P + 14 * H) / shared)
+
+
+BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=4,n_embd=256,vocab_size=512", "--samples", "40",
+           "--max_length", "512", "--batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def bench_memory_rows(tmp_path_factory):
+    import bench_memory
+
+    out = tmp_path_factory.mktemp("bm") / "mem.md"
+    bench_memory.main(BM_ARGS + ["--axes", "lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
+                                 "--out", str(out)])
+    rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    return out, rows
+
+
+def test_bench_memory_measured_directions_hold(bench_memory_rows):
+    out, rows = bench_memory_rows
+    assert all({"config", "peak_mb", "seconds", "status"} <= set(r) for r in rows.values())
+    base, lora_r = rows["ga=1 fp32 full no-gc adamw"], rows["ga=1 fp32 lora r=16 no-gc adamw"]
+    gc = rows["ga=1 fp32 full gc adamw"]
+    assert base["method"].startswith("RSS high-water mark")
+    # LoRA: gradients and optimizer state from the tensors that really exist after training
+    assert lora_r["grads_mb"] < 0.1 * base["grads_mb"] and lora_r["optimizer_mb"] < 0.1 * base["optimizer_mb"]
+    # checkpointing: less activation memory (measured by RSS), more time
+    assert gc["activations_mb"] < 0.75 * base["activations_mb"] and gc["peak_mb"] < base["peak_mb"]
+    assert gc["seconds"] > base["seconds"]
+    sgd, mom, adam = (rows[f"ga=1 fp32 full no-gc {o}"]["optimizer_mb"] for o in ("sgd", "sgd_momentum", "adam"))
+    assert sgd < mom < adam
+    bad = rows["ga=1 fp32 full no-gc bogus"]
+    assert bad["status"] == "failed" and "optimizer 'bogus'" in bad["reason"]
+    md = out.read_text()
+    assert "× (error: optimizer 'bogus'" in md and "| gradient checkpointing | – | ↓ | – | – | ↑ |" in md
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_memory_estimate_within_25_percent_of_measured(bench_memory_rows, tmp_path):
+    import bench_memory
+
+    _, rows = bench_memory_rows
+    out = tmp_path / "est.md"
+    bench_memory.main(BM_ARGS + ["--axes", "gc", "--estimate", "--out", str(out)])
+    est = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    assert "ESTIMATES" in out.read_text()
+    k = "ga=1 fp32 full no-gc adamw"
+    # measured: the training peak less the process's non-tensor growth at load (see tensor_peak_mb)
+    assert est[k]["peak_mb"] == pytest.approx(rows[k]["tensor_peak_mb"], rel=0.25)
+    big = tmp_path / "7b.md"
+    bench_memory.main(["--model", "llama2-7b", "--samples", "8", "--axes", "lora", "--estimate",
+                       "--gpu_memory_gb", "40", "--out", str(big)])
+    r7 = {r["key"]: r for r in map(json.loads, big.with_suffix(".jsonl").read_text().splitlines())}
+    assert r7[k]["status"] == "failed" and "> 40 GB" in r7[k]["reason"]  # full fp32 AdamW: 7B x 16 bytes
+    assert r7["ga=1 fp32 lora r=16 no-gc adamw"]["status"] == "estimate"
+
+
+# -----------------------------------------------------------------------------------------------
+# the layout: who may import whom, and how long a file may be
+
+
+LIBRARIES = {"bpe": set(), "model": {"bpe"}, "lora": {"bpe", "model"}, "prepare_data": {"bpe", "model"}}
+
+
+FREE = {"bench_speed", "bench_memory", "test_all"}  # measurements and tests may import anything
+
+
+def import_violations(root: Path) -> list[str]:
+    """Every import of one of our files, at any depth (inside functions too), that breaks the rules:
+    bpe.py imports none of ours; model.py only bpe.py; lora.py and prepare_data.py only those two;
+    a stage script only bpe, model, lora and prepare_data (train_gpt2.py also hellaswag.py, for its
+    in-loop evaluation); bench_*.py and test_all.py anything."""
+    import ast
+
+    ours = {p.stem for p in root.glob("*.py")}
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        name = path.stem
+        if name in FREE:
+            continue
+        allowed = LIBRARIES.get(name, set(LIBRARIES) | ({"hellaswag"} if name == "train_gpt2" else set()))
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in ours and top != name and top not in allowed:
+                    bad.append(f"{path.name}:{node.lineno}: imports {top}")
+    return bad
+
+
+def test_layout_imports_follow_the_rules(tmp_path):
+    assert import_violations(ROOT) == []
+    # the check bites: a stage script importing another stage script, even inside a function
+    for f in ROOT.glob("*.py"):
+        (tmp_path / f.name).write_text(f.read_text())
+    (tmp_path / "dpo.py").write_text((ROOT / "dpo.py").read_text() + "\n\ndef _x():\n    import finetune\n")
+    (tmp_path / "model.py").write_text("from lora import apply_lora\n" + (ROOT / "model.py").read_text())
+    assert sorted(import_violations(tmp_path)) == ["dpo.py:{}: imports finetune".format(
+        len((ROOT / "dpo.py").read_text().splitlines()) + 4), "model.py:1: imports lora"]
+    # one stage a file, each readable in one sitting: none over 1,000 lines, finetune.py under 900
+    sizes = {f.stem: len(f.read_text().splitlines()) for f in ROOT.glob("*.py") if f.stem not in LIBRARIES}
+    assert {n: k for n, k in sizes.items() if k > 1000 and n != "test_all"} == {}
+    assert sizes["finetune"] < 900
