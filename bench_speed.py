@@ -11,6 +11,8 @@ this machine.
     python bench_speed.py bpe --input ../shared/data/english_pd.txt
                                    # bpe.py: training vs HF tokenizers and the naive algorithm,
                                    # encoding (tiktoken export) vs tiktoken's GPT-2
+    python bench_speed.py tokens --tokenizer tok/ --files english.txt chinese.txt
+                                   # bpe.py: token counts of a tokenizer against GPT-2's, learned tokens
     python bench_speed.py hellaswag --bench_preset gpt2
                                    # hellaswag.py: batched scoring vs one ending per forward pass
     python bench_speed.py all --nanogpt path/to/nanoGPT/model.py     # peak, gen and train
@@ -384,6 +386,30 @@ def bench_bpe(args):
 
 
 
+def bench_tokens(args):
+    """Token counts of a tokenizer against GPT-2's on files (fewer tokens = more text per context),
+    and the first and last tokens it learned."""
+    if not args.tokenizer or not args.files:
+        raise ValueError("tokens needs --tokenizer (a bpe.py tokenizer) and --files")
+    tok = bpe.load_bpe(args.tokenizer, args.pattern)
+    gpt2 = bpe.load_bpe(args.gpt2)
+    rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
+             "ours/GPT-2")]
+    for p in args.files:
+        text = bpe._read_text(p)
+        n_ours = len(tok.to_tiktoken().encode(text, disallowed_special=()))
+        n_gpt2 = len(gpt2.to_tiktoken().encode(text, disallowed_special=()))
+        rows.append((str(p), f"{len(text):,}", f"{len(text.encode()):,}", f"{n_ours:,}", f"{n_gpt2:,}",
+                     f"{n_ours / max(1, n_gpt2):.2f}"))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))))
+    learned = [tok.vocab[i] for i in sorted(tok.vocab) if i >= 256 and i < len(tok.ranks)]
+    n = args.show_tokens
+    print(f"\nfirst {n} learned tokens: " + " ".join(bpe.render(t) for t in learned[:n]))
+    print(f"last {n} learned tokens:  " + " ".join(bpe.render(t) for t in learned[-n:]))
+
+
 # -----------------------------------------------------------------------------------------------
 # hellaswag.py: batched scoring vs one ending per forward pass
 
@@ -498,7 +524,7 @@ def bench_hellaswag(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "hellaswag", "all"], help="which benchmark")
+    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "all"], help="which benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (medians over these)")
     ap.add_argument("--prompt_len", type=int, default=16, help="gen: prompt tokens")
@@ -522,10 +548,13 @@ def main(argv=None):
                     help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
     ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
     ap.add_argument("--gpt2", default=str(bpe.DEFAULT_GPT2_RANKS), help="bpe: GPT-2 rank file for the encoding part")
+    ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
+    ap.add_argument("--show_tokens", type=int, default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it)")
     ap.add_argument("--bench_preset", default=None,
                     help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
-    ap.add_argument("--tokenizer", default=None, help="hellaswag: tokenizer spec (default: the model's, else GPT-2's)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokens: the tokenizer to count with; hellaswag: tokenizer spec (default: the model's)")
     ap.add_argument("--data_file", default=None, help="hellaswag: real items (default: synthetic ones of its shape)")
     ap.add_argument("--items", type=int, default=32, help="hellaswag: items per run")
     ap.add_argument("--scoring", default="harness", choices=hs.SCORINGS, help="hellaswag: the scoring")
@@ -537,7 +566,7 @@ def main(argv=None):
         args.batch_size = args.batch_size_hs
     for what in (["peak", "gen", "train"] if args.what == "all" else [args.what]):
         {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
-         "hellaswag": bench_hellaswag}[what](args)
+         "hellaswag": bench_hellaswag, "tokens": bench_tokens}[what](args)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,22 @@ once, pair counts are updated only in the chunks a merge touches, and a heap fin
 Usage:
   python bpe.py train   --input book.txt --vocab_size 4096 --out tok/
   python bpe.py encode  --tokenizer tok/ --text "Hello world"
-  python bpe.py decode  --tokenizer tok/ --ids "15496 995"
+  python bpe.py decode  --tokenizer gpt2 --ids "15496 995"
   python bpe.py show    --tokenizer gpt2 --text "SolidGoldMagikarp 12345"
-  python bpe.py compare --tokenizer tok/ --input english.txt chinese.txt
-  python bpe.py bench   --input ../shared/data/english_pd.txt
-Every sub-command documents its flags in `python bpe.py SUBCOMMAND --help`.
+Every sub-command documents its flags in `python bpe.py SUBCOMMAND --help`. Token counts against
+GPT-2's and the speed benchmarks: bench_speed.py.
 
 From Python:
-  from bpe import Tokenizer
+  from bpe import Tokenizer, load_tokenizer
   tok = Tokenizer.train(text, vocab_size=1024)          # or a list of file paths
   ids = tok.encode("hello world"); tok.decode(ids)
   tok.save("tok/"); tok = Tokenizer.load("tok/")
   enc = tok.to_tiktoken()                                # same ids, tiktoken's speed
+  files = tok.hf_files()                                 # tokenizer.json for transformers.AutoTokenizer
+  t = load_tokenizer("tok/")                             # ours, GPT-2's or a HF one, behind one interface
 
-Dependencies: the standard library, `regex` (for \\p{L}-style classes in the split patterns) and
-`tiktoken` (only for the fast path and the `compare`/`bench` commands).
+Dependencies: the standard library, `regex` (for \\p{L}-style classes in the split patterns),
+`tiktoken` (the fast path) and `tokenizers` (only for the Hugging Face export).
 """
 
 import argparse
@@ -521,6 +522,38 @@ class Tokenizer:
                                                allowed_special=allowed_special,
                                                disallowed_special=disallowed_special)
 
+    # ---- Hugging Face's format
+
+    def hf_files(self, model_max_length=None) -> dict:
+        """{"tokenizer.json": ..., "tokenizer_config.json": ...}: this tokenizer in Hugging Face's
+        format, so that transformers.AutoTokenizer gives the same ids as encode_ordinary. A
+        special-token string written in text stays ordinary text there too (split_special_tokens)."""
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        b2c = gpt2_byte_to_char()  # GPT-2's printable spelling of bytes, as in its vocab.json
+        spell = lambda t: "".join(b2c[b] for b in t)  # noqa: E731
+        # merge k makes token 256 + k, so merge order is rank order (tiktoken's priority); ignore_merges:
+        # a chunk that is itself a token is that token, without merging (tiktoken's shortcut too)
+        merges = [(spell(self.vocab[a]), spell(self.vocab[b])) for a, b, _ in sorted(self.merges, key=lambda m: m[2])]
+        hf = HFTokenizer(models.BPE({spell(t): i for t, i in self.ranks.items()}, merges, ignore_merges=True))
+        # HF's regex engine (Oniguruma) reads X{1,3}+ as (X{1,3})+, not as a possessive interval, so
+        # GPT-4's \p{N}{1,3}+ would keep "12345678" whole: an atomic group means the same
+        pattern = regex.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", self.pattern)
+        # no normalizer; split with our regex, then spell each chunk's bytes (use_regex=False: no 2nd split)
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.decoder = decoders.ByteLevel()  # alphabet -> bytes -> UTF-8, bad bytes as U+FFFD, like decode()
+        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            hf.add_special_tokens([AddedToken(s, special=True, normalized=False)])  # takes the next id
+            if hf.token_to_id(s) != i:
+                raise ValueError(f"special token {s!r} has id {i}; Hugging Face needs ids right after the ranks")
+        eos = "<|endoftext|>" if "<|endoftext|>" in self.special_tokens else None
+        # <|endoftext|> separates documents: the EOS, and (as in GPT-2) BOS; nothing is added around ids
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos, "unk_token": eos,
+                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "split_special_tokens": True, **({"model_max_length": model_max_length} if model_max_length else {})}
+        return {"tokenizer.json": hf.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
     # ---- saving and loading
 
     def save(self, path):
@@ -778,6 +811,27 @@ def load_bpe(spec, pattern="gpt2"):
 # 5. One interface for every tokenizer the scripts meet: ours, GPT-2's, or a Hugging Face one
 
 TOKENIZER_FILES = ("tokenizer.bpe", "tokenizer.json", "tokenizer.model", "vocab.json", "encoder.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def tokenizer_dir(model_dir) -> str | None:
+    """Where a model directory keeps its tokenizer: the directory itself or its tokenizer/ folder."""
+    d = Path(model_dir)
+    return next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
+
+
+def tokenizer_files(spec) -> tuple[dict, int | None, int | None]:
+    """({file name: contents}, EOS id, BOS id): the files that put a tokenizer beside a saved model.
+    Our BPE (a Tokenizer, or what load_bpe reads) gets its own tokenizer.bpe and Hugging Face's
+    tokenizer.json + tokenizer_config.json; a Hugging Face tokenizer directory is copied."""
+    if not isinstance(spec, Tokenizer):
+        d = Path(spec)
+        if d.is_dir() and not (d / "tokenizer.bpe").exists() and not (d / "encoder.json").exists():
+            t = load_tokenizer(str(d))
+            return {f: (d / f).read_bytes() for f in HF_TOKENIZER_FILES if (d / f).is_file()}, t.eot_id, t.bos_id
+        spec = load_bpe(str(spec))
+    return {"tokenizer.bpe": spec._readable(), **spec.hf_files()}, spec.special_tokens.get("<|endoftext|>"), None
 
 
 class TextTokenizer:
@@ -809,8 +863,7 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     With spec None: model_dir's own tokenizer (the directory itself or its tokenizer/ folder) if it
     has one, else GPT-2's. `source` is our Tokenizer (or the HF tokenizer's directory), for export."""
     if spec is None and model_dir is not None and Path(model_dir).is_dir():
-        d = Path(model_dir)
-        spec = next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
+        spec = tokenizer_dir(model_dir)
     spec = str(spec or "gpt2")
     p = Path(spec)
     if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
@@ -886,26 +939,6 @@ def cmd_show(args):
           file=sys.stderr)
 
 
-def cmd_compare(args):
-    tok = load_bpe(args.tokenizer, args.pattern)
-    gpt2 = load_bpe(args.gpt2)
-    rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
-             "ours/GPT-2")]
-    for p in args.input:
-        text = _read_text(p)
-        n_ours = len(tok.to_tiktoken().encode(text, disallowed_special=()))
-        n_gpt2 = len(gpt2.to_tiktoken().encode(text, disallowed_special=()))
-        rows.append((str(p), f"{len(text):,}", f"{len(text.encode()):,}", f"{n_ours:,}", f"{n_gpt2:,}",
-                     f"{n_ours / max(1, n_gpt2):.2f}"))
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))))
-    learned = [tok.vocab[i] for i in sorted(tok.vocab) if i >= 256 and i < len(tok.ranks)]
-    n = args.show_tokens
-    print(f"\nfirst {n} learned tokens: " + " ".join(render(t) for t in learned[:n]))
-    print(f"last {n} learned tokens:  " + " ".join(render(t) for t in learned[-n:]))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      epilog="Usage:" + __doc__.split("Usage:")[1].split("\n\n")[0],
@@ -948,14 +981,6 @@ def main(argv=None):
     p.add_argument("--input", help="a file of ids separated by whitespace")
     p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
     p.set_defaults(func=cmd_decode)
-
-    p = sub.add_parser("compare", help="token counts of a tokenizer vs GPT-2 on files")
-    p.add_argument("--tokenizer", required=True, help=tok_help)
-    p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
-    p.add_argument("--gpt2", default="gpt2", help="GPT-2's tokenizer, as for --tokenizer (default: gpt2)")
-    p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
-    p.add_argument("--show_tokens", type=int, default=10, help="learned tokens to list (default 10)")
-    p.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
     if getattr(args, "pattern", None) == "none":

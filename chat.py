@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from bpe import load_tokenizer
-from model import GPT, cfg, parse_config, pick_device, run_main
+from model import GPT, cfg, parse_config, pick_device, previous_stage, run_main
 from prepare_data import format_dialogue, format_prompt
 
 
 @dataclass
 class ChatConfig:
-    init_from: str = cfg("out-finetune/best_model", "gpt2|gpt2-medium|..., a HF hub id, or a model directory "
-                                                    "(HF format or ours)")
+    init_from: str = cfg("auto", "gpt2|gpt2-medium|..., a HF hub id, or a model directory (HF format or ours); "
+                                 "auto: the last stage's model on this machine (out-dpo/model, "
+                                 "out-finetune/best_model, out/cpu/ckpt/model), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
     template: str = cfg("instruction", "interactive prompt format: instruction (Alpaca), dialogue (HH-RLHF "
                                        "turns, multi-turn) or none (plain continuation)",
@@ -52,7 +53,12 @@ class ChatConfig:
     dtype: str = cfg("float32", "weight dtype", choices=["float32", "bfloat16", "float16"])
 
 
+STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
+
+
 def load(c: ChatConfig):
+    if c.init_from == "auto":
+        c.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
     device = pick_device(c.device)
     model = GPT.from_pretrained(c.init_from, dtype=getattr(torch, c.dtype), device=device).eval()
     if device == "cpu":

@@ -32,8 +32,9 @@ Data (prepare_data.load_pairs): HH-RLHF (Anthropic/hh-rlhf via `datasets`, or a 
 chosen/rejected whole conversations) or a generic jsonl of {prompt, chosen, rejected}.
 
 out_dir gets: config.json, log.jsonl (per step: loss, reward_accuracy, reward_margin, chosen/rejected
-rewards, policy log-probs, lr; per eval the same with an eval_ prefix), dpo.png, adapter/ (LoRA, PEFT
-format) or model/ (full), ref_logps.json (precomputed mode), samples.md (before / after).
+rewards, policy log-probs, lr; per eval the same with an eval_ prefix), dpo.png, model/ (the tuned
+model; merged, with LoRA) and adapter/ (LoRA, PEFT format), ref_logps.json (precomputed mode),
+samples.md (before / after), ckpt/ (the state --resume continues from).
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from lora import LoRALinear, apply_lora, save_adapter, weight_dtype
+from lora import LoRALinear, apply_lora, save_adapter, unload_lora, weight_dtype
 from model import (GPT, OPTIMIZER_STATES, ChunkedCrossEntropy, all_ranks, autocast_and_scaler, cfg, load_train_state,
                    lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device, pick_precision, plot_log,
-                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
-from prepare_data import load_pairs
+                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
+from prepare_data import builtin_tasks, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -65,7 +66,9 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 @dataclass
 class DPOConfig:
-    init_from: str = cfg("gpt2", "starting (SFT) model: gpt2 name, HF model dir (gpt2/llama), or our checkpoint dir")
+    init_from: str = cfg("auto", "starting (SFT) model: gpt2 name, HF model dir (gpt2/llama), or our checkpoint dir; "
+                                 "auto: finetune.py's out-finetune/best_model if there is one (then, with no "
+                                 "--data_file, on the built-in preference pairs: the offline life cycle), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec (default: the model's)")
     data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default "
                                       "Anthropic/hh-rlhf")
@@ -118,12 +121,19 @@ class DPOConfig:
 
 
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference")  # fixed once a run exists
+SFT_MODEL = "out-finetune/best_model"  # what `python finetune.py` leaves
 
 
 def parse_args(argv=None) -> DPOConfig:
     c, given = parse_config(DPOConfig, argv, __doc__.split("\n\n")[0].strip())
     if c.resume:
         c = resumed_config(DPOConfig, c, given, c.out_dir, FIXED)
+    if c.init_from == "auto":
+        c.init_from = previous_stage(SFT_MODEL) or "gpt2"
+        if c.init_from == SFT_MODEL and c.data_file is None:
+            c.data_file = str(builtin_tasks()["pairs"])
+            print(f"offline default: {SFT_MODEL} (from finetune.py) on the built-in preference pairs {c.data_file}; "
+                  f"the real recipe names them: --init_from gpt2 (HH-RLHF from the hub)")
     if c.max_prompt_length >= c.max_length:
         raise ValueError(f"--max_prompt_length {c.max_prompt_length} must be < --max_length {c.max_length}")
     if c.reference == "adapter_off" and c.lora_rank == 0:
@@ -384,7 +394,6 @@ def train(c: DPOConfig) -> dict:
     precision = pick_precision(c.precision, device)
     torch.manual_seed(c.seed)
     out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite)
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
@@ -421,6 +430,8 @@ def train(c: DPOConfig) -> dict:
     policy.train()
     optimizer = make_optimizer(policy, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda")
 
+    # the run exists from here on (a run that failed while loading leaves nothing behind)
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
     rng, order, log, start = random.Random(c.seed), [], [], 0
     if c.resume:  # the weights, optimizer, data order and RNG of the last saved step
         start, extra = load_train_state(out, policy, optimizer)
@@ -441,7 +452,7 @@ def train(c: DPOConfig) -> dict:
         log_f.flush()
 
     def save(where: Path):
-        save_adapter(policy, where, c.init_from) if lora else policy.save_pretrained(where, format="native")
+        save_adapter(policy, where, c.init_from) if lora else policy.save_pretrained(where, "native", tok.source)
 
     t0 = time.time()
     for step in range(start, c.max_steps + 1):
@@ -486,6 +497,9 @@ def train(c: DPOConfig) -> dict:
     for p, b, a in zip(prompts, before, after):
         md += [f"## Prompt\n```\n{p[-500:]}\n```\n", f"**Before:** {b}\n", f"**After:** {a}\n"]
     atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
+    if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
+        unload_lora(policy, merge=True)
+        policy.save_pretrained(out / "model", format="native", tokenizer=tok.source)
     print(f"done in {time.time() - t0:.0f} s; outputs in {out}")
     return dict(log=log)
 

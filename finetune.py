@@ -53,8 +53,9 @@ from bpe import atomic_write, load_tokenizer
 from lora import apply_lora, save_adapter, trainable_report, unload_lora, weight_dtype
 from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, load_train_state, lr_at, make_optimizer,
                    open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
-                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
-from prepare_data import format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
+                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
+from prepare_data import (builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues,
+                          parse_dialogue)
 
 TASKS = ("instruction", "dialogue", "classify")
 
@@ -65,8 +66,9 @@ TASKS = ("instruction", "dialogue", "classify")
 @dataclass
 class FinetuneConfig:
     # model and data
-    init_from: str = cfg("gpt2", "gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF model dir (gpt2 or llama), or our "
-                                 "checkpoint dir")
+    init_from: str = cfg("auto", "gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF model dir (gpt2 or llama), or our "
+                                 "checkpoint dir; auto: train_gpt2.py's CPU checkpoint if there is one (then, with no "
+                                 "data flag, on the built-in task set: the offline life cycle), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec for bpe.load_tokenizer (default: the model dir's own, "
                                       "else GPT-2's)")
     task: str = cfg("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
@@ -142,10 +144,20 @@ FIXED = ("init_from", "tokenizer", "task", "num_classes", "lora_rank", "lora_alp
          "train_last_n_blocks")  # what a resumed run may not change
 
 
+PRETRAINED = "out/cpu/ckpt/model"  # what `python train_gpt2.py` leaves on a laptop
+BUILTIN = {"instruction": "instructions", "dialogue": "dialogues", "classify": "classes"}
+
+
 def parse_args(argv=None) -> FinetuneConfig:
     c, given = parse_config(FinetuneConfig, argv, __doc__.split("\n\n")[0].strip())
     if c.resume:
         c = resumed_config(FinetuneConfig, c, given, c.out_dir, FIXED)
+    if c.init_from == "auto":
+        c.init_from = previous_stage(PRETRAINED) or "gpt2"
+        if c.init_from == PRETRAINED and c.data_file is None and c.dataset is None:
+            c.data_file = str(builtin_tasks()[BUILTIN[c.task]])
+            print(f"offline default: {PRETRAINED} (from train_gpt2.py) on the built-in {c.task} set {c.data_file}; "
+                  f"the real recipe names them: --init_from gpt2 (Alpaca, HH-RLHF or GLUE from the hub)")
     if c.val_frac + c.test_frac >= 1:
         raise ValueError(f"--val_frac {c.val_frac} + --test_frac {c.test_frac} must be below 1")
     if c.score_every_eval and c.reward_model == "none" and not c.judge_url:
@@ -444,22 +456,6 @@ def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_to
     return out
 
 
-def _copy_tokenizer(c: FinetuneConfig, dst: Path):
-    """Put the tokenizer beside a saved model (as tokenizer/), so the model dir is self-contained."""
-    src = Path(c.tokenizer) if c.tokenizer and Path(c.tokenizer).is_dir() else None
-    init = Path(c.init_from)
-    if src is None and init.is_dir():
-        src = init / "tokenizer" if (init / "tokenizer").is_dir() else None
-        if src is None and any((init / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            src = init
-    if src is None:
-        return
-    (dst / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or src.name == "tokenizer"):
-            shutil.copy2(f, dst / "tokenizer" / f.name)
-
-
 # -----------------------------------------------------------------------------------------------
 # 5. The run
 
@@ -485,7 +481,7 @@ def load_data(c: FinetuneConfig, tok, block_size: int):
     return train_t, val_t[: c.eval_examples or None], test_t, test_ex
 
 
-def score_answers(c: FinetuneConfig, model, step: int, out: Path) -> dict:
+def score_answers(c: FinetuneConfig, model, tok, step: int, out: Path) -> dict:
     """--score_every_eval: the weights as they are now, rated by score.py in a fresh process (its
     command line is the interface, so the scoring code lives in one place)."""
     d = out / "scoring"
@@ -493,8 +489,7 @@ def score_answers(c: FinetuneConfig, model, step: int, out: Path) -> dict:
     if c.lora_rank > 0:
         save_adapter(model, d, c.init_from)
     else:
-        model.save_pretrained(d, format="native")
-        _copy_tokenizer(c, d)
+        model.save_pretrained(d, format="native", tokenizer=tok.source)
     cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", c.init_from,
            "--task", c.task, "--reward_model", c.reward_model, "--judge_model", c.judge_model,
            "--max_new_tokens", str(c.max_new_tokens), "--device", str(next(model.parameters()).device)]
@@ -513,7 +508,6 @@ def finetune(c: FinetuneConfig) -> dict:
     precision = pick_precision(c.precision, device)
     torch.manual_seed(c.seed)
     out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite)
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
@@ -541,6 +535,8 @@ def finetune(c: FinetuneConfig) -> dict:
     print(f"precision {precision}, {c.optimizer} lr {lr:g}, {total_steps} steps of {c.batch_size} x "
           f"{c.grad_accum} examples on {device}")
 
+    # the run exists from here on (a run that failed while loading leaves nothing behind)
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
     rng, order, log = random.Random(c.seed), [], []
     best_dir = out / ("best_adapter" if lora else "best_model")
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
@@ -575,7 +571,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     def save(where: Path):
         """LoRA: the PEFT adapter; full: the model; classify: also the head, beside them."""
-        save_adapter(gpt, where, c.init_from) if lora else gpt.save_pretrained(where, format="native")
+        save_adapter(gpt, where, c.init_from) if lora else gpt.save_pretrained(where, "native", tok.source)
         if classify:
             from safetensors.torch import save_file
 
@@ -592,7 +588,7 @@ def finetune(c: FinetuneConfig) -> dict:
                         m = classification_metrics(model, xs, c.batch_size, device, tok.eot_id, c.num_classes, autocast)
                         row.update({f"{name}_{k}": v for k, v in m.items()})
             if c.score_every_eval:
-                row.update(score_answers(c, gpt, step, out))
+                row.update(score_answers(c, gpt, tok, step, out))
             record(row)
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
             if val < best_val or not val_t:  # without a val set, the latest weights are kept
@@ -636,8 +632,6 @@ def finetune(c: FinetuneConfig) -> dict:
         gpt.load_state_dict(load_file(str(best_dir / "model.safetensors"), device=str(device)), strict=False)
         if classify:
             model.head.load_state_dict(load_file(str(best_dir / "classifier_head.safetensors"), device=str(device)))
-    if not lora and best_step >= 0:
-        _copy_tokenizer(c, best_dir)
     summary = dict(best_step=best_step, val_loss=best_val, val_ppl=math.exp(min(best_val, 50)),
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if test_t and not classify:
@@ -652,8 +646,7 @@ def finetune(c: FinetuneConfig) -> dict:
     if lora and not classify and c.save_merged and best_state is not None:
         try:
             unload_lora(gpt, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
-            gpt.save_pretrained(out / "best_model", format="native")
-            _copy_tokenizer(c, out / "best_model")
+            gpt.save_pretrained(out / "best_model", format="native", tokenizer=tok.source)
         except ValueError as e:  # e.g. a LoRA on a tied lm_head cannot be merged
             print(f"merged model not written: {e}")
     panels = [["loss", "val_loss"]] + [[k for k in ("val_accuracy", "test_accuracy", "reward_mean", "judge_mean")

@@ -48,9 +48,11 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from model import GPT, KVCache, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision, run_main
-from prepare_data import HELLASWAG_VAL_URL, download_hellaswag, load_hellaswag
+from model import (GPT, KVCache, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision,
+                   previous_stage, run_main)
+from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
+STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
 
 # -----------------------------------------------------------------------------------------------
 # 1. From an item to four (context tokens, continuation tokens) requests
@@ -464,9 +466,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
                                              "scoring) of our checkpoints and Hugging Face causal LMs.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--init_from", default="gpt2",
-                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, or "
-                         "our checkpoint directory (gpt_config.json + model.safetensors, e.g. out/ckpt/model)")
+    ap.add_argument("--init_from", default="auto",
+                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, or our "
+                         "checkpoint directory (e.g. out/ckpt/model); auto: the last stage's model on this machine "
+                         "(out-dpo/model, out-finetune/best_model, out/cpu/ckpt/model; then, with no --data_file, on "
+                         "the built-in multiple-choice set: the offline life cycle), else gpt2")
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
                          "default: hellaswag_val.jsonl in --cache_dir, downloaded if missing")
@@ -498,6 +502,13 @@ def main(argv=None):
 
     device = pick_device(args.device)
     rank, _, world_size = init_distributed(device)
+    if args.init_from == "auto":
+        args.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
+        if args.init_from != "gpt2" and args.data_file is None:
+            args.data_file = str(builtin_tasks()["hellaswag"]) if rank == 0 else "data/builtin_tasks/hellaswag.jsonl"
+            if rank == 0:
+                print(f"offline default: {args.init_from} on the built-in multiple-choice set {args.data_file} "
+                      f"(HellaSwag's schema); the real benchmark: --init_from gpt2 (HellaSwag from the web)")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if pick_precision("auto", device) == "bf16" else "float32"

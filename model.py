@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import atomic_write
+from bpe import atomic_write, tokenizer_dir, tokenizer_files
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -570,36 +570,45 @@ class GPT(nn.Module):
         model._init_buffers()  # the constant tables were built on the meta device
         if device is not None:
             model.to(device)
+        model.source_dir = path  # where its tokenizer is, for save_pretrained
         return model.eval()
 
-    def save_pretrained(self, out_dir: str, format: str = "hf"):
-        """Write `out_dir` as a Hugging Face model (config.json + model.safetensors) that stock
-        `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code:
-        GPT-2-style configs as model_type gpt2, LLaMA-style configs (rmsnorm + rope + swiglu) as
-        llama. format="native" writes our own gpt_config.json + model.safetensors instead, which any
-        config can use and GPT.from_pretrained reads back. Files are written to a temporary name
-        and renamed, so an interrupted save never leaves a half-written model that looks whole."""
+    def save_pretrained(self, out_dir: str, format: str = "hf", tokenizer=None):
+        """Write `out_dir` as a Hugging Face model that stock transformers loads with no custom code:
+        config.json + model.safetensors (GPT-2-style configs as model_type gpt2, LLaMA-style ones,
+        rmsnorm + rope + swiglu, as llama), the tokenizer (tokenizer.json + tokenizer_config.json,
+        so AutoTokenizer works; lm-evaluation-harness needs it beside the weights) and
+        generation_config.json (its end-of-text id, so HF generate stops there). format="native"
+        writes our own gpt_config.json instead, which any config can use. tokenizer: a bpe.Tokenizer
+        or a tokenizer directory; None = the tokenizer of the directory the model was loaded from,
+        if it had one. Every file is written to a temporary name and renamed."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         c = self.config
+        src = tokenizer if tokenizer is not None else tokenizer_dir(getattr(self, "source_dir", None) or out)
+        tok_files, eos, bos = tokenizer_files(src) if src is not None else ({}, None, None)
         sd = {k: v.detach() for k, v in self.state_dict().items()}
         if format == "native":
             if c.tie_embeddings:
                 sd.pop("lm_head.weight")  # safetensors refuses shared storage; re-tied on load
-            config_json = asdict(c)
-            weights = sd
-            config_name = "gpt_config.json"
+            config_json, weights, config_name = asdict(c), sd, "gpt_config.json"
         elif format == "hf":
             hf_type, config_json = hf_config_for(c)
-            weights = ours_to_hf(sd, c, hf_type)
-            config_name = "config.json"
+            weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
+            if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
+                config_json.update(bos_token_id=bos if bos is not None else eos, eos_token_id=eos)
         else:
             raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
         weights = {k: v.contiguous().cpu() for k, v in weights.items()}
         atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
-        atomic_write(out / config_name, lambda p: Path(p).write_text(json.dumps(config_json, indent=2)))
+        files = {config_name: json.dumps(config_json, indent=2), **tok_files}
+        if eos is not None:
+            files["generation_config.json"] = json.dumps(dict(bos_token_id=bos if bos is not None else eos,
+                                                              eos_token_id=eos, pad_token_id=eos), indent=2)
+        for name, data in files.items():
+            atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d if isinstance(d, bytes) else d.encode()))
         # files of an earlier save in another format must not linger beside these weights
         for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
                       "model.safetensors.index.json", "pytorch_model.bin"):
@@ -850,11 +859,14 @@ def _resolve_model_dir(name_or_dir: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(hub_id or name_or_dir, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json"]))
+            "config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
+            "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt"]))
     except Exception as e:  # offline, unknown repo, ...
-        raise FileNotFoundError(f"could not get {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}: "
-                                f"{e}). Download it on a machine with internet (huggingface-cli download "
-                                f"{hub_id or name_or_dir}) or pass a local directory.") from None
+        repo = hub_id or name_or_dir
+        local = "models/" + repo.split("/")[-1]
+        raise FileNotFoundError(f"could not get {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
+                                f"Offline? Where there is internet, run `hf download {repo} --local-dir {local}`, "
+                                f"copy {local}/ here and pass it instead of {name_or_dir!r}") from None
 
 
 class _LazyTensor:
@@ -1447,6 +1459,12 @@ def rewrite_log(path, keep) -> list[dict]:
     return rows
 
 
+def previous_stage(*dirs) -> str | None:
+    """The first of these directories that holds a saved model: an earlier stage's output, which a
+    stage run with no --init_from continues from (the offline life cycle)."""
+    return next((str(d) for d in dirs if any((Path(d) / f).exists() for f in ("gpt_config.json", "config.json"))), None)
+
+
 def read_log(path) -> list[dict]:
     """The rows of a log.jsonl. A damaged line (a kill while it was written, a full disk) is
     skipped, counted and reported rather than blocking a resume or a plot."""
@@ -1470,13 +1488,14 @@ def read_log(path) -> list[dict]:
 
 def run_main(main, argv=None):
     """Run a script's main so that a user error (a bad file, value or flag, missing data, an
-    unreachable hub, a full disk) is one line `error: ...` and exit status 2, with no traceback.
-    Anything else is a bug and keeps its traceback."""
+    unreachable hub, a full disk) is one line `error: ...` and exit status 2, with no traceback;
+    under torchrun only rank 0 says it. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"error: {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+            print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

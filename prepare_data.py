@@ -6,6 +6,8 @@ and written to data/<name>/ (change with --out_dir and --name).
     python prepare_data.py shakespeare      # tiny Shakespeare (1 MB, downloaded with requests)
     python prepare_data.py text --input "books/*.txt" --name books     # your own corpus
     python prepare_data.py fineweb          # FineWeb-Edu sample-10BT: ~100 shards of 100M tokens
+    python prepare_data.py builtin_tasks    # no network: instructions, preference pairs, classification
+                                            # and multiple choice, from the stdlib's documentation
     python prepare_data.py hellaswag        # HellaSwag validation set, for hellaswag.py
     python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # jsonl for finetune.py
     python prepare_data.py hh --split train          # HH-RLHF dialogues for finetune.py --task dialogue
@@ -358,10 +360,9 @@ def estimate_val_tokens(files: list[Path], tokenizer: str, val_fraction: float) 
     return max(1, int(val_fraction * total * n / len(sample.encode("utf-8"))))
 
 
-def stdlib_documents(packages: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """(path, text) per module: the docstrings of the standard library's modules, classes and
-    functions (and of `packages`), read with ast (nothing is imported), plus pydoc_data's topics.
-    Sorted by path, so the corpus is deterministic for a given installation."""
+def _source_trees(packages: Iterable[str] = ()):
+    """(label/relative path, ast tree) of every parsable .py file of the standard library (and of
+    `packages`), tests left out, in sorted order. Nothing is imported."""
     roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
     for pkg in packages:
         import importlib.util
@@ -371,24 +372,30 @@ def stdlib_documents(packages: Iterable[str] = ()) -> list[tuple[str, str]]:
             raise ValueError(f"--packages: {pkg!r} is not installed")
         origin = Path(spec.origin)
         roots.append((pkg, origin.parent if origin.name == "__init__.py" else origin))
-    docs = []
     for label, root in roots:
-        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
-        for f in files:
+        for f in [root] if root.is_file() else sorted(root.rglob("*.py")):
             rel = f.relative_to(root.parent if root.is_file() else root)
             if label == "stdlib" and ("site-packages" in rel.parts or "dist-packages" in rel.parts):
                 continue
             if any(p in ("test", "tests", "idle_test") for p in rel.parts):
                 continue
             try:
-                tree = ast.parse(f.read_text(encoding="utf-8"))
+                yield f"{label}/{rel.as_posix()}", ast.parse(f.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue  # a few stdlib files are deliberately invalid (lib2to3 test data, ...)
-            parts = [ast.get_docstring(n) for n in ast.walk(tree)
-                     if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-            text = "\n\n".join(p for p in parts if p and p.strip())
-            if text:
-                docs.append((f"{label}/{rel.as_posix()}", text))
+
+
+def stdlib_documents(packages: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(path, text) per module: the docstrings of the standard library's modules, classes and
+    functions (and of `packages`), plus pydoc_data's topics. Sorted by path, so the corpus is
+    deterministic for a given installation."""
+    docs = []
+    for path, tree in _source_trees(packages):
+        parts = [ast.get_docstring(n) for n in ast.walk(tree)
+                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(p for p in parts if p and p.strip())
+        if text:
+            docs.append((path, text))
     try:
         from pydoc_data.topics import topics  # the language reference, as `help()` shows it
         for key in sorted(topics):
@@ -443,6 +450,60 @@ def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(),
                "tokenizer": tokenizer_name(tokenizer), "packages": list(packages)}
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir
+
+
+def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 2000, seed: int = 0) -> dict[str, Path]:
+    """The offline life cycle's task data, derived from the standard library's own documentation
+    (the same text the built-in corpus pretrains on): for each documented public function or class,
+    the first sentence of its docstring. Writes, once (a finished folder is kept):
+      instructions.jsonl  Alpaca records: a question about `module.name` -> that sentence
+      dialogues.jsonl     the same as one-turn HH-RLHF conversations
+      pairs.jsonl         preference pairs: that sentence preferred to another name's
+      classes.jsonl       classification: is the sentence about a class (1) or a function (0)?
+      hellaswag.jsonl     HellaSwag's schema, from the held-out modules only (is_val_document): the
+                          sentence's first words as the context, its true rest against three others."""
+    out = Path(out_dir)
+    files = {k: out / f"{k}.jsonl" for k in ("instructions", "dialogues", "pairs", "classes", "hellaswag")}
+    if all(f.exists() for f in files.values()):
+        return files
+    found = []  # (held out?, module.name, is a class?, first sentence)
+    for path, tree in _source_trees():
+        module = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
+                first = " ".join(first.split())
+                if 24 <= len(first) <= 160 and first.endswith(".") and len(first.split()) >= 4:
+                    found.append((is_val_document(path), f"{module}.{node.name}", isinstance(node, ast.ClassDef), first))
+    rng = random.Random(seed)
+    train = [r for r in found if not r[0]]
+    rng.shuffle(train)
+    train = train[:n_max]
+    questions = ("What does `{}` do?", "Explain `{}` in one sentence.", "What is `{}` for?")
+    instructions = [{"instruction": rng.choice(questions).format(name), "input": "", "output": first}
+                    for _, name, _, first in train]
+    other = lambda i, pool: next(x for x in (rng.choice(pool) for _ in iter(int, 1)) if x != pool[i])  # noqa: E731
+    answers = [r["output"] for r in instructions]
+    pairs = [{"prompt": format_prompt(r), "chosen": r["output"], "rejected": other(i, answers)}
+             for i, r in enumerate(instructions)]
+    classes = [{"text": first, "label": int(is_class)} for _, _, is_class, first in train]
+    held = [r for r in found if r[0]][:500]
+    halves = [(w[: len(w) // 2], w[len(w) // 2:]) for w in (first.split() for *_, first in held)]
+    items = []
+    for i, ((_, name, _, _), (ctx, rest)) in enumerate(zip(held, halves)):
+        endings = [" ".join(rest)] + [" ".join(other(i, [h[1] for h in halves])) for _ in range(3)]
+        label = rng.randrange(4)
+        endings[0], endings[label] = endings[label], endings[0]
+        items.append({"activity_label": name.rsplit(".", 1)[0], "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
+                      "label": label, "ind": i, "split": "val", "source_id": name})
+    dialogues = [{"chosen": format_dialogue([("Human", " " + r["instruction"]), ("Assistant", " " + r["output"])])}
+                 for r in instructions]
+    for key, rows in (("instructions", instructions), ("dialogues", dialogues), ("pairs", pairs),
+                      ("classes", classes), ("hellaswag", items)):
+        _write_jsonl(files[key], rows, quiet=True)
+    print(f"built-in tasks: {len(instructions)} instructions, {len(pairs)} pairs, {len(classes)} classification "
+          f"examples, {len(items)} multiple-choice items -> {out}", file=sys.stderr)
+    return files
 
 
 def fineweb_documents(remote_name: str, dataset: str = "HuggingFaceFW/fineweb-edu") -> Iterator[str]:
@@ -795,11 +856,16 @@ def cmd_fineweb(args):
                  extra_meta={"source": f"{args.dataset}:{args.remote_name}"})
 
 
-def _write_jsonl(path: Path, rows: list[dict]):
+def _write_jsonl(path: Path, rows: list[dict], quiet: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                     encoding="utf-8"))
-    print(f"{len(rows)} records -> {path}")
+    if not quiet:
+        print(f"{len(rows)} records -> {path}")
+
+
+def cmd_builtin_tasks(args):
+    builtin_tasks(Path(args.out_dir) / (args.name or "builtin_tasks"))
 
 
 def cmd_hellaswag(args):
@@ -848,6 +914,12 @@ def build_parser():
     p.add_argument("--vocab_size", type=int, default=4096, help="size of the BPE trained on the corpus")
     p.add_argument("--packages", nargs="*", default=[], help="installed packages whose docstrings to add")
     p.set_defaults(fn=cmd_builtin)
+
+    p = sub.add_parser("builtin_tasks", help="no-network task data from the stdlib's documentation: instructions, "
+                                             "preference pairs, classification, multiple choice (HellaSwag schema)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(p, "builtin_tasks", tokenizer=False)
+    p.set_defaults(fn=cmd_builtin_tasks)
 
     p = sub.add_parser("text", help="local text files or globs (one file = one document)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -716,7 +716,8 @@ def test_bpe_cli(tmp_path):
     pieces = [tok.decode([i]) for i in tok.encode("Mr. Bennet said")]
     assert r.returncode == 0 and r.stdout.rstrip("\n") == "|".join(pieces) and "tokens" in r.stderr
     if (BPE_DATA / "gpt2.tiktoken").is_file():
-        r = _bpe_cli("compare", "--tokenizer", "tok", "--input", "en.txt", "zh.txt", cwd=tmp_path)
+        r = subprocess.run([sys.executable, str(ROOT / "bench_speed.py"), "tokens", "--tokenizer", "tok", "--files",
+                            "en.txt", "zh.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         gpt2 = _bpe_tiktoken_gpt2(BPE_DATA / "gpt2.tiktoken")
         zh_row = next(line for line in r.stdout.split("\n") if line.startswith("zh.txt"))
@@ -844,6 +845,72 @@ def test_model_save_pretrained_loads_in_transformers(tmp_path, preset, overrides
     back = GPT.from_pretrained(str(tmp_path / "out"))  # and back into ours
     with torch.no_grad():
         assert max_diff(back(IDX)[0], logits) <= 1e-5
+
+
+def _eos_first(model: GPT, prompt: list[int], eos: int):
+    """Make greedy decoding's first new token the end-of-text id: its output row points along the
+    prompt's last hidden state, far beyond every other logit."""
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([prompt]))[0, -1]
+        model.lm_head.weight[eos] = 100 * h / h.norm() ** 2  # its logit: 100
+
+
+def _hf_tokenizer_dir(d, words):
+    """A LLaMA-style HF tokenizer (word-level, <s> as BOS, </s> as EOS), as its own model dir would hold."""
+    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    tk = HFTok(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(d)
+
+
+@pytest.mark.parametrize("kind", ["ours", "gpt2", "llama"])
+def test_model_save_pretrained_writes_tokenizer_and_generation_config(tmp_path, kind):
+    """The export is complete: AutoTokenizer on it gives our ids, config.json and generation_config.json
+    name the end-of-text id, and HF generate stops there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = ["Hello world, it is 12345678 o'clock.\n\n  Spaces  and\ttabs", "caf\u00e9 \u4e2d\u6587 <|endoftext|> ok",
+             "def f(x):\n    return x ** 2  # comment"]
+    torch.manual_seed(0)
+    if kind == "ours":  # a tokenizer trained with bpe.py, saved by hand beside the model
+        tok = Tokenizer.train(BPE_SMALL_CORPUS + "\n".join(texts), 400, special_tokens=["<|endoftext|>"])
+        model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400)).eval()
+        model.save_pretrained(tmp_path / "src", format="native", tokenizer=tok)
+        ours = load_tokenizer(None, str(tmp_path / "src"))
+    elif kind == "gpt2":  # GPT-2's own vocabulary (the rank file) on a GPT-2-shaped checkpoint
+        if not (SHARED / "gpt2.tiktoken").exists():
+            pytest.skip("../shared/data/gpt2.tiktoken absent: GPT-2's tokenizer is needed")
+        model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=50257)).eval()
+        model.save_pretrained(tmp_path / "src", tokenizer=bpe.load_bpe(str(SHARED / "gpt2.tiktoken")))
+        ours = load_tokenizer(str(SHARED / "gpt2.tiktoken"))
+    else:  # a HF LLaMA checkpoint with its own tokenizer: copied along when we re-save it
+        words = sorted(set(" ".join(texts).split()))
+        _, d = hf_llama(tmp_path, vocab_size=3 + len(words))
+        _hf_tokenizer_dir(d, words)
+        model = GPT.from_pretrained(str(d))
+        model.save_pretrained(tmp_path / "src")
+        ours = load_tokenizer(None, str(d))
+    model = GPT.from_pretrained(str(tmp_path / "src"))  # the tokenizer travels on: saved again below
+    model.save_pretrained(tmp_path / "export")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    for text in texts:
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    eos = ours.eot_id
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    gen = json.loads((tmp_path / "export" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == gen["eos_token_id"] == hf_tok.eos_token_id == eos
+    if kind == "llama":
+        assert config["bos_token_id"] == hf_tok.bos_token_id == 1
+    # HF generate stops at the end-of-text token of generation_config.json
+    prompt = ours.encode(texts[0])[:6]
+    _eos_first(model, prompt, eos)
+    model.save_pretrained(tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert out[0].tolist() == prompt + [eos]
 
 
 def test_model_unexpressible_config_says_so_and_native_format_works(tmp_path):
@@ -1526,6 +1593,15 @@ def test_train_help_documents_every_flag_and_bad_batch_is_explained(train_corpus
         _train(data_dir, tmp_path / "o", "--total_batch_size", "320")
 
 
+def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(train_corpus, tmp_path, capsys):
+    cfg, _ = train_gpt2.parse_args(["--recipe", "cpu"])
+    assert cfg.ckpt_interval == 50 and cfg.max_steps == 300  # a kill at step 185 keeps step 150
+    _, _, data_dir, _ = train_corpus
+    train, _ = _train(data_dir, tmp_path / "o", "--max_steps", 4, "--warmup_steps", 715)
+    assert "warmup 1 (capped at 10% of the 4 steps)" in capsys.readouterr().out
+    assert train[0]["lr"] == pytest.approx(3e-3)  # the peak at once: a 1-step warmup
+
+
 # -----------------------------------------------------------------------------------------------
 # hellaswag.py
 
@@ -2181,7 +2257,7 @@ def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert min(r["val_loss"] for r in evals[1:]) < evals[0]["val_loss"] - 0.05
     for f in ("config.json", "loss.png", "responses.jsonl", "responses.md", "best_model/gpt_config.json",
-              "best_model/tokenizer/tokenizer.bpe"):
+              "best_model/tokenizer.bpe", "best_model/tokenizer.json"):
         assert (out / f).exists(), f
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 2 and {"response_before", "response_after", "output"} <= set(responses[0])
@@ -2724,6 +2800,78 @@ def test_chat_two_turns_reset_quit(tmp_path):
                         if t != tok.eot_id])
     first = first.split("\n\nHuman:")[0]
     assert text.split("\n")[1].startswith("Assistant:" + first[:3])
+
+
+# -----------------------------------------------------------------------------------------------
+# the whole life cycle on a laptop, offline (README "The whole life cycle on a laptop")
+
+
+def _run(cwd, *cmd, stdin=None, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
+    return subprocess.run([sys.executable, *map(str, cmd)] if cmd[0] != "torchrun" else list(map(str, cmd)), cwd=cwd,
+                          input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """The project's scripts in an empty folder, no ../shared beside it: what a new user has."""
+    d = tmp_path_factory.mktemp("clone") / "nano-llm"
+    d.mkdir()
+    for f in ROOT.glob("*.py"):
+        (d / f.name).write_text(f.read_text())
+    return d
+
+
+def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
+    d = fresh_clone
+    steps = [("train_gpt2.py", "--max_steps", 6, "--eval_interval", 3, "--num_samples", 0),
+             ("finetune.py", "--lora_rank", 16, "--grad_accum", 8, "--max_steps", 3, "--eval_interval", 3,
+              "--n_generate", 2, "--max_new_tokens", 6, "--eval_examples", 16),
+             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--n_generate", 1, "--max_new_tokens", 4,
+              "--eval_pairs", 8),
+             ("hellaswag.py", "--limit", 20, "--no_progress")]
+    leaves = ["out/cpu/ckpt/model/gpt_config.json", "out-finetune/best_model/gpt_config.json", "out-dpo/model/gpt_config.json",
+              None]
+    for cmd, left in zip(steps, leaves):
+        r = _run(d, *cmd)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+        assert left is None or (d / left).exists(), (cmd, left)
+    assert "out/cpu/ckpt/model (from train_gpt2.py) on the built-in instruction set" in _run(
+        d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--n_generate", 0, "--eval_examples", 4).stdout
+    assert "hellaswag scoring=harness n=20" in r.stdout and "out-dpo/model" in r.stdout
+    r = _run(d, "chat.py", "--max_new_tokens", 5, stdin="what does len do?\n/quit\n")
+    assert r.returncode == 0 and "chatting with out-dpo/model" in r.stdout and "Assistant:" in r.stdout
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_life_cycle_torchrun_default_recipe_on_cpu(fresh_clone, world):
+    """The default CPU recipe under torchrun: the micro-batch adapts so that the step divides."""
+    d = fresh_clone
+    if not (d / "data" / "builtin" / "corpus.json").exists():
+        pytest.skip("needs the built-in corpus of the life-cycle test")
+    r = _run(d, "torchrun", "--standalone", f"--nproc_per_node={world}", "train_gpt2.py", "--max_steps", 3,
+             "--out_dir", f"out/torchrun{world}", "--num_samples", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = {2: 8, 8: 2}[world]  # 2048 tokens = b x 128 x world
+    assert f"{b} x 128 x {world} ranks x 1 accumulation (batch_size 16 lowered to {b}" in r.stdout
+    assert r.stdout.count("step     2/3") == 1  # rank 0 alone logs
+
+
+def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fresh_clone):
+    """No checkpoint of an earlier stage and no hub: each stage says what to do in one line."""
+    for f in fresh_clone.glob("*.py"):
+        (tmp_path / f.name).write_text(f.read_text())
+    for cmd in (["finetune.py", "--lora_rank", 16, "--grad_accum", 8], ["dpo.py"], ["hellaswag.py"],
+                ["chat.py", "--prompt", "hi"], ["finetune.py", "--init_from", "gpt2", "--tokenizer", "gpt2"]):
+        r = _run(tmp_path, *cmd, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (cmd, r.stderr[-2000:])
+        assert "hf download" in lines[0] or "tiktoken" in lines[0], lines[0]
+    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", "train_gpt2.py", "--batch_size", 16,
+             "--total_batch_size", 3072, "--max_steps", 1)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and ours == ["error: --total_batch_size 3072 is not a multiple of batch_size * seq_len * "
+                                          "world_size = 16 * 128 * 2; --batch_size 12 divides it"]
 
 
 # -----------------------------------------------------------------------------------------------

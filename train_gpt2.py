@@ -31,6 +31,7 @@ steps done before it: step 0 is the untrained model, step max_steps the final on
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -239,13 +240,13 @@ def unigram_entropy(stream: TokenStream, vocab_size: int, max_tokens: int = 10 *
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Checkpoints: out_dir/ckpt/model/ (GPT.from_pretrained loads it; a bpe.py tokenizer is copied
-#    into model/tokenizer/) and out_dir/ckpt/state.pt (torch.load(..., weights_only=True)): the
+# 3. Checkpoints: out_dir/ckpt/model/ (GPT.from_pretrained loads it; the data's tokenizer is saved
+#    beside the weights, in our format and Hugging Face's) and out_dir/ckpt/state.pt (torch.load(..., weights_only=True)): the
 #    optimizer, the step, the data position and every rank's RNG states (model.rng_state).
 
 
 def save_checkpoint(out_dir: Path, raw_model, optimizer, step: int, loader: DataLoader, cfg: TrainConfig,
-                    tokenizer_name: str, data_dir, rngs: list[dict]):
+                    tokenizer_name: str, tokenizer, rngs: list[dict]):
     """Write everything to out_dir/ckpt.tmp/, then swap it in with renames: a kill at any moment
     leaves either the previous checkpoint or the new one, never a half-written one that looks whole
     (state.pt is written last; a directory without it is never read). A failed write (a full disk)
@@ -253,9 +254,7 @@ def save_checkpoint(out_dir: Path, raw_model, optimizer, step: int, loader: Data
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        raw_model.save_pretrained(tmp / "model", format="native")
-        if (Path(data_dir) / "tokenizer" / "tokenizer.bpe").exists():
-            shutil.copytree(Path(data_dir) / "tokenizer", tmp / "model" / "tokenizer")
+        raw_model.save_pretrained(tmp / "model", format="native", tokenizer=tokenizer)
         state = {"step": step, "optimizer": optimizer.state_dict(),
                  "data": {"pos": loader.pos, "epoch": loader.epoch, "total_batch_size": loader.step_tokens},
                  "rng": rngs, "config": asdict(cfg), "tokenizer": tokenizer_name, "world_size": len(rngs)}
@@ -405,6 +404,8 @@ def train(cfg: TrainConfig, given: dict | None = None):
         cfg = TrainConfig(**{**saved, **given, "resume": True, "overwrite": False})
         say(f"resuming from {ckpt} at step {state['step']}")
 
+    B, grad_accum, batch_note = batch_plan(cfg, given, world)  # before any work: a bad batch fails at once
+
     # ---- data: built-in corpus prepared on first use; shard headers checked against each other
     if master and cfg.data_dir == RECIPES["cpu"]["data_dir"] and not prepare_data.list_shards(cfg.data_dir, "train"):
         say(f"preparing the built-in corpus in {cfg.data_dir} (once; see prepare_data.py builtin)")
@@ -417,7 +418,6 @@ def train(cfg: TrainConfig, given: dict | None = None):
     if len(val_stream) < cfg.seq_len + 1:
         raise ValueError(f"the val split of {cfg.data_dir} has {len(val_stream)} tokens, fewer than one sequence "
                          f"of seq_len + 1 = {cfg.seq_len + 1}")
-    B, grad_accum, batch_note = batch_plan(cfg, given, world)
     T = cfg.seq_len
     warmup = cfg.warmup_steps if cfg.warmup_steps <= cfg.max_steps // 2 else max(1, cfg.max_steps // 10)
     warmup_note = f" (capped at 10% of the {cfg.max_steps} steps)" if warmup != cfg.warmup_steps else ""
@@ -480,10 +480,11 @@ def train(cfg: TrainConfig, given: dict | None = None):
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers=False: the buffers (vocab-pad bias, RoPE tables) are constants, identical on
-        # every rank; re-sending them before every forward would only cost time
-        train_module = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None,
-                           broadcast_buffers=False)
+        # the buffers (vocab-pad bias, RoPE tables) are constants, identical on every rank: re-sending them
+        # before every forward would only cost time (forward_sync_buffers is torch >= 2.13's name for it)
+        sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                    else {"broadcast_buffers": False})
+        train_module = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None, **sync_off)
     ddp_module = train_module
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
     if use_compile:
@@ -511,7 +512,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
             rngs = all_ranks(rng_state(device))  # every rank's streams, for an exact resume
             if master:
                 save_checkpoint(out_dir, raw_model, optimizer, step, train_loader, cfg, meta["tokenizer"],
-                                cfg.data_dir, rngs)
+                                tok.source if tok is not None else None, rngs)
         if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
             t0 = time.time()
             rec = {"type": "eval", "step": step,

@@ -1,0 +1,287 @@
+"""
+sweep.py: compare fine-tuning configurations, LoRA ranks against full fine-tuning above all. Each
+configuration of a grid is one finetune.py run in a fresh process (one run's memory peak or crash
+cannot touch the next); the rows end up in one table and one plot.
+
+Run it:
+    python sweep.py                          # offline: lora_rank=0,2,8 on train_gpt2.py's CPU checkpoint
+    python sweep.py --set lora_rank=0,4,16 --set lora_alpha=16,32 --max_steps 200 --out_dir sweeps/mine
+    python sweep.py --resume --out_dir sweeps/mine      # after a kill or a failure: done rows are kept
+    python sweep.py --help
+
+Each --set NAME=V1,V2,... is a finetune.py flag and its values; several --set form every combination.
+Every other flag goes unchanged to every run (the model, the data, the seed, so every row trains on the
+same split), then the row's own values, then --out_dir OUT/runs/<name> --overwrite. A run is named by
+its values, e.g. lora_rank=4,lora_alpha=16.
+
+The two studies:
+  (1) GPT-2 on Alpaca, LoRA ranks 1-32 against full fine-tuning:
+    python sweep.py --init_from gpt2 --set lora_rank=0,1,2,4,8,16,32 --grad_accum 8 --n_samples 200 \\
+        --max_response_chars 512 --out_dir sweeps/gpt2-alpaca
+  (2) GPT-2 medium, LoRA against full fine-tuning on instruction tuning and three classification tasks,
+      varying rank, alpha, the adapted layers and the optimizer, one axis a sweep:
+    python sweep.py --init_from gpt2-medium --set lora_rank=0,4,16,64 --set lora_alpha=16,32 --grad_accum 8 \\
+        --n_samples 200 --max_response_chars 512 --out_dir sweeps/medium-alpaca
+    C="--init_from gpt2-medium --task classify --dataset sst2 --num_classes 2 --balance --n_samples 4000 --max_steps 300"
+    python sweep.py $C --set lora_rank=0,4,16,64 --out_dir sweeps/medium-sst2-rank
+    python sweep.py $C --lora_rank 16 --set lora_alpha=8,16,32,64 --out_dir sweeps/medium-sst2-alpha
+    python sweep.py $C --set lora_rank=0,16 --set train_last_n_blocks=0,6,12 --out_dir sweeps/medium-sst2-layers
+    python sweep.py $C --set lora_rank=0,16 --set optimizer=adamw,sgd_momentum --out_dir sweeps/medium-sst2-optim
+  and the same four with --dataset sms_spam (2 classes) and --dataset mnli --num_classes 3.
+  Rows rated by a reward model or an LLM judge: add finetune.py's --score_every_eval --reward_model X
+  (or --judge_url U); each row gets the last evaluation's reward_mean / judge_mean.
+
+OUT gets: config.json (the sweep), results.jsonl (one row per configuration: config, best val loss,
+val perplexity, test metrics, trainable parameters, peak memory, seconds, tokens/s, status "ok" or
+"failed" with its reason), results.md (the table, best row marked: lowest val loss, or highest test
+accuracy with --task classify), results.png (val loss or accuracy, and peak memory, against trainable
+parameters), runs/<name>/ (each finetune.py run) and runs/<name>.log (its console output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bpe import atomic_write
+from model import open_run, run_main
+
+FINETUNE = Path(__file__).resolve().with_name("finetune.py")
+DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU
+OWN = ("out_dir", "overwrite", "resume", "task")  # the sweep's flags: a --set cannot vary them
+SUMMARY = ("best_step", "val_loss", "val_ppl", "test_loss", "test_ppl", "test_accuracy", "test_macro_f1",
+           "trainable", "peak_memory_mb", "seconds", "tokens_per_s")
+SCORES = ("reward_mean", "judge_mean")
+
+
+def parse_args(argv=None):
+    """(the sweep's own flags, every other flag: passed to finetune.py as given)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+                                 epilog="Every other flag is passed to each finetune.py run (python finetune.py "
+                                        "--help lists them).")  # no abbreviations: --out must reach finetune.py
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2,...",
+                    help="a finetune.py flag (no dashes) and its values, comma-separated, or semicolon-separated "
+                         "when a value holds commas ('lora_targets=q,v;all'); true/false give --NAME/--no-NAME. "
+                         f"Several --set: every combination (default: {DEFAULT_SET})")
+    ap.add_argument("--out_dir", default="out-sweep", help="where results and runs go (default: out-sweep)")
+    ap.add_argument("--task", default="instruction", choices=("instruction", "dialogue", "classify"),
+                    help="finetune.py's --task, passed on; classify: rows ranked and plotted by test accuracy "
+                         "(default: instruction)")
+    ap.add_argument("--resume", action="store_true", help="continue the sweep in out_dir: rows already done "
+                    "(status ok, same flags) are kept, the rest (failed ones too) run; alone, it repeats the "
+                    "saved sweep")
+    ap.add_argument("--overwrite", action="store_true", help="replace a sweep already in out_dir")
+    return ap.parse_known_args(argv)
+
+
+# -----------------------------------------------------------------------------------------------
+# The grid
+
+
+def parse_set(spec: str) -> tuple[str, list[str]]:
+    name, eq, values = spec.partition("=")
+    if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or not values.strip(" ,;"):
+        raise ValueError(f"--set {spec!r}: expected NAME=V1,V2,... with NAME a finetune.py flag without dashes")
+    if name in OWN:
+        raise ValueError(f"--set {name}: that is the sweep's own flag, the same for every run")
+    vals = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
+    return name, list(dict.fromkeys(vals))  # a value given twice runs once
+
+
+def grid(specs: list[str]) -> list[dict]:
+    """Every combination of the --set values, in the order given (the last flag varies fastest)."""
+    axes = {}
+    for spec in specs:
+        name, values = parse_set(spec)
+        if name in axes:
+            raise ValueError(f"--set {name} given twice; list all its values in one --set")
+        axes[name] = values
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def run_name(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items())
+
+
+def as_flags(config: dict) -> list[str]:
+    # --k=v, not --k v: a value such as -1 would read as a flag
+    bools = {"true": "--{}", "false": "--no-{}"}
+    return [bools[v.lower()].format(k) if v.lower() in bools else f"--{k}={v}" for k, v in config.items()]
+
+
+def dir_name(config: dict) -> str:
+    return re.sub(r"[^\w.,=+-]", "_", run_name(config))  # a path in a value (init_from=a/b) is one folder
+
+
+# -----------------------------------------------------------------------------------------------
+# One run: finetune.py in a fresh process, its summary (or the reason it failed) as a row
+
+
+def failure_reason(returncode: int, stderr: str) -> str:
+    """What stopped a run: the kernel's OOM killer leaves no message, only the signal; otherwise the
+    `error: ...` line of run_main, else the last line (a traceback's exception, argparse's complaint)."""
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        return f"out of memory (killed by {sig})"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [f"exit status {returncode}"])[-1][:300]
+
+
+def collect(run_dir: Path) -> dict:
+    """The row's numbers from summary.json, its lora_rank from the run's config.json (0 = full), and
+    the last evaluation's reward/judge means from log.jsonl when the run was scored."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    row = {k: s[k] for k in SUMMARY if k in s}
+    row["lora_rank"] = json.loads((run_dir / "config.json").read_text())["lora_rank"]
+    evals = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
+    row.update({k: evals[-1][k] for k in SCORES if evals and k in evals[-1]})
+    return row
+
+
+def run_one(config: dict, flags: list[str], runs: Path) -> dict:
+    run_dir = runs / dir_name(config)
+    cmd = [sys.executable, str(FINETUNE), *flags, "--out_dir", str(run_dir), "--overwrite"]
+    row = dict(name=run_name(config), config=config, flags=flags)
+    # the console output goes beside the run dir: finetune.py --overwrite empties the run dir itself
+    with open(runs / f"{dir_name(config)}.log", "w") as log:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+        log.write(p.stderr)
+    if p.returncode != 0:
+        return dict(row, status="failed", reason=failure_reason(p.returncode, p.stderr))
+    return dict(row, status="ok", **collect(run_dir))
+
+
+# -----------------------------------------------------------------------------------------------
+# The results: table, plot
+
+
+def best_row(rows: list[dict], classify: bool) -> dict | None:
+    metric = "test_accuracy" if classify else "val_loss"
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None and not math.isnan(r[metric])]
+    return min(ok, key=lambda r: -r[metric] if classify else r[metric], default=None)
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None or row["status"] != "ok":
+        return ""
+    if key in ("trainable", "best_step"):
+        return f"{v:,d}"
+    return f"{v:,.0f}" if key in ("peak_memory_mb", "tokens_per_s") else f"{v:.4g}" if "ppl" in key else f"{v:.4f}"
+
+
+def results_table(rows: list[dict], classify: bool, flags: list[str]) -> str:
+    tests = ["test_accuracy", "test_macro_f1"] if classify else ["test_loss", "test_ppl"]
+    cols = (["best_step", "val_loss", "val_ppl"] + tests + [k for k in SCORES if any(k in r for r in rows)]
+            + ["trainable", "peak_memory_mb", "seconds", "tokens_per_s"])
+    best = best_row(rows, classify)
+    md = [f"# Sweep: finetune.py {' '.join(flags)}\n",
+          f"★ = {'highest test accuracy' if classify else 'lowest val loss'}; lora_rank=0 is full fine-tuning; "
+          f"peak memory: CUDA max allocated, or the process's peak RSS on a CPU\n",
+          "| | run | " + " | ".join(cols) + " | status |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        status = "ok" if r["status"] == "ok" else "failed: " + r["reason"].replace("|", "\\|")
+        md.append(f"| {'★' if r is best else ''} | {r['name']} | "
+                  + " | ".join(_cell(r, k) for k in cols) + f" | {status} |")
+    return "\n".join(md) + "\n"
+
+
+def plot(rows: list[dict], path: Path, classify: bool) -> int:
+    """Quality and peak memory against trainable parameters (log x); full fine-tuning as a star.
+    Returns the number of points per panel (one per ok row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "test_accuracy" if classify else "val_loss"
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    if not ok:
+        return 0
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = ((metric, "test accuracy" if classify else "best val loss"), ("peak_memory_mb", "peak memory (MB)"))
+    for ax, (key, label) in zip(axes, panels):
+        for full, style in ((False, dict(marker="o", s=40, color="C0", label="LoRA")),
+                            (True, dict(marker="*", s=200, color="C3", label="full fine-tuning"))):
+            pts = [r for r in ok if (r.get("lora_rank") == 0) == full]
+            if pts:
+                ax.scatter([r["trainable"] for r in pts], [r[key] for r in pts], **style)
+        for r in ok:
+            ax.annotate(r["name"], (r["trainable"], r[key]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.set(xscale="log", xlabel="trainable parameters", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return len(ok)
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+# -----------------------------------------------------------------------------------------------
+# The sweep
+
+
+def main(argv=None) -> list[dict]:
+    args, passed = parse_args(argv)
+    out = Path(args.out_dir)
+    saved = out / "config.json"
+    if args.resume and not args.set and not passed and saved.exists():  # `--resume --out_dir D` alone
+        s = json.loads(saved.read_text())
+        args.set, passed, args.task = s["set"], s["flags"], s["task"]
+    if not args.set:
+        args.set = [DEFAULT_SET]
+        print(f"no --set: the default sweep {DEFAULT_SET} (full fine-tuning against LoRA ranks 2 and 8), on "
+              f"finetune.py's defaults unless flags say otherwise")
+    configs = grid(args.set)
+    if len({dir_name(c) for c in configs}) < len(configs):
+        raise ValueError("two configurations would share a run folder; their values differ only in characters "
+                         "that cannot be in a folder name")
+    shared = ["--task", args.task, *passed]
+    open_run(out, resume=args.resume, overwrite=args.overwrite)  # the lock; refuses to mix two sweeps
+    old = {}
+    if args.resume and (out / "results.jsonl").exists():
+        old = {json.dumps(r["flags"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+               if r["status"] == "ok"}
+    atomic_write(saved, lambda p: Path(p).write_text(json.dumps(dict(set=args.set, flags=passed, task=args.task))))
+    (out / "runs").mkdir(exist_ok=True)
+    keys = [json.dumps(shared + as_flags(c)) for c in configs]
+    done = {k: old[k] for k in keys if k in old}  # in every write below: a second kill loses none of them
+    for i, (config, key) in enumerate(zip(configs, keys), 1):
+        head = f"[{i}/{len(configs)}] {run_name(config)}"
+        if key in done:
+            print(f"{head}: done before, kept")
+            continue
+        print(f"{head}: running (progress: {out / 'runs' / dir_name(config)}.log)", flush=True)
+        r = done[key] = run_one(config, json.loads(key), out / "runs")
+        print(f"{head}: " + (f"val loss {r.get('val_loss', math.nan):.4f}, {r['trainable']:,d} trainable, "
+                             f"{r['seconds']:.0f} s" if r["status"] == "ok" else f"failed: {r['reason']}"), flush=True)
+        write_jsonl(out / "results.jsonl", [done[k] for k in keys if k in done])
+    rows = [done[k] for k in keys]
+    write_jsonl(out / "results.jsonl", rows)
+    table = results_table(rows, args.task == "classify", shared)
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(table))
+    n = plot(rows, out / "results.png", args.task == "classify")
+    print("\n" + table + f"\nwritten: {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'results.png'} "
+          f"({n} points)")
+    if not any(r["status"] == "ok" for r in rows):
+        raise ValueError(f"every configuration failed; the first: {rows[0]['reason']}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)
