@@ -58,7 +58,7 @@ import dpo
 from bpe import atomic_write, load_tokenizer
 from finetune import collate, estimate_memory, tokenize_examples, train_step
 from lora import apply_lora, weight_dtype
-from model import GPT, GPTConfig, autocast_and_scaler, make_optimizer, peak_memory_mb, run_main
+from model import GPT, GPTConfig, autocast_and_scaler, bounded, make_optimizer, peak_memory_mb, run_main
 from model import process_memory_mb as _rss_mb
 from prepare_data import load_alpaca
 
@@ -75,21 +75,21 @@ def parse_args(argv=None):
     ap.add_argument("--overrides", default="", help="GPTConfig fields changed in the preset, e.g. "
                                                      "n_layer=4,n_embd=256,vocab_size=512")
     ap.add_argument("--init_from", default=None, help="load real weights instead (gpt2 name, HF or our dir)")
-    ap.add_argument("--samples", type=int, default=64, help="training examples per configuration")
-    ap.add_argument("--batch_size", type=int, default=4, help="sequences per optimizer step (effective batch)")
-    ap.add_argument("--max_length", type=int, default=256, help="longest sequence in tokens")
+    ap.add_argument("--samples", type=bounded(int, 1), default=64, help="training examples per configuration")
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=4, help="sequences per optimizer step (effective batch)")
+    ap.add_argument("--max_length", type=bounded(int, 1), default=256, help="longest sequence in tokens")
     ap.add_argument("--data_file", default=None, help="Alpaca .json/.jsonl (default: synthetic lengths)")
     ap.add_argument("--axes", default="ga,mp,lora,gc,optimizer,rank",
                     help="tables to produce: ga,mp,lora,gc form the grid; optimizer; rank")
     ap.add_argument("--ga", default="1,4", help="gradient accumulation values of the grid")
-    ap.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the grid (targets q,v)")
+    ap.add_argument("--lora_rank", type=bounded(int, 1), default=16, help="LoRA rank of the grid (targets q,v)")
     ap.add_argument("--ranks", default="1,2,4,8,16", help="LoRA ranks of the rank table")
     ap.add_argument("--optimizers", default="adamw,adam,sgd_nesterov,sgd_momentum,sgd", help="optimizer table")
     ap.add_argument("--device", default="auto", help="cpu|cuda|auto")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
     ap.add_argument("--estimate", action="store_true", help="arithmetic only, nothing is run")
-    ap.add_argument("--gpu_memory_gb", type=float, default=0.0, help="--estimate: mark configs above this as x")
-    ap.add_argument("--timeout", type=int, default=3600, help="seconds before a configuration is given up")
+    ap.add_argument("--gpu_memory_gb", type=bounded(float, 0.0), default=0.0, help="--estimate: mark configs above this as x")
+    ap.add_argument("--timeout", type=bounded(int, 1), default=3600, help="seconds before a configuration is given up")
     ap.add_argument("--out", default="bench_memory.md", help="markdown output; .jsonl and .png beside it")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -454,10 +454,10 @@ def cmd_dpo(argv):
                                  "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--estimate", action="store_true", help="print the paper arithmetic for 16/40 GB GPUs")
-    ap.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (prompt + response)")
-    ap.add_argument("--batch_size", type=int, default=2, help="pairs per step")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per mode, interleaved")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="tokens per sequence (prompt + response)")
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=2, help="pairs per step")
+    ap.add_argument("--repeats", type=bounded(int, 1), default=2, help="runs per mode, interleaved")
+    ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.estimate:

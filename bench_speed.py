@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
-from model import GPT, GPTConfig, process_memory_mb
+from model import GPT, GPTConfig, bounded, process_memory_mb
 from prepare_data import hellaswag_item, load_hellaswag
 
 
@@ -525,40 +525,40 @@ def bench_hellaswag(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "all"], help="which benchmark")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (medians over these)")
-    ap.add_argument("--prompt_len", type=int, default=16, help="gen: prompt tokens")
-    ap.add_argument("--new_tokens", type=int, default=256, help="gen: tokens to generate")
-    ap.add_argument("--n_layer", type=int, default=6, help="train: layers")
-    ap.add_argument("--n_head", type=int, default=6, help="train: heads")
-    ap.add_argument("--n_embd", type=int, default=384, help="train: width")
-    ap.add_argument("--seq_len", type=int, default=256, help="train: tokens per sequence")
-    ap.add_argument("--batch_size", type=int, default=8, help="train: sequences per step")
+    ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
+    ap.add_argument("--rounds", type=bounded(int, 1), default=5, help="interleaved rounds per variant (medians over these)")
+    ap.add_argument("--prompt_len", type=bounded(int, 1), default=16, help="gen: prompt tokens")
+    ap.add_argument("--new_tokens", type=bounded(int, 1), default=256, help="gen: tokens to generate")
+    ap.add_argument("--n_layer", type=bounded(int, 1), default=6, help="train: layers")
+    ap.add_argument("--n_head", type=bounded(int, 1), default=6, help="train: heads")
+    ap.add_argument("--n_embd", type=bounded(int, 1), default=384, help="train: width")
+    ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="train: tokens per sequence")
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=8, help="train: sequences per step")
     ap.add_argument("--precision", default="fp32,bf16", help="train: comma list of fp32,bf16 (CPU autocast)")
     ap.add_argument("--nanogpt", default=None, help="train: path to nanoGPT's model.py, to include it")
     ap.add_argument("--preset", default="llama2-7b", help="load: model preset whose shape the checkpoint has")
     ap.add_argument("--dir", default="/tmp/fake-llama2-7b", help="load: checkpoint directory (made if absent)")
     ap.add_argument("--input", default=str(bpe.DEFAULT_GPT2_RANKS.with_name("english_pd.txt")),
                     help="bpe: a UTF-8 text file to train and encode")
-    ap.add_argument("--vocab_sizes", type=int, nargs="+", default=[4096, 32768], help="bpe: vocabularies to train")
+    ap.add_argument("--vocab_sizes", type=bounded(int, 257), nargs="+", default=[4096, 32768], help="bpe: vocabularies to train")
     ap.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"],
                     help="bpe: our split pattern (gpt2 is the closest to HF's ByteLevel)")
-    ap.add_argument("--repeats", type=int, default=5, help="bpe: runs per variant; medians are reported")
-    ap.add_argument("--naive_merges", type=int, default=2,
+    ap.add_argument("--repeats", type=bounded(int, 1), default=5, help="bpe: runs per variant; medians are reported")
+    ap.add_argument("--naive_merges", type=bounded(int, 0), default=2,
                     help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
     ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
     ap.add_argument("--gpt2", default=str(bpe.DEFAULT_GPT2_RANKS), help="bpe: GPT-2 rank file for the encoding part")
     ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
-    ap.add_argument("--show_tokens", type=int, default=10, help="tokens: learned tokens to list")
+    ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it)")
     ap.add_argument("--bench_preset", default=None,
                     help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
     ap.add_argument("--tokenizer", default=None,
                     help="tokens: the tokenizer to count with; hellaswag: tokenizer spec (default: the model's)")
     ap.add_argument("--data_file", default=None, help="hellaswag: real items (default: synthetic ones of its shape)")
-    ap.add_argument("--items", type=int, default=32, help="hellaswag: items per run")
+    ap.add_argument("--items", type=bounded(int, 1), default=32, help="hellaswag: items per run")
     ap.add_argument("--scoring", default="harness", choices=hs.SCORINGS, help="hellaswag: the scoring")
-    ap.add_argument("--hs_batch_size", dest="batch_size_hs", type=int, default=None,
+    ap.add_argument("--hs_batch_size", dest="batch_size_hs", type=bounded(int, 1), default=None,
                     help="hellaswag: rows per forward pass (default: hellaswag.default_batch_size)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

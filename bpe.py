@@ -207,7 +207,7 @@ def _read_blocks(path, pattern, specials):
 def _as_sources(text_or_paths):
     """A str is training text; a path, or a list/tuple of paths (str or Path), are files."""
     if isinstance(text_or_paths, str):
-        if len(text_or_paths) < 1000 and "\n" not in text_or_paths and Path(text_or_paths).is_file():
+        if len(text_or_paths) < 256 and "\n" not in text_or_paths and Path(text_or_paths).is_file():
             print(f"warning: training on the text {text_or_paths!r}, which is also a file name; "
                   f"to train on the file, pass [{text_or_paths!r}] or a Path", file=sys.stderr)
         return [text_or_paths], []
@@ -589,9 +589,10 @@ class Tokenizer:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, trust_pattern=False):
         """Load the readable format written by save() (a file, or a directory with tokenizer.bpe),
-        checking every line."""
+        checking every line. The split pattern must be a built-in one (gpt2, gpt4, none) unless
+        trust_pattern: a file could carry a regex that takes exponential time on some text."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.bpe"
@@ -612,6 +613,9 @@ class Tokenizer:
             pattern = resolve_pattern(pattern)
         except (ValueError, json.JSONDecodeError) as e:
             fail(2, f"bad pattern: {e}")
+        if pattern not in PATTERNS.values() and not trust_pattern:
+            fail(2, "the split pattern is not a built-in one (gpt2, gpt4, none); if you wrote it, load with "
+                    "trust_pattern=True (bpe.py: --trust_pattern)")
         vocab, merges, specials = [], [], {}
         for lineno, line in enumerate(lines[2:], start=3):
             if not line or line.startswith("#"):
@@ -772,10 +776,10 @@ def atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after writing: a writer may have made the file anew
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -787,7 +791,7 @@ def _write_atomically(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
 
 
-def load_bpe(spec, pattern="gpt2"):
+def load_bpe(spec, pattern="gpt2", trust_pattern=False):
     """A Tokenizer from 'gpt2' (the rank file beside the checkout, else tiktoken's download), a
     directory or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken file."""
     if spec == "gpt2":
@@ -805,7 +809,7 @@ def load_bpe(spec, pattern="gpt2"):
         return Tokenizer.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
     if path.suffix == ".tiktoken":
         return Tokenizer.from_tiktoken_file(path, pattern=pattern)
-    return Tokenizer.load(path)
+    return Tokenizer.load(path, trust_pattern)
 
 # -----------------------------------------------------------------------------------------------
 # 5. One interface for every tokenizer the scripts meet: ours, GPT-2's, or a Hugging Face one
@@ -904,7 +908,7 @@ def cmd_train(args):
 
 
 def cmd_encode(args):
-    tok = load_bpe(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern, args.trust_pattern)
     allowed = "all" if args.allow_special else set()
     text = _read_input_text(args)
     try:
@@ -916,7 +920,7 @@ def cmd_encode(args):
 
 
 def cmd_decode(args):
-    tok = load_bpe(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern, args.trust_pattern)
     raw = args.ids if args.ids is not None else (_read_text(args.input) if args.input else sys.stdin.read())
     try:
         ids = [int(x) for x in raw.split()]
@@ -926,7 +930,7 @@ def cmd_decode(args):
 
 
 def cmd_show(args):
-    tok = load_bpe(args.tokenizer, args.pattern)
+    tok = load_bpe(args.tokenizer, args.pattern, args.trust_pattern)
     text = _read_input_text(args)
     ids = tok.encode(text, allowed_special="all")
     if args.ids:
@@ -966,6 +970,7 @@ def main(argv=None):
         p.add_argument("--text", help="the text (default: --input, else standard input)")
         p.add_argument("--input", help="a UTF-8 text file")
         p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
+        p.add_argument("--trust_pattern", action="store_true", help="accept a tokenizer file's custom split regex")
         if name == "encode":
             p.add_argument("--allow_special", action="store_true",
                            help="encode special-token strings as special tokens (default: error)")
@@ -980,6 +985,7 @@ def main(argv=None):
     p.add_argument("--ids", help="ids separated by spaces (default: --input, else standard input)")
     p.add_argument("--input", help="a file of ids separated by whitespace")
     p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
+    p.add_argument("--trust_pattern", action="store_true", help="accept a tokenizer file's custom split regex")
     p.set_defaults(func=cmd_decode)
 
     args = parser.parse_args(argv)

@@ -53,9 +53,10 @@ import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
 from lora import LoRALinear, apply_lora, save_adapter, unload_lora, weight_dtype
-from model import (GPT, OPTIMIZER_STATES, ChunkedCrossEntropy, all_ranks, autocast_and_scaler, cfg, load_train_state,
-                   lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device, pick_precision, plot_log,
-                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
+from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
+                   gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
+                   optimizer_step, parse_config, pick_device, pick_precision, plot_log, previous_stage, resumed_config,
+                   rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
 from prepare_data import builtin_tasks, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -82,6 +83,10 @@ class DPOConfig:
                               "what is trained")
     ckpt_interval: int = cfg(0, "also write that resumable state every N steps (it is always written at the end; "
                                 "0 = only then)", min=0)
+    stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
+                               "testing --resume; 0 = off", min=0)
+    fsdp: bool = cfg(False, "under torchrun: shard the policy over the ranks (FSDP2) instead of a whole copy "
+                            "per rank (DDP); needs --reference adapter_off or precomputed")
     max_length: int = cfg(512, "longest prompt + response in tokens", min=2)
     max_prompt_length: int = cfg(256, "prompts are cut from the left to this many tokens when a pair is too long",
                                  min=1)
@@ -197,22 +202,16 @@ def pair_key(t: dict) -> str:
 # 3. Log-probabilities and the loss
 
 
-def sequence_logps(logits, labels):
-    """Sum over each row of log p(label) where label != -100. Each token's log p is minus its
-    cross-entropy, computed by model.py's ChunkedCrossEntropy in fp32 a chunk of rows at a time: a
-    log-softmax over the vocabulary in bf16 would lose the small differences DPO lives on, and a
-    full fp32 one would be the biggest tensor of the step (2B x T x V)."""
-    B, T, V = logits.shape
-    nll = ChunkedCrossEntropy.apply(logits.reshape(B * T, V), labels.reshape(-1), -100, "none")
-    return -nll.view(B, T).sum(-1)
-
-
 def concatenated_logps(model, idx, labels, autocast=contextlib.nullcontext):
-    """(chosen, rejected) summed log-probs of a collate_pairs batch, from one forward pass (on the
-    padded vocabulary: its extra ids have probability 0 and need no slicing copy)."""
+    """(chosen, rejected) summed log-probs of a collate_pairs batch, from one forward pass. Each
+    token's log p is minus its cross-entropy, which the model computes itself (reduction="none")
+    with ChunkedCrossEntropy: in fp32, a chunk of rows at a time, on the padded vocabulary (its
+    extra ids have probability 0). A log-softmax over the vocabulary in bf16 would lose the small
+    differences DPO lives on, and a full fp32 one would be the biggest tensor of the step
+    (2B x T x V). Going through forward (not its parts) lets DDP and FSDP do their work."""
     with autocast():
-        logits = model.padded_logits(model.hidden_states(idx))
-    logps = sequence_logps(logits, labels)
+        _, nll = model(idx, labels, reduction="none")
+    logps = -nll.float().sum(-1)
     B = idx.size(0) // 2
     return logps[:B], logps[B:]
 
@@ -349,12 +348,13 @@ def dpo_step(policy, ref: Reference, micro, c: DPOConfig, autocast, scaler) -> d
     micro-batch's mean loss is divided by the number of micro-batches, so the accumulated gradient
     is the gradient of the mean over all pairs of the step. Metrics stay on the device."""
     sums = {}
-    for idx, labels, keys in micro:
+    for k, (idx, labels, keys) in enumerate(micro):
         ref_c, ref_r = ref.logps(idx, labels, keys)  # no grad: computed before the policy's graph
-        pol_c, pol_r = concatenated_logps(policy, idx, labels, autocast)
-        losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, c.beta, c.loss, c.label_smoothing)
-        loss = losses.mean() / len(micro)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with grad_sync(policy, k == len(micro) - 1):  # ranks average their gradients after the last one
+            pol_c, pol_r = concatenated_logps(policy, idx, labels, autocast)
+            losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, c.beta, c.loss, c.label_smoothing)
+            loss = losses.mean() / len(micro)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         for k, v in pair_metrics(losses, cr, rr, pol_c, pol_r).items():
             sums[k] = sums.get(k, 0) + v / len(micro)
     return sums
@@ -392,8 +392,18 @@ def train(c: DPOConfig) -> dict:
     device = pick_device(c.device)
     device_type = device.split(":")[0]
     precision = pick_precision(c.precision, device)
+    rank, _, world = init_distributed(device)  # torchrun: one process per device; plain python: 1 of 1
+    master = rank == 0  # only rank 0 prints, logs and writes files
+
+    def say(*a):
+        if master:
+            print(*a, flush=True)
+
+    if c.fsdp and c.reference == "copy":
+        raise ValueError("--fsdp: use --reference adapter_off (LoRA) or precomputed; a frozen copy would need a "
+                         "second sharded model")
     torch.manual_seed(c.seed)
-    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite)
+    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
@@ -411,97 +421,133 @@ def train(c: DPOConfig) -> dict:
     if not train_t:
         raise ValueError("no training pairs left")
     train_k, val_k = [pair_key(t) for t in train_t], [pair_key(t) for t in val_t]
-    print(f"{len(train_t)} training pairs, {len(val_t)} held out")
+    say(f"{len(train_t)} training pairs, {len(val_t)} held out")
 
     autocast, scaler = autocast_and_scaler(precision, device_type)
     prompts = [p["prompt"] for p in val_pairs[: c.n_generate]]
     before = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id) if prompts else []
-    if lora:
-        apply_lora(policy, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+
+    def build(g: GPT):  # the policy around a GPT (also around an empty one, to gather FSDP shards into)
+        return apply_lora(g, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets) if lora else g
+
+    build(policy)
     policy.grad_checkpointing = c.grad_checkpointing
     dtypes = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     ref = Reference(c.reference, policy, autocast, dtypes[c.ref_dtype], None if c.ref_device == "same" else c.ref_device)
-    if c.reference == "precomputed":
+    train_module = distribute(policy, device, c.fsdp, precision)  # DDP wraps the policy; FSDP shards it in place
+    seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
+    if c.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
         tag = hashlib.sha1(json.dumps([c.init_from, str(Path(c.init_from).resolve()), precision,
                                        train_k, val_k]).encode()).hexdigest()
         n = precompute_reference(ref, train_t + val_t, train_k + val_k, tok.eot_id, device, c.batch_size,
-                                 out / "ref_logps.json", tag)
-        print(f"reference log-probs: {n} computed, {len(train_t) + len(val_t) - n} from {out / 'ref_logps.json'}")
+                                 out / "ref_logps.json" if master else None, tag)
+        say(f"reference log-probs: {n} computed, {len(train_t) + len(val_t) - n} from {out / 'ref_logps.json'}")
     policy.train()
     optimizer = make_optimizer(policy, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda")
+    say(f"precision {precision}, {c.max_steps} steps of {c.batch_size} x {c.grad_accum} x {world} rank(s) = "
+        f"{c.batch_size * c.grad_accum * world} pairs on {device}"
+        + (" (FSDP)" if c.fsdp and world > 1 else " (DDP)" if world > 1 else ""))
 
     # the run exists from here on (a run that failed while loading leaves nothing behind)
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
-    rng, order, log, start = random.Random(c.seed), [], [], 0
+    if master:
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
+    rng, order, log, start = random.Random(c.seed), [], [], 0  # the same order on every rank: each takes its share
     if c.resume:  # the weights, optimizer, data order and RNG of the last saved step
         start, extra = load_train_state(out, policy, optimizer)
         rng.setstate(extra["shuffle"])
         order = extra["order"]
-        set_rng_state(extra["rng"][0], device)
-        log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= start if "loss" in r else r["step"] < start)
-        print(f"resuming at step {start}")
-    log_f = open(out / "log.jsonl", "a")
+        set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
+        if master:
+            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= start if "loss" in r else r["step"] < start)
+        say(f"resuming at step {start}")
+    log_f = open(out / "log.jsonl", "a") if master else None
 
     def save_state(step: int):
         extra = dict(shuffle=rng.getstate(), order=order, rng=all_ranks(rng_state(device)))
-        save_train_state(out, policy, optimizer, step, extra)
+        save_train_state(out, policy, optimizer, step, extra, master)
 
     def record(row):
-        log.append(row)
-        log_f.write(json.dumps(row) + "\n")
-        log_f.flush()
+        if master:
+            log.append(row)
+            log_f.write(json.dumps(row) + "\n")
+            log_f.flush()
 
-    def save(where: Path):
-        save_adapter(policy, where, c.init_from) if lora else policy.save_pretrained(where, "native", tok.source)
+    def save(where: Path, merged: bool = False):
+        """LoRA: the PEFT adapter (merged: the model, W + scaling B A); full: the model. Under FSDP every
+        rank gathers, rank 0 writes."""
+        m = gathered(policy, lambda: build(GPT(policy.config)), master)
+        if m is not None and lora and merged:
+            unload_lora(m, merge=True)
+        if m is not None:
+            save_adapter(m, where, c.init_from) if lora and not merged else m.save_pretrained(where, "native", tok.source)
 
     t0 = time.time()
     for step in range(start, c.max_steps + 1):
         if val_t and (step % c.eval_interval == 0 or step == c.max_steps):
             ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast)
             record(dict(step=step, **ev))
-            print(f"step {step}: eval loss {ev['eval_loss']:.4f}, reward accuracy {ev['eval_reward_accuracy']:.3f}, "
-                  f"margin {ev['eval_reward_margin']:.4f}")
+            say(f"step {step}: eval loss {ev['eval_loss']:.4f}, reward accuracy {ev['eval_reward_accuracy']:.3f}, "
+                f"margin {ev['eval_reward_margin']:.4f}")
         if step == c.max_steps:
             break
         micro = []
-        for _ in range(c.grad_accum):
+        for k in range(c.grad_accum * world):  # every rank draws the global batch and keeps its share
             picked = []
             for _ in range(c.batch_size):
                 if not order:
                     order = list(range(len(train_t)))
                     rng.shuffle(order)
                 picked.append(order.pop())
-            idx, labels = collate_pairs([train_t[i] for i in picked], tok.eot_id, device)
-            micro.append((idx, labels, [train_k[i] for i in picked]))
+            if k // c.grad_accum == rank:
+                idx, labels = collate_pairs([train_t[i] for i in picked], tok.eot_id, device)
+                micro.append((idx, labels, [train_k[i] for i in picked]))
         this_lr = lr_at(step, c.max_steps, lr, 0.0, c.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = this_lr
-        m = dpo_step(policy, ref, micro, c, autocast, scaler)
+        m = dpo_step(train_module, ref, micro, c, autocast, scaler)
         gnorm = optimizer_step(policy, optimizer, scaler, c.grad_clip)
-        m = {k: v.item() for k, v in m.items()}  # the step's one read from the device
+        m = {k: v.item() for k, v in all_ranks_mean(m).items()}  # the step's one read from the device
         record(dict(step=step + 1, lr=this_lr, grad_norm=gnorm.item(), **m))
         if (step + 1) % c.log_interval == 0 or step == 0:
-            print(f"step {step + 1}/{c.max_steps}: loss {m['loss']:.4f}, reward accuracy "
-                  f"{m['reward_accuracy']:.3f}, margin {m['reward_margin']:.4f}, lr {this_lr:.2e}")
+            say(f"step {step + 1}/{c.max_steps}: loss {m['loss']:.4f}, reward accuracy "
+                f"{m['reward_accuracy']:.3f}, margin {m['reward_margin']:.4f}, lr {this_lr:.2e}")
         if c.save_interval and (step + 1) % c.save_interval == 0:
             save(out / f"ckpt_step{step + 1}")
         if c.ckpt_interval and (step + 1) % c.ckpt_interval == 0 and step + 1 < c.max_steps:
             save_state(step + 1)
-    log_f.close()
+        if step + 1 == c.stop_at_step:
+            say(f"stopping at step {step + 1} (--stop_at_step), as if killed")
+            end_distributed()
+            return dict(log=log)
+    if log_f:
+        log_f.close()
     save_state(c.max_steps)  # the end, too: --resume with a larger --max_steps continues from here
     save(out / ("adapter" if lora else "model"))
-    plot_log(log, out / "dpo.png", [["loss", "eval_loss"], ["reward_accuracy", "eval_reward_accuracy"]],
-             titles=["loss", "reward accuracy"])
     after = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id) if prompts else []
-    md = ["# Samples before and after DPO\n"]
-    for p, b, a in zip(prompts, before, after):
-        md += [f"## Prompt\n```\n{p[-500:]}\n```\n", f"**Before:** {b}\n", f"**After:** {a}\n"]
-    atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
     if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
-        unload_lora(policy, merge=True)
-        policy.save_pretrained(out / "model", format="native", tokenizer=tok.source)
-    print(f"done in {time.time() - t0:.0f} s; outputs in {out}")
+        save(out / "model", merged=True)
+    if master:
+        plot_log(log, out / "dpo.png", [["loss", "eval_loss"], ["reward_accuracy", "eval_reward_accuracy"]],
+                 titles=["loss", "reward accuracy"])
+        md = ["# Samples before and after DPO\n"]
+        for p, b, a in zip(prompts, before, after):
+            md += [f"## Prompt\n```\n{p[-500:]}\n```\n", f"**Before:** {b}\n", f"**After:** {a}\n"]
+        atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
+        close_run(out)
+    say(f"done in {time.time() - t0:.0f} s; outputs in {out}")
+    end_distributed()
     return dict(log=log)
+
+
+def all_ranks_mean(metrics: dict) -> dict:
+    """The step's metrics averaged over the ranks (each saw its share of the pairs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.stack(list(metrics.values()))
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        metrics = dict(zip(metrics, t))
+    return metrics
 
 
 def main(argv=None):

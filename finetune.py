@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -51,11 +50,11 @@ import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
 from lora import apply_lora, save_adapter, trainable_report, unload_lora, weight_dtype
-from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, load_train_state, lr_at, make_optimizer,
-                   open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
-                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, set_rng_state)
-from prepare_data import (builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues,
-                          parse_dialogue)
+from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
+                   gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
+                   optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log, previous_stage,
+                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
+from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
 
@@ -87,6 +86,11 @@ class FinetuneConfig:
                               "override its config.json, except the model and what is trained")
     ckpt_interval: int = cfg(0, "also write that resumable state every N steps (it is always written at the end; "
                                 "0 = only then)", min=0)
+    stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
+                               "testing --resume; 0 = off", min=0)
+    fsdp: bool = cfg(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                            "(FSDP2, per transformer block), for models whose training state fits no single device; "
+                            "without it each rank holds a whole copy (DDP)")
     n_samples: int = cfg(0, "use only the first N examples after filtering (0 = all)", min=0)
     max_response_chars: int = cfg(0, "drop examples whose output is longer than this (0 = keep all)", min=0)
     val_frac: float = cfg(0.05, "fraction of examples for validation", min=0.0, max=0.9)
@@ -272,7 +276,7 @@ def collate(batch: list[dict], pad_id: int = 0, device="cpu"):
 # 3. The training step
 
 
-def accumulate_gradients(model, micro_batches, scaler=None, autocast=contextlib.nullcontext):
+def accumulate_gradients(model, micro_batches, scaler=None, autocast=contextlib.nullcontext, n_total=None):
     """Forward + backward over the micro-batches [(idx, targets), ...] of one optimizer step.
     Returns (mean loss per trained token, number of trained tokens), both tensors on the device:
     reading them (.item()) would make the host wait for the device at every micro-step.
@@ -282,25 +286,32 @@ def accumulate_gradients(model, micro_batches, scaler=None, autocast=contextlib.
     mean_i * n_i / N gives the gradient of the mean over all N tokens of the accumulated batch.
     Batch 4 x accumulation 1 and batch 1 x accumulation 4 then take the same step, and every
     response token counts the same (a plain mean of micro-batch means would over-weight the
-    tokens of short responses)."""
+    tokens of short responses). Under torchrun N counts every rank's micro-batches (n_total), and
+    the weights are multiplied by the number of ranks: DDP and FSDP average the ranks' gradients."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     counts = [(t != -100).sum() for _, t in micro_batches]
-    n_total = torch.stack(counts).sum()
+    n_total = torch.stack(counts).sum() if n_total is None else torch.tensor(n_total, device=counts[0].device)
     total = torch.zeros((), device=n_total.device)
-    for (idx, targets), n in zip(micro_batches, counts):
-        with autocast():
-            _, loss = model(idx, targets)
-        # a micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing
-        loss = torch.nan_to_num(loss) * (n / n_total.clamp(min=1))
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for k, ((idx, targets), n) in enumerate(zip(micro_batches, counts)):
+        with grad_sync(model, k == len(micro_batches) - 1):
+            with autocast():
+                _, loss = model(idx, targets)
+            # a micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing
+            loss = torch.nan_to_num(loss) * (n / n_total.clamp(min=1))
+            (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
         total += loss.detach().float()
+    if world > 1:
+        dist.all_reduce(total)  # this rank's share of the mean: the sum is the step's mean loss
     return total, n_total
 
 
 def train_step(model, optimizer, micro_batches, scaler=None, autocast=contextlib.nullcontext,
-               grad_clip: float = 0.0) -> dict:
+               grad_clip: float = 0.0, n_total=None) -> dict:
     """One optimizer step over accumulated micro-batches: {loss, n_tokens, grad_norm}, read from the
     device once, at the end of the step."""
-    loss, n = accumulate_gradients(model, micro_batches, scaler, autocast)
+    loss, n = accumulate_gradients(model, micro_batches, scaler, autocast, n_total)
     if int(n) == 0:
         raise ValueError("no trained tokens in this batch (every label is -100)")
     norm = optimizer_step(model, optimizer, scaler, grad_clip)
@@ -481,18 +492,13 @@ def load_data(c: FinetuneConfig, tok, block_size: int):
     return train_t, val_t[: c.eval_examples or None], test_t, test_ex
 
 
-def score_answers(c: FinetuneConfig, model, tok, step: int, out: Path) -> dict:
-    """--score_every_eval: the weights as they are now, rated by score.py in a fresh process (its
-    command line is the interface, so the scoring code lives in one place)."""
+def score_answers(c: FinetuneConfig, tok, step: int, out: Path) -> dict:
+    """--score_every_eval: the weights as they are now (saved to out/scoring/), rated by score.py in a
+    fresh process (its command line is the interface, so the scoring code lives in one place)."""
     d = out / "scoring"
-    shutil.rmtree(d, ignore_errors=True)
-    if c.lora_rank > 0:
-        save_adapter(model, d, c.init_from)
-    else:
-        model.save_pretrained(d, format="native", tokenizer=tok.source)
     cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", c.init_from,
            "--task", c.task, "--reward_model", c.reward_model, "--judge_model", c.judge_model,
-           "--max_new_tokens", str(c.max_new_tokens), "--device", str(next(model.parameters()).device)]
+           "--max_new_tokens", str(c.max_new_tokens), "--device", pick_device(c.device)]
     for flag, value in (("--tokenizer", c.tokenizer), ("--judge_url", c.judge_url), ("--prompts", c.prompts)):
         cmd += [flag, value] if value else []
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -506,38 +512,52 @@ def finetune(c: FinetuneConfig) -> dict:
     device = pick_device(c.device)
     device_type = device.split(":")[0]
     precision = pick_precision(c.precision, device)
+    rank, _, world = init_distributed(device)  # torchrun: one process per device; plain python: 1 of 1
+    master = rank == 0  # only rank 0 prints, logs and writes files
+
+    def say(*a):
+        if master:
+            print(*a, flush=True)
+
     torch.manual_seed(c.seed)
-    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite)
+    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    lora = c.lora_rank > 0
+    lora, classify = c.lora_rank > 0, c.task == "classify"
     lr = c.lr or (3e-4 if lora else 1e-5)
     gpt = GPT.from_pretrained(c.init_from, dtype=weight_dtype(precision, lora), device=device)
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     train_t, val_t, test_t, test_ex = load_data(c, tok, gpt.config.block_size)
     autocast, scaler = autocast_and_scaler(precision, device_type)
-    classify = c.task == "classify"
     gen_ex = [] if classify else test_ex[: c.n_generate]
     before = generate_responses(gpt, tok, gen_ex, tok.eot_id, c.max_new_tokens, autocast) if gen_ex else []
-    prepare_model(gpt, c)
-    model = Classifier(gpt, c.num_classes) if classify else gpt  # the head is made after LoRA froze the body
+
+    def build(g: GPT):  # the model to train around a GPT (also around an empty one, to gather FSDP shards into)
+        prepare_model(g, c)
+        return Classifier(g, c.num_classes) if classify else g  # the head is made after LoRA froze the body
+
+    model = build(gpt)
     gpt.grad_checkpointing = c.grad_checkpointing  # non-reentrant: works with frozen embeddings + LoRA
     model.train()
-    print(trainable_report(model))
+    say(trainable_report(model))
     tokens = c.batch_size * max(len(t["input_ids"]) for t in train_t)
-    print(format_memory(estimate_memory(gpt, precision, c.optimizer, c.grad_checkpointing, tokens), tokens)
-          + " (longest micro-batch)")
+    say(format_memory(estimate_memory(gpt, precision, c.optimizer, c.grad_checkpointing, tokens), tokens)
+        + " (longest micro-batch, one device)")
+    train_module = distribute(model, device, c.fsdp, precision)  # DDP wraps `model`; FSDP shards it in place
+    seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     optimizer = make_optimizer(model, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda")
-    total_steps = c.max_steps or c.epochs * math.ceil(len(train_t) / (c.batch_size * c.grad_accum))
+    total_steps = c.max_steps or c.epochs * math.ceil(len(train_t) / (c.batch_size * c.grad_accum * world))
     warmup = int(c.warmup_ratio * total_steps)
-    print(f"precision {precision}, {c.optimizer} lr {lr:g}, {total_steps} steps of {c.batch_size} x "
-          f"{c.grad_accum} examples on {device}")
+    say(f"precision {precision}, {c.optimizer} lr {lr:g}, {total_steps} steps of {c.batch_size} x {c.grad_accum} x "
+        f"{world} rank(s) = {c.batch_size * c.grad_accum * world} examples on {device}"
+        + (" (FSDP)" if c.fsdp and world > 1 else " (DDP)" if world > 1 else ""))
 
     # the run exists from here on (a run that failed while loading leaves nothing behind)
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
-    rng, order, log = random.Random(c.seed), [], []
+    if master:
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
+    rng, order, log = random.Random(c.seed), [], []  # the same order on every rank: each takes its share
     best_dir = out / ("best_adapter" if lora else "best_model")
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
     n_real_tokens, train_time, step = 0, 0.0, 0
@@ -546,21 +566,22 @@ def finetune(c: FinetuneConfig) -> dict:
         rng.setstate(extra["shuffle"])
         order, n_real_tokens, train_time = extra["order"], extra["tokens"], extra["seconds"]
         best_val, best_step, bad_evals, best_state = extra["best"] + [extra["best_state"]]
-        set_rng_state(extra["rng"][0], device)
-        # what the killed run logged after that step is about to be redone
-        log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= step if "loss" in r else r["step"] < step)
-        print(f"resuming at step {step}")
-    log_f = open(out / "log.jsonl", "a")
+        set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
+        if master:  # what the killed run logged after that step is about to be redone
+            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= step if "loss" in r else r["step"] < step)
+        say(f"resuming at step {step}")
+    log_f = open(out / "log.jsonl", "a") if master else None
 
     def save_state():
         extra = dict(shuffle=rng.getstate(), order=order, tokens=n_real_tokens, seconds=train_time,
                      best=[best_val, best_step, bad_evals], best_state=best_state, rng=all_ranks(rng_state(device)))
-        save_train_state(out, model, optimizer, step, extra)
+        save_train_state(out, model, optimizer, step, extra, master)
 
     def record(row):
-        log.append(row)
-        log_f.write(json.dumps(row) + "\n")
-        log_f.flush()
+        if master:
+            log.append(row)
+            log_f.write(json.dumps(row) + "\n")
+            log_f.flush()
 
     def next_example():
         nonlocal order
@@ -569,15 +590,24 @@ def finetune(c: FinetuneConfig) -> dict:
             rng.shuffle(order)
         return train_t[order.pop()]
 
-    def save(where: Path):
-        """LoRA: the PEFT adapter; full: the model; classify: also the head, beside them."""
-        save_adapter(gpt, where, c.init_from) if lora else gpt.save_pretrained(where, "native", tok.source)
+    def save(where: Path, merged: bool = False):
+        """LoRA: the PEFT adapter (merged: the model, W + scaling B A); full: the model; classify: also
+        the head. Under FSDP every rank gathers, rank 0 writes."""
+        m = gathered(model, lambda: build(GPT(gpt.config)), master)
+        if m is None:
+            return
+        g = m.gpt if classify else m
+        if lora and merged:
+            unload_lora(g, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
+        save_adapter(g, where, c.init_from) if lora and not merged else g.save_pretrained(where, "native", tok.source)
         if classify:
             from safetensors.torch import save_file
 
-            head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+            head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
             atomic_write(where / "classifier_head.safetensors", lambda p: save_file(head, p))
 
+    # every rank evaluates (the whole set: under FSDP each forward needs every rank) and takes part in
+    # each step with its share of the global batch; rank 0 records
     while True:
         if step % c.eval_interval == 0 or step == total_steps:
             val = evaluate(model, val_t, c.batch_size, device, autocast, tok.eot_id) if val_t else float("nan")
@@ -588,9 +618,11 @@ def finetune(c: FinetuneConfig) -> dict:
                         m = classification_metrics(model, xs, c.batch_size, device, tok.eot_id, c.num_classes, autocast)
                         row.update({f"{name}_{k}": v for k, v in m.items()})
             if c.score_every_eval:
-                row.update(score_answers(c, gpt, tok, step, out))
+                save(out / "scoring")
+                if master:
+                    row.update(score_answers(c, tok, step, out))
             record(row)
-            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
+            say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
             if val < best_val or not val_t:  # without a val set, the latest weights are kept
                 best_val, best_step, bad_evals = val, step, 0
                 if lora:  # small: kept in memory too (a full model's best is read back from disk)
@@ -599,28 +631,35 @@ def finetune(c: FinetuneConfig) -> dict:
             else:
                 bad_evals += 1
                 if c.patience and bad_evals >= c.patience:
-                    print(f"early stop: no better val loss in {bad_evals} evaluations")
+                    say(f"early stop: no better val loss in {bad_evals} evaluations")
                     break
         if step == total_steps:
             break
         t0 = time.perf_counter()
-        picked = [[next_example() for _ in range(c.batch_size)] for _ in range(c.grad_accum)]
-        micro = [collate(b, tok.eot_id, device) for b in picked]
+        picked = [[next_example() for _ in range(c.batch_size)] for _ in range(c.grad_accum * world)]
+        mine = picked[rank * c.grad_accum:(rank + 1) * c.grad_accum]
+        n_trained = sum(lab != -100 for b in picked for e in b for lab in e["labels"])  # over every rank's share
         n_real_tokens += sum(len(e["input_ids"]) for b in picked for e in b)  # padding not counted
         this_lr = lr_at(step, total_steps, lr, c.min_lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = this_lr
-        r = train_step(model, optimizer, micro, scaler, autocast, c.grad_clip)
+        r = train_step(train_module, optimizer, [collate(b, tok.eot_id, device) for b in mine], scaler, autocast,
+                       c.grad_clip, n_trained)
         train_time += time.perf_counter() - t0
         step += 1
         record(dict(step=step, loss=r["loss"], lr=this_lr, n_tokens=r["n_tokens"], grad_norm=r["grad_norm"]))
         if step % c.log_interval == 0 or step == 1:
-            print(f"step {step}/{total_steps}: loss {r['loss']:.4f}, lr {this_lr:.2e}")
+            say(f"step {step}/{total_steps}: loss {r['loss']:.4f}, lr {this_lr:.2e}")
         if c.save_interval and step % c.save_interval == 0:
             save(out / f"ckpt_step{step}")
         if c.ckpt_interval and step % c.ckpt_interval == 0 and step < total_steps:
             save_state()
-    log_f.close()
+        if step == c.stop_at_step:
+            say(f"stopping at step {step} (--stop_at_step), as if killed")
+            end_distributed()
+            return dict(log=log)
+    if log_f:
+        log_f.close()
     save_state()  # the end, too: --resume with a larger --max_steps continues from here
 
     # the best weights back in the model; responses after tuning; the merged model; plot and summary
@@ -628,10 +667,13 @@ def finetune(c: FinetuneConfig) -> dict:
         model.load_state_dict(best_state, strict=False)
     elif 0 <= best_step != step:
         from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        gpt.load_state_dict(load_file(str(best_dir / "model.safetensors"), device=str(device)), strict=False)
+        best = {k: v for k, v in load_file(str(best_dir / "model.safetensors")).items()}
         if classify:
-            model.head.load_state_dict(load_file(str(best_dir / "classifier_head.safetensors"), device=str(device)))
+            best = {f"gpt.{k}": v for k, v in best.items()}
+            best.update({f"head.{k}": v for k, v in load_file(str(best_dir / "classifier_head.safetensors")).items()})
+        set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True, strict=False))
     summary = dict(best_step=best_step, val_loss=best_val, val_ppl=math.exp(min(best_val, 50)),
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if test_t and not classify:
@@ -641,24 +683,26 @@ def finetune(c: FinetuneConfig) -> dict:
         summary.update({f"test_{k}": v for k, v in classification_metrics(
             model, test_t, c.batch_size, device, tok.eot_id, c.num_classes, autocast).items()})
     after = generate_responses(gpt, tok, gen_ex, tok.eot_id, c.max_new_tokens, autocast) if gen_ex else []
-    if gen_ex:
+    if gen_ex and master:
         write_responses(out, c, gen_ex, before, after, best_step)
     if lora and not classify and c.save_merged and best_state is not None:
         try:
-            unload_lora(gpt, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
-            gpt.save_pretrained(out / "best_model", format="native", tokenizer=tok.source)
+            save(out / "best_model", merged=True)
         except ValueError as e:  # e.g. a LoRA on a tied lm_head cannot be merged
-            print(f"merged model not written: {e}")
-    panels = [["loss", "val_loss"]] + [[k for k in ("val_accuracy", "test_accuracy", "reward_mean", "judge_mean")
-                                        if any(k in r for r in log)]]
-    plot_log(log, out / "loss.png", [p for p in panels if p])
+            say(f"merged model not written: {e}")
     tps = n_real_tokens / train_time if train_time else float("nan")
-    summary.update(peak_memory_mb=peak_memory_mb(device), seconds=train_time, tokens_per_s=tps)
-    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    print(f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f}) at step {best_step}; "
-          f"peak memory {peak_memory_mb(device) / 1024:.2f} GiB "
-          f"({'max allocated' if device_type == 'cuda' else 'process peak RSS'}); {tps:.0f} tokens/s "
-          f"(non-padding, training steps only); outputs in {out}")
+    if master:
+        panels = [["loss", "val_loss"]] + [[k for k in ("val_accuracy", "test_accuracy", "reward_mean", "judge_mean")
+                                            if any(k in r for r in log)]]
+        plot_log(log, out / "loss.png", [p for p in panels if p])
+        summary.update(peak_memory_mb=peak_memory_mb(device), seconds=train_time, tokens_per_s=tps)
+        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+        close_run(out)
+    say(f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f}) at step {best_step}; "
+        f"peak memory {peak_memory_mb(device) / 1024:.2f} GiB "
+        f"({'max allocated' if device_type == 'cuda' else 'process peak RSS'}){' on rank 0' if world > 1 else ''}; "
+        f"{tps:.0f} tokens/s (non-padding, training steps only); outputs in {out}")
+    end_distributed()
     return dict(summary, best_val=best_val, log=log, model=model)
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from model import (GPT, KVCache, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision,
+from model import (GPT, KVCache, bounded, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision,
                    previous_stage, run_main)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
@@ -117,7 +117,8 @@ def build_requests(examples: list[dict], tokenizer, scoring: str = "harness", bo
         enc = encode_batch(texts)
         for k, n_chars in enumerate(pairs):
             whole, ctx = enc[2 * k], enc[2 * k + 1]
-            out.append((bos + ctx, whole[len(ctx):], float(n_chars)))
+            # an empty ending has 0 characters: divided by 1 instead (the harness would divide by zero)
+            out.append((bos + ctx, whole[len(ctx):], float(max(n_chars, 1))))
     else:
         enc = encode_batch([t for ex in examples for t in [ex["ctx"]] + [" " + e for e in ex["endings"]]])
         for i in range(len(examples)):
@@ -390,8 +391,9 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
     n, k, k_norm = counts
     # standard errors from sums (for 0/1 outcomes the sum of squares is the sum): the harness's
     # mean_stderr, and sharded runs reduce three numbers instead of gathering every outcome
-    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=mean_stderr(k, k, n)[1],
-                  acc_norm_stderr=mean_stderr(k_norm, k_norm, n)[1], n=n, scoring=scoring,
+    se = lambda k: mean_stderr(k, k, n)[1] if n > 1 else None  # noqa: E731  (no spread from one item)
+    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=se(k), acc_norm_stderr=se(k_norm), n=n,
+                  scoring=scoring,
                   seconds=round(time.time() - t0, 3))
     if return_items:
         result["items"] = items
@@ -400,8 +402,9 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
 
 def summary_line(r: dict) -> str:
     rate = r["n"] / r["seconds"] if r.get("seconds") else float("nan")
-    return (f"hellaswag scoring={r['scoring']} n={r['n']} acc={r['acc']:.4f} ± {r['acc_stderr']:.4f} "
-            f"acc_norm={r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f} seconds={r['seconds']:.1f} "
+    se = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    return (f"hellaswag scoring={r['scoring']} n={r['n']} acc={r['acc']:.4f} ± {se(r['acc_stderr'])} "
+            f"acc_norm={r['acc_norm']:.4f} ± {se(r['acc_norm_stderr'])} seconds={r['seconds']:.1f} "
             f"({rate:.1f} items/s)")
 
 
@@ -478,8 +481,8 @@ def main(argv=None):
     ap.add_argument("--scoring", default="harness", choices=SCORINGS,
                     help="harness: lm-evaluation-harness's hellaswag (acc_norm divides by characters); "
                          "nanogpt: build-nanogpt's (acc_norm = lowest average per-token loss)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items")
-    ap.add_argument("--batch_size", type=int, default=None,
+    ap.add_argument("--limit", type=bounded(int, 1), default=None, help="only the first N items")
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=None,
                     help="sequences (item x ending, 4 per item) per forward pass (default: 64 on a GPU, 8 on "
                          "a CPU, see default_batch_size)")
     ap.add_argument("--tokenizer", default=None,

@@ -245,11 +245,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # q and k are new tensors now; a copy of v lets the fused q|k|v output go (a view would
+            # keep all of it alive for backward)
+            v = v.contiguous()
         if kv_cache is not None:  # keys are cached after RoPE, so cached positions never change
             k, v = kv_cache.update(layer, k, v)
-        if self.n_kv_head != self.n_head:
-            # grouped-query attention: each kv head serves n_head/n_kv_head consecutive query heads.
-            # Fewer kv heads = a smaller KV cache; the copy here costs compute, not cached memory.
+        # grouped-query attention: each kv head serves n_head/n_kv_head consecutive query heads, so
+        # the KV cache is n_head/n_kv_head times smaller. SDPA does the sharing itself (enable_gqa)
+        # where no mask is passed; elsewhere k and v are repeated, a copy per query head.
+        gqa = self.n_kv_head != self.n_head
+        fused_gqa = gqa and self.attn_impl == "sdpa" and mask is None
+        if gqa and not fused_gqa:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout if self.training else 0.0
@@ -257,7 +263,8 @@ class CausalSelfAttention(nn.Module):
         causal = mask is None and T == k.size(2)
         if self.attn_impl == "sdpa":
             # fused kernel (flash attention on GPU): never materialises the (T, T) attention matrix
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                               **({"enable_gqa": True} if fused_gqa else {}))
         else:
             # the same computation spelled out: softmax(q k^T / sqrt(hd)) v with future positions masked
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
@@ -324,7 +331,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int = -100, reduction: str = "mean"):
         N, V = logits.shape
-        chunk = max(1, 2 ** 21 // V)  # ~8 MB of fp32 per chunk
+        # On a CPU, small chunks (~8 MB of fp32) stay in the caches. On a GPU every chunk is a few
+        # kernel launches, so 8 large chunks whatever B x T is (a bounded number of launches).
+        chunk = -(-N // 8) if logits.is_cuda else max(1, 2 ** 21 // V)
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
         for i in range(0, N, chunk):
             lse[i:i + chunk] = torch.logsumexp(logits[i:i + chunk].float(), dim=-1)
@@ -498,15 +507,24 @@ class GPT(nn.Module):
         """Logits of the real vocabulary, (..., vocab_size): a view that cuts the padded ids off."""
         return self.padded_logits(h)[..., : self.config.vocab_size]
 
-    def forward(self, idx, targets=None, attention_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, attention_mask=None, kv_cache: KVCache | None = None,
+                reduction: str = "mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
-        Returns (logits (B, T, vocab_size), mean cross-entropy loss or None)."""
+        Returns (logits (B, T, vocab_size), the cross-entropy loss or None): its mean over the
+        counted tokens, or with reduction="none" each token's (B, T), 0 where not counted."""
         logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache))
         loss = None
         if targets is not None:
             # on the padded logits (contiguous, no copy; padded ids are -inf = probability 0), in fp32
-            # (a log-softmax over 50k classes needs it) but chunk by chunk, see ChunkedCrossEntropy
-            loss = ChunkedCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1), -100)
+            # (a log-softmax over 50k classes needs it) but chunk by chunk, see ChunkedCrossEntropy.
+            # Under torch.compile the plain F.cross_entropy: the compiler fuses it into a few kernels
+            # itself, and a Python loop over chunks would be unrolled into a graph growing with B x T.
+            flat = logits.view(-1, logits.size(-1))
+            if torch.compiler.is_compiling():
+                loss = F.cross_entropy(flat.float(), targets.reshape(-1), ignore_index=-100, reduction=reduction)
+            else:
+                loss = ChunkedCrossEntropy.apply(flat, targets.reshape(-1), -100, reduction)
+            loss = loss.view(targets.shape) if reduction == "none" else loss
         return logits[..., : self.config.vocab_size], loss
 
     # ---- training helpers ----------------------------------------------------------------------
@@ -563,7 +581,7 @@ class GPT(nn.Module):
         tensors = _read_weights(path)  # name -> lazily loaded tensor
         if hf_type is not None:
             tensors = _hf_to_ours(tensors, config, hf_type)
-        state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config.tie_embeddings)
+        state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config)
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
@@ -669,6 +687,8 @@ class GPT(nn.Module):
                              f"shorten the prompt or ask for fewer tokens")
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
+        if hasattr(self, "unshard"):  # FSDP2: gather the root's own weights (the blocks gather theirs)
+            self.unshard()
         try:
             if num_beams > 1:
                 return self._beam_search(idx, attention_mask, max_new_tokens, num_beams, eos, pad_token_id,
@@ -677,6 +697,8 @@ class GPT(nn.Module):
                                 pad_token_id, generator, use_cache, stream)
         finally:
             self.train(was_training)
+            if hasattr(self, "reshard"):
+                self.reshard()
 
     def _step_logits(self, seq, mask, cache, n_new: int):
         """Next-token logits (B, vocab) in fp32. With a cache only the n_new newest tokens are run."""
@@ -958,7 +980,7 @@ def _gpt2_config_from_hf(h: dict, path: Path) -> GPTConfig:
     return GPTConfig(block_size=h["n_positions"], vocab_size=h["vocab_size"], n_layer=h["n_layer"],
                      n_head=h["n_head"], n_embd=h["n_embd"], ffn_hidden=h.get("n_inner") or 4 * h["n_embd"],
                      norm_eps=h.get("layer_norm_epsilon", 1e-5), bias=True,
-                     tie_embeddings=h.get("tie_word_embeddings", True))
+                     tie_embeddings=h.get("tie_word_embeddings", True), vocab_pad_multiple=64)
 
 
 def _llama_config_from_hf(h: dict, path: Path) -> GPTConfig:
@@ -981,7 +1003,7 @@ def _llama_config_from_hf(h: dict, path: Path) -> GPTConfig:
                      norm="rmsnorm", norm_eps=h.get("rms_norm_eps", 1e-6), pos_emb="rope",
                      rope_theta=rope.get("rope_theta", h.get("rope_theta", 10000.0)), mlp="swiglu",
                      ffn_hidden=h["intermediate_size"], bias=bool(h.get("attention_bias", False)),
-                     tie_embeddings=bool(h.get("tie_word_embeddings", False)))
+                     tie_embeddings=bool(h.get("tie_word_embeddings", False)), vocab_pad_multiple=64)
 
 
 class _Derived:
@@ -1059,25 +1081,29 @@ def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
     return out
 
 
-def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device, tie: bool) -> dict:
+def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device, config: GPTConfig) -> dict:
     """Compare the checkpoint's tensors with the model's, report every problem at once, then read
-    each tensor, cast it and move it, one at a time."""
-    exp = dict(expected)
-    tied = tie and "lm_head.weight" not in tensors
+    each tensor, cast it and move it, one at a time. A checkpoint's vocabulary (50257 rows for GPT-2)
+    is padded with zero rows to the model's multiple of 64 (see GPT._init_buffers)."""
+    exp, V = dict(expected), config.vocab_size
+    tied = config.tie_embeddings and "lm_head.weight" not in tensors
+    padded = lambda k: k in ("transformer.wte.weight", "lm_head.weight") and tuple(tensors[k].shape) == (  # noqa
+        V, exp[k].shape[1])
     missing = [k for k in exp if k not in tensors and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in tensors if k not in exp]
-    bad_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(exp[k].shape)}"
-                 for k in exp if k in tensors and tuple(tensors[k].shape) != tuple(exp[k].shape)]
+    bad_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(exp[k].shape)}" for k in exp
+                 if k in tensors and tuple(tensors[k].shape) != tuple(exp[k].shape) and not padded(k)]
     if missing or unexpected or bad_shape:
-        lines = [f"{path}: checkpoint does not match the model built from its config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
+        problems = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+                    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
+                    if items]
+        raise ValueError(f"{path}: checkpoint does not match the model built from its config: " + "; ".join(problems))
     state = {}
     for k in exp:
         src = tensors["transformer.wte.weight" if (k == "lm_head.weight" and tied) else k]
         t = src.load()
+        if t.shape[0] < exp[k].shape[0]:
+            t = torch.cat([t, t.new_zeros(exp[k].shape[0] - t.shape[0], *t.shape[1:])])
         state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
         if k == "lm_head.weight" and tied:
             state[k] = state["transformer.wte.weight"]
@@ -1159,7 +1185,8 @@ def cfg(default, help: str, choices=None, min=None, max=None):
     return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max))
 
 
-def _flag_type(kind, name: str, lo, hi):
+def bounded(kind=int, lo=None, hi=None):
+    """An argparse type that also checks the range: a bad value is an error naming the flag."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -1170,7 +1197,7 @@ def _flag_type(kind, name: str, lo, hi):
             bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
-    parse.__name__ = name
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -1189,7 +1216,7 @@ def config_parser(cls, description: str, alt_defaults: dict | None = None) -> ar
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             ap.add_argument(f"--{f.name}", choices=m.get("choices"), **kw,
-                            type=_flag_type(kind, f.name, m.get("min"), m.get("max")) if kind is not str else str)
+                            type=bounded(kind, m.get("min"), m.get("max")) if kind is not str else str)
     return ap
 
 
@@ -1271,6 +1298,7 @@ def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over all shards
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -1305,6 +1333,74 @@ def init_distributed(device: str) -> tuple[int, int, int]:
     else:
         dist.init_process_group("gloo")
     return rank, local, world
+
+
+def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
+    """The module to train when torchrun started several processes (else `model` itself).
+    DDP: every rank holds the whole model and its optimizer state; backward averages the gradients
+    across ranks. FSDP2 (fully_shard): parameters, gradients and optimizer state are split over the
+    ranks, 1/N each: a block's weights are gathered just before it runs and freed after, so a model
+    N times bigger than one device fits. Each transformer block is one unit, then the rest. On a GPU
+    with bf16 the gathered weights and the gradient reductions are bf16 (half the traffic)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model
+    cuda = device.startswith("cuda")
+    if fsdp:
+        import warnings
+
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # GPT.forward returns the logits cut to vocab_size, a view: harmless here, the loss is used
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
+        mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half)
+        for m in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(m, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # the buffers (vocab-pad bias, RoPE tables) are constants, identical on every rank: re-sending them
+    # before every forward would only cost time (forward_sync_buffers is torch >= 2.13's name for it)
+    import inspect
+
+    sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[torch.device(device).index] if cuda else None, **sync_off)
+
+
+def grad_sync(module, sync: bool):
+    """During gradient accumulation only the last micro-step's backward needs to average the
+    gradients across ranks: DDP's no_sync skips the all-reduce of the others, and FSDP2 keeps the
+    unsharded gradients until then. A context manager; a no-op for a plain module."""
+    if hasattr(module, "no_sync"):
+        return contextlib.nullcontext() if sync else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def gathered(model, skeleton_fn, master: bool):
+    """The model to save from. Under FSDP every rank holds a shard, so every rank takes part in
+    gathering the whole weights; rank 0 then gets a plain CPU copy (built by skeleton_fn on the meta
+    device and given the gathered tensors), the others None. Without FSDP: the model itself."""
+    if not hasattr(model, "reshard"):  # not an FSDP2 module
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return None
+    with torch.device("meta"):
+        copy = skeleton_fn()
+    copy.load_state_dict(sd, strict=False, assign=True)
+    for m in copy.modules():
+        if isinstance(m, GPT):
+            if m.config.tie_embeddings:
+                m.lm_head.weight = m.transformer.wte.weight
+            m._init_buffers()
+    return copy
 
 
 def end_distributed():
@@ -1369,10 +1465,21 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
     if not path.exists():
         raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
+    saved.pop("stop_at_step", None)  # a one-off of the run that stopped
     changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})" for k in fixed if k in given and given[k] != saved.get(k)]
     if changed:
         raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
     return cls(**{**saved, **given, "resume": True})
+
+
+def seed_everything(seed: int):
+    """torch's, numpy's and Python's generators from one seed. The scripts seed the model's init the
+    same on every rank, then seed + rank: every rank then draws its own dropout masks."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
 
 
 def rng_state(device: str = "cpu") -> dict:
@@ -1457,6 +1564,13 @@ def rewrite_log(path, keep) -> list[dict]:
     rows = [r for r in read_log(path) if keep(r)]
     atomic_write(Path(path), lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     return rows
+
+
+def close_run(out_dir):
+    """The run in out_dir is over: release its lock (a process's exit releases it anyway)."""
+    fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def previous_stage(*dirs) -> str | None:

@@ -58,7 +58,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bpe import Tokenizer, atomic_write, load_tokenizer
-from model import run_main
+from model import bounded, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -901,7 +901,7 @@ def build_parser():
         if tokenizer:
             p.add_argument("--tokenizer", default="gpt2",
                            help="'gpt2' (tiktoken) or a directory written by bpe.py")
-            p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+            p.add_argument("--num_workers", type=bounded(int, 0), default=max(1, (os.cpu_count() or 2) - 1),
                            help="tokenizer processes (0 = tokenize in this process)")
 
     p = sub.add_parser("builtin", help="no-network corpus: stdlib docstrings + pydoc topics, own BPE",
@@ -911,7 +911,7 @@ def build_parser():
         if action.dest == "tokenizer":
             action.default, action.help = None, "default: train a BPE of --vocab_size on the corpus; or a bpe.py dir"
     p.set_defaults(num_workers=0)
-    p.add_argument("--vocab_size", type=int, default=4096, help="size of the BPE trained on the corpus")
+    p.add_argument("--vocab_size", type=bounded(int, 257), default=4096, help="size of the BPE trained on the corpus")
     p.add_argument("--packages", nargs="*", default=[], help="installed packages whose docstrings to add")
     p.set_defaults(fn=cmd_builtin)
 
@@ -925,10 +925,10 @@ def build_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(p, "text")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote globs)")
-    p.add_argument("--shard_tokens", type=int, default=10 ** 8, help="tokens per training shard")
-    p.add_argument("--val_fraction", type=float, default=0.1,
+    p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per training shard")
+    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of the tokens (from the start of the corpus) held out as validation")
-    p.add_argument("--val_tokens", type=int, default=0, help="exact validation size (overrides val_fraction)")
+    p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="exact validation size (overrides val_fraction)")
     p.set_defaults(fn=cmd_text)
 
     p = sub.add_parser("shakespeare", help="tiny Shakespeare (downloaded with requests)",
@@ -936,7 +936,7 @@ def build_parser():
     common(p, "shakespeare")
     p.add_argument("--url", default=SHAKESPEARE_URL, help="where to download it from")
     p.add_argument("--input", default=None, help="use this local copy instead of downloading")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of tokens held out (the start)")
+    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1, help="share of tokens held out (the start)")
     p.set_defaults(fn=cmd_shakespeare)
 
     p = sub.add_parser("fineweb", help="FineWeb-Edu through `datasets` (streaming)",
@@ -944,8 +944,8 @@ def build_parser():
     common(p, "fineweb_edu")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset id")
     p.add_argument("--remote_name", default="sample-10BT", help="dataset configuration (sample-10BT, sample-100BT, ...)")
-    p.add_argument("--shard_tokens", type=int, default=10 ** 8, help="tokens per shard")
-    p.add_argument("--val_tokens", type=int, default=0, help="validation shard size (0 = shard_tokens)")
+    p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
+    p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
     p.set_defaults(fn=cmd_fineweb)
 
     p = sub.add_parser("hellaswag", help="HellaSwag validation set (downloaded with requests)",
@@ -957,8 +957,8 @@ def build_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(p, "alpaca", tokenizer=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")
-    p.add_argument("--max_response_chars", type=int, default=0, help="drop examples with longer outputs (0 = keep all)")
-    p.add_argument("--n_samples", type=int, default=0, help="then keep the first N (0 = all)")
+    p.add_argument("--max_response_chars", type=bounded(int, 0), default=0, help="drop examples with longer outputs (0 = keep all)")
+    p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="then keep the first N (0 = all)")
     p.set_defaults(fn=cmd_alpaca)
 
     for name, what, fn in (("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh),
@@ -968,7 +968,7 @@ def build_parser():
         common(p, name, tokenizer=False)
         p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
         p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
-        p.add_argument("--n_samples", type=int, default=0, help="keep the first N (0 = all)")
+        p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="keep the first N (0 = all)")
         p.set_defaults(fn=fn)
     return ap
 

@@ -1,41 +1,36 @@
 """
 sweep.py: compare fine-tuning configurations, LoRA ranks against full fine-tuning above all. Each
-configuration of a grid is one finetune.py run in a fresh process (one run's memory peak or crash
-cannot touch the next); the rows end up in one table and one plot.
+configuration is one finetune.py run in a fresh process (one run's memory peak or crash cannot touch
+the next); the rows end up in one table and one plot.
 
-Run it:
     python sweep.py                          # offline: lora_rank=0,2,8 on train_gpt2.py's CPU checkpoint
     python sweep.py --set lora_rank=0,4,16 --set lora_alpha=16,32 --max_steps 200 --out_dir sweeps/mine
     python sweep.py --resume --out_dir sweeps/mine      # after a kill or a failure: done rows are kept
-    python sweep.py --help
 
 Each --set NAME=V1,V2,... is a finetune.py flag and its values; several --set form every combination.
-Every other flag goes unchanged to every run (the model, the data, the seed, so every row trains on the
-same split), then the row's own values, then --out_dir OUT/runs/<name> --overwrite. A run is named by
-its values, e.g. lora_rank=4,lora_alpha=16.
+Every other flag goes to every run unchanged (model, data, seed: every row trains on the same split),
+then the row's values and --out_dir OUT/runs/<name> --overwrite; a run is named by its values, e.g.
+lora_rank=4,lora_alpha=16. With --score_every_eval --reward_model X (or --judge_url U), passed on,
+each row also gets the last evaluation's reward_mean / judge_mean.
 
-The two studies:
-  (1) GPT-2 on Alpaca, LoRA ranks 1-32 against full fine-tuning:
+The two studies. (1) GPT-2 on Alpaca, LoRA ranks 1-32 against full fine-tuning:
     python sweep.py --init_from gpt2 --set lora_rank=0,1,2,4,8,16,32 --grad_accum 8 --n_samples 200 \\
         --max_response_chars 512 --out_dir sweeps/gpt2-alpaca
-  (2) GPT-2 medium, LoRA against full fine-tuning on instruction tuning and three classification tasks,
-      varying rank, alpha, the adapted layers and the optimizer, one axis a sweep:
+(2) GPT-2 medium, LoRA against full fine-tuning on instruction tuning and three classification tasks,
+varying rank, alpha, the trained blocks and the optimizer, one axis a sweep:
     python sweep.py --init_from gpt2-medium --set lora_rank=0,4,16,64 --set lora_alpha=16,32 --grad_accum 8 \\
         --n_samples 200 --max_response_chars 512 --out_dir sweeps/medium-alpaca
-    C="--init_from gpt2-medium --task classify --dataset sst2 --num_classes 2 --balance --n_samples 4000 --max_steps 300"
+    C="--init_from gpt2-medium --task classify --dataset sst2 --balance --n_samples 4000 --max_steps 300"
     python sweep.py $C --set lora_rank=0,4,16,64 --out_dir sweeps/medium-sst2-rank
     python sweep.py $C --lora_rank 16 --set lora_alpha=8,16,32,64 --out_dir sweeps/medium-sst2-alpha
     python sweep.py $C --set lora_rank=0,16 --set train_last_n_blocks=0,6,12 --out_dir sweeps/medium-sst2-layers
     python sweep.py $C --set lora_rank=0,16 --set optimizer=adamw,sgd_momentum --out_dir sweeps/medium-sst2-optim
-  and the same four with --dataset sms_spam (2 classes) and --dataset mnli --num_classes 3.
-  Rows rated by a reward model or an LLM judge: add finetune.py's --score_every_eval --reward_model X
-  (or --judge_url U); each row gets the last evaluation's reward_mean / judge_mean.
+and the same four with --dataset sms_spam, and with --dataset mnli --num_classes 3.
 
-OUT gets: config.json (the sweep), results.jsonl (one row per configuration: config, best val loss,
-val perplexity, test metrics, trainable parameters, peak memory, seconds, tokens/s, status "ok" or
-"failed" with its reason), results.md (the table, best row marked: lowest val loss, or highest test
-accuracy with --task classify), results.png (val loss or accuracy, and peak memory, against trainable
-parameters), runs/<name>/ (each finetune.py run) and runs/<name>.log (its console output).
+OUT gets results.jsonl (a row per configuration: config, best val loss and perplexity, test metrics,
+trainable parameters, peak memory, seconds, tokens/s, status ok or failed with a reason), results.md
+(the table, best row marked), results.png (val loss, or test accuracy with --task classify, and peak
+memory against trainable parameters), config.json (the sweep), runs/<name>/ and runs/<name>.log.
 """
 
 from __future__ import annotations
@@ -44,6 +39,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -59,6 +55,7 @@ OWN = ("out_dir", "overwrite", "resume", "task")  # the sweep's flags: a --set c
 SUMMARY = ("best_step", "val_loss", "val_ppl", "test_loss", "test_ppl", "test_accuracy", "test_macro_f1",
            "trainable", "peak_memory_mb", "seconds", "tokens_per_s")
 SCORES = ("reward_mean", "judge_mean")
+SIGNALS = {s.value: s.name for s in signal.Signals}
 
 
 def parse_args(argv=None):
@@ -85,24 +82,18 @@ def parse_args(argv=None):
 # The grid
 
 
-def parse_set(spec: str) -> tuple[str, list[str]]:
-    name, eq, values = spec.partition("=")
-    if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or not values.strip(" ,;"):
-        raise ValueError(f"--set {spec!r}: expected NAME=V1,V2,... with NAME a finetune.py flag without dashes")
-    if name in OWN:
-        raise ValueError(f"--set {name}: that is the sweep's own flag, the same for every run")
-    vals = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
-    return name, list(dict.fromkeys(vals))  # a value given twice runs once
-
-
 def grid(specs: list[str]) -> list[dict]:
     """Every combination of the --set values, in the order given (the last flag varies fastest)."""
     axes = {}
     for spec in specs:
-        name, values = parse_set(spec)
-        if name in axes:
-            raise ValueError(f"--set {name} given twice; list all its values in one --set")
-        axes[name] = values
+        name, eq, values = spec.partition("=")
+        if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or not values.strip(" ,;"):
+            raise ValueError(f"--set {spec!r}: expected NAME=V1,V2,... with NAME a finetune.py flag without dashes")
+        if name in OWN or name in axes:
+            raise ValueError(f"--set {name}: " + ("given twice; list all its values in one --set" if name in axes
+                                                   else "the sweep's own flag, the same for every run"))
+        values = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
+        axes[name] = list(dict.fromkeys(values))  # a value given twice runs once
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -128,11 +119,7 @@ def failure_reason(returncode: int, stderr: str) -> str:
     """What stopped a run: the kernel's OOM killer leaves no message, only the signal; otherwise the
     `error: ...` line of run_main, else the last line (a traceback's exception, argparse's complaint)."""
     if returncode < 0:
-        try:
-            sig = signal.Signals(-returncode).name
-        except ValueError:
-            sig = f"signal {-returncode}"
-        return f"out of memory (killed by {sig})"
+        return f"out of memory (killed by {SIGNALS.get(-returncode, f'signal {-returncode}')})"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or [f"exit status {returncode}"])[-1][:300]
@@ -155,7 +142,8 @@ def run_one(config: dict, flags: list[str], runs: Path) -> dict:
     row = dict(name=run_name(config), config=config, flags=flags)
     # the console output goes beside the run dir: finetune.py --overwrite empties the run dir itself
     with open(runs / f"{dir_name(config)}.log", "w") as log:
-        p = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # so that `tail -f` on the log follows the run
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
         log.write(p.stderr)
     if p.returncode != 0:
         return dict(row, status="failed", reason=failure_reason(p.returncode, p.stderr))
@@ -172,13 +160,12 @@ def best_row(rows: list[dict], classify: bool) -> dict | None:
     return min(ok, key=lambda r: -r[metric] if classify else r[metric], default=None)
 
 
+FORMATS = dict(best_step="{:,d}", trainable="{:,d}", val_ppl="{:.4g}", test_ppl="{:.4g}", peak_memory_mb="{:,.0f}",
+               seconds="{:.1f}", tokens_per_s="{:,.0f}")  # the rest: {:.4f}
+
+
 def _cell(row: dict, key: str) -> str:
-    v = row.get(key)
-    if v is None or row["status"] != "ok":
-        return ""
-    if key in ("trainable", "best_step"):
-        return f"{v:,d}"
-    return f"{v:,.0f}" if key in ("peak_memory_mb", "tokens_per_s") else f"{v:.4g}" if "ppl" in key else f"{v:.4f}"
+    return "" if row.get(key) is None else FORMATS.get(key, "{:.4f}").format(row[key])
 
 
 def results_table(rows: list[dict], classify: bool, flags: list[str]) -> str:
@@ -186,10 +173,11 @@ def results_table(rows: list[dict], classify: bool, flags: list[str]) -> str:
     cols = (["best_step", "val_loss", "val_ppl"] + tests + [k for k in SCORES if any(k in r for r in rows)]
             + ["trainable", "peak_memory_mb", "seconds", "tokens_per_s"])
     best = best_row(rows, classify)
-    md = [f"# Sweep: finetune.py {' '.join(flags)}\n",
-          f"★ = {'highest test accuracy' if classify else 'lowest val loss'}; lora_rank=0 is full fine-tuning; "
-          f"peak memory: CUDA max allocated, or the process's peak RSS on a CPU\n",
-          "| | run | " + " | ".join(cols) + " | status |", "|---" * (len(cols) + 3) + "|"]
+    heads = [k.replace("_mb", " (MB)").replace("_per_s", "/s").replace("_", " ") for k in cols]
+    legend = (f"★ = {'highest test accuracy' if classify else 'lowest val loss'}; lora_rank=0 is full fine-tuning; "
+              "peak memory: CUDA max allocated, or the process's peak RSS on a CPU")
+    md = [f"# Sweep: finetune.py {' '.join(flags)}\n", legend + "\n",
+          "| | run | " + " | ".join(heads) + " | status |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
         status = "ok" if r["status"] == "ok" else "failed: " + r["reason"].replace("|", "\\|")
         md.append(f"| {'★' if r is best else ''} | {r['name']} | "
@@ -220,6 +208,7 @@ def plot(rows: list[dict], path: Path, classify: bool) -> int:
         for r in ok:
             ax.annotate(r["name"], (r["trainable"], r[key]), xytext=(4, 4), textcoords="offset points", fontsize=7)
         ax.set(xscale="log", xlabel="trainable parameters", ylabel=label)
+        ax.margins(0.15)  # room for the names
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -230,6 +219,14 @@ def plot(rows: list[dict], path: Path, classify: bool) -> int:
 
 def write_jsonl(path: Path, rows: list[dict]):
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def report(rows: list[dict], out: Path, classify: bool, shared: list[str]):
+    write_jsonl(out / "results.jsonl", rows)
+    table = results_table(rows, classify, shared)
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(table))
+    n = plot(rows, out / "results.png", classify)
+    print(f"\n{table}\nwritten: {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'results.png'} ({n} points)")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -248,19 +245,15 @@ def main(argv=None) -> list[dict]:
         print(f"no --set: the default sweep {DEFAULT_SET} (full fine-tuning against LoRA ranks 2 and 8), on "
               f"finetune.py's defaults unless flags say otherwise")
     configs = grid(args.set)
-    if len({dir_name(c) for c in configs}) < len(configs):
-        raise ValueError("two configurations would share a run folder; their values differ only in characters "
-                         "that cannot be in a folder name")
     shared = ["--task", args.task, *passed]
     open_run(out, resume=args.resume, overwrite=args.overwrite)  # the lock; refuses to mix two sweeps
-    old = {}
-    if args.resume and (out / "results.jsonl").exists():
-        old = {json.dumps(r["flags"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
-               if r["status"] == "ok"}
+    results = out / "results.jsonl"
+    before = [json.loads(x) for x in results.read_text().splitlines()] if args.resume and results.exists() else []
+    ok_before = {json.dumps(r["flags"]): r for r in before if r["status"] == "ok"}  # failed rows run again
     atomic_write(saved, lambda p: Path(p).write_text(json.dumps(dict(set=args.set, flags=passed, task=args.task))))
     (out / "runs").mkdir(exist_ok=True)
     keys = [json.dumps(shared + as_flags(c)) for c in configs]
-    done = {k: old[k] for k in keys if k in old}  # in every write below: a second kill loses none of them
+    done = {k: ok_before[k] for k in keys if k in ok_before}  # in every write below: a second kill loses none of them
     for i, (config, key) in enumerate(zip(configs, keys), 1):
         head = f"[{i}/{len(configs)}] {run_name(config)}"
         if key in done:
@@ -270,14 +263,9 @@ def main(argv=None) -> list[dict]:
         r = done[key] = run_one(config, json.loads(key), out / "runs")
         print(f"{head}: " + (f"val loss {r.get('val_loss', math.nan):.4f}, {r['trainable']:,d} trainable, "
                              f"{r['seconds']:.0f} s" if r["status"] == "ok" else f"failed: {r['reason']}"), flush=True)
-        write_jsonl(out / "results.jsonl", [done[k] for k in keys if k in done])
+        write_jsonl(results, [done[k] for k in keys if k in done])
     rows = [done[k] for k in keys]
-    write_jsonl(out / "results.jsonl", rows)
-    table = results_table(rows, args.task == "classify", shared)
-    atomic_write(out / "results.md", lambda p: Path(p).write_text(table))
-    n = plot(rows, out / "results.png", args.task == "classify")
-    print("\n" + table + f"\nwritten: {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'results.png'} "
-          f"({n} points)")
+    report(rows, out, args.task == "classify", shared)
     if not any(r["status"] == "ok" for r in rows):
         raise ValueError(f"every configuration failed; the first: {rows[0]['reason']}")
     return rows

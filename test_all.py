@@ -12,12 +12,14 @@ benchmarks, and the layout rules.
 """
 
 import base64
+import dataclasses
 import functools
 import http.server
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,6 +45,7 @@ import lora
 import model as model_py
 import prepare_data
 import score
+import sweep
 import train_gpt2
 from bpe import Tokenizer, load_tokenizer
 from lora import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter, unmerge_lora
@@ -1134,7 +1137,7 @@ def test_model_bad_checkpoints_give_clear_errors(tmp_path):
         GPT.from_pretrained(str(d))
     # shape mismatch: config says wider than the weights
     (d / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
-    with pytest.raises(ValueError, match=r"wrong shape.*transformer\.wte\.weight: checkpoint \(97, 32\) vs model \(97, 64\)"):
+    with pytest.raises(ValueError, match=r"wrong shape.*transformer\.wte\.weight: checkpoint \(97, 32\) vs model \(128, 64\)"):
         GPT.from_pretrained(str(d))
     # a layer more than the weights have: the missing tensors are named
     (d / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
@@ -2504,15 +2507,18 @@ def test_dpo_masking_only_response_tokens_count():
     assert idx.shape == (4, 5)
     assert labels[0].tolist() == [-100, -100, 8, 9, 1] and labels[2].tolist() == [-100, -100, 10, 1, -100]
     assert labels[3].tolist() == [2, 2, 2, 1, -100]
+    # each token's log p, as DPO gets it from the model (ChunkedCrossEntropy, reduction "none"), equals a
+    # direct log-softmax; prompt and padding positions count 0 whatever their logits
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 12)
-    base = dpo.sequence_logps(logits, labels)
+    logp = lambda lg: -model_py.ChunkedCrossEntropy.apply(lg.reshape(20, 12), labels.reshape(-1), -100,  # noqa
+                                                          "none").view(4, 5).sum(-1)
     ref = torch.stack([F.log_softmax(logits[i], -1)[labels[i] != -100].gather(
         1, labels[i][labels[i] != -100][:, None]).sum() for i in range(4)])
-    assert torch.allclose(base, ref)
+    assert torch.allclose(logp(logits), ref)
     noisy = logits.clone()
     noisy[labels == -100] += 100 * torch.randn_like(noisy[labels == -100])  # prompt and padding positions
-    assert torch.allclose(dpo.sequence_logps(noisy, labels), base)
+    assert torch.allclose(logp(noisy), ref)
 
 
 def _dpo_tiny_policy(lora=True):
@@ -2800,6 +2806,586 @@ def test_chat_two_turns_reset_quit(tmp_path):
                         if t != tok.eot_id])
     first = first.split("\n\nHuman:")[0]
     assert text.split("\n")[1].startswith("Assistant:" + first[:3])
+
+
+# -----------------------------------------------------------------------------------------------
+# sweep.py
+
+
+def _sweep_flags(tmp_path, data):
+    return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+            "--max_steps", "4", "--eval_interval", "2", "--batch_size", "4", "--grad_accum", "1",
+            "--val_frac", "0.15", "--n_generate", "0", "--lora_dropout", "0.0", "--lr", "3e-3"]
+
+
+def _sweep(argv):
+    """sweep.py through its command line, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *argv], capture_output=True, text=True)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_sweep_rows_match_direct_finetune_runs(tmp_path):
+    data = _ft_setup(tmp_path)
+    flags = _sweep_flags(tmp_path, data)
+    out = tmp_path / "sw"
+    r = _sweep(["--set", "lora_rank=0,2,4", "--out_dir", str(out)] + flags)
+    assert r.returncode == 0, r.stderr
+    rows = _rows(out)
+    assert [row["name"] for row in rows] == ["lora_rank=0", "lora_rank=2", "lora_rank=4"]
+    assert [row["config"] for row in rows] == [{"lora_rank": "0"}, {"lora_rank": "2"}, {"lora_rank": "4"}]
+    for row in rows:
+        rank = int(row["config"]["lora_rank"])
+        assert row["status"] == "ok" and row["lora_rank"] == rank
+        # the same flags run directly: the same val loss (same seed, same split, same steps)
+        direct = finetune.main(flags + ["--lora_rank", str(rank), "--out_dir", str(tmp_path / f"direct{rank}")])
+        assert row["val_loss"] == pytest.approx(direct["best_val"], abs=1e-6)
+        assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-9)
+        assert row["test_loss"] == pytest.approx(direct["test_loss"], abs=1e-6)
+        assert row["test_ppl"] == pytest.approx(math.exp(row["test_loss"]), rel=1e-9)
+        # trainable parameters as lora.py counts them on the same model
+        m = GPT.from_pretrained(tmp_path / "model")
+        if rank:
+            lora.apply_lora(m, rank, 32.0, 0.0, "q,v")
+        trainable, total = lora.count_parameters(m)
+        assert row["trainable"] == (trainable if rank else total)
+        assert f"trainable params: {row['trainable']:,d}" in lora.trainable_report(m)
+        assert row["peak_memory_mb"] > 0 and row["seconds"] > 0 and row["tokens_per_s"] > 0
+        assert (out / "runs" / f"lora_rank={rank}" / "summary.json").exists()
+        assert (out / "runs" / f"lora_rank={rank}.log").exists()
+    assert rows[0]["trainable"] > rows[2]["trainable"] > rows[1]["trainable"]
+    # the table marks the lowest val loss; the plot exists (a PNG) with one point per ok row
+    md = (out / "results.md").read_text()
+    best = min(rows, key=lambda row: row["val_loss"])
+    assert [line for line in md.splitlines() if "★ |" in line][0].startswith(f"| ★ | {best['name']} |")
+    assert md.count("| ok |") == 3
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(3 points)" in r.stdout
+    # a fresh sweep on a directory that holds one stops with one error line
+    again = _sweep(["--set", "lora_rank=0", "--out_dir", str(out)] + flags)
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "--resume" in again.stderr
+
+
+def test_sweep_failed_row_has_reason_and_resume_reruns_only_it(tmp_path):
+    data = _ft_setup(tmp_path)
+    flags = _sweep_flags(tmp_path, data) + ["--lora_rank", "2"]
+    out = tmp_path / "sw"
+    argv = ["--set", "lora_targets=q,v;nonsense", "--set", "lora_alpha=8,16", "--out_dir", str(out)] + flags
+    r = _sweep(argv)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in _rows(out)}
+    assert list(rows) == ["lora_targets=q,v,lora_alpha=8", "lora_targets=q,v,lora_alpha=16",
+                          "lora_targets=nonsense,lora_alpha=8", "lora_targets=nonsense,lora_alpha=16"]
+    bad = rows["lora_targets=nonsense,lora_alpha=8"]
+    assert bad["status"] == "failed" and bad["reason"].startswith("error: unknown LoRA target 'nonsense'")
+    assert [row["status"] for row in rows.values()] == ["ok", "ok", "failed", "failed"]
+    assert rows["lora_targets=q,v,lora_alpha=8"]["val_loss"] != rows["lora_targets=q,v,lora_alpha=16"]["val_loss"]
+    md = (out / "results.md").read_text()
+    assert "failed: error: unknown LoRA target 'nonsense'" in md
+    # --resume: the ok rows are kept (their runs untouched), the failed ones run again
+    runs = out / "runs"
+    ok_files = [runs / f"lora_targets=q,v,lora_alpha={a}" / "summary.json" for a in (8, 16)]
+    logs = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")}
+    stamps = [p.stat().st_mtime_ns for p in ok_files]
+    for p in runs.glob("*.log"):
+        os.utime(p, ns=(1, 1))  # so that a rewrite shows, however coarse the clock
+    r = _sweep(["--resume", "--out_dir", str(out)])  # alone: the saved sweep again
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("done before, kept") == 2 and r.stdout.count(": running") == 2
+    assert [p.stat().st_mtime_ns for p in ok_files] == stamps
+    rerun = sorted(p.name for p in runs.glob("*.log") if p.stat().st_mtime_ns != 1)
+    assert rerun == ["lora_targets=nonsense,lora_alpha=16.log", "lora_targets=nonsense,lora_alpha=8.log"]
+    assert set(logs) == {p.name for p in runs.glob("*.log")}
+    again = {row["name"]: row for row in _rows(out)}
+    assert list(again) == list(rows) and [row["status"] for row in again.values()] == ["ok", "ok", "failed", "failed"]
+    assert again["lora_targets=q,v,lora_alpha=8"] == rows["lora_targets=q,v,lora_alpha=8"]
+
+
+def test_sweep_grid_names_and_reasons():
+    grid = sweep.grid(["lora_rank=0,4,4", "lora_targets=q,v;all", "grad_checkpointing=true,false"])
+    assert len(grid) == 2 * 2 * 2
+    assert sweep.run_name(grid[1]) == "lora_rank=0,lora_targets=q,v,grad_checkpointing=false"
+    assert sweep.as_flags(grid[1]) == ["--lora_rank=0", "--lora_targets=q,v", "--no-grad_checkpointing"]
+    assert sweep.dir_name({"init_from": "a/b c"}) == "init_from=a_b_c"
+    for bad in (["lora_rank"], ["lora-rank=1"], ["lora_rank="], ["out_dir=a,b"], ["lora_rank=1", "lora_rank=2"]):
+        with pytest.raises(ValueError):
+            sweep.grid(bad)
+    assert sweep.failure_reason(-9, "") == "out of memory (killed by SIGKILL)"
+    assert sweep.failure_reason(2, "warning: x\nerror: bad flag\nmore\n") == "error: bad flag"
+    assert sweep.failure_reason(1, "Traceback ...\nRuntimeError: boom\n") == "RuntimeError: boom"
+    assert sweep.failure_reason(1, "") == "exit status 1"
+
+
+def test_sweep_plot_one_point_per_ok_row_and_classify_ranking(tmp_path):
+    rows = [dict(name="lora_rank=0", status="ok", lora_rank=0, trainable=10_000, val_loss=2.0, test_accuracy=0.7,
+                 peak_memory_mb=300.0),
+            dict(name="lora_rank=4", status="ok", lora_rank=4, trainable=100, val_loss=2.5, test_accuracy=0.9,
+                 peak_memory_mb=200.0, reward_mean=0.5),
+            dict(name="lora_rank=8", status="failed", reason="out of memory (killed by SIGKILL)")]
+    assert sweep.plot(rows, tmp_path / "a.png", classify=False) == 2
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    assert sweep.plot(rows[2:], tmp_path / "b.png", classify=False) == 0 and not (tmp_path / "b.png").exists()
+    assert sweep.best_row(rows, classify=False)["name"] == "lora_rank=0"
+    assert sweep.best_row(rows, classify=True)["name"] == "lora_rank=4"
+    md = sweep.results_table(rows, True, ["--task", "classify"])
+    assert "| ★ | lora_rank=4 |" in md and "| reward mean |" in md and "| test accuracy |" in md
+    assert "test loss" not in md and "| 0.9000 | " in md
+    assert "failed: out of memory (killed by SIGKILL)" in md
+
+
+def test_sweep_default_grid_and_every_row_failed(tmp_path):
+    # no --set: the offline default grid, said in one line; a model that is not there fails every row
+    r = _sweep(["--out_dir", str(tmp_path / "sw"), "--init_from", str(tmp_path / "missing"), "--max_steps", "1"])
+    assert "no --set: the default sweep lora_rank=0,2,8" in r.stdout
+    assert r.returncode == 2 and r.stderr.startswith("error: every configuration failed; the first: error:")
+    rows = _rows(tmp_path / "sw")
+    assert [row["name"] for row in rows] == ["lora_rank=0", "lora_rank=2", "lora_rank=8"]
+    assert all(row["status"] == "failed" and str(tmp_path / "missing") in row["reason"] for row in rows)
+    assert not (tmp_path / "sw" / "results.png").exists()
+    assert "failed: error:" in (tmp_path / "sw" / "results.md").read_text()
+
+
+# -----------------------------------------------------------------------------------------------
+# past one device: finetune.py and dpo.py under torchrun (DDP, FSDP2), on gloo CPU processes
+
+
+def _torchrun(n, script, *args, cwd=None):
+    r = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={n}", str(ROOT / script), *map(str, args)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(out, key="loss"):
+    return [r[key] for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_distributed_finetune_ddp_and_fsdp_equal_one_process(tmp_path, lora_rank):
+    """2 ranks x 2 accumulation steps see the same 8 examples per step as 1 process x 4: the same
+    losses (fp32), and an FSDP run's saved model and adapter load in one process with its logits."""
+    data = _ft_setup(tmp_path)
+    flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data, "--max_steps", 4,
+             "--eval_interval", 2, "--batch_size", 2, "--val_frac", 0.15, "--n_generate", 1, "--max_new_tokens", 4,
+             "--lora_dropout", 0, "--lr", 1e-2 if lora_rank else 1e-3, "--lora_rank", lora_rank]
+    finetune.main(list(map(str, flags + ["--out_dir", tmp_path / "one", "--grad_accum", 4])))
+    runs = {"fsdp": ["--fsdp"]} if lora_rank == 0 else {"ddp": [], "fsdp": ["--fsdp"]}
+    for name, extra in runs.items():
+        _torchrun(2, "finetune.py", *flags, "--out_dir", tmp_path / name, "--grad_accum", 2, *extra)
+        assert _losses(tmp_path / name) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5), name
+        assert _losses(tmp_path / name, "val_loss") == pytest.approx(_losses(tmp_path / "one", "val_loss"), rel=1e-5)
+    one, fsdp = GPT.from_pretrained(tmp_path / "one" / "best_model"), GPT.from_pretrained(tmp_path / "fsdp" / "best_model")
+    with torch.no_grad():
+        ref = one(IDX % 400)[0]
+        assert max_diff(fsdp(IDX % 400)[0], ref) < 1e-5
+        if lora_rank:  # the adapter saved under FSDP, on the base in one process
+            base = load_adapter(GPT.from_pretrained(tmp_path / "model"), tmp_path / "fsdp" / "best_adapter")
+            assert max_diff(base(IDX % 400)[0], ref) < 1e-5
+
+
+def test_distributed_fsdp_holds_half_the_training_state_per_rank_and_resumes(tmp_path):
+    """FSDP2 on 2 ranks: each holds about half of the parameter, gradient and optimizer-state bytes;
+    a run stopped at step 2 and resumed under FSDP continues with the uninterrupted losses."""
+    script = tmp_path / "shards.py"
+    script.write_text(f"""import sys, torch, json
+sys.path.insert(0, {str(ROOT)!r})
+from model import GPT, GPTConfig, distribute, end_distributed, init_distributed, make_optimizer, optimizer_step
+rank, _, world = init_distributed("cpu")
+torch.manual_seed(0)
+m = GPT(GPTConfig.preset("tiny-llama", vocab_size=256))
+full = sum(p.numel() * p.element_size() for p in m.parameters())
+distribute(m, "cpu", fsdp=True)
+opt = make_optimizer(m, "adamw", 1e-3)
+x = torch.randint(0, 256, (2, 16))
+m(x, x)[1].backward()
+grads = sum(p.grad.to_local().numel() * 4 for p in m.parameters())
+optimizer_step(m, opt)
+local = lambda ts: sum(t.to_local().numel() * t.element_size() for t in ts)
+state = local(v for s in opt.state.values() for v in s.values() if v.dim() > 0)
+print(json.dumps(dict(rank=rank, full=full, params=local(m.parameters()), grads=grads, optimizer=state)))
+end_distributed()
+""")
+    r = _torchrun(2, script)
+    for row in map(json.loads, r.stdout.strip().splitlines()):
+        for k, full in (("params", row["full"]), ("grads", row["full"]), ("optimizer", 2 * row["full"])):
+            assert row[k] == pytest.approx(full / 2, rel=0.1), (row["rank"], k)
+    data = _ft_setup(tmp_path)
+    flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data, "--max_steps", 4,
+             "--eval_interval", 2, "--batch_size", 2, "--grad_accum", 2, "--val_frac", 0.15, "--n_generate", 0,
+             "--lora_rank", 4, "--lora_dropout", 0.1, "--lr", 1e-2, "--fsdp", "--ckpt_interval", 2]
+    _torchrun(2, "finetune.py", *flags, "--out_dir", tmp_path / "whole")
+    _torchrun(2, "finetune.py", *flags, "--out_dir", tmp_path / "cut", "--stop_at_step", 3)
+    _torchrun(2, "finetune.py", "--out_dir", tmp_path / "cut", "--resume")
+    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_distributed_ranks_draw_their_own_dropout_and_resume_exactly(train_corpus, tmp_path):
+    script = tmp_path / "masks.py"
+    script.write_text(f"""import sys, json, torch
+sys.path.insert(0, {str(ROOT)!r})
+from model import all_ranks, end_distributed, init_distributed, seed_everything
+rank, _, _ = init_distributed("cpu")
+seed_everything(1337 + rank)  # what the scripts do once the model is built
+masks = all_ranks(torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+print(json.dumps(masks[0] != masks[1]))
+end_distributed()
+""")
+    assert _torchrun(2, script).stdout.split() == ["true", "true"]
+    # with dropout on, a 2-rank run killed after its step-2 checkpoint and resumed gives the uninterrupted
+    # losses: every rank restores its own random streams
+    _, _, data_dir, _ = train_corpus
+    args = ["--data_dir", data_dir, *TINY, "--max_steps", 4, "--ckpt_interval", 2, "--dropout", 0.1,
+            "--total_batch_size", 1024, "--eval_interval", 0, "--num_samples", 0]
+    _torchrun(2, "train_gpt2.py", *args, "--out_dir", tmp_path / "whole")
+    _torchrun(2, "train_gpt2.py", *args, "--out_dir", tmp_path / "cut", "--stop_at_step", 3)
+    _torchrun(2, "train_gpt2.py", "--out_dir", tmp_path / "cut", "--resume")
+    whole, cut = _log(tmp_path / "whole")[0], _log(tmp_path / "cut")[0]
+    assert [r["step"] for r in cut] == [0, 1, 2, 3] and [r["loss"] for r in cut] == [r["loss"] for r in whole]
+
+
+def test_distributed_dpo_equal_one_process(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rnd = random.Random(0)
+    words = "red blue green cat dog sun tree big small fast".split()
+    data.write_text("".join(json.dumps({"prompt": f"Say {a}:", "chosen": f" {a} {a}", "rejected": f" {b} {b}"}) + "\n"
+                            for a, b in (rnd.sample(words, 2) for _ in range(40))))
+    _ft_setup(tmp_path)
+    for ref, mode in (("adapter_off", "--fsdp"), ("precomputed", None)):
+        flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data, "--max_steps", 3,
+                 "--eval_interval", 3, "--batch_size", 2, "--n_generate", 1, "--max_new_tokens", 4, "--lr", 5e-2,
+                 "--reference", ref, "--warmup_steps", 1, "--lora_rank", 4]
+        dpo.main(list(map(str, flags + ["--out_dir", tmp_path / f"one-{ref}", "--grad_accum", 4])))
+        _torchrun(2, "dpo.py", *flags, "--out_dir", tmp_path / f"two-{ref}", "--grad_accum", 2, *([mode] if mode else []))
+        one, two = _losses(tmp_path / f"one-{ref}"), _losses(tmp_path / f"two-{ref}")
+        assert two == pytest.approx(one, rel=1e-5) and one[-1] < one[0], ref
+        assert (tmp_path / f"two-{ref}" / "model" / "gpt_config.json").exists()
+
+
+# -----------------------------------------------------------------------------------------------
+# GPU paths, checked on a CPU: compile graphs, precision and device pickers, host syncs, GQA, peaks
+
+
+def test_gpu_compiled_loss_graph_does_not_grow_with_the_batch():
+    """Under torch.compile the loss is F.cross_entropy: the traced graph is the same size at 4 x 64 and
+    at 64 x 1024 tokens (a chunk loop would be unrolled), and its loss and gradients equal eager's."""
+    sizes = []
+
+    def backend(gm, example_inputs):
+        sizes.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=256, block_size=1024, n_layer=1))
+    compiled = torch.compile(m, backend=backend, dynamic=False)
+    for B, T in ((4, 64), (64, 1024)):
+        torch._dynamo.reset()
+        x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(B))
+        m.zero_grad()
+        loss = compiled(x, x)[1]
+        loss.backward()
+        got = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad()
+        logits = m(x)[0]
+        ref = F.cross_entropy(logits.reshape(-1, 256), x.reshape(-1))
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert all(torch.allclose(got[n], p.grad, atol=1e-6) for n, p in m.named_parameters())
+    assert len(sizes) == 2 and abs(sizes[0] - sizes[1]) <= 3, sizes
+
+
+def test_gpu_precision_and_device_pickers(monkeypatch):
+    for capability, want in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert model_py.pick_precision("auto", "cuda:0") == want  # T4/V100 run bf16 only emulated
+    assert model_py.pick_precision("auto", "cpu") == "fp32" and model_py.pick_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert model_py.pick_device("cuda") == "cuda:3" and model_py.pick_device("cpu") == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert model_py.pick_device("cuda") == "cuda"
+    assert model_py.gpu_peak_flops("NVIDIA L40") == 181e12 and model_py.gpu_peak_flops("NVIDIA L4") == 121e12
+    assert model_py.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert model_py.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and model_py.gpu_peak_flops("Some GPU") is None
+
+
+class _ScalarReads(__import__("torch.utils._python_dispatch", fromlist=["x"]).TorchDispatchMode):
+    """Counts aten._local_scalar_dense: what .item(), int(t) and bool(t) call, each a host-device sync."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_no_host_sync_inside_a_micro_step():
+    torch.manual_seed(0)
+    m = apply_lora(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128, block_size=256)), 4, 8, targets="all")
+    tok = _CharTok()
+    data = [finetune.tokenize_example({"instruction": "Echo.", "input": "a" * k, "output": "b" * k}, tok, 127, 255)
+            for k in (3, 5, 7, 9)]
+    micro = [finetune.collate(data[:2]), finetune.collate(data[2:])]
+    opt = model_py.make_optimizer(m, "adamw", 1e-3, fused=True)  # as on a GPU: no per-tensor step reads
+    with _ScalarReads() as reads:
+        finetune.accumulate_gradients(m, micro)
+    assert reads.n == 0
+    with _ScalarReads() as reads:
+        finetune.train_step(m, opt, micro, grad_clip=1.0)
+    assert reads.n <= 4  # the step's loss, token count and gradient norm, read once
+    pairs = _dpo_tiny_pairs(4, 0)
+    policy = _dpo_tiny_policy()
+    ref = dpo.Reference("adapter_off", policy)
+    idx, labels = dpo.collate_pairs(pairs, 0)
+    with _ScalarReads() as reads:
+        dpo.dpo_step(policy, ref, [(idx, labels, ["a", "b", "c", "d"])] * 2, dpo.DPOConfig(),
+                     __import__("contextlib").nullcontext, None)
+    assert reads.n == 0
+
+
+def test_gpu_gqa_saves_no_copy_of_k_and_v_and_dpo_logps_are_chunked():
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=128, n_head=4, n_kv_head=2)
+    m = GPT(cfg)
+    x = torch.randint(0, 128, (2, 24))
+    manual = GPT(dataclasses.replace(cfg, attn_impl="manual"))  # repeats k and v, the textbook way
+    manual.load_state_dict(m.state_dict())
+    assert max_diff(m(x)[0], manual(x)[0]) < 1e-5
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        m(x, x)[1].backward()
+    full = (2, cfg.n_head, 24, cfg.head_dim)
+    assert shapes.count(full) == 2 * cfg.n_layer  # q and the output: no k or v repeated to n_head heads
+    assert shapes.count((2, cfg.n_kv_head, 24, cfg.head_dim)) >= 2 * cfg.n_layer
+    # DPO: log-probs of the labelled tokens, as a direct log-softmax gives them, without any fp32 copy
+    # of the whole logits (what the log-probs add is chunk-sized)
+    pairs = _dpo_tiny_pairs(3, 1)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=65536, n_embd=16))  # logits dominate; 32-row chunks
+    idx, labels = dpo.collate_pairs(pairs, 0)
+    logits = policy(idx)[0]
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ref = (ref * (labels != -100)).sum(-1)
+    new = {}  # storage -> bytes, of every tensor an op makes (views share their base's storage)
+
+    class Sizes(__import__("torch.utils._python_dispatch", fromlist=["x"]).TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    new.setdefault(t.untyped_storage().data_ptr(), (func, t.untyped_storage().nbytes()))
+            return out
+
+    with Sizes():
+        c, r = dpo.concatenated_logps(policy, idx, labels)
+        c.sum().backward()
+    assert torch.allclose(torch.cat([c, r]), ref, atol=1e-5)
+    big = [str(f) for f, n in new.values() if n >= logits.numel() * 4]
+    # the output layer's matmul and its gradient are logits-sized; no log-softmax copy besides them
+    assert all("mm" in f or "empty" in f for f in big) and len(big) <= 2, big
+
+
+# -----------------------------------------------------------------------------------------------
+# nothing lost, nothing silent: run directories, bad input, one-line errors
+
+
+def _hashes(d) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(d).rglob("*")) if p.is_file() and p.name != "run.lock"}
+
+
+def _cli(script, *args, cwd=None, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def _user_error(r, *needles):
+    """Exit status 2, no traceback, and the last line an error naming what is wrong."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error:" in last and all(n in last for n in needles), last
+    return last
+
+
+def test_robust_a_fresh_run_never_overwrites_a_run(train_corpus, tmp_path):
+    _, _, data_dir, _ = train_corpus
+    out = tmp_path / "o"
+    _train(data_dir, out, "--max_steps", 4, "--ckpt_interval", 2)
+    before = _hashes(out)
+    r = _cli("train_gpt2.py", "--data_dir", data_dir, "--out_dir", out, *TINY, "--max_steps", 2)
+    _user_error(r, str(out), "--resume", "--overwrite")
+    assert _hashes(out) == before  # nothing touched
+    train, evals = _train(data_dir, out, "--max_steps", 2, "--overwrite")  # --overwrite: the old run is gone
+    assert [r["step"] for r in train] == [0, 1] and [e["step"] for e in evals] == [0, 2]
+    assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_robust_a_second_live_run_on_one_out_dir_stops_naming_the_holder(train_corpus, tmp_path):
+    _, _, data_dir, _ = train_corpus
+    out = tmp_path / "busy"
+    model_py.open_run(out)  # this process holds the run now
+    r = _cli("train_gpt2.py", "--data_dir", data_dir, "--out_dir", out, *TINY, "--max_steps", 2)
+    _user_error(r, str(out), f"pid {os.getpid()}")
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+def test_robust_endoftext_written_in_text_stays_text(tmp_path, train_corpus):
+    _ft_setup(tmp_path)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    eot = tok.eot_id
+    t = finetune.tokenize_example({"instruction": "Say <|endoftext|>.", "input": "", "output": "a <|endoftext|> b"},
+                                  tok, eot, 200)
+    assert t["input_ids"].count(eot) == 0 and t["labels"].count(eot) == 1 and t["labels"][-1] == eot
+    pairs = dpo.tokenize_pairs([{"prompt": "Q <|endoftext|>", "chosen": " yes <|endoftext|>", "rejected": " no"}],
+                               tok, eot, 100, 50)
+    assert [pairs[0][k].count(eot) for k in ("prompt", "chosen", "rejected")] == [0, 1, 1]
+    assert pairs[0]["chosen"][-1] == eot  # only the one the code appends
+    docs, tok_dir, _, bpe_tok = train_corpus
+    prepare_data.write_shards(["one <|endoftext|> two", "three"] * 40, tmp_path / "s", "s", str(tok_dir), 100, 50)
+    shards = prepare_data.list_shards(tmp_path / "s", "val") + prepare_data.list_shards(tmp_path / "s", "train")
+    ids = np.concatenate([prepare_data.load_shard(p) for p in shards])
+    assert (ids == bpe_tok.special_tokens["<|endoftext|>"]).sum() == 80  # one before each document, no more
+
+
+def test_robust_a_token_id_out_of_range_in_a_shard_names_the_file(train_corpus, tmp_path):
+    _, _, data_dir, _ = train_corpus
+    d = tmp_path / "bad"
+    shutil.copytree(data_dir, d)
+    meta = {"tokenizer": prepare_data.read_header(prepare_data.list_shards(d, "val")[0])["tokenizer"],
+            "vocab_size": 512, "eot_id": 511}
+    prepare_data.write_shard(d / "tiny_train_000001.bin", np.array([5, 7, 600, 3], dtype=np.uint16), meta)
+    with pytest.raises(ValueError, match=r"tiny_train_000001.bin: token id 600 at position 2 is not below the "
+                                         r"vocab_size 512"):
+        train_gpt2.open_data(d)
+
+
+def test_robust_a_damaged_log_line_does_not_block_resume(train_corpus, tmp_path, capsys):
+    _, _, data_dir, _ = train_corpus
+    out = tmp_path / "o"
+    _train(data_dir, out, "--max_steps", 4, "--ckpt_interval", 2, "--stop_at_step", 3)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 3, "lo')  # killed while writing
+    train, evals = _train(data_dir, out, "--resume")
+    assert "log.jsonl: skipped 1 damaged line(s)" in capsys.readouterr().err
+    assert [r["step"] for r in train] == [0, 1, 2, 3] and [e["step"] for e in evals] == [0, 4]
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_robust_bad_flag_values_are_refused_when_parsed(capsys, train_corpus, tmp_path):
+    cases = [(finetune.parse_args, ["--max_steps", "-3"], "--max_steps: must be >= 0"),
+             (finetune.parse_args, ["--max_length", "-1"], "--max_length: must be >= 0"),
+             (finetune.parse_args, ["--n_samples", "-1"], "--n_samples: must be >= 0"),
+             (finetune.parse_args, ["--warmup_ratio", "2"], "--warmup_ratio: must be in [0.0, 1.0]"),
+             (train_gpt2.parse_args, ["--total_batch_size", "0"], "--total_batch_size: must be >= 1"),
+             (train_gpt2.parse_args, ["--max_steps", "-5"], "--max_steps: must be >= 1"),
+             (train_gpt2.parse_args, ["--batch_size", "0"], "--batch_size: must be >= 1"),
+             (train_gpt2.parse_args, ["--seq_len", "0"], "--seq_len: must be >= 1"),
+             (dpo.parse_args, ["--lora_rank", "-2", "--reference", "copy"], "--lora_rank: must be >= 0"),
+             (dpo.parse_args, ["--eval_interval", "0"], "--eval_interval: must be >= 1"),
+             (dpo.parse_args, ["--max_length", "-1"], "--max_length: must be >= 2")]
+    for parse, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    _, _, data_dir, _ = train_corpus
+    _train(data_dir, tmp_path / "o", "--max_steps", 2)
+    before = _hashes(tmp_path / "o")
+    with pytest.raises(ValueError, match=r"--resume continues the architecture .* --n_embd 96 \(checkpoint: 64\)"):
+        _train(data_dir, tmp_path / "o", "--resume", "--n_embd", 96)
+    assert _hashes(tmp_path / "o") == before
+
+
+def test_robust_odd_but_valid_input(tmp_path, capsys):
+    # DPO: an empty prompt reads as the end-of-text token; the step runs
+    tok = _CharTok()
+    pairs = dpo.tokenize_pairs([{"prompt": "", "chosen": "ab", "rejected": "c"}], tok, tok.eot_id, 50, 20)
+    assert pairs[0]["prompt"] == [tok.eot_id]
+    torch.manual_seed(0)
+    policy = apply_lora(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)), 4, 8)
+    idx, labels = dpo.collate_pairs(pairs, 0)
+    ref = dpo.Reference("adapter_off", policy)
+    m = dpo.dpo_step(policy, ref, [(idx, labels, ["k"])], dpo.DPOConfig(), __import__("contextlib").nullcontext, None)
+    assert math.isfinite(m["loss"].item())
+    # HellaSwag: four empty endings, and a single item (no standard error from one outcome)
+    d = tmp_path / "m"
+    _hs_hf_model("gpt2", len(_hs_save_tokenizer(d)), d)
+    model, hs_tok = hellaswag.load_model(str(d), None, "ours")
+    empty = prepare_data.hellaswag_item(dict(HS_ITEMS[0], endings=["", "", "", ""]), "x")
+    r = hellaswag.evaluate(model, hs_tok, [empty])
+    assert r["n"] == 1 and r["acc_stderr"] is None and "± n/a" in hellaswag.summary_line(r)
+    # a truncated reference cache is rebuilt, with a warning
+    cache = tmp_path / "ref.json"
+    cache.write_text('{"tag": "t", "logps": {"a": [1.0, ')
+    ref = dpo.Reference("adapter_off", policy)
+    assert dpo.precompute_reference(ref, pairs, ["k"], 0, "cpu", 1, cache, "t") == 1
+    assert "ref.json is damaged" in capsys.readouterr().out and json.loads(cache.read_text())["tag"] == "t"
+
+
+def test_robust_user_errors_are_one_line_without_traceback(train_corpus, tmp_path, monkeypatch):
+    data = _ft_setup(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(data.read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    before = _hashes(tmp_path)
+    for script, extra in (("finetune.py", ["--tokenizer", tmp_path / "tok", "--data_file", bad]),
+                          ("dpo.py", ["--tokenizer", tmp_path / "tok", "--data_file", bad])):
+        r = _cli(script, "--init_from", tmp_path / "model", *extra, "--out_dir", tmp_path / f"out-{script}")
+        _user_error(r, "bad.jsonl:49: not UTF-8 text")
+    r = _cli("hellaswag.py", "--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", bad)
+    _user_error(r, "bad.jsonl:49: not UTF-8 text")
+    assert _hashes(tmp_path) == {**before, **{k: v for k, v in _hashes(tmp_path).items() if k.startswith("out-")}}
+    # truncated weights and a truncated training state name their file
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "model", cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:5000])
+    _user_error(_cli("chat.py", "--init_from", cut, "--tokenizer", tmp_path / "tok", "--prompt", "hi"),
+                "model.safetensors", "truncated")
+    _, _, data_dir, _ = train_corpus
+    run = tmp_path / "run"
+    _train(data_dir, run, "--max_steps", 2)
+    (run / "ckpt" / "state.pt").write_bytes((run / "ckpt" / "state.pt").read_bytes()[:3000])
+    _user_error(_cli("train_gpt2.py", "--out_dir", run, "--resume"), "state.pt", "truncated")
+    # an out_dir that cannot be written is found before any work
+    _user_error(_cli("train_gpt2.py", "--data_dir", data_dir, "--out_dir", "/proc/nano-llm-test", *TINY),
+                "--out_dir /proc/nano-llm-test: cannot write there")
+    # a full disk while checkpointing: the temporary files go, the previous checkpoint stays, the cause is named
+    run = tmp_path / "run2"
+    _train(data_dir, run, "--max_steps", 2)
+    keep = _hashes(run / "ckpt")
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(train_gpt2.torch, "save", full)
+    monkeypatch.setattr(train_gpt2.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(OSError, match="writing the step-4 checkpoint failed .the disk is full.; the previous"):
+        _train(data_dir, run, "--resume", "--max_steps", 4)
+    assert not (run / "ckpt.tmp").exists() and _hashes(run / "ckpt") == keep
+
+
+def test_robust_a_tokenizer_file_with_a_custom_regex_needs_trust(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    Tokenizer(ranks, pattern="(a|aa)+$").save(tmp_path / "slow.bpe")  # exponential on "a" * 41 + "b"
+    with pytest.raises(ValueError, match=r"slow.bpe, line 2: the split pattern is not a built-in one"):
+        Tokenizer.load(tmp_path / "slow.bpe")
+    assert Tokenizer.load(tmp_path / "slow.bpe", trust_pattern=True).pattern == "(a|aa)+$"
+    r = _bpe_cli("encode", "--tokenizer", tmp_path / "slow.bpe", "--text", "a", cwd=tmp_path)
+    assert r.returncode == 2 and "--trust_pattern" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_robust_checkpoints_and_exports_get_the_usual_file_mode(train_corpus, tmp_path):
+    old = os.umask(0o022)
+    try:
+        _, _, data_dir, _ = train_corpus
+        _train(data_dir, tmp_path / "o", "--max_steps", 2)
+        m = GPT.from_pretrained(tmp_path / "o" / "ckpt" / "model")
+        m.save_pretrained(tmp_path / "export")
+        apply_lora(m, 2, 4)
+        save_adapter(m, tmp_path / "adapter")
+        files = [p for d in ("o/ckpt", "export", "adapter") for p in (tmp_path / d).rglob("*") if p.is_file()]
+        assert files and {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+    finally:
+        os.umask(old)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -31,14 +31,11 @@ steps done before it: step 0 is the untrained model, step max_steps the final on
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -48,9 +45,9 @@ import torch.distributed as dist
 
 import prepare_data
 from bpe import load_tokenizer
-from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, end_distributed, init_distributed, lr_at,
-                   make_optimizer, open_run, optimizer_step, parse_config, pick_device, pick_precision, plot_log, read_log,
-                   rewrite_log, rng_state, run_main, set_rng_state)
+from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed, grad_sync,
+                   init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device,
+                   pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -445,10 +442,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
     if T > mc.block_size:
         raise ValueError(f"--seq_len {T} exceeds the model's block_size {mc.block_size}")
     raw_model.train()
-    # each rank its own random streams from here on: different dropout masks on every rank
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)  # each rank its own random streams from here on: its own dropout masks
 
     optimizer = make_optimizer(raw_model, "adamw", cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                fused=device_type == "cuda")
@@ -476,16 +470,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
     # ---- the training module: DDP (gradients averaged across ranks in backward), then compile. Eval and
     # sampling use raw_model, the same weights uncompiled: their shapes change from call to call
     # (generation grows one token at a time), which would trigger recompiles or graph breaks.
-    train_module = raw_model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # the buffers (vocab-pad bias, RoPE tables) are constants, identical on every rank: re-sending them
-        # before every forward would only cost time (forward_sync_buffers is torch >= 2.13's name for it)
-        sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                    else {"broadcast_buffers": False})
-        train_module = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None, **sync_off)
-    ddp_module = train_module
+    train_module = ddp_module = distribute(raw_model, device)  # DDP under torchrun, else raw_model itself
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
     if use_compile:
         train_module = torch.compile(train_module)
@@ -545,9 +530,8 @@ def train(cfg: TrainConfig, given: dict | None = None):
             else:
                 x, y = x.to(device), y.to(device)
             # DDP all-reduces gradients in every backward; during accumulation only the last one's
-            # result is needed, so no_sync skips the communication of the others
-            sync = not ddp or micro == grad_accum - 1
-            with (nullcontext() if sync else ddp_module.no_sync()):
+            # result is needed, so the communication of the others is skipped
+            with grad_sync(ddp_module, micro == grad_accum - 1):
                 with autocast():
                     _, loss = train_module(x, y)
                 # backward *adds* into .grad: the sum of grad_accum mean-losses would be grad_accum
@@ -571,6 +555,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
                 f"{1000 * dt:7.1f} ms | {tps:10,.0f} tok/s{mfu_s}")
             log_line({"type": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                       "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
+    close_run(out_dir)
     end_distributed()  # tear down together
     return out_dir
 
