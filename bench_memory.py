@@ -1,42 +1,41 @@
 """
-bench_memory.py: what gradient accumulation, gradient checkpointing, mixed precision, LoRA and the
-optimizer each cost and save, measured on finetune.py's own training step.
+bench_memory.py: what gradient accumulation, gradient checkpointing, mixed precision, LoRA, a 4-bit
+base (QLoRA) and the optimizer each cost and save, measured exactly on finetune.py's own training
+step; and the same on paper (--estimate) for models too big for this machine.
 
-    python bench_memory.py --model gpt2 --samples 64 --max_length 256 --out mem.md      # measured, any device
-    python bench_memory.py --model llama2-7b --samples 200 --out mem.md                 # on a big GPU
-    python bench_memory.py --model llama2-7b --samples 200 --estimate --gpu_memory_gb 40 --out est.md
-    python bench_memory.py --init_from out-finetune/best_model --axes optimizer,rank --out mem.md
+    python bench_memory.py                           # a quick grid on a small model: minutes on a CPU
+    python bench_memory.py --full                    # GPT-2 small (124M): the whole grid, all tables
+    python bench_memory.py --model llama-135m --axes lora --check_estimate    # estimate vs exact
+    python bench_memory.py --model llama2-7b --estimate --gpu_memory_gb 40   # on paper, with FSDP per GPU
+    python bench_memory.py --model llama2-7b --estimate --axes quant --gc_only --batch_size 4 --samples 4 \
+        --max_length 512 --full_length                # QLoRA: LLaMA-2-7B in under 10 GB
+    python bench_memory.py dpo                       # dpo.py's three reference modes (dpo --estimate: 7B)
     python bench_memory.py --help
 
-Every configuration runs in a fresh Python process, so that one run's peak cannot leak into the
-next; the first configuration runs once more beforehand, discarded (the first process of a run
-measured slower: cold file cache and clocks). A configuration that fails (out of memory, a bad
-flag, a crash) is shown as × with its reason while the rest of the grid goes on. Per configuration
-it measures:
+What it measures. Every configuration runs in a fresh process, --repeats times, the configurations
+interleaved (A B C A B C ...) so that a change in machine load hits all alike; times are medians, and
+a time arrow is shown only when two medians differ by more than the spread (max - min) of either.
+In each process one training step (after a warm-up step, so that the optimizer state exists) runs
+under a MemoryTracker, which follows every tensor storage the step creates or frees:
+  parameters   the model's weights (and buffers: RoPE tables, 4-bit NF4 codes), tied ones counted once
+  gradients    the storages that are some parameter's .grad
+  optimizer    every tensor in optimizer.state (AdamW: two moments, and a step counter per tensor)
+  activations  what autograd holds for backward right now (saved by an op of the step)
+  temporaries  everything else alive: inputs, logits not saved, the intermediate results of backward
+Each column is that category's peak during the step; "peak" is the peak of their sum. These are live
+tensor bytes, exact and the same on every run, on a CPU and a GPU alike. Beside them, "process peak":
+on a GPU max_memory_allocated, on a CPU the process's resident-set high-water mark (VmHWM) above the
+empty process; the allocator's caching, the interpreter and the libraries make it larger and noisier.
 
-  loaded      memory once the model (and LoRA) is in place, before the first step
-  peak        the training high-water mark: CUDA max_memory_allocated() on a GPU; on a CPU the
-              kernel's RSS high-water mark of the process (VmHWM; not ru_maxrss, which
-              survives an exec and can report the parent's peak), minus the RSS of the empty
-              process (torch imported) measured at its start. glibc is told to return every freed
-              tensor to the kernel (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors.
-  parameters, gradients, optimizer state: the tensors' own sizes (numel x element size) of the
-              weights, of the trainable weights' gradients, and of every tensor in optimizer.state
-  activations = peak - loaded - gradients - optimizer state: what the forward pass keeps for
-              backward (plus the loss's temporaries), measured by difference (clamped at 0)
-  seconds     wall time of the training steps over the samples, the first step (one-time set-up)
-              left out; tokens/s counts the non-padding tokens of the timed steps
+The table of what each technique does comes from the exact columns only: ↑/↓ when a column moves by
+more than 5% and 0.5 MB against the baseline (fp32, full fine-tuning, no accumulation or checkpointing).
 
-The data are `--samples` Alpaca examples (--data_file) or, by default, synthetic token sequences with
-Alpaca-like lengths (prompt 30-90 tokens, response 10-200, masked prompt), so that a random-weight
-preset of any vocabulary runs offline. The effective batch is --batch_size sequences per optimizer
-step whatever the accumulation: GA = 4 means micro-batches of batch_size / 4.
-
-Output: markdown tables to stdout and --out (the GA x precision x LoRA (x checkpointing) grid, the
-up/down table derived from the measurements, the optimizer table, the LoRA-rank table), one JSON
-object per configuration to the .jsonl beside it, and a bar chart (.png). --estimate fills the same
-tables from arithmetic alone (finetune.estimate_memory on a meta-device model): for models too big
-for this machine, and labelled as estimates.
+--estimate fills the same tables from finetune.estimate_memory (arithmetic on a meta-device model:
+nothing runs), with a column for FSDP over --fsdp_gpus GPUs; --check_estimate measures and estimates
+each configuration and prints both. Outputs go to out/bench/ (--out): markdown tables, one JSON
+object per configuration (.jsonl: config, key, status, peak_mb, params_mb, grads_mb, optimizer_mb,
+activations_mb, temporaries_mb, process_peak_mb, seconds, seconds_spread, tokens_per_s, trainable)
+and a bar chart (.png).
 """
 
 from __future__ import annotations
@@ -47,52 +46,220 @@ import itertools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
+import threading
 import time
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
 
 import dpo
 from bpe import atomic_write, load_tokenizer
 from finetune import collate, estimate_memory, tokenize_examples, train_step
-from lora import apply_lora, weight_dtype
-from model import GPT, GPTConfig, autocast_and_scaler, bounded, make_optimizer, peak_memory_mb, run_main
+from lora import NF4Linear, apply_lora, quantize_nf4, weight_dtype
+from model import GPT, DefaultsHelp, GPTConfig, autocast_and_scaler, bounded, make_optimizer, peak_memory_mb, run_main
 from model import process_memory_mb as _rss_mb
 from prepare_data import load_alpaca
 
-BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw")
-AXES = ("ga", "mp", "lora", "gc", "optimizer", "rank")
+BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw", quant="none")
+AXES = ("ga", "mp", "lora", "gc", "optimizer", "rank", "quant")
 MB = 2 ** 20
+QUICK = dict(model="tiny-gpt2", overrides="n_layer=2,n_embd=128,vocab_size=2048", samples=16, batch_size=8,
+             max_length=128, axes="ga,mp,lora,gc")
+FULL = dict(model="gpt2", overrides="", samples=16, batch_size=4, max_length=256, axes="ga,mp,lora,gc,optimizer,rank")
+
+# -----------------------------------------------------------------------------------------------
+# 1. Exact accounting of live tensor bytes
+
+
+CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "activations", "temporaries")
+
+
+def _storage(t):
+    """The untyped storage holding a real dense tensor's bytes, or None (not a tensor, meta, sparse).
+    A DTensor (FSDP's sharded parameter) counts its local shard: the bytes this rank holds."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta:
+        return t.untyped_storage()
+    return None
+
+
+class _Saved:
+    """What autograd keeps for one saved tensor while our hooks are active: the tensor itself."""
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class MemoryTracker(TorchDispatchMode):
+    def __init__(self, model, optimizer=None):
+        super().__init__()
+        self.model, self.optimizer = model, optimizer
+        self.live = {}   # id(storage) -> [nbytes, its finalizer], for every tracked live storage
+        self.saved = Counter()  # id(storage) -> number of autograd saved slots holding it now
+        self.lock = threading.RLock()  # CUDA runs backward on another thread; frees come from both
+        zero = dict.fromkeys(CATEGORIES + ("total",), 0)
+        self.peaks, self.at_total_peak, self.at_end = dict(zero), dict(zero), dict(zero)
+        self.peak_where = None  # the aten op (or event) right after which the total peaked
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda box: box.tensor)
+
+    # --- storages come and go ---------------------------------------------------------------------
+    def _track(self, t):
+        """Record t's storage (once; views share it) and return its key, None if it has no storage."""
+        st = _storage(t)
+        if st is None:
+            return None
+        key = id(st)  # stable while the storage lives; the finalizer drops the key before it dies
+        with self.lock:
+            if key in self.live:
+                self.live[key][0] = st.nbytes()  # resize_ changes a storage's size in place
+            else:
+                self.live[key] = [st.nbytes(), weakref.finalize(st, self._free, key)]
+        return key
+
+    def _free(self, key):
+        with self.lock:
+            self.live.pop(key, None)
+
+    def _pack(self, t):  # autograd saves t for backward
+        key, box = self._track(t), _Saved(t)
+        if key is not None:
+            with self.lock:
+                self.saved[key] += 1
+            weakref.finalize(box, self._unsave, key)  # runs when backward (or gc) frees the slot
+        self._sample("saved for backward")
+        return box
+
+    def _unsave(self, key):
+        with self.lock:
+            self.saved[key] -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_iter(out):
+            self._track(t)
+        self._sample(func)  # inputs and outputs are both alive here: the moment memory peaks
+        return out
+
+    # --- classify and keep the peaks --------------------------------------------------------------
+    def _classify(self):
+        roles = dict(self._model_roles)  # id(storage) -> category; parameters and buffers first
+        owned = [("gradients", p.grad) for p in self._params if p.grad is not None]
+        if self.optimizer is not None:
+            owned += [("optimizer", v) for state in self.optimizer.state.values()
+                      for v in state.values() if isinstance(v, torch.Tensor)]
+        for cat, t in owned:
+            st = _storage(t)
+            if st is not None:
+                if id(st) not in self.live:
+                    self._track(t)  # made before the block, or by no op we saw
+                roles.setdefault(id(st), cat)
+        now = dict.fromkeys(CATEGORIES, 0)
+        with self.lock:
+            for key, (nbytes, _) in list(self.live.items()):
+                now[roles.get(key) or ("activations" if self.saved[key] > 0 else "temporaries")] += nbytes
+        now["total"] = sum(now.values())
+        return now
+
+    def _sample(self, where):
+        now = self._classify()
+        with self.lock:
+            if now["total"] > self.at_total_peak["total"]:
+                self.at_total_peak, self.peak_where = now, str(where)
+            for cat, nbytes in now.items():
+                self.peaks[cat] = max(self.peaks[cat], nbytes)
+        return now
+
+    @property
+    def current(self):
+        """Bytes of each category now (only meaningful inside the `with` block)."""
+        return self._classify()
+
+    # --- context manager --------------------------------------------------------------------------
+    def __enter__(self):
+        self._params = list(self.model.parameters())
+        self._model_roles = {}  # the weights stay put during a step: classify them once
+        for cat, tensors in (("parameters", self._params), ("buffers", self.model.buffers())):
+            for t in tensors:
+                key = self._track(t)
+                if key is not None:
+                    self._model_roles.setdefault(key, cat)
+        super().__enter__()
+        self._hooks.__enter__()
+        self._sample("start")  # snapshot: weights, grads and optimizer state made before the block
+        return self
+
+    def __exit__(self, *exc):
+        self.at_end = self._sample("end")
+        self._hooks.__exit__(*exc)
+        super().__exit__(*exc)
+        with self.lock:  # stop watching: no callbacks into this tracker once it is done
+            for _, fin in self.live.values():
+                fin.detach()
+            self.live.clear()
+
+    def report(self, unit=2 ** 20, name="MiB"):
+        """A small text table: peak of each category, and each category at the total's peak."""
+        rows = [f"{'category':<12} {'peak':>10} {'at total peak':>14}  ({name})"]
+        for cat in CATEGORIES + ("total",):
+            rows.append(f"{cat:<12} {self.peaks[cat] / unit:>10.3f} {self.at_total_peak[cat] / unit:>14.3f}")
+        return "\n".join(rows + [f"total peaked right after: {self.peak_where}"])
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="gpt2", help="GPTConfig preset with random weights (gpt2, gpt2-medium, "
-                                                    "llama2-7b, tiny-gpt2, ...)")
-    ap.add_argument("--overrides", default="", help="GPTConfig fields changed in the preset, e.g. "
-                                                     "n_layer=4,n_embd=256,vocab_size=512")
+                                 formatter_class=DefaultsHelp)
+    ap.add_argument("--full", action="store_true", help="the GPT-2-small grid of every table (an hour and more on "
+                                                        "a CPU) instead of the quick one")
+    ap.add_argument("--model", default=None, help=f"GPTConfig preset with random weights (default {QUICK['model']}, "
+                                                  f"--full: {FULL['model']})")
+    ap.add_argument("--overrides", default=None, help=f"GPTConfig fields changed in the preset (default "
+                                                      f"{QUICK['overrides']} with the default model, else none)")
     ap.add_argument("--init_from", default=None, help="load real weights instead (gpt2 name, HF or our dir)")
-    ap.add_argument("--samples", type=bounded(int, 1), default=64, help="training examples per configuration")
-    ap.add_argument("--batch_size", type=bounded(int, 1), default=4, help="sequences per optimizer step (effective batch)")
-    ap.add_argument("--max_length", type=bounded(int, 1), default=256, help="longest sequence in tokens")
-    ap.add_argument("--data_file", default=None, help="Alpaca .json/.jsonl (default: synthetic lengths)")
-    ap.add_argument("--axes", default="ga,mp,lora,gc,optimizer,rank",
-                    help="tables to produce: ga,mp,lora,gc form the grid; optimizer; rank")
+    both = lambda k: f"(default {QUICK[k]}; --full: {FULL[k]})"  # noqa: E731
+    ap.add_argument("--samples", type=bounded(int, 1), default=None,
+                    help="training examples per configuration " + both("samples"))
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=None,
+                    help="sequences per optimizer step " + both("batch_size"))
+    ap.add_argument("--max_length", type=bounded(int, 1), default=None,
+                    help="longest sequence in tokens " + both("max_length"))
+    ap.add_argument("--data_file", default=None, help="Alpaca .json/.jsonl (default: synthetic Alpaca-like lengths)")
+    ap.add_argument("--full_length", action="store_true", help="synthetic sequences all --max_length tokens long "
+                    "(the worst case; else 40 to 290 tokens, as Alpaca's)")
+    ap.add_argument("--axes", default=None, help="tables: ga,mp,lora,gc form the grid; optimizer; rank; quant "
+                                                 "(LoRA on a bf16 against a 4-bit NF4 base) (default ga,mp,lora,gc; "
+                                                 "--full: ga,mp,lora,gc,optimizer,rank)")
     ap.add_argument("--ga", default="1,4", help="gradient accumulation values of the grid")
     ap.add_argument("--lora_rank", type=bounded(int, 1), default=16, help="LoRA rank of the grid (targets q,v)")
     ap.add_argument("--ranks", default="1,2,4,8,16", help="LoRA ranks of the rank table")
     ap.add_argument("--optimizers", default="adamw,adam,sgd_nesterov,sgd_momentum,sgd", help="optimizer table")
+    ap.add_argument("--gc_only", action="store_true", help="quant table: with gradient checkpointing")
+    ap.add_argument("--repeats", type=bounded(int, 1), default=3, help="runs of each configuration, interleaved")
     ap.add_argument("--device", default="auto", help="cpu|cuda|auto")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
     ap.add_argument("--estimate", action="store_true", help="arithmetic only, nothing is run")
-    ap.add_argument("--gpu_memory_gb", type=bounded(float, 0.0), default=0.0, help="--estimate: mark configs above this as x")
+    ap.add_argument("--check_estimate", action="store_true", help="measure, and print each estimate beside it")
+    ap.add_argument("--gpu_memory_gb", type=bounded(float, 0.0), default=0.0,
+                    help="--estimate: mark configurations above this as x")
+    ap.add_argument("--fsdp_gpus", type=bounded(int, 1), default=8, help="--estimate: the FSDP column's GPU count")
     ap.add_argument("--timeout", type=bounded(int, 1), default=3600, help="seconds before a configuration is given up")
-    ap.add_argument("--out", default="bench_memory.md", help="markdown output; .jsonl and .png beside it")
+    ap.add_argument("--out", default="out/bench/bench_memory.md", help="markdown output; .jsonl and .png beside it")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.model is not None and args.overrides is None:
+        args.overrides = ""  # the quick grid's overrides shrink only its own model
+    for k, v in (FULL if args.full else QUICK).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.axes = [a for a in args.axes.split(",") if a]
     bad = [a for a in args.axes if a not in AXES]
     if bad:
@@ -104,10 +271,10 @@ def parse_args(argv=None):
 
 def configs(args) -> dict[str, list[dict]]:
     """Which configurations each table needs (a configuration shared by tables runs once)."""
-    half = ["fp32", "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
     out = {}
     grid_axes = [a for a in ("ga", "mp", "lora", "gc") if a in args.axes]
-    if grid_axes:
+    if grid_axes:  # fp16 (with loss scaling) where the device runs it in hardware
+        half = ["fp32", "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
         values = dict(ga=[int(g) for g in args.ga.split(",")] if "ga" in grid_axes else [1],
                       mp=half if "mp" in grid_axes else ["fp32"],
                       lora=[0, args.lora_rank] if "lora" in grid_axes else [0],
@@ -118,24 +285,29 @@ def configs(args) -> dict[str, list[dict]]:
         out["optimizer"] = [dict(BASE, optimizer=o) for o in args.optimizers.split(",")]
     if "rank" in args.axes:
         out["rank"] = [dict(BASE)] + [dict(BASE, lora=int(r)) for r in args.ranks.split(",")]
+    if "quant" in args.axes:  # QLoRA against LoRA on a bf16 base (bf16 compute; slow on CPUs without bf16 units)
+        out["quant"] = [dict(BASE, mp="bf16", lora=args.lora_rank, gc=args.gc_only, quant=q) for q in ("none", "nf4")]
     return out
 
 
 def key(c: dict) -> str:
-    return (f"ga={c['ga']} {c['mp']} {'lora r=' + str(c['lora']) if c['lora'] else 'full'} "
-            f"{'gc' if c['gc'] else 'no-gc'} {c['optimizer']}")
+    return (f"ga={c['ga']} {c['mp']} {'lora r=' + str(c['lora']) if c['lora'] else 'full'}"
+            f"{' nf4' if c.get('quant') == 'nf4' else ''} {'gc' if c['gc'] else 'no-gc'} {c['optimizer']}")
 
 
 # -----------------------------------------------------------------------------------------------
-# 1. One configuration, in a fresh process
+# 2. One configuration, in a fresh process
 
 
-def synthetic_examples(n: int, vocab: int, max_length: int, seed: int = 0) -> list[dict]:
-    """Token ids with Alpaca-like lengths; the prompt part has labels -100 (finetune.py's format)."""
+def synthetic_examples(n: int, vocab: int, max_length: int, full_length: bool = False, seed: int = 0) -> list[dict]:
+    """Token ids with Alpaca-like lengths (or all max_length); the prompt part has labels -100 (finetune.py's
+    format)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         p, r = rng.randint(30, 90), rng.randint(10, 200)
+        if full_length:
+            p, r = min(p, max_length // 2), max_length
         ids = [rng.randrange(vocab) for _ in range(min(p + r, max_length + 1))]
         n_p = min(p, len(ids) - 1)
         out.append(dict(input_ids=ids[:-1], labels=[-100] * (n_p - 1) + ids[n_p:]))
@@ -144,13 +316,9 @@ def synthetic_examples(n: int, vocab: int, max_length: int, seed: int = 0) -> li
 
 def load_examples(args, model) -> list[dict]:
     if args.data_file is None:
-        return synthetic_examples(args.samples, model.config.vocab_size, args.max_length)
+        return synthetic_examples(args.samples, model.config.vocab_size, args.max_length, args.full_length)
     tok = load_tokenizer(None, args.init_from)
     return tokenize_examples(load_alpaca(args.data_file, n_samples=args.samples), tok, tok.eot_id, args.max_length)
-
-
-def _peak_mb(device: str) -> float:
-    return peak_memory_mb(device)
 
 
 def model_config(args) -> GPTConfig:
@@ -161,63 +329,59 @@ def model_config(args) -> GPTConfig:
     return GPTConfig.preset(args.model, **kw)
 
 
-def run_config(c: dict, args) -> dict:
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    dev = args.device
-    cuda = dev.startswith("cuda")
-    # the empty process: python + torch with its thread pools and autograd engine started (a tiny
-    # forward/backward first), so that "loaded" and "peak" are about the model and its training
-    w = torch.nn.Linear(64, 64)
-    w(torch.randn(8, 64)).sum().backward()
-    base = 0.0 if cuda else _rss_mb()
+def build(c: dict, args, device):
+    """The model of a configuration: its weights (random, or --init_from), a 4-bit base, LoRA."""
     dtype = weight_dtype(c["mp"], c["lora"] > 0)
     if args.init_from:
-        model = GPT.from_pretrained(args.init_from, dtype=dtype, device=dev)
+        model = GPT.from_pretrained(args.init_from, dtype=dtype, device=device)
     else:
-        with torch.device(dev):
+        with torch.device(device):
             model = GPT(model_config(args)).to(dtype)
+    if c.get("quant") == "nf4":
+        quantize_nf4(model)
     if c["lora"]:
         apply_lora(model, c["lora"], 2 * c["lora"], 0.0, "q,v")
     model.grad_checkpointing = c["gc"]
-    model.train()
+    return model.train()
+
+
+def run_config(c: dict, args) -> dict:
+    """Time the steps of one configuration, then follow one more step with the MemoryTracker."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    dev, cuda = args.device, args.device.startswith("cuda")
+    w = torch.nn.Linear(64, 64)  # the empty process: torch's thread pools and autograd engine started
+    w(torch.randn(8, 64)).sum().backward()
+    base = 0.0 if cuda else _rss_mb()
+    model = build(c, args, dev)
     examples = load_examples(args, model)
     autocast, scaler = autocast_and_scaler(c["mp"], "cuda" if cuda else "cpu")
     opt = make_optimizer(model, c["optimizer"], lr=1e-5)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    params_b = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads_b = sum(p.numel() * p.element_size() for p in trainable)  # a gradient has its weight's size
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        loaded = torch.cuda.memory_allocated() / MB
-    else:
-        loaded = _rss_mb() - base
     if args.batch_size % c["ga"]:
         raise ValueError(f"--batch_size {args.batch_size} is not divisible by ga={c['ga']}")
     micro = args.batch_size // c["ga"]
+    steps = [examples[s: s + args.batch_size] for s in range(0, len(examples), args.batch_size)]
+    batches = lambda step: [collate(step[j: j + micro], 0, dev) for j in range(0, len(step), micro)]  # noqa: E731
     n_tokens, seconds = 0, 0.0
-    steps = list(range(0, len(examples), args.batch_size))
-    for i, s in enumerate(steps):
-        step = examples[s: s + args.batch_size]
-        batches = [collate(step[j: j + micro], 0, dev) for j in range(0, len(step), micro)]
+    for i, step in enumerate(steps):
         t0 = time.perf_counter()
-        train_step(model, opt, batches, scaler, autocast, grad_clip=1.0)
+        train_step(model, opt, batches(step), scaler, autocast, grad_clip=1.0)
         if cuda:
             torch.cuda.synchronize()
         if i > 0 or len(steps) == 1:  # the first step pays one-time kernel and allocator set-up
             seconds += time.perf_counter() - t0
             n_tokens += sum(len(e["input_ids"]) for e in step)
-    opt_b = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                if torch.is_tensor(t) and t.dim() > 0)  # step counters (0-dim) are not state memory
-    peak = _peak_mb(dev) - base
-    acts = peak - loaded - (grads_b + opt_b) / MB
-    return dict(config=c, key=key(c), status="ok", peak_mb=peak, loaded_mb=loaded, params_mb=params_b / MB,
-                # the peak without the process's own growth at load beyond the weights (comparable to estimates)
-                tensor_peak_mb=peak - max(0.0, loaded - params_b / MB),
-                grads_mb=grads_b / MB, optimizer_mb=opt_b / MB, activations_mb=max(0.0, acts),
-                seconds=seconds, tokens_per_s=n_tokens / seconds, trainable=sum(p.numel() for p in trainable),
-                method="CUDA max_memory_allocated" if cuda else "RSS high-water mark (VmHWM) above the empty process")
+    longest = max(steps, key=lambda s: max(len(e["input_ids"]) for e in s))
+    with MemoryTracker(model, opt) as mt:  # exact: the step with the longest micro-batches
+        train_step(model, opt, batches(longest), scaler, autocast, grad_clip=1.0)
+    p = {k: v / MB for k, v in mt.peaks.items()}
+    return dict(config=c, key=key(c), status="ok", peak_mb=p["total"], params_mb=p["parameters"] + p["buffers"],
+                grads_mb=p["gradients"], optimizer_mb=p["optimizer"], activations_mb=p["activations"],
+                temporaries_mb=p["temporaries"], at_peak={k: v / MB for k, v in mt.at_total_peak.items()},
+                process_peak_mb=peak_memory_mb(dev) - base, seconds=seconds, tokens_per_s=n_tokens / seconds,
+                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                method="exact live tensor bytes (MemoryTracker); process peak: " +
+                       ("CUDA max_memory_allocated" if cuda else "RSS high-water mark (VmHWM) above the empty process"))
 
 
 def run_in_subprocess(c: dict, args) -> dict:
@@ -226,6 +390,7 @@ def run_in_subprocess(c: dict, args) -> dict:
                                               "threads")]
     cmd += [f"--init_from={args.init_from}"] if args.init_from else []
     cmd += [f"--data_file={args.data_file}"] if args.data_file else []
+    cmd += ["--full_length"] if args.full_length else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave RSS at once
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -243,124 +408,157 @@ def run_in_subprocess(c: dict, args) -> dict:
     return dict(config=c, key=key(c), status="failed", reason=err[:300], peak_mb=None, seconds=None)
 
 
+def measure(unique: dict, args, jsonl: Path) -> dict:
+    """Every configuration --repeats times, interleaved; memory from the first run (exact: the same every
+    run), time the median of the runs, and its spread."""
+    runs = {k: [] for k in unique}
+    total, t0 = len(unique) * args.repeats, time.time()
+    for rep in range(args.repeats):
+        for i, (k, c) in enumerate(unique.items()):
+            r = run_in_subprocess(c, args)
+            runs[k].append(r)
+            done = rep * len(unique) + i + 1
+            eta = (time.time() - t0) / done * (total - done)
+            print(f"[{done}/{total}, ETA {eta / 60:.1f} min] {k}: " + (f"× {r['reason']}" if r["status"] == "failed"
+                  else f"peak {r['peak_mb']:.1f} MB, activations {r['activations_mb']:.1f} MB, {r['seconds']:.2f} s"),
+                  flush=True)
+    results = {}
+    with open(jsonl, "w") as f:
+        for k, rs in runs.items():
+            ok = [r for r in rs if r["status"] == "ok"]
+            r = dict(ok[0] if ok else rs[0])
+            if ok:
+                secs = [x["seconds"] for x in ok]
+                r.update(seconds=statistics.median(secs), seconds_spread=max(secs) - min(secs), reps=len(ok),
+                         tokens_per_s=statistics.median(x["tokens_per_s"] for x in ok),
+                         process_peak_mb=statistics.median(x["process_peak_mb"] for x in ok))
+            results[k] = r
+            f.write(json.dumps(r) + "\n")
+    return results
+
+
 # -----------------------------------------------------------------------------------------------
-# 2. Estimates: the same numbers from arithmetic
-
-
-def longest_micro_batch(args, ga: int, vocab: int) -> int:
-    """Tokens of the largest padded micro-batch of the synthetic samples (what the activations of a
-    measured run peak at), or batch x max_length with --data_file (not tokenized here)."""
-    micro = max(1, args.batch_size // ga)
-    if args.data_file:
-        return micro * args.max_length
-    lens = [len(e["input_ids"]) for e in synthetic_examples(args.samples, vocab, args.max_length)]
-    return max(len(lens[i: i + micro]) * max(lens[i: i + micro]) for i in range(0, len(lens), micro))
+# 3. Estimates: the same numbers from arithmetic
 
 
 def estimate_config(c: dict, args) -> dict:
     with torch.device("meta"):
-        model = GPT(model_config(args)).to(weight_dtype(c["mp"], c["lora"] > 0))
-        if c["lora"]:
-            apply_lora(model, c["lora"], 2 * c["lora"], 0.0, "q,v")
-    micro_tokens = longest_micro_batch(args, c["ga"], model.config.vocab_size)
-    e = estimate_memory(model, c["mp"], c["optimizer"], c["gc"], micro_tokens)
-    n = sum(p.numel() for p in model.parameters())
+        model = build(c, argparse.Namespace(**{**vars(args), "init_from": None}), "meta")
+    lens = [len(e["input_ids"]) for e in synthetic_examples(args.samples, model.config.vocab_size, args.max_length,
+                                                             args.full_length)]
+    micro = max(1, args.batch_size // c["ga"])
+    tokens = (micro * args.max_length if args.data_file else
+              max(len(lens[i: i + micro]) * max(lens[i: i + micro]) for i in range(0, len(lens), micro)))
+    e = estimate_memory(model, c["mp"], c["optimizer"], c["gc"], tokens, c["ga"])
+    n = sum(p.numel() for p in model.parameters()) + sum(m.out_features * m.in_features for m in model.modules()
+                                                          if isinstance(m, NF4Linear))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # forward 2 FLOPs per weight and token; backward 2 more for input gradients and, for trainable
     # weights, 2 more for weight gradients; checkpointing repeats the forward
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens = sum(len(e["input_ids"]) for e in synthetic_examples(args.samples, model.config.vocab_size,
-                                                                  args.max_length))
-    flops = (2 * n + 2 * n + 2 * trainable + (2 * n if c["gc"] else 0)) * tokens
-    peak = (e["weights"] + e["gradients"] + e["optimizer"] + e["activations"]) / MB
-    r = dict(config=c, key=key(c), status="estimate", peak_mb=peak, loaded_mb=e["weights"] / MB,
-             params_mb=e["weights"] / MB, grads_mb=e["gradients"] / MB, optimizer_mb=e["optimizer"] / MB,
-             activations_mb=e["activations"] / MB, seconds=None, tflop=flops / 1e12, trainable=trainable,
+    flops = (2 * n + 2 * n + 2 * trainable + (2 * n if c["gc"] else 0)) * sum(lens)
+    # one rank of FSDP over --fsdp_gpus (finetune.py runs a 4-bit base without FSDP)
+    fsdp = None if c.get("quant") == "nf4" else estimate_memory(
+        model, c["mp"], c["optimizer"], c["gc"], tokens, c["ga"], shards=args.fsdp_gpus)["peak"]
+    r = dict(config=c, key=key(c), status="estimate", peak_mb=e["peak"] / MB, params_mb=e["weights"] / MB,
+             grads_mb=e["gradients"] / MB, optimizer_mb=e["optimizer"] / MB, activations_mb=e["activations"] / MB,
+             fsdp_mb=fsdp and fsdp / MB, seconds=None, tflop=flops / 1e12, trainable=trainable,
              method="estimate (arithmetic)")
-    if args.gpu_memory_gb and peak * MB > args.gpu_memory_gb * 2 ** 30:
-        r.update(status="failed", reason=f"estimated {peak / 1024:.1f} GiB > {args.gpu_memory_gb:g} GB")
+    if args.gpu_memory_gb and e["peak"] > args.gpu_memory_gb * 2 ** 30:
+        r.update(status="failed", reason=f"estimated {e['peak'] / 2 ** 30:.1f} GiB > {args.gpu_memory_gb:g} GB")
     return r
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Tables
+# 4. Tables
 
 
-def _f(x, fmt="{:.0f}"):
+def _f(x, fmt="{:.1f}"):
     return "–" if x is None else fmt.format(x)
 
 
-def _cell(r, what):
-    if r["status"] == "failed":
-        return f"× ({r['reason']})" if what == "peak_mb" else "×"
-    if what == "seconds" and r.get("seconds") is None:
-        return f"~{r['tflop']:.1f} TFLOP"
-    return _f(r[what], "{:.1f}" if what == "seconds" else "{:.0f}")
-
-
-def direction(new: float, old: float, tol: float = 0.05, floor: float = 0.0) -> str:
-    """↑ / ↓ beyond ±tol relative (and beyond `floor` absolute), else –."""
+def direction(new: float, old: float, tol: float = 0.05, floor: float = 0.5) -> str:
+    """↑ / ↓ beyond ±tol relative and beyond `floor` MB absolute, else –."""
     if abs(new - old) <= max(tol * abs(old), floor):
         return "–"
     return "↑" if new > old else "↓"
 
 
+def time_direction(new: dict, old: dict) -> str:
+    """↑ / ↓ only when the medians differ by more than the larger spread of the two."""
+    if new.get("seconds") is None or old.get("seconds") is None:
+        return direction(new.get("tflop", 0), old.get("tflop", 0))
+    if min(new.get("reps", 1), old.get("reps", 1)) < 3:
+        return "?"  # fewer than 3 runs: no spread to judge a difference by
+    spread = max(new.get("seconds_spread", 0), old.get("seconds_spread", 0))
+    if abs(new["seconds"] - old["seconds"]) <= spread:
+        return "–"
+    return "↑" if new["seconds"] > old["seconds"] else "↓"
+
+
+COLUMNS = ("peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb")
+
+
 def tables(results: dict, tabs: dict, args) -> str:
     est = args.estimate
-    head = "ESTIMATES (arithmetic, nothing measured)" if est else f"measured on {args.device}"
-    method = next((r["method"] for r in results.values() if r["status"] != "failed"), "")
-    md = [f"# Memory and time of the efficiency techniques: {args.init_from or args.model}, {args.samples} samples, "
-          f"batch {args.batch_size}, max_length {args.max_length} ({head})\n",
-          f"Peak: {method}. Breakdown: parameters, gradients and optimizer state from the tensors' sizes; "
-          f"activations = peak − loaded − gradients − optimizer state.\n"]
-    cols = "| peak MB | loaded MB | params MB | grads MB | optimizer MB | activations MB | " + (
-        "compute |" if est else "seconds | tokens/s |")
+    what = "ESTIMATES (arithmetic, nothing measured)" if est else f"measured on {args.device}, {args.repeats} runs each"
+    md = [f"# Memory and time of the efficiency techniques: {args.init_from or args.model} "
+          f"{args.overrides or ''}, {args.samples} samples, batch {args.batch_size}, max_length {args.max_length} "
+          f"({what})\n",
+          "MB of live tensors: each column its category's peak during a training step, peak = the peak of their "
+          "sum" + ("" if est else "; process peak: what the allocator and the process held (see the docstring)")
+          + ".\n"]
+    cols = "| peak | params | grads | optimizer | activations | " + (
+        f"FSDP/{args.fsdp_gpus} GPUs | compute |" if est else "temporaries | process peak | seconds | tokens/s |")
+    n_cols = 7 if est else 9
 
     def row(r):
         if r["status"] == "failed" and r.get("params_mb") is not None:  # an estimate that does not fit
-            return f"× {r['peak_mb']:.0f} ({r['reason']}) | " + " | ".join(
-                _f(r[k]) for k in ("loaded_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb")) + (
-                f" | ~{r['tflop']:.1f} TFLOP |")
+            return (f"× {r['peak_mb']:.0f} ({r['reason']}) | " + " | ".join(_f(r[k], "{:.0f}") for k in COLUMNS[1:])
+                    + f" | {_f(r['fsdp_mb'], '{:.0f}')} | ~{r['tflop']:.1f} TFLOP |")
         if r["status"] == "failed":
-            return f"× ({r['reason']}) |" + " × |" * (6 if est else 7)
-        vals = [_cell(r, k) for k in ("peak_mb", "loaded_mb", "params_mb", "grads_mb", "optimizer_mb",
-                                      "activations_mb", "seconds")]
-        if not est:
-            vals.append(_f(r["tokens_per_s"]))
+            return f"× ({r['reason']}) |" + " × |" * (n_cols - 1)
+        vals = [_f(r[k]) for k in COLUMNS]
+        vals += ([_f(r["fsdp_mb"], "{:.0f}"), f"~{r['tflop']:.1f} TFLOP"] if est else
+                 [_f(r["temporaries_mb"]), _f(r["process_peak_mb"], "{:.0f}"),
+                  f"{r['seconds']:.2f} ± {r.get('seconds_spread', 0) / 2:.2f}", _f(r["tokens_per_s"], "{:.0f}")])
         return " | ".join(vals) + " |"
 
     if "grid" in tabs:
-        md += ["## Gradient accumulation × precision × LoRA (× gradient checkpointing)\n",
-               "| GA | precision | LoRA | checkpointing " + cols, "|" + " --- |" * (11 if est else 12)]
+        md += ["## Gradient accumulation × precision × LoRA × gradient checkpointing\n",
+               "| GA | precision | LoRA | checkpointing " + cols, "|" + " --- |" * (4 + n_cols)]
         for c in tabs["grid"]:
-            r = results[key(c)]
-            md.append(f"| {c['ga']} | {c['mp']} | {c['lora'] or 'full'} | {'on' if c['gc'] else 'off'} | " + row(r))
-        md += ["", "## What each technique does (derived from the rows above: ↑/↓ = more/less than "
-                   "without it by over 5% (and 1 MB), – = within)\n",
+            md.append(f"| {c['ga']} | {c['mp']} | {c['lora'] or 'full'} | {'on' if c['gc'] else 'off'} | "
+                      + row(results[key(c)]))
+        md += ["", "## What each technique does (from the columns above: ↑/↓ = more/less than without it by over 5% "
+                   "and 0.5 MB, – = within; time: ↑/↓ only beyond the runs' spread, ? with fewer than 3 runs)\n",
                "| technique (vs fp32, full, GA 1, no checkpointing) | parameters | activations | gradients | "
                "optimizer state | compute time |", "| --- | --- | --- | --- | --- | --- |"]
-        base = results.get(key(BASE))
-        changes = [("gradient accumulation", dict(ga=max(c["ga"] for c in tabs["grid"]))),
-                   ("mixed precision (bf16)", dict(mp="bf16")), ("LoRA", dict(lora=args.lora_rank)),
-                   ("gradient checkpointing", dict(gc=True))]
-        for name, ch in changes:
-            r = results.get(key(dict(BASE, **ch)))
-            if not base or not r or base.get("params_mb") is None or r.get("params_mb") is None or r == base:
-                continue
-            t_new = r["seconds"] if r["seconds"] is not None else r["tflop"]
-            t_old = base["seconds"] if base["seconds"] is not None else base["tflop"]
-            md.append(f"| {name} | " + " | ".join(direction(r[k], base[k], floor=1.0) for k in (
-                "params_mb", "activations_mb", "grads_mb", "optimizer_mb")) + f" | {direction(t_new, t_old)} |")
-    if "optimizer" in tabs:
-        md += ["", "## Optimizers (fp32, full fine-tuning)\n", "| optimizer " + cols,
-               "|" + " --- |" * (8 if est else 9)]
-        md += [f"| {c['optimizer']} | " + row(results[key(c)]) for c in tabs["optimizer"]]
-    if "rank" in tabs:
-        md += ["", "## LoRA rank vs full fine-tuning (fp32, targets q,v)\n", "| LoRA rank | trainable params " + cols,
-               "|" + " --- |" * (9 if est else 10)]
-        for c in tabs["rank"]:
-            r = results[key(c)]
-            md.append(f"| {c['lora'] or 'full'} | {r.get('trainable', 0):,} | " + row(r))
+        for name, r, b in derived(results, tabs, args):
+            md.append(f"| {name} | " + " | ".join(direction(r[k], b[k]) for k in (
+                "params_mb", "activations_mb", "grads_mb", "optimizer_mb")) + f" | {time_direction(r, b)} |")
+    for name, title, first in (("optimizer", "Optimizers (fp32, full fine-tuning)", "optimizer"),
+                               ("rank", "LoRA rank vs full fine-tuning (fp32, targets q,v)", "LoRA rank"),
+                               ("quant", "LoRA on a 16-bit base vs on a 4-bit NF4 base (QLoRA)", "base")):
+        if name in tabs:
+            md += ["", f"## {title}\n", f"| {first} | trainable " + cols, "|" + " --- |" * (2 + n_cols)]
+            for c in tabs[name]:
+                label = {"optimizer": c["optimizer"], "rank": c["lora"] or "full",
+                         "quant": "NF4" if c["quant"] == "nf4" else c["mp"]}[name]
+                md.append(f"| {label} | {results[key(c)].get('trainable', 0):,} | " + row(results[key(c)]))
     return "\n".join(md) + "\n"
+
+
+def derived(results: dict, tabs: dict, args) -> list:
+    """(technique, its row, the baseline row) for each technique the grid shows."""
+    base, out = results.get(key(BASE)), []
+    changes = [("gradient accumulation", dict(ga=max(c["ga"] for c in tabs["grid"]))),
+               ("mixed precision (bf16)", dict(mp="bf16")), ("LoRA", dict(lora=args.lora_rank)),
+               ("gradient checkpointing", dict(gc=True))]
+    for name, ch in changes:
+        r = results.get(key(dict(BASE, **ch)))
+        if base and r and base.get("params_mb") is not None and r.get("params_mb") is not None and r is not base:
+            out.append((name, r, base))
+    return out
 
 
 def bar_chart(results: dict, path: Path):
@@ -369,25 +567,26 @@ def bar_chart(results: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rs = [r for r in results.values() if r["status"] != "failed"]
+    rs = [r for r in results.values() if r.get("params_mb") is not None]
     if not rs:
         return
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rs)), 5))
     bottom = [0.0] * len(rs)
-    for part in ("params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
-        vals = [r[part] for r in rs]
+    for part in ("params_mb", "grads_mb", "optimizer_mb", "activations_mb", "temporaries_mb"):
+        vals = [r.get(part) or 0.0 for r in rs]
         ax.bar(range(len(rs)), vals, bottom=bottom, label=part.replace("_mb", ""))
         bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.plot(range(len(rs)), [r["peak_mb"] for r in rs], "k_", markersize=20, label="peak (of the sum)")
     ax.set_xticks(range(len(rs)), [r["key"] for r in rs], rotation=75, fontsize=7)
-    ax.set_ylabel("MB")
-    ax.legend()
+    ax.set_ylabel("MB (each category's peak, stacked)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. DPO: the memory of the three reference modes (dpo.py --reference copy | adapter_off | precomputed)
+# 5. DPO: the memory of the three reference modes (dpo.py --reference copy | adapter_off | precomputed)
 
 
 def _dpo_child(mode: str, args) -> dict:
@@ -452,7 +651,7 @@ def cmd_dpo(argv):
 
     ap = argparse.ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
                                  "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--estimate", action="store_true", help="print the paper arithmetic for 16/40 GB GPUs")
     ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="tokens per sequence (prompt + response)")
     ap.add_argument("--batch_size", type=bounded(int, 1), default=2, help="pairs per step")
@@ -499,17 +698,18 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
-    results = {}
-    if not args.estimate:  # measured, not kept: the first process of a run pays one-time costs (cold
-        run_in_subprocess(next(iter(unique.values())), args)  # file cache, clocks) the others do not
-    with open(jsonl, "w") as f:
-        for i, (k, c) in enumerate(unique.items()):
-            r = estimate_config(c, args) if args.estimate else run_in_subprocess(c, args)
-            results[k] = r
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            print(f"[{i + 1}/{len(unique)}] {k}: " + (f"× {r['reason']}" if r["status"] == "failed" else
-                  f"peak {r['peak_mb']:.0f} MB" + (f", {r['seconds']:.1f} s" if r["seconds"] else "")), flush=True)
+    if args.estimate:
+        results = {k: estimate_config(c, args) for k, c in unique.items()}
+        atomic_write(jsonl, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in results.values())))
+    else:
+        print(f"{len(unique)} configurations x {args.repeats} runs, each in a fresh process", flush=True)
+        results = measure(unique, args, jsonl)
+        if args.check_estimate:
+            for k, c in unique.items():
+                e, r = estimate_config(c, args), results[k]
+                if r["status"] == "ok":
+                    print(f"{k}: measured / estimated MB: " + ", ".join(
+                        f"{col[:-3]} {r[col]:.1f} / {e[col]:.1f}" for col in COLUMNS))
     md = tables(results, tabs, args)
     atomic_write(out, lambda p: Path(p).write_text(md))
     bar_chart(results, out.with_suffix(".png"))

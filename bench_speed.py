@@ -15,6 +15,8 @@ this machine.
                                    # bpe.py: token counts of a tokenizer against GPT-2's, learned tokens
     python bench_speed.py hellaswag --bench_preset gpt2
                                    # hellaswag.py: batched scoring vs one ending per forward pass
+    python bench_speed.py nf4      # lora.py's 4-bit NF4 base (QLoRA) vs the 16-bit one: per-token loss
+                                   # on held-out text (data/builtin val) and LoRA training-step time
     python bench_speed.py all --nanogpt path/to/nanoGPT/model.py     # peak, gen and train
 
 How it measures: every compared variant runs in the same process on the same weights and inputs,
@@ -26,6 +28,7 @@ this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
 
 import argparse
 import importlib.util
+import math
 import os
 import random
 import statistics
@@ -41,8 +44,9 @@ import torch.nn.functional as F
 import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
-from model import GPT, GPTConfig, bounded, process_memory_mb
-from prepare_data import hellaswag_item, load_hellaswag
+from lora import apply_lora, quantize_nf4
+from model import GPT, GPTConfig, bounded, previous_stage, process_memory_mb
+from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 
 def timed(fn):
@@ -522,25 +526,99 @@ def bench_hellaswag(args):
     hellaswag_variants(model, tokenizer, examples, args.batch_size, args.rounds, args.scoring, device)
 
 
+# -----------------------------------------------------------------------------------------------
+# lora.py's 4-bit base (QLoRA): what NF4 costs in quality and in time
+
+
+def held_out_tokens(data_dir: str, n: int) -> torch.Tensor:
+    files = list_shards(data_dir, "val")
+    if not files:
+        raise ValueError(f"--data_dir {data_dir}: no *_val_*.bin shards; run python prepare_data.py builtin")
+    return torch.cat([torch.from_numpy(load_shard(f).astype("int64")) for f in files])[: n + 1]
+
+
+def per_token_loss(model: GPT, tokens: torch.Tensor, block: int, autocast: bool, batch: int = 8) -> float:
+    """Mean next-token cross-entropy over the tokens, in windows of `block` (no overlap)."""
+    n = (len(tokens) - 1) // block
+    x, y = tokens[: n * block].view(n, block), tokens[1: n * block + 1].view(n, block)
+    total = 0.0
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for i in range(0, n, batch):
+            total += model(x[i: i + batch], y[i: i + batch])[1].item() * y[i: i + batch].numel()
+    return total / y.numel()
+
+
+def bench_nf4(args):
+    """Quality: the same trained model with its block linears in fp32, bf16 and NF4 (quantised from
+    the bf16 weights, as QLoRA does). Time: one LoRA (r=16 on q,v) AdamW step on each base, interleaved;
+    in bf16 (QLoRA's compute dtype) and in fp32 (the fast dtype of a CPU without bf16 units)."""
+    import copy
+
+    path = args.init_from if args.init_from != "gpt2" else previous_stage("out/cpu/ckpt/model")
+    if path is None:
+        raise ValueError("nf4: no trained model: run python train_gpt2.py (offline) or pass --init_from")
+    ref = GPT.from_pretrained(path).eval()
+    block = min(ref.config.block_size, args.seq_len)
+    tokens = held_out_tokens(args.data_dir, args.nf4_tokens)
+    bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    nf4 = quantize_nf4(copy.deepcopy(bf16))
+    print(f"nf4: {path} ({ref.get_num_params() / 1e6:.1f}M parameters), {len(tokens) - 1} held-out tokens of "
+          f"{args.data_dir} in windows of {block}, {torch.get_num_threads()} threads")
+    losses = {"fp32": per_token_loss(ref, tokens, block, False), "bf16": per_token_loss(bf16, tokens, block, False),
+              "NF4 (bf16 compute)": per_token_loss(nf4, tokens, block, False)}
+    for k, v in losses.items():
+        print(f"  per-token loss {k:20s} {v:.4f}   (vs fp32 {v - losses['fp32']:+.4f}, vs bf16 "
+              f"{v - losses['bf16']:+.4f}; perplexity {math.exp(v):.2f})")
+    x = tokens[: args.batch_size * block].view(args.batch_size, block)
+    y = tokens[1: args.batch_size * block + 1].view(args.batch_size, block)
+    for dtype in (torch.bfloat16, torch.float32):
+        steps = {}
+        base = bf16 if dtype == torch.bfloat16 else ref
+        for name, quant in ((f"{str(dtype)[6:]} base", False), ("NF4 base", True)):
+            m = quantize_nf4(copy.deepcopy(bf16)).to(dtype) if quant else copy.deepcopy(base)  # NF4 from bf16
+            apply_lora(m, 16, 32, 0.0, "q,v")
+            m.train()
+            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+            def step(m=m, opt=opt):
+                m(x, y)[1].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step()  # warm-up
+            steps[name] = step
+        times = interleaved(steps, args.rounds)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        a, b = med.values()
+        print(f"LoRA r=16 q,v training step, {str(dtype)[6:]} compute, B={args.batch_size} T={block}, median of "
+              f"{args.rounds} interleaved rounds:")
+        for k, v in times.items():
+            print(f"  {k:12s} {med[k] * 1000:8.1f} ms/step  (min {min(v) * 1000:.1f}, max {max(v) * 1000:.1f})")
+        print(f"  NF4 / {str(dtype)[6:]}: {b / a:.2f}x the time")
+    return losses
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "all"], help="which benchmark")
+    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "nf4", "all"],
+                    help="which benchmark")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
-    ap.add_argument("--rounds", type=bounded(int, 1), default=5, help="interleaved rounds per variant (medians over these)")
+    ap.add_argument("--rounds", type=bounded(int, 1), default=5,
+                    help="interleaved rounds per variant (medians over these)")
     ap.add_argument("--prompt_len", type=bounded(int, 1), default=16, help="gen: prompt tokens")
     ap.add_argument("--new_tokens", type=bounded(int, 1), default=256, help="gen: tokens to generate")
     ap.add_argument("--n_layer", type=bounded(int, 1), default=6, help="train: layers")
     ap.add_argument("--n_head", type=bounded(int, 1), default=6, help="train: heads")
     ap.add_argument("--n_embd", type=bounded(int, 1), default=384, help="train: width")
-    ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="train: tokens per sequence")
-    ap.add_argument("--batch_size", type=bounded(int, 1), default=8, help="train: sequences per step")
+    ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="train, nf4: tokens per sequence")
+    ap.add_argument("--batch_size", type=bounded(int, 1), default=8, help="train, nf4: sequences per step")
     ap.add_argument("--precision", default="fp32,bf16", help="train: comma list of fp32,bf16 (CPU autocast)")
     ap.add_argument("--nanogpt", default=None, help="train: path to nanoGPT's model.py, to include it")
     ap.add_argument("--preset", default="llama2-7b", help="load: model preset whose shape the checkpoint has")
     ap.add_argument("--dir", default="/tmp/fake-llama2-7b", help="load: checkpoint directory (made if absent)")
     ap.add_argument("--input", default=str(bpe.DEFAULT_GPT2_RANKS.with_name("english_pd.txt")),
                     help="bpe: a UTF-8 text file to train and encode")
-    ap.add_argument("--vocab_sizes", type=bounded(int, 257), nargs="+", default=[4096, 32768], help="bpe: vocabularies to train")
+    ap.add_argument("--vocab_sizes", type=bounded(int, 257), nargs="+", default=[4096, 32768],
+                    help="bpe: vocabularies to train")
     ap.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"],
                     help="bpe: our split pattern (gpt2 is the closest to HF's ByteLevel)")
     ap.add_argument("--repeats", type=bounded(int, 1), default=5, help="bpe: runs per variant; medians are reported")
@@ -550,7 +628,10 @@ def main(argv=None):
     ap.add_argument("--gpt2", default=str(bpe.DEFAULT_GPT2_RANKS), help="bpe: GPT-2 rank file for the encoding part")
     ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
     ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
-    ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it)")
+    ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it); nf4: our "
+                    "checkpoint dir (default: out/cpu/ckpt/model, train_gpt2.py's offline run)")
+    ap.add_argument("--data_dir", default="data/builtin", help="nf4: token shards whose val split is the held-out text")
+    ap.add_argument("--nf4_tokens", type=bounded(int, 2), default=32768, help="nf4: held-out tokens to score")
     ap.add_argument("--bench_preset", default=None,
                     help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
     ap.add_argument("--tokenizer", default=None,
@@ -564,9 +645,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.what == "hellaswag":
         args.batch_size = args.batch_size_hs
+    result = None
     for what in (["peak", "gen", "train"] if args.what == "all" else [args.what]):
-        {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
-         "hellaswag": bench_hellaswag, "tokens": bench_tokens}[what](args)
+        result = {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
+                  "hellaswag": bench_hellaswag, "tokens": bench_tokens, "nf4": bench_nf4}[what](args)
+    return result
 
 
 if __name__ == "__main__":

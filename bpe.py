@@ -49,18 +49,16 @@ from pathlib import Path
 import regex
 
 # -----------------------------------------------------------------------------------------------
-# 1. Pre-splitting patterns (copied from tiktoken, so that both split text identically), and how
-#    tokens are printed
+# 1. Pre-splitting patterns (copied from tiktoken, so that both split text identically), and how tokens are printed
 
 # GPT-2: contractions, optional space + letters, optional space + digits, optional space +
 # punctuation, then whitespace. The original release wrote this as
 # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ ; this is equivalent.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-# GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most 3 digits,
-# newlines kept apart from the following word.
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-# No pre-split at all: the whole text (between special tokens) is one chunk, as in minbpe's
-# BasicTokenizer. Fine for small texts, slow for big ones.
+# GPT-4 (cl100k_base): case-insensitive contractions, digits in groups of up to 3, newlines apart from the next word.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# No pre-split: the whole text (between special tokens) is one chunk, as in minbpe's BasicTokenizer (slow on big texts).
 NO_SPLIT_PATTERN = r"""[\s\S]+"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, None: NO_SPLIT_PATTERN}
 
@@ -511,15 +509,13 @@ class Tokenizer:
         the same ids as `encode`), for fast bulk encoding in Rust. Built once, then cached."""
         if self._tiktoken is None:
             import tiktoken
-            self._tiktoken = tiktoken.Encoding(name=self.name, pat_str=self.pattern,
-                                               mergeable_ranks=self.ranks,
+            self._tiktoken = tiktoken.Encoding(name=self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                                special_tokens=self.special_tokens)
         return self._tiktoken
 
     def encode_batch(self, texts, num_threads=8, allowed_special=frozenset(), disallowed_special="all"):
         """Encode many texts with tiktoken, in parallel threads."""
-        return self.to_tiktoken().encode_batch(list(texts), num_threads=num_threads,
-                                               allowed_special=allowed_special,
+        return self.to_tiktoken().encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
                                                disallowed_special=disallowed_special)
 
     # ---- Hugging Face's format
@@ -574,8 +570,7 @@ class Tokenizer:
             _write_atomically(path, self._readable())
 
     def _readable(self):
-        lines = [FORMAT_HEADER,
-                 f"pattern {json.dumps(self.pattern)}",
+        lines = [FORMAT_HEADER, f"pattern {json.dumps(self.pattern)}",
                  "# one token per line: id, then 'byte VALUE', 'merge LEFT RIGHT' or 'special', then",
                  "# the token in quotes (\\xNN = a byte that is not UTF-8 on its own). load() rebuilds",
                  "# every token from the first columns and checks it against the quoted text."]
@@ -609,8 +604,7 @@ class Tokenizer:
         if len(lines) < 2 or not lines[1].startswith("pattern "):
             fail(2, "expected 'pattern \"<regex as a JSON string>\"'")
         try:
-            pattern = json.loads(lines[1][len("pattern "):])
-            pattern = resolve_pattern(pattern)
+            pattern = resolve_pattern(json.loads(lines[1][len("pattern "):]))
         except (ValueError, json.JSONDecodeError) as e:
             fail(2, f"bad pattern: {e}")
         if pattern not in PATTERNS.values() and not trust_pattern:
@@ -872,7 +866,6 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     p = Path(spec)
     if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
         from transformers import AutoTokenizer
-
         try:
             hf = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:
@@ -939,8 +932,7 @@ def cmd_show(args):
     else:
         print(args.sep.join(tok.vocab[i].decode("utf-8", errors="backslashreplace") for i in ids))
     nbytes = len(text.encode("utf-8"))
-    print(f"-- {len(ids)} tokens, {nbytes} bytes, {nbytes / max(1, len(ids)):.2f} bytes/token",
-          file=sys.stderr)
+    print(f"-- {len(ids)} tokens, {nbytes} bytes, {nbytes / max(1, len(ids)):.2f} bytes/token", file=sys.stderr)
 
 
 def main(argv=None):
@@ -953,8 +945,7 @@ def main(argv=None):
 
     p = sub.add_parser("train", help="learn a tokenizer from text files")
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files (streamed)")
-    p.add_argument("--vocab_size", type=int, required=True,
-                   help="tokens in all: 256 bytes + merges + special tokens")
+    p.add_argument("--vocab_size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
     p.add_argument("--out", required=True, help="directory for tokenizer.bpe and tokenizer.tiktoken")
     p.add_argument("--pattern", default="gpt4", choices=["gpt2", "gpt4", "none"],
                    help="pre-split regex (default: gpt4; none = no split)")

@@ -1,11 +1,14 @@
 """
 dpo.py: Direct Preference Optimization (Rafailov et al. 2023) of a GPT-2 / LLaMA model on preference
-pairs (a prompt, a chosen and a rejected response), fully or with LoRA, on one GPU or a CPU.
+pairs (a prompt, a chosen and a rejected response), fully or with LoRA (on a 4-bit base with
+--quantize nf4), on a CPU, one GPU, or several with torchrun (DDP, or FSDP2 with --fsdp).
 
 Run it:
     python dpo.py --init_from out-finetune/best_model --data_file hh_pairs.jsonl --lora_rank 16
     python dpo.py --init_from gpt2-medium --reference adapter_off --beta 0.1 --max_steps 1000
     python dpo.py --init_from gpt2 --lora_rank 0 --reference precomputed --loss ipo     # full, no 2nd copy
+    torchrun --nproc_per_node=8 dpo.py --init_from path/to/llama-2-7b-hf --lora_rank 0 --fsdp \\
+        --reference precomputed --precision bf16 --grad_checkpointing
     python dpo.py --help
 (The memory of the three reference modes is measured by `python bench_memory.py dpo`.)
 
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from lora import LoRALinear, apply_lora, save_adapter, unload_lora, weight_dtype
+from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
 from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
                    gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
                    optimizer_step, parse_config, pick_device, pick_precision, plot_log, previous_stage, resumed_config,
@@ -85,6 +88,9 @@ class DPOConfig:
                                 "0 = only then)", min=0)
     stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
+    quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
+                                "of bf16's memory, at the cost of dequantising each weight when it is used",
+                        choices=["none", "nf4"])
     fsdp: bool = cfg(False, "under torchrun: shard the policy over the ranks (FSDP2) instead of a whole copy "
                             "per rank (DDP); needs --reference adapter_off or precomputed")
     max_length: int = cfg(512, "longest prompt + response in tokens", min=2)
@@ -409,7 +415,7 @@ def train(c: DPOConfig) -> dict:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
     lora = c.lora_rank > 0
     lr = c.lr or (5e-4 if lora else 1e-6)
-    policy = GPT.from_pretrained(c.init_from, dtype=weight_dtype(precision, lora), device=device)
+    policy = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     max_length = min(c.max_length, policy.config.block_size)
     pairs = load_pairs(c.data_file, c.split)
     pairs = pairs[: c.n_samples] if c.n_samples else pairs
@@ -433,7 +439,8 @@ def train(c: DPOConfig) -> dict:
     build(policy)
     policy.grad_checkpointing = c.grad_checkpointing
     dtypes = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    ref = Reference(c.reference, policy, autocast, dtypes[c.ref_dtype], None if c.ref_device == "same" else c.ref_device)
+    ref = Reference(c.reference, policy, autocast, dtypes[c.ref_dtype],
+                    None if c.ref_device == "same" else c.ref_device)
     train_module = distribute(policy, device, c.fsdp, precision)  # DDP wraps the policy; FSDP shards it in place
     seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     if c.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
@@ -479,7 +486,10 @@ def train(c: DPOConfig) -> dict:
         if m is not None and lora and merged:
             unload_lora(m, merge=True)
         if m is not None:
-            save_adapter(m, where, c.init_from) if lora and not merged else m.save_pretrained(where, "native", tok.source)
+            if lora and not merged:
+                save_adapter(m, where, c.init_from)
+            else:
+                m.save_pretrained(where, "native", tok.source)
 
     t0 = time.time()
     for step in range(start, c.max_steps + 1):

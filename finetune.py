@@ -2,8 +2,9 @@
 finetune.py: supervised fine-tuning of a GPT-2 or LLaMA model, fully or with LoRA: instruction
 tuning (Alpaca), dialogue (HH-RLHF) and classification (a linear head on the last token). With the
 memory-saving techniques that take it from GPT-2 on a laptop CPU to LLaMA-2-7B on one 40 GB GPU:
-gradient accumulation, gradient checkpointing, mixed precision (bf16, or fp16 with loss scaling)
-and LoRA.
+gradient accumulation, gradient checkpointing, mixed precision (bf16, or fp16 with loss scaling),
+LoRA and a 4-bit frozen base (QLoRA, --quantize nf4); and past one GPU with torchrun (DDP, or FSDP2
+with --fsdp).
 
 Run it:
     python finetune.py --init_from gpt2 --lora_rank 16 --grad_accum 8                 # LoRA on q,v
@@ -13,6 +14,10 @@ Run it:
     python finetune.py --task classify --dataset sst2 --num_classes 2 --lora_rank 16           # sentiment
     python finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 16 --precision bf16 \\
         --grad_checkpointing --batch_size 1 --grad_accum 8
+    python finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 16 --quantize nf4 --precision bf16 \\
+        --grad_checkpointing --batch_size 4                                       # QLoRA: < 10 GB
+    torchrun --nproc_per_node=8 finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 0 --fsdp \\
+        --precision bf16 --grad_checkpointing --batch_size 1 --grad_accum 4      # full 7B, sharded
     python finetune.py --help
 
 Read it top to bottom:
@@ -29,8 +34,8 @@ out_dir gets: config.json, log.jsonl (one JSON object per optimizer step: step, 
 per evaluation: step, val_loss, val_ppl, ...), loss.png, best_adapter/ (LoRA, PEFT format),
 best_model/ (merged full model), responses.jsonl and responses.md (instruction and dialogue),
 classifier_head.safetensors beside the best weights (classify), summary.json (the best
-step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time). Answers can then be scored with score.py, and the model
-talked to with chat.py.
+step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time). Answers can
+then be scored with score.py, and the model talked to with chat.py.
 """
 
 from __future__ import annotations
@@ -49,11 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from lora import apply_lora, save_adapter, trainable_report, unload_lora, weight_dtype
-from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
-                   gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
-                   optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log, previous_stage,
-                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
+from lora import (NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report,
+                  unload_lora)
+from model import (GPT, OPTIMIZER_STATES, RMSNorm, all_ranks, autocast_and_scaler, cfg, close_run, distribute,
+                   end_distributed, gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer,
+                   open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
+                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything,
+                   set_rng_state)
 from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
@@ -88,6 +95,9 @@ class FinetuneConfig:
                                 "0 = only then)", min=0)
     stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
+    quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
+                                "of bf16's memory, at the cost of dequantising each weight when it is used",
+                        choices=["none", "nf4"])
     fsdp: bool = cfg(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
                             "(FSDP2, per transformer block), for models whose training state fits no single device; "
                             "without it each rank holds a whole copy (DDP)")
@@ -336,42 +346,93 @@ def evaluate(model, examples: list[dict], batch_size: int, device, autocast=cont
     return (total / n_total.clamp(min=1)).item()
 
 
-def activation_values_per_token(config) -> int:
-    """Values one token keeps for backward in one block (no checkpointing, SDPA attention): the
-    inputs of both norms and of every matmul, q/k/v, the attention output, the MLP hidden
-    pre/post activation. An estimate (kernels may keep a little more); dropout masks excluded."""
-    c = config
-    qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim
-    attn = 2 * c.n_embd + qkv + c.n_head * c.head_dim  # norm in, c_attn in, q|k|v, c_proj in
-    mlp = 2 * c.n_embd + (4 * c.ffn_hidden if c.mlp == "swiglu" else 2 * c.ffn_hidden)
-    return attn + mlp
+def _trains(module) -> bool:
+    """Does this projection need its input in backward? Only if its weight learns (dW = dY^T X) or a
+    LoRA adapter on it does: a frozen layer needs just its weight to pass the gradient on."""
+    return isinstance(module, LoRALinear) or any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: bool, tokens: int) -> dict:
-    """Bytes for weights, gradients, optimizer states and activations of one micro-batch of
-    `tokens` tokens. Trainable tensors are fp32 (their gradients and optimizer states too)."""
-    c = model.config
+def activation_bytes_per_token(gpt: GPT, ab: int) -> int:
+    """Bytes one token leaves saved for backward in one block (SDPA attention, no checkpointing), ab
+    bytes a value (4 in fp32, 2 under 16-bit autocast), counted the way autograd keeps them; the
+    block's first layer decides what trains:
+      norms: LayerNorm its input; RMSNorm its input, and its normalised input if the gain learns;
+        in fp32 always (RMSNorm computes in fp32, autocast runs layer_norm in fp32)
+      q, k, v and the attention output, kept by the attention kernel (H + 2 Hkv + H heads of hd)
+      the inputs of the projections that learn (c_attn, c_proj: its input is the attention output,
+      already kept; c_fc, and mlp.c_proj: the MLP's hidden values)
+      the MLP: GELU keeps its input (F values); SwiGLU its gate|up output (2F) and silu(gate) (F)
+      LoRA: the rank-r product A x of each adapted block."""
+    c, blk = gpt.config, gpt.transformer.h[0]
+    C, F = c.n_embd, c.ffn_hidden
+    norm = lambda n: C + (C if isinstance(n, RMSNorm) and n.weight.requires_grad else 0)  # noqa: E731
+    n = (c.n_head * 2 + 2 * c.n_kv_head) * c.head_dim
+    n += C * (_trains(blk.attn.c_attn) + _trains(blk.mlp.c_fc))
+    n += (3 * F if c.mlp == "swiglu" else F) + F * _trains(blk.mlp.c_proj)
+    n += sum(m.lora_A.shape[0] for m in blk.modules() if isinstance(m, LoRALinear))
+    return n * ab + (norm(blk.ln_1) + norm(blk.ln_2)) * 4
+
+
+def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: bool, tokens: int,
+                    grad_accum: int = 1, shards: int = 1) -> dict:
+    """The training step's memory on paper, in bytes: weights, gradients and optimizer state (the
+    tensors' sizes), activations (what autograd keeps for backward: activation_bytes_per_token for
+    each block, the logits the loss keeps), and the peak, the larger of two moments of backward: its
+    start, when every activation is still kept and the logits' gradient is made; and its end, when
+    every gradient exists (with tied embeddings: also the shared matrix's two gradients, summed).
+    With accumulation, a later micro-step runs its forward while the gradients exist already.
+    shards > 1: one rank of FSDP over that many. It keeps 1/shards of the weights, gradients and optimizer
+    state, all of its own micro-batch's activations, and two whole blocks (the one running and the next,
+    prefetched) with one block's unreduced gradients; in 16 bits under mixed precision, so no autocast copies."""
+    gpt = model.gpt if hasattr(model, "gpt") else model
+    c = gpt.config
     params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    per_block = activation_values_per_token(c)
-    if grad_checkpointing:  # each block's input is kept, and one block's activations during its recompute
-        act_per_token = (c.n_layer * c.n_embd + per_block) * act_bytes
-    else:
-        act_per_token = c.n_layer * per_block * act_bytes
-    logits_per_token = c.padded_vocab_size * act_bytes * 2  # the logits (kept for the loss) and their gradient
-    return dict(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * OPTIMIZER_STATES[optimizer],
-                activations_per_token=act_per_token + logits_per_token,
-                activations=(act_per_token + logits_per_token) * tokens)
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # a 4-bit base: its codes are buffers
+    weights = sum(p.numel() * p.element_size() for p in params) + sum(
+        b.numel() * b.element_size() for m in nf4 for b in m.buffers(recurse=False))
+    trainable = [p for p in params if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    n_states = OPTIMIZER_STATES[optimizer]
+    opt = n_states * sum(p.numel() * 4 for p in trainable) + (4 * len(trainable) if n_states == 2 else 0)  # + steps
+    ab = 2 if precision in ("bf16", "fp16") else 4
+    per_block = activation_bytes_per_token(gpt, ab)
+    head = gpt.lm_head.weight
+    # the final norm's input (fp32), the output layer's if it learns, and the logits, kept by the loss
+    top = c.n_embd * 4 + (c.n_embd * _trains(gpt.lm_head) + c.padded_vocab_size) * ab
+    # checkpointing keeps each block's input (the residual stream, in the embeddings' dtype); one block's
+    # activations exist again while it is recomputed, in backward, when the logits are gone already
+    residual = gpt.transformer.wte.weight.element_size()
+    kept = c.n_layer * c.n_embd * residual + max(top, per_block) if grad_checkpointing else c.n_layer * per_block + top
+    # autocast's 16-bit copies of the fp32 weights that train: cached until the forward ends, and kept
+    # for backward too (so: activations) unless checkpointing discards what the forward saved
+    copies = 0
+    if ab == 2 and trainable and shards == 1 and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        copies = sum(p.numel() for p in trainable if p.dim() == 2) * 2
+    acts = tokens * kept + (0 if grad_checkpointing else copies)
+    logits_grad = tokens * c.padded_vocab_size * ab
+    head_grad = head.numel() * 4 if head.requires_grad else 0
+    tied = 2 * head.numel() * 4 if c.tie_embeddings and head.requires_grad else 0
+    if shards > 1:  # FSDP gathers 16-bit weights under mixed precision: no autocast copies (above)
+        block = sum(p.numel() for p in gpt.transformer.h[0].parameters()) * (ab if ab == 2 else 4)
+        weights, opt = weights / shards + 2 * block, opt / shards
+        grads, head_grad, tied = grads / shards + block, head_grad / shards, tied / shards
+    accumulated = grads if grad_accum > 1 else 0  # a later micro-step: the gradients exist already
+    forward_end = weights + opt + acts + accumulated + (copies if grad_checkpointing else 0)
+    start = weights + opt + acts + logits_grad + (accumulated or head_grad)
+    end = weights + opt + grads + tied
+    # a 4-bit layer in use: its weight dequantised in the compute dtype, plus one slice's temporaries
+    n = max((m.in_features * m.out_features for m in nf4), default=0)
+    dequant = weights + opt + acts + n * ab + 16 * min(n, NF4_SLICE) if nf4 else 0
+    return dict(weights=weights, gradients=grads, optimizer=opt, activations=acts, autocast_copies=copies,
+                activations_per_token=kept, peak=max(forward_end, start, end, dequant))
 
 
 def format_memory(est: dict, tokens: int) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    total = est["weights"] + est["gradients"] + est["optimizer"] + est["activations"]
+    copies = f", autocast's weight copies {gb(est['autocast_copies'])}" if est["autocast_copies"] else ""
     return (f"memory estimate: weights {gb(est['weights'])}, gradients {gb(est['gradients'])}, optimizer states "
             f"{gb(est['optimizer'])}, activations {est['activations_per_token'] / 2**10:.0f} KiB/token x {tokens} "
-            f"tokens = {gb(est['activations'])}; total ~{gb(total)}")
+            f"tokens{copies}; peak ~{gb(est['peak'])}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -526,7 +587,7 @@ def finetune(c: FinetuneConfig) -> dict:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
     lora, classify = c.lora_rank > 0, c.task == "classify"
     lr = c.lr or (3e-4 if lora else 1e-5)
-    gpt = GPT.from_pretrained(c.init_from, dtype=weight_dtype(precision, lora), device=device)
+    gpt = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     train_t, val_t, test_t, test_ex = load_data(c, tok, gpt.config.block_size)

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from model import (GPT, KVCache, bounded, end_distributed, init_distributed, mean_stderr, pick_device, pick_precision,
-                   previous_stage, run_main)
+from model import (GPT, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed, mean_stderr, pick_device,
+                   pick_precision, previous_stage, run_main)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
@@ -468,7 +468,7 @@ def bos_token_id(tokenizer, *dirs) -> int | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
                                              "scoring) of our checkpoints and Hugging Face causal LMs.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--init_from", default="auto",
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, or our "
                          "checkpoint directory (e.g. out/ckpt/model); auto: the last stage's model on this machine "
@@ -540,7 +540,8 @@ def main(argv=None):
             atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
                 {**result, "model": args.init_from, "data_file": str(data_file)}, indent=2) + "\n"))
         if args.per_item:
-            atomic_write(Path(args.per_item), lambda p: Path(p).write_text("".join(json.dumps(it) + "\n" for it in items)))
+            atomic_write(Path(args.per_item),
+                         lambda p: Path(p).write_text("".join(json.dumps(it) + "\n" for it in items)))
     end_distributed()  # every rank waits for rank 0's writing
 
 

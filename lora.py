@@ -15,7 +15,9 @@ Read it top to bottom:
   2. Targets: names such as q,v / attn / mlp / all / lm_head -> modules (and slices) of each model kind.
   3. apply_lora, freezing, lora_state_dict / load_lora, merge / unmerge / unload, the trainable line.
   4. PEFT's format: save_adapter / load_adapter (adapter_config.json + adapter_model.safetensors).
-  5. A small CLI: merge an adapter into a model.
+  5. QLoRA's 4-bit frozen base: the NF4 codebook, block-wise quantisation (double quantisation of
+     the scales too), NF4Linear, quantize_nf4.
+  6. A small CLI: merge an adapter into a model.
 
 Target names and how they map (our GPT fuses projections; see README "lora.py"):
   q, k, v   attention query/key/value. Ours: rows of the fused attn.c_attn, each with its OWN A and B
@@ -48,6 +50,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import atomic_write
-from model import GPT, hf_config_for, run_main
+from model import GPT, DefaultsHelp, hf_config_for, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -86,8 +89,12 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
         self.base = base
         self.conv1d = _is_conv1d(base)
-        w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        if isinstance(base, NF4Linear):  # a 4-bit frozen base (QLoRA): no float weight to look at
+            self.in_features, self.out_features, device = base.in_features, base.out_features, base.codes.device
+        else:
+            w = base.weight
+            self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+            device = w.device
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -102,7 +109,7 @@ class LoRALinear(nn.Module):
             n_blocks, b_rows = len(self.adapted), sum(s for n, s in segments if n in self.adapted)
         # LoRA weights are fp32 whatever the base dtype: they are the only weights that train, so
         # they are the optimizer's master weights (and fp16's GradScaler refuses fp16 gradients)
-        kw = dict(device=w.device, dtype=torch.float32)
+        kw = dict(device=device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(n_blocks * rank, self.in_features, **kw))
         # B = 0: the adapted model starts exactly equal to the base model
         self.lora_B = nn.Parameter(torch.zeros(b_rows, rank, **kw))
@@ -111,9 +118,8 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout = dropout
         self.merged = False
-        base.weight.requires_grad_(False)
-        if getattr(base, "bias", None) is not None:
-            base.bias.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
 
     def full_B(self) -> torch.Tensor:
         """B over the whole output (out x n_blocks*r): each adapted block's B_j in its own rows and
@@ -152,6 +158,9 @@ class LoRALinear(nn.Module):
         bf16 weight would round it away, and merge-then-unmerge would drift further."""
         if self.merged:
             return
+        if isinstance(self.base, NF4Linear):
+            raise ValueError("a LoRA on a 4-bit base is merged into the dequantised base, on its own: "
+                             "python lora.py merge --nf4 --base <the base model> --adapter <adapter dir> --out <dir>")
         w, d = self.base.weight, self.delta_weight()
         w.copy_((w.float() + (d.t() if self.conv1d else d)).to(w.dtype))
         self.merged = True
@@ -175,7 +184,8 @@ class LoRALinear(nn.Module):
 # 2. Targets: names -> (module, slice) for each kind of model
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "c_attn", "c_fc", "lm_head")
-GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
+GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
+          "all": ("q", "k", "v", "o", "gate", "up", "down")}
 ALIASES = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
            "up_proj": ("up",), "down_proj": ("down",), "c_proj": ("o", "down")}
 
@@ -332,8 +342,8 @@ def _wrap(model, name: str, rank: int, alpha: float, dropout: float, segments, a
     base = getattr(parent, child)
     if isinstance(base, LoRALinear):
         raise ValueError(f"{name} already has a LoRA adapter")
-    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
-        raise ValueError(f"{name} is a {type(base).__name__}; LoRA here wraps nn.Linear or Conv1D")
+    if not (isinstance(base, (nn.Linear, NF4Linear)) or _is_conv1d(base)):
+        raise ValueError(f"{name} is a {type(base).__name__}; LoRA here wraps nn.Linear, NF4Linear or Conv1D")
     layer = LoRALinear(base, rank, alpha, dropout, segments, adapted, rslora)
     setattr(parent, child, layer)
     return layer
@@ -630,11 +640,229 @@ def load_adapter(model, adapter_dir):
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. CLI: merge an adapter into a model
+# 5. A 4-bit frozen base (QLoRA, Dettmers et al. 2023): NormalFloat (NF4) weights
+#
+# LoRA trains a few million parameters, but the frozen base still takes 2 bytes per weight in bf16
+# (13.5 GB for LLaMA-2-7B). QLoRA stores it in 4 bits: each block of 64 consecutive weights keeps its
+# absmax (one float) and, per weight, a 4-bit index into a table of 16 "normal" values in [-1, 1]:
+#     w ~= NF4_CODEBOOK[code] * absmax_of_its_block
+# That is 4 + 32/64 = 4.5 bits per weight; double quantisation stores the absmaxes in 8 bits too
+# (blocks of 256): ~4.13 bits. The LoRA adapters stay fp32 and train as usual on top; the adapter is
+# an ordinary PEFT adapter of the unquantised model.
+
+
+def _normal_float_codebook(offset: float = 0.9677083) -> torch.Tensor:
+    # Pretrained weights are roughly normal, so put the 16 values at quantiles of N(0, 1): each code
+    # is then used about equally often. Asymmetric so that 0 is exact (zero weights, padding): 8 positive
+    # quantiles ndtri(p) for p in 8 steps from `offset` down to 0.5 (excl.), 7 negative ones, and 0; then
+    # divide by the largest so the table spans [-1, 1]. offset < 1 as ndtri(1) = inf; 0.9677083 is
+    # bitsandbytes' create_normal_map(offset=0.9677083, use_extra_value=True), numerically
+    # ((1 - 1/30) + (1 - 1/32)) / 2: the outermost quantile centre 1 - 1/(2k) of 15 and 16 levels, averaged.
+    # linspace in fp32, ndtri in fp64, division in fp32 (as bitsandbytes did): its table bit for bit.
+    def quantiles(k): return torch.special.ndtri(torch.linspace(offset, 0.5, k)[:-1].double()).float()
+    v = torch.cat([quantiles(9), -quantiles(8), torch.zeros(1)]).sort().values
+    return v / v.max()
+
+
+NF4_CODEBOOK = _normal_float_codebook()
+# nearest table entry = which interval between neighbouring midpoints a value falls into
+_MIDPOINTS = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2
+_NF4_PAIRS = torch.stack([NF4_CODEBOOK.repeat_interleave(16), NF4_CODEBOOK.repeat(16)], dim=1)  # byte -> 2 values
+
+
+@dataclass
+class NF4Tensor:
+    codes: torch.Tensor                         # uint8, two 4-bit codes per byte (first value: high nibble)
+    absmax: torch.Tensor                        # fp32 per block; int8 codes with double quantisation
+    shape: torch.Size
+    dtype: torch.dtype                          # the original dtype (dequantise's default)
+    block_size: int = 64
+    absmax_scale: torch.Tensor | None = None    # double quant: fp32 scale per 256 absmax codes
+    absmax_offset: torch.Tensor | None = None   # double quant: the mean absmax, subtracted first
+
+
+def _nf4_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flatten and zero-pad to whole blocks: (n_blocks, block_size). numel need not divide by
+    block_size; zeros never change a block's absmax, and callers cut the padding off again."""
+    x = x.reshape(-1)
+    return F.pad(x, (0, -x.numel() % block_size)).view(-1, block_size)
+
+
+@torch.no_grad()
+def nf4_quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> NF4Tensor:
+    assert block_size % 2 == 0, "two codes per byte: block_size must be even"
+    n = weight.numel()
+    blocks = _nf4_blocks(weight.float(), block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)   # into [-1, 1]; an all-zero block -> 0.0
+    # bucketize returns i with mid[i-1] < x <= mid[i]: a value exactly halfway goes to the lower entry,
+    # the same tie rule as bitsandbytes (whose quantize_4bit does this very lookup)
+    codes = torch.bucketize(scaled, _MIDPOINTS.to(weight.device)).to(torch.uint8)
+    codes = codes.view(-1)[: n + n % 2]         # drop the padding (keep one code 0.0 if n is odd)
+    q = NF4Tensor((codes[0::2] << 4) | codes[1::2], absmax, weight.shape, weight.dtype, block_size)
+    if double_quant:
+        # fp32 absmax costs 32/64 = 0.5 bit/weight; int8 in blocks of 256 costs 8/64 + 32/(64*256) = 0.127.
+        # Absmaxes are all positive and alike: subtracting their mean lets the symmetric int8 range
+        # cover just their spread (~0.1% error). bitsandbytes uses its 8-bit "dynamic" table instead.
+        q.absmax_offset = absmax.mean()
+        centred = _nf4_blocks(absmax - q.absmax_offset, 256)
+        q.absmax_scale = centred.abs().amax(dim=1) / 127
+        q8 = torch.round(centred / q.absmax_scale.clamp(min=1e-38).unsqueeze(1)).to(torch.int8)
+        q.absmax = q8.view(-1)[: absmax.numel()]
+    return q
+
+
+def _absmax(q: NF4Tensor) -> torch.Tensor:
+    if q.absmax_scale is None:
+        return q.absmax
+    scaled = _nf4_blocks(q.absmax.float(), 256) * q.absmax_scale.unsqueeze(1)   # undo the double quantisation
+    return scaled.view(-1)[: q.absmax.numel()] + q.absmax_offset
+
+
+NF4_SLICE = 2 ** 22  # weights dequantised at a time: bounds the fp32 and index temporaries
+
+
+def nf4_dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight back in `dtype` (default: its original one). Computed slice by slice into the result, so
+    that the only full-size tensor is the result itself (2 bytes per weight in bf16), not the index and
+    fp32 temporaries (12 bytes per weight): for LLaMA-2-7B's largest layer, 90M weights, that is 1 GB."""
+    n = math.prod(q.shape)
+    out = torch.empty(n, dtype=dtype or q.dtype, device=q.codes.device)
+    absmax, pairs = _absmax(q), _NF4_PAIRS.to(q.codes.device)
+    step = NF4_SLICE // q.block_size * q.block_size  # whole blocks (and whole bytes: block_size is even)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        # one lookup per byte, both of its codes at once (high nibble first): the index tensor is 2 bytes
+        # per weight instead of the 8 of one int64 index per code
+        values = pairs[q.codes[start // 2: (stop + 1) // 2].int()].view(-1)[: stop - start]
+        # multiply in fp32 and round once to the target dtype, like bitsandbytes
+        first, end = start // q.block_size, -(-stop // q.block_size)  # this slice's blocks
+        blocks = _nf4_blocks(values, q.block_size).mul_(absmax[first:end].unsqueeze(1))  # values: fresh, ours
+        out[start:stop] = blocks.view(-1)[: stop - start]
+    return out.view(q.shape)
+
+
+def nf4_nbytes(q: NF4Tensor) -> int:
+    """Storage bytes: packed codes + absmax (+ double-quant scales and offset)."""
+    parts = (q.codes, q.absmax, q.absmax_scale, q.absmax_offset)   # the last two are None without double quant
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """F.linear(x, W, bias) that dequantises W again in backward rather than saving it: plain autograd would keep
+    every layer's 16-bit W alive from its forward until its backward, undoing the memory saving."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias):
+        ctx.q = q
+        return F.linear(x, nf4_dequantize(q, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # dL/dx = dL/dy W; the frozen W and bias get no gradient
+        return grad_y @ nf4_dequantize(ctx.q, grad_y.dtype), None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear whose weight is stored in NF4 and dequantised at every forward, in the compute dtype
+    (autocast's if on, else the input's). Why: only the layer running now has a 16-bit copy of its weight (and,
+    while rebuilding it, int64/fp32 temporaries), so stored weights take ~0.52 byte/param instead of 2 (QLoRA:
+    65B in 48 GB). Cost: a dequantisation (unpack, table lookup, multiply per weight) every forward and again
+    in backward: slower than a bf16 nn.Linear. The weight gets no gradient; the input does, so LoRA trains."""
+
+    _STATS = ("absmax", "absmax_scale", "absmax_offset")
+
+    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.block_size, self.dtype = q.block_size, q.dtype
+        # buffers: .to(device) moves them, state_dict saves them, and no float weight exists to save
+        self.register_buffer("codes", q.codes)
+        for name in self._STATS:
+            self.register_buffer(name, getattr(q, name))    # None (double quant off): not saved
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True):
+        bias = None if linear.bias is None else linear.bias.detach().clone()   # frozen too, kept in its dtype
+        return cls(nf4_quantize(linear.weight, block_size, double_quant), bias)
+
+    def quantized(self) -> NF4Tensor:
+        return NF4Tensor(self.codes, self.absmax, torch.Size((self.out_features, self.in_features)),
+                         self.dtype, self.block_size, self.absmax_scale, self.absmax_offset)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (out x in): a fresh tensor, so writing into it changes nothing."""
+        return nf4_dequantize(self.quantized())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return _DequantLinear.apply(x.to(dtype), self.quantized(), None if self.bias is None else self.bias.to(dtype))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(bf16) / .half() casts every float buffer, which would round the fp32 absmax
+        # statistics to 16 bits. Keep those fp32 (only move them); the new dtype becomes the weight's.
+        probe = fn(torch.zeros(0, dtype=self.dtype, device=self.codes.device))
+        stats = {name: self._buffers[name] for name in self._STATS}
+        super()._apply(fn, recurse)
+        for name, t in stats.items():
+            self._buffers[name] = t if t is None else t.to(probe.device)
+        self.dtype = probe.dtype
+        return self
+
+    def extra_repr(self):
+        dq = self.absmax_scale is not None
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+                f"dq={dq}")
+
+
+def quantize_nf4(model: GPT, block_size: int = 64, double_quant: bool = True) -> GPT:
+    """Store every linear layer of the transformer blocks in NF4 (in place): the frozen base of QLoRA.
+    Embeddings and the output layer stay as they are (QLoRA keeps them in 16 bits). Call it before
+    apply_lora, which then wraps the NF4 layers."""
+    for block in model.transformer.h:
+        for module in list(block.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, NF4Linear.from_linear(child, block_size, double_quant))
+    return model
+
+
+def dequantize_nf4(model: GPT) -> GPT:
+    """Every NF4Linear back to an nn.Linear holding its dequantised weight (in place). The adapter of a
+    QLoRA run learned its update on top of these weights, not on top of the original ones: merging into
+    dequantize_nf4(quantize_nf4(base)) gives exactly the model that was trained (lora.py merge --nf4)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.codes.device, dtype=child.dtype)
+                linear.weight.data = child.weight
+                if child.bias is not None:
+                    linear.bias.data = child.bias
+                setattr(module, name, linear.requires_grad_(False))
+    return model
+
+
+def load_base(init_from: str, precision: str, lora: bool, quantize: str, device: str, fsdp: bool = False) -> GPT:
+    """The model a fine-tuning stage starts from, in the dtype weight_dtype picks; with quantize="nf4"
+    (QLoRA) its block linears in 4 bits, quantised on the CPU so that the 16-bit weights never reach the
+    device. finetune.py and dpo.py both start here."""
+    if quantize == "nf4" and (not lora or fsdp):
+        raise ValueError("--quantize nf4 is QLoRA: it needs --lora_rank > 0, and works without --fsdp")
+    nf4 = quantize == "nf4"
+    model = GPT.from_pretrained(init_from, dtype=weight_dtype(precision, lora), device="cpu" if nf4 else device)
+    return quantize_nf4(model).to(device) if nf4 else model
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. CLI: merge an adapter into a model
 
 
 def cmd_merge(args):
     model = GPT.from_pretrained(args.base)
+    if args.nf4:  # the base as the QLoRA run saw it: rounded to 4 bits
+        dequantize_nf4(quantize_nf4(model))
     load_adapter(model, args.adapter)
     unload_lora(model, merge=True)
     model.save_pretrained(args.out, format=args.format)
@@ -643,14 +871,16 @@ def cmd_merge(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="LoRA tools: merge an adapter into a model.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a PEFT-format adapter into a model and save it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     m.add_argument("--base", required=True, help="gpt2 name, HF model dir (gpt2/llama) or our checkpoint dir")
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
     m.add_argument("--out", required=True, help="output model directory")
     m.add_argument("--format", default="native", choices=["native", "hf"], help="output format")
+    m.add_argument("--nf4", action="store_true", help="the adapter was trained on a 4-bit base (--quantize nf4): "
+                   "merge into that base, dequantised, which is the model the run trained")
     m.set_defaults(fn=cmd_merge)
     args = ap.parse_args(argv)
     args.fn(args)

@@ -134,6 +134,9 @@ PRESETS: dict[str, dict] = {
     "modern-124m": dict(_MODERN, n_layer=12, n_head=12, n_kv_head=6, n_embd=768, vocab_pad_multiple=64),
     "modern-350m": dict(_MODERN, n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, vocab_pad_multiple=64),
     "llama2-7b": dict(_LLAMA2, n_layer=32, n_head=32, n_embd=4096, ffn_hidden=11008),
+    # a 135M LLaMA-family shape (SmolLM-135M's: GQA 3:1, tied, 49k vocabulary), small enough for a CPU
+    "llama-135m": dict(_LLAMA2, vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                       ffn_hidden=1536, tie_embeddings=True),
     "llama2-13b": dict(_LLAMA2, n_layer=40, n_head=40, n_embd=5120, ffn_hidden=13824),
     # tiny models for tests and CPU experiments
     "tiny-gpt2": dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64),
@@ -1201,6 +1204,12 @@ def bounded(kind=int, lo=None, hi=None):
     return parse
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless its help already says what the default is."""
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def config_parser(cls, description: str, alt_defaults: dict | None = None) -> argparse.ArgumentParser:
     """One --flag per field of the config dataclass `cls`, with the field's help, type, choices and
     range (a bad value is an argparse error that names the flag). Every default is None here, so
@@ -1210,7 +1219,8 @@ def config_parser(cls, description: str, alt_defaults: dict | None = None) -> ar
     for f in fields(cls):
         m = f.metadata
         alts = "".join(f"; {label}: {d[f.name]!r}" for label, d in (alt_defaults or {}).items() if f.name in d)
-        kw = dict(default=None, help=f"{m['help']} (default: {f.default!r}{alts})".replace("%", "%%"))
+        shown = "" if f.default is None and "default" in m["help"] and not alts else f" (default: {f.default!r}{alts})"
+        kw = dict(default=None, help=f"{m['help']}{shown}".replace("%", "%%"))
         kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split("|")[0].strip(), str)
         if kind is bool:
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
@@ -1466,7 +1476,8 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
         raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
     saved.pop("stop_at_step", None)  # a one-off of the run that stopped
-    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})" for k in fixed if k in given and given[k] != saved.get(k)]
+    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
+               for k in fixed if k in given and given[k] != saved.get(k)]
     if changed:
         raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
     return cls(**{**saved, **given, "resume": True})

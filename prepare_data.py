@@ -58,7 +58,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bpe import Tokenizer, atomic_write, load_tokenizer
-from model import bounded, run_main
+from model import DefaultsHelp, bounded, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -145,7 +145,8 @@ def load_shard(path) -> np.ndarray:
     top = int(tokens.max())
     if top >= meta["vocab_size"]:
         raise ValueError(f"{path}: token id {top} at position {int(np.argmax(tokens >= meta['vocab_size']))} is not "
-                         f"below the vocab_size {meta['vocab_size']} of its header: corrupt shard, re-run prepare_data.py")
+                         f"below the vocab_size {meta['vocab_size']} of its header: corrupt shard, "
+                         "re-run prepare_data.py")
     return tokens
 
 
@@ -474,7 +475,8 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 2000, seed: int = 0
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
                 first = " ".join(first.split())
                 if 24 <= len(first) <= 160 and first.endswith(".") and len(first.split()) >= 4:
-                    found.append((is_val_document(path), f"{module}.{node.name}", isinstance(node, ast.ClassDef), first))
+                    found.append((is_val_document(path), f"{module}.{node.name}",
+                                  isinstance(node, ast.ClassDef), first))
     rng = random.Random(seed)
     train = [r for r in found if not r[0]]
     rng.shuffle(train)
@@ -745,7 +747,8 @@ def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_sa
         hub, name, *fields_ = HUB_CLASSIFICATION[dataset]
         rows = hub_rows(hub, name, offline_hint="Offline? Pass --data_file with a local .jsonl/.csv copy.")
     else:
-        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(HUB_CLASSIFICATION)} (or give --data_file)")
+        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(HUB_CLASSIFICATION)} "
+                         "(or give --data_file)")
     out = []
     for where, r in rows:
         text = _strings(r, where, (fields_[0],))[fields_[0]]
@@ -881,18 +884,20 @@ def cmd_alpaca(args):
 def cmd_hh(args):
     """HH-RLHF conversations (the `chosen` side) as jsonl for `finetune.py --task dialogue`."""
     examples = load_dialogues(args.data_file, args.n_samples, split=args.split)
-    _write_jsonl(Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl", [{"chosen": e["text"]} for e in examples])
+    _write_jsonl(Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl",
+                 [{"chosen": e["text"]} for e in examples])
 
 
 def cmd_hh_pairs(args):
     """HH-RLHF preference pairs as jsonl of {prompt, chosen, rejected} for `dpo.py --data_file`."""
     pairs = load_pairs(args.data_file, split=args.split)
-    _write_jsonl(Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl", pairs[: args.n_samples or None])
+    _write_jsonl(Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl",
+                 pairs[: args.n_samples or None])
 
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
     def common(p, name, tokenizer=True):
@@ -905,7 +910,7 @@ def build_parser():
                            help="tokenizer processes (0 = tokenize in this process)")
 
     p = sub.add_parser("builtin", help="no-network corpus: stdlib docstrings + pydoc topics, own BPE",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "builtin")
     for action in p._actions:  # builtin trains its own tokenizer unless told otherwise
         if action.dest == "tokenizer":
@@ -917,54 +922,58 @@ def build_parser():
 
     p = sub.add_parser("builtin_tasks", help="no-network task data from the stdlib's documentation: instructions, "
                                              "preference pairs, classification, multiple choice (HellaSwag schema)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "builtin_tasks", tokenizer=False)
     p.set_defaults(fn=cmd_builtin_tasks)
 
     p = sub.add_parser("text", help="local text files or globs (one file = one document)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "text")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote globs)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per training shard")
     p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of the tokens (from the start of the corpus) held out as validation")
-    p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="exact validation size (overrides val_fraction)")
+    p.add_argument("--val_tokens", type=bounded(int, 0), default=0,
+                   help="exact validation size (overrides val_fraction)")
     p.set_defaults(fn=cmd_text)
 
     p = sub.add_parser("shakespeare", help="tiny Shakespeare (downloaded with requests)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "shakespeare")
     p.add_argument("--url", default=SHAKESPEARE_URL, help="where to download it from")
     p.add_argument("--input", default=None, help="use this local copy instead of downloading")
-    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1, help="share of tokens held out (the start)")
+    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
+                   help="share of tokens held out (the start)")
     p.set_defaults(fn=cmd_shakespeare)
 
     p = sub.add_parser("fineweb", help="FineWeb-Edu through `datasets` (streaming)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "fineweb_edu")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset id")
-    p.add_argument("--remote_name", default="sample-10BT", help="dataset configuration (sample-10BT, sample-100BT, ...)")
+    p.add_argument("--remote_name", default="sample-10BT",
+                   help="dataset configuration (sample-10BT, sample-100BT, ...)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
     p.set_defaults(fn=cmd_fineweb)
 
     p = sub.add_parser("hellaswag", help="HellaSwag validation set (downloaded with requests)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "hellaswag", tokenizer=False)
     p.set_defaults(fn=cmd_hellaswag)
 
     p = sub.add_parser("alpaca", help="Alpaca instructions as jsonl for finetune.py",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     common(p, "alpaca", tokenizer=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")
-    p.add_argument("--max_response_chars", type=bounded(int, 0), default=0, help="drop examples with longer outputs (0 = keep all)")
+    p.add_argument("--max_response_chars", type=bounded(int, 0), default=0,
+                   help="drop examples with longer outputs (0 = keep all)")
     p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="then keep the first N (0 = all)")
     p.set_defaults(fn=cmd_alpaca)
 
     for name, what, fn in (("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh),
                            ("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py",
                             cmd_hh_pairs)):
-        p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=what, formatter_class=DefaultsHelp)
         common(p, name, tokenizer=False)
         p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
         p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")

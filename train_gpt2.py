@@ -45,9 +45,10 @@ import torch.distributed as dist
 
 import prepare_data
 from bpe import load_tokenizer
-from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed, grad_sync,
-                   init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device,
-                   pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
+from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
+                   grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
+                   pick_device, pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything,
+                   set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -238,8 +239,9 @@ def unigram_entropy(stream: TokenStream, vocab_size: int, max_tokens: int = 10 *
 
 # -----------------------------------------------------------------------------------------------
 # 3. Checkpoints: out_dir/ckpt/model/ (GPT.from_pretrained loads it; the data's tokenizer is saved
-#    beside the weights, in our format and Hugging Face's) and out_dir/ckpt/state.pt (torch.load(..., weights_only=True)): the
-#    optimizer, the step, the data position and every rank's RNG states (model.rng_state).
+#    beside the weights, in our format and Hugging Face's) and out_dir/ckpt/state.pt
+#    (torch.load(..., weights_only=True)): the optimizer, the step, the data position and every
+#    rank's RNG states (model.rng_state).
 
 
 def save_checkpoint(out_dir: Path, raw_model, optimizer, step: int, loader: DataLoader, cfg: TrainConfig,
@@ -346,7 +348,8 @@ def plot(out_dir: Path, baseline: float | None = None):
     rows = read_log(out_dir / "log.jsonl")
     train = [dict(step=r["step"], train_loss=r["loss"]) for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
-    panels = [["train_loss", "val_loss"]] + ([["hellaswag"]] if any(r.get("hellaswag") is not None for r in evals) else [])
+    has_hellaswag = any(r.get("hellaswag") is not None for r in evals)
+    panels = [["train_loss", "val_loss"]] + ([["hellaswag"]] if has_hellaswag else [])
     hlines = [(0, baseline, f"unigram entropy {baseline:.2f}")] + ([(1, 0.25, "chance")] if len(panels) > 1 else [])
     plot_log(train + evals, out_dir / "loss.png", panels, ["loss (nats/token)", "HellaSwag acc_norm"], hlines)
 
@@ -359,7 +362,8 @@ def batch_plan(cfg: TrainConfig, given: dict, world: int) -> tuple[int, int, str
     T, B = cfg.seq_len, cfg.batch_size
     if cfg.total_batch_size % (T * world):
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of seq_len * world_size = "
-                         f"{T} * {world}; try --total_batch_size {T * world * max(1, cfg.total_batch_size // (T * world))}")
+                         f"{T} * {world}; try --total_batch_size "
+                         f"{T * world * max(1, cfg.total_batch_size // (T * world))}")
     fits = [b for b in range(min(B, cfg.total_batch_size // (T * world)), 0, -1)
             if cfg.total_batch_size % (b * T * world) == 0]
     if cfg.total_batch_size % (B * T * world) == 0:
