@@ -410,12 +410,13 @@ def train(c: DPOConfig) -> dict:
                          "second sharded model")
     torch.manual_seed(c.seed)
     out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
+    lora = c.lora_rank > 0
+    lr = c.lr or (5e-4 if lora else 1e-6)
+    # the model before its tokenizer: a wrong --init_from is then the error, not a tokenizer it lacks
+    policy = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    lora = c.lora_rank > 0
-    lr = c.lr or (5e-4 if lora else 1e-6)
-    policy = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     max_length = min(c.max_length, policy.config.block_size)
     pairs = load_pairs(c.data_file, c.split)
     pairs = pairs[: c.n_samples] if c.n_samples else pairs

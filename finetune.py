@@ -582,12 +582,13 @@ def finetune(c: FinetuneConfig) -> dict:
 
     torch.manual_seed(c.seed)
     out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
+    lora, classify = c.lora_rank > 0, c.task == "classify"
+    lr = c.lr or (3e-4 if lora else 1e-5)
+    # the model before its tokenizer: a wrong --init_from is then the error, not a tokenizer it lacks
+    gpt = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     tok = load_tokenizer(c.tokenizer, c.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    lora, classify = c.lora_rank > 0, c.task == "classify"
-    lr = c.lr or (3e-4 if lora else 1e-5)
-    gpt = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     train_t, val_t, test_t, test_ex = load_data(c, tok, gpt.config.block_size)
