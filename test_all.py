@@ -3312,7 +3312,7 @@ x = torch.randint(0, 256, (2, 16))
 with MemoryTracker(m, opt) as mt:
     m(x, x)[1].backward()
     optimizer_step(m, opt)
-print(json.dumps(dict(rank=rank, full=full, **mt.peaks)))
+sys.stdout.write(json.dumps(dict(rank=rank, full=full, **mt.peaks)) + "\\n")  # one write: the ranks share a pipe
 end_distributed()
 """)
     r = _torchrun(2, script)
@@ -3338,7 +3338,7 @@ from model import all_ranks, end_distributed, init_distributed, seed_everything
 rank, _, _ = init_distributed("cpu")
 seed_everything(1337 + rank)  # what the scripts do once the model is built
 masks = all_ranks(torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
-print(json.dumps(masks[0] != masks[1]))
+sys.stdout.write(json.dumps(masks[0] != masks[1]) + "\\n")  # one write: the ranks share a pipe
 end_distributed()
 """)
     assert _torchrun(2, script).stdout.split() == ["true", "true"]
