@@ -64,7 +64,8 @@ import dpo
 from bpe import atomic_write, load_tokenizer
 from finetune import collate, estimate_memory, tokenize_examples, train_step
 from lora import NF4Linear, apply_lora, quantize_nf4, weight_dtype
-from model import GPT, DefaultsHelp, GPTConfig, autocast_and_scaler, bounded, make_optimizer, peak_memory_mb, run_main
+from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, autocast_and_scaler, bounded, make_optimizer,
+                   peak_memory_mb, run_main)
 from model import process_memory_mb as _rss_mb
 from prepare_data import load_alpaca
 
@@ -216,7 +217,7 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=DefaultsHelp)
     ap.add_argument("--full", action="store_true", help="the GPT-2-small grid of every table (an hour and more on "
                                                         "a CPU) instead of the quick one")
@@ -325,6 +326,8 @@ def model_config(args) -> GPTConfig:
     kw = dict(block_size=max(args.max_length, 64))
     for item in filter(None, args.overrides.split(",")):
         k, _, v = item.partition("=")
+        if k.strip() not in GPTConfig.__dataclass_fields__:
+            raise ValueError(f"--overrides {item}: {k.strip()!r} is not a GPTConfig field")
         kw[k.strip()] = float(v) if "." in v else int(v) if v.lstrip("-").isdigit() else v
     return GPTConfig.preset(args.model, **kw)
 
@@ -649,7 +652,7 @@ def dpo_estimate(gpus=(16, 40)) -> str:
 def cmd_dpo(argv):
     import statistics
 
-    ap = argparse.ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
+    ap = ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
                                  "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
                                  formatter_class=DefaultsHelp)
     ap.add_argument("--estimate", action="store_true", help="print the paper arithmetic for 16/40 GB GPUs")

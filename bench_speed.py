@@ -26,7 +26,6 @@ runs each variant in a fresh process, for its own peak memory). nanoGPT's model.
 this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
 """
 
-import argparse
 import importlib.util
 import math
 import os
@@ -45,7 +44,7 @@ import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
 from lora import apply_lora, quantize_nf4
-from model import GPT, GPTConfig, bounded, previous_stage, process_memory_mb
+from model import GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, previous_stage, process_memory_mb
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 
@@ -598,7 +597,7 @@ def bench_nf4(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
     ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "nf4", "all"],
                     help="which benchmark")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
@@ -642,6 +641,8 @@ def main(argv=None):
     ap.add_argument("--hs_batch_size", dest="batch_size_hs", type=bounded(int, 1), default=None,
                     help="hellaswag: rows per forward pass (default: hellaswag.default_batch_size)")
     args = ap.parse_args(argv)
+    if not set(args.precision.split(",")) <= {"fp32", "bf16"}:
+        ap.error(f"argument --precision: expected a comma list of fp32,bf16, got {args.precision!r}")
     torch.set_num_threads(args.threads)
     if args.what == "hellaswag":
         args.batch_size = args.batch_size_hs

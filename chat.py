@@ -70,7 +70,7 @@ def sample(c: ChatConfig, out=None) -> list[str]:
     """--prompt: num_samples continuations of the prompt, printed and returned."""
     out = out or sys.stdout
     model, tok, device = load(c)
-    ids = tok.encode(c.prompt)
+    ids = tok.encode(c.prompt) or [tok.eot_id]  # an empty prompt: start from the document boundary
     seqs = model.generate(torch.tensor([ids] * c.num_samples, device=device), c.max_new_tokens,
                           temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p, num_beams=c.num_beams,
                           length_penalty=c.length_penalty, use_cache=not c.no_cache, seed=c.seed,

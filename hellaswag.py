@@ -36,7 +36,6 @@ Reading order: 1. turning an item into four (context tokens, continuation tokens
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import re
@@ -48,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from model import (GPT, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed, mean_stderr, pick_device,
-                   pick_precision, previous_stage, run_main)
+from model import (GPT, ArgumentParser, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed,
+                   mean_stderr, pick_device, pick_precision, previous_stage, run_main)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
@@ -466,7 +465,7 @@ def bos_token_id(tokenizer, *dirs) -> int | None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
+    ap = ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
                                              "scoring) of our checkpoints and Hugging Face causal LMs.",
                                  formatter_class=DefaultsHelp)
     ap.add_argument("--init_from", default="auto",

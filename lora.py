@@ -45,7 +45,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -58,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import atomic_write
-from model import GPT, DefaultsHelp, hf_config_for, run_main
+from model import GPT, ArgumentParser, DefaultsHelp, hf_config_for, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -870,7 +869,7 @@ def cmd_merge(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="LoRA tools: merge an adapter into a model.",
+    ap = ArgumentParser(description="LoRA tools: merge an adapter into a model.",
                                  formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a PEFT-format adapter into a model and save it",

@@ -1204,10 +1204,17 @@ def bounded(kind=int, lo=None, hi=None):
     return parse
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, unless its help already says what the default is."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless it is required or its help says what the default is."""
     def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        said = action.required or "default" in (action.help or "")
+        return action.help if said else super()._get_help_string(action)
 
 
 def config_parser(cls, description: str, alt_defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -1215,7 +1222,7 @@ def config_parser(cls, description: str, alt_defaults: dict | None = None) -> ar
     range (a bad value is an argparse error that names the flag). Every default is None here, so
     that parse_config can tell the flags given on the command line from the others.
     alt_defaults {label: {field: value}} are shown in the help too (e.g. a recipe's defaults)."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         m = f.metadata
         alts = "".join(f"; {label}: {d[f.name]!r}" for label, d in (alt_defaults or {}).items() if f.name in d)
@@ -1244,6 +1251,12 @@ def pick_device(name: str = "auto") -> str:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this machine's PyTorch has no {kind} device")
     return name
 
 

@@ -37,7 +37,6 @@ preference pairs, classification sets and HellaSwag items, each checked record b
 
 from __future__ import annotations
 
-import argparse
 import ast
 import glob
 import hashlib
@@ -58,7 +57,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bpe import Tokenizer, atomic_write, load_tokenizer
-from model import DefaultsHelp, bounded, run_main
+from model import ArgumentParser, DefaultsHelp, bounded, run_main
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -896,7 +895,7 @@ def cmd_hh_pairs(args):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 

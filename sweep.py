@@ -35,7 +35,6 @@ memory against trainable parameters), config.json (the sweep), runs/<name>/ and 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -47,7 +46,7 @@ import sys
 from pathlib import Path
 
 from bpe import atomic_write
-from model import open_run, run_main
+from model import ArgumentParser, open_run, run_main
 
 FINETUNE = Path(__file__).resolve().with_name("finetune.py")
 DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU
@@ -60,7 +59,7 @@ SIGNALS = {s.value: s.name for s in signal.Signals}
 
 def parse_args(argv=None):
     """(the sweep's own flags, every other flag: passed to finetune.py as given)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
                                  epilog="Every other flag is passed to each finetune.py run (python finetune.py "
                                         "--help lists them).")  # no abbreviations: --out must reach finetune.py
     ap.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2,...",
@@ -237,7 +236,9 @@ def main(argv=None) -> list[dict]:
     args, passed = parse_args(argv)
     out = Path(args.out_dir)
     saved = out / "config.json"
-    if args.resume and not args.set and not passed and saved.exists():  # `--resume --out_dir D` alone
+    if args.resume and not saved.exists():
+        raise ValueError(f"--resume: {out} holds no sweep to continue (no {saved.name})")
+    if args.resume and not args.set and not passed:  # `--resume --out_dir D` alone
         s = json.loads(saved.read_text())
         args.set, passed, args.task = s["set"], s["flags"], s["task"]
     if not args.set:

@@ -3086,6 +3086,9 @@ def test_chat_samples_a_prompt_from_a_local_checkpoint(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello world") == 2
+    r = subprocess.run([sys.executable, "chat.py", "--init_from", str(tmp_path / "m"), "--tokenizer", str(rank_file),
+                        "--prompt", "", "--max_new_tokens", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # an empty prompt starts from the end-of-text token
 
 
 def test_chat_two_turns_reset_quit(tmp_path):
@@ -3411,6 +3414,12 @@ def test_gpu_precision_and_device_pickers(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert model_py.pick_precision("auto", "cuda:0") == want  # T4/V100 run bf16 only emulated
     assert model_py.pick_precision("auto", "cpu") == "fp32" and model_py.pick_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="--device nosuch: expected"):
+        model_py.pick_device("nosuch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: this machine's PyTorch has no cuda device"):
+        model_py.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the picker asks
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert model_py.pick_device("cuda") == "cuda:3" and model_py.pick_device("cpu") == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
@@ -3598,7 +3607,14 @@ def test_robust_bad_flag_values_are_refused_when_parsed(capsys, train_corpus, tm
     for parse, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             parse(argv)
-        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, argv  # one line, no usage block
+    # values only the run can check: still one line each
+    _user_error(_cli("chat.py", "--device", "nosuch", "--prompt", "hi"), "--device nosuch: expected")
+    _user_error(_cli("bench_memory.py", "--estimate", "--overrides", "foo=1", "--out", tmp_path / "b.md"),
+                "'foo' is not a GPTConfig field")
+    _user_error(_cli("sweep.py", "--resume", "--out_dir", tmp_path / "sw"), "holds no sweep to continue")
+    _user_error(_cli("bench_speed.py", "train", "--precision", "fp64"), "--precision")
     _, _, data_dir, _ = train_corpus
     _train(data_dir, tmp_path / "o", "--max_steps", 2)
     before = _hashes(tmp_path / "o")
