@@ -67,6 +67,7 @@ from lora import NF4Linear, apply_lora, quantize_nf4, weight_dtype
 from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, autocast_and_scaler, bounded, make_optimizer,
                    peak_memory_mb, run_main)
 from model import process_memory_mb as _rss_mb
+from model import write_jsonl
 from prepare_data import load_alpaca
 
 BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw", quant="none")
@@ -102,6 +103,18 @@ class _Saved:
 
 
 class MemoryTracker(TorchDispatchMode):
+    """Live tensor bytes by category, exact, while the `with` block runs:
+
+        with MemoryTracker(model, optimizer) as mt:
+            loss = model(x, y)[1]; loss.backward(); optimizer.step()
+        print(mt.report())        # or mt.peaks / mt.at_total_peak: bytes per category
+
+    How: as a TorchDispatchMode it sees every aten op with its outputs, and records each new storage
+    (views share one) with a weakref finalizer that drops it when freed. Saved-tensor hooks count how
+    many autograd slots hold each storage: those bytes are activations. After every op the live
+    storages are summed by role (parameter, buffer, .grad, optimizer state, saved, else temporary)
+    and each category's peak kept."""
+
     def __init__(self, model, optimizer=None):
         super().__init__()
         self.model, self.optimizer = model, optimizer
@@ -217,8 +230,9 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=DefaultsHelp)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=DefaultsHelp,
+                        epilog="bench_memory.py dpo [...]: peak memory of dpo.py's reference modes "
+                               "(see bench_memory.py dpo --help)")
     ap.add_argument("--full", action="store_true", help="the GPT-2-small grid of every table (an hour and more on "
                                                         "a CPU) instead of the quick one")
     ap.add_argument("--model", default=None, help=f"GPTConfig preset with random weights (default {QUICK['model']}, "
@@ -650,8 +664,6 @@ def dpo_estimate(gpus=(16, 40)) -> str:
 
 
 def cmd_dpo(argv):
-    import statistics
-
     ap = ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
                                  "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
                                  formatter_class=DefaultsHelp)
@@ -703,7 +715,7 @@ def main(argv=None):
     jsonl = out.with_suffix(".jsonl")
     if args.estimate:
         results = {k: estimate_config(c, args) for k, c in unique.items()}
-        atomic_write(jsonl, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in results.values())))
+        write_jsonl(jsonl, results.values())
     else:
         print(f"{len(unique)} configurations x {args.repeats} runs, each in a fresh process", flush=True)
         results = measure(unique, args, jsonl)

@@ -44,7 +44,8 @@ import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
 from lora import apply_lora, quantize_nf4
-from model import GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, previous_stage, process_memory_mb
+from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, peak_memory_mb, previous_stage,
+                   process_memory_mb)
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 
@@ -127,7 +128,6 @@ def bench_load(args):
     process's peak resident set (interpreter, libraries and any memory-mapped file pages included)."""
     import json
     import threading
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
@@ -154,20 +154,11 @@ def bench_load(args):
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         (d / "config.json").write_text(json.dumps(cfg))
 
-    def status_kb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        return 0
+    base, peak, stop = process_memory_mb("RssAnon"), [0.0], threading.Event()
 
-    def anon_kb():
-        return status_kb("RssAnon")
-
-    base, peak, stop = anon_kb(), [0], threading.Event()
-
-    def sample():
+    def sample():  # anonymous memory only: the checkpoint's mapped file pages are not ours to count
         while not stop.is_set():
-            peak[0] = max(peak[0], anon_kb())
+            peak[0] = max(peak[0], process_memory_mb("RssAnon"))
             time.sleep(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -179,9 +170,9 @@ def bench_load(args):
     th.join()
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     print(f"load {args.preset} bf16: {dt:.1f} s; weights {size:.2f} GiB; peak anonymous RAM above start "
-          f"{(peak[0] - base) / 2**20:.2f} GiB ({(peak[0] - base) / 2**20 / size:.2f}x the weights); peak resident "
+          f"{(peak[0] - base) / 2**10:.2f} GiB ({(peak[0] - base) / 2**10 / size:.2f}x the weights); peak resident "
           f"set of the whole process (VmHWM, with file pages mapped from the checkpoint) "
-          f"{status_kb('VmHWM') / 2**20:.2f} GiB")
+          f"{peak_memory_mb() / 2**10:.2f} GiB")
 
 
 def load_nanogpt(path):
@@ -264,14 +255,10 @@ def naive_merge_step(seqs, new_id):
     return [bpe._merge_pair(s, a, b, new_id) for s in seqs]
 
 
-def _peak_rss_mb():
-    return process_memory_mb("VmHWM")  # not ru_maxrss: it survives an exec (see model.peak_memory_mb)
-
-
 def _bench_train_ours(path, vocab_size, pattern):
     t = time.perf_counter()
     tok = bpe.Tokenizer.train([path], vocab_size, pattern=pattern)
-    return time.perf_counter() - t, _peak_rss_mb(), tok.vocab_size
+    return time.perf_counter() - t, peak_memory_mb(), tok.vocab_size
 
 
 def _bench_train_hf(path, vocab_size):
@@ -283,7 +270,7 @@ def _bench_train_hf(path, vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train([str(path)], trainer)
-    return time.perf_counter() - t, _peak_rss_mb(), hf.get_vocab_size()
+    return time.perf_counter() - t, peak_memory_mb(), hf.get_vocab_size()
 
 
 def _in_fresh_process(fn, *args):
@@ -292,11 +279,6 @@ def _in_fresh_process(fn, *args):
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
         return ex.submit(fn, *args).result()
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def bench_bpe(args):
@@ -316,11 +298,11 @@ def bench_bpe(args):
             ours.append(_in_fresh_process(_bench_train_ours, path, v, args.pattern))
             if not args.skip_hf:
                 hf.append(_in_fresh_process(_bench_train_hf, path, v))
-        t_ours = _median([r[0] for r in ours])
+        t_ours = statistics.median([r[0] for r in ours])
         trained[v] = t_ours
         m_ours = max(r[1] for r in ours)
         if hf:
-            t_hf, m_hf = _median([r[0] for r in hf]), max(r[1] for r in hf)
+            t_hf, m_hf = statistics.median([r[0] for r in hf]), max(r[1] for r in hf)
             print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | {t_hf:.2f} | {m_hf:.0f} | {t_ours / t_hf:.2f}x |")
         else:
             print(f"| {v} | {t_ours:.2f} | {m_ours:.0f} | - | - | - |")
@@ -376,7 +358,7 @@ def bench_bpe(args):
                     t = time.perf_counter()
                     run(enc)
                     times[key].append(time.perf_counter() - t)
-            mbps = {k: size_mb / _median(v) for k, v in times.items()}
+            mbps = {k: size_mb / statistics.median(v) for k, v in times.items()}
             print(f"| {label} | {mbps['ours']:.1f} | {mbps['ref']:.1f} | {mbps['ours'] / mbps['ref']:.2f}x |")
         sample = text[:1_000_000]
         py = bpe.Tokenizer.from_tiktoken_file(args.gpt2)
@@ -574,7 +556,7 @@ def bench_nf4(args):
         steps = {}
         base = bf16 if dtype == torch.bfloat16 else ref
         for name, quant in ((f"{str(dtype)[6:]} base", False), ("NF4 base", True)):
-            m = quantize_nf4(copy.deepcopy(bf16)).to(dtype) if quant else copy.deepcopy(base)  # NF4 from bf16
+            m = copy.deepcopy(nf4).to(dtype) if quant else copy.deepcopy(base)  # NF4 (from bf16) keeps its codes
             apply_lora(m, 16, 32, 0.0, "q,v")
             m.train()
             opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)

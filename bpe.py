@@ -8,7 +8,8 @@ Read it top to bottom:
      pair of tokens into a new token, until the vocabulary has the requested size.
   3. encoding: inside each chunk, repeatedly join the adjacent pair that makes the earliest
      learned token (lowest rank); decoding concatenates the bytes of the tokens.
-  4. GPT-2 compatibility, a fast path through tiktoken, save/load, and a small CLI.
+  4. the Tokenizer: GPT-2 compatibility, a fast path through tiktoken, save/load, HF export;
+  5. load_tokenizer: one interface for ours, GPT-2's and Hugging Face's; 6. a small CLI.
 
 Training is the textbook algorithm, made fast without hiding it: each distinct chunk is counted
 once, pair counts are updated only in the chunks a merge touches, and a heap finds the next pair.
@@ -819,13 +820,17 @@ def tokenizer_dir(model_dir) -> str | None:
     return next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
 
 
+def _is_hf_dir(p: Path) -> bool:  # a Hugging Face tokenizer directory, not one of ours or GPT-2's originals
+    return p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists()
+
+
 def tokenizer_files(spec) -> tuple[dict, int | None, int | None]:
     """({file name: contents}, EOS id, BOS id): the files that put a tokenizer beside a saved model.
     Our BPE (a Tokenizer, or what load_bpe reads) gets its own tokenizer.bpe and Hugging Face's
     tokenizer.json + tokenizer_config.json; a Hugging Face tokenizer directory is copied."""
     if not isinstance(spec, Tokenizer):
         d = Path(spec)
-        if d.is_dir() and not (d / "tokenizer.bpe").exists() and not (d / "encoder.json").exists():
+        if _is_hf_dir(d):
             t = load_tokenizer(str(d))
             return {f: (d / f).read_bytes() for f in HF_TOKENIZER_FILES if (d / f).is_file()}, t.eot_id, t.bos_id
         spec = load_bpe(str(spec))
@@ -864,7 +869,7 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
         spec = tokenizer_dir(model_dir)
     spec = str(spec or "gpt2")
     p = Path(spec)
-    if p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists():
+    if _is_hf_dir(p):
         from transformers import AutoTokenizer
         try:
             hf = AutoTokenizer.from_pretrained(str(p))

@@ -45,7 +45,7 @@ class ChatConfig:
     top_k: int = cfg(50, "sample only among the k most likely tokens (0 = all)", min=0)
     top_p: float = cfg(0.95, "nucleus sampling threshold (1.0 = off)", min=0.0, max=1.0)
     num_beams: int = cfg(1, "--prompt: >1 = beam search instead of sampling", min=1)
-    length_penalty: float = cfg(1.0, "beam search length exponent")
+    length_penalty: float = cfg(1.0, "--prompt with --num_beams: beam search length exponent")
     no_cache: bool = cfg(False, "recompute the whole prefix at every step (no KV cache)")
     stop_at_eos: bool = cfg(True, "--prompt: end a sample at the end-of-text token")
     seed: int = cfg(1337, "random seed for reproducible samples")

@@ -101,7 +101,8 @@ class DPOConfig:
     loss: str = cfg("sigmoid", "sigmoid (DPO) | ipo", choices=LOSS_TYPES)
     label_smoothing: float = cfg(0.0, "conservative DPO: assumed probability that a preference label is flipped",
                                  min=0.0, max=0.49)
-    reference: str = cfg("adapter_off", "copy | adapter_off (LoRA only) | precomputed",
+    reference: str = cfg("adapter_off", "copy | adapter_off (LoRA only; with --lora_rank 0 copy is used) | "
+                                        "precomputed",
                          choices=["copy", "adapter_off", "precomputed"])
     ref_dtype: str = cfg("same", "copy: dtype of the frozen copy", choices=["same", "fp32", "bf16", "fp16"])
     ref_device: str = cfg("same", "copy: device of the frozen copy (e.g. cuda:1)")
@@ -150,8 +151,13 @@ def parse_args(argv=None) -> DPOConfig:
     if c.reference == "adapter_off" and c.lora_rank == 0:
         if "reference" in given:
             raise ValueError("--reference adapter_off needs a LoRA policy (--lora_rank > 0); use copy or precomputed")
+        if c.fsdp:
+            raise ValueError("--fsdp with --lora_rank 0 (full fine-tuning): use --reference precomputed")
         print("note: with --lora_rank 0 (full fine-tuning) the reference is a frozen copy (--reference copy)")
         c.reference = "copy"
+    if c.fsdp and c.reference == "copy":
+        raise ValueError("--fsdp: use --reference adapter_off (LoRA) or precomputed; a frozen copy would need a "
+                         "second sharded model")
     return c
 
 
@@ -258,10 +264,8 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy
 def adapters_off(model):
     """The LoRA policy with its adapters switched off is exactly the model it started from (W + 0):
     a reference that costs no memory. Setting each adapter's scaling to 0 switches it off; eval mode
-    switches dropout off, so the reference is deterministic."""
+    switches dropout off, so the reference is deterministic. (A model without adapters: eval mode only.)"""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError("--reference adapter_off needs a LoRA policy (--lora_rank > 0)")
     saved = [m.scaling for m in layers]
     was_training = model.training
     model.eval()
@@ -292,13 +296,8 @@ class Reference:
             dev = next(self.model.parameters()).device
             c, r = concatenated_logps(self.model, idx.to(dev), labels.to(dev), self.autocast)
             return c.to(idx.device), r.to(idx.device)
-        was = self.policy.training
-        try:
-            with adapters_off(self.policy) if _has_lora(self.policy) else contextlib.nullcontext():
-                self.policy.eval()
-                return concatenated_logps(self.policy, idx, labels, self.autocast)
-        finally:
-            self.policy.train(was)
+        with adapters_off(self.policy):  # precomputed with full fine-tuning: before any update, as it is
+            return concatenated_logps(self.policy, idx, labels, self.autocast)
 
     def logps(self, idx, labels, keys):
         if self.mode != "precomputed":
@@ -306,12 +305,9 @@ class Reference:
         missing = [k for k in keys if k not in self.cache]
         if missing:
             raise KeyError(f"pairs {missing[:5]} have no precomputed reference log-probs")
-        v = torch.tensor([self.cache[k] for k in keys], dtype=torch.float32, device=idx.device)
+        v = torch.tensor([self.cache[k] for k in keys], dtype=torch.float32)
+        v = v.pin_memory().to(idx.device, non_blocking=True) if idx.is_cuda else v  # no wait for the GPU
         return v[:, 0], v[:, 1]
-
-
-def _has_lora(model) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def precompute_reference(ref: Reference, tokenized: list[dict], keys: list[str], pad_id: int, device,
@@ -367,7 +363,9 @@ def dpo_step(policy, ref: Reference, micro, c: DPOConfig, autocast, scaler) -> d
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batch_size, autocast) -> dict:
+def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batch_size, autocast,
+                   loss_args=()) -> dict:
+    """The metrics of training (loss_args: beta, loss type, label smoothing, as in training) on held-out pairs."""
     sums, n = {}, 0
     was = policy.training
     policy.eval()
@@ -376,7 +374,7 @@ def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batc
         ref_c, ref_r = ref.logps(idx, labels, keys[s: s + batch_size])
         pol_c, pol_r = concatenated_logps(policy, idx, labels, autocast)
         b = idx.size(0) // 2
-        for k, v in pair_metrics(*dpo_loss(pol_c, pol_r, ref_c, ref_r), pol_c, pol_r).items():
+        for k, v in pair_metrics(*dpo_loss(pol_c, pol_r, ref_c, ref_r, *loss_args), pol_c, pol_r).items():
             sums[k] = sums.get(k, 0) + v * b
         n += b
     policy.train(was)
@@ -405,9 +403,6 @@ def train(c: DPOConfig) -> dict:
         if master:
             print(*a, flush=True)
 
-    if c.fsdp and c.reference == "copy":
-        raise ValueError("--fsdp: use --reference adapter_off (LoRA) or precomputed; a frozen copy would need a "
-                         "second sharded model")
     torch.manual_seed(c.seed)
     out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
     lora = c.lora_rank > 0
@@ -495,7 +490,8 @@ def train(c: DPOConfig) -> dict:
     t0 = time.time()
     for step in range(start, c.max_steps + 1):
         if val_t and (step % c.eval_interval == 0 or step == c.max_steps):
-            ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast)
+            ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast,
+                                (c.beta, c.loss, c.label_smoothing))
             record(dict(step=step, **ev))
             say(f"step {step}: eval loss {ev['eval_loss']:.4f}, reward accuracy {ev['eval_reward_accuracy']:.3f}, "
                 f"margin {ev['eval_reward_margin']:.4f}")
@@ -517,8 +513,10 @@ def train(c: DPOConfig) -> dict:
             g["lr"] = this_lr
         m = dpo_step(train_module, ref, micro, c, autocast, scaler)
         gnorm = optimizer_step(policy, optimizer, scaler, c.grad_clip)
-        m = {k: v.item() for k, v in all_ranks_mean(m).items()}  # the step's one read from the device
-        record(dict(step=step + 1, lr=this_lr, grad_norm=gnorm.item(), **m))
+        mean = all_ranks_mean(m)
+        *vals, gnorm = torch.stack([v.float() for v in (*mean.values(), gnorm)]).tolist()  # the step's one read
+        m = dict(zip(mean, vals))
+        record(dict(step=step + 1, lr=this_lr, grad_norm=gnorm, **m))
         if (step + 1) % c.log_interval == 0 or step == 0:
             say(f"step {step + 1}/{c.max_steps}: loss {m['loss']:.4f}, reward accuracy "
                 f"{m['reward_accuracy']:.3f}, margin {m['reward_margin']:.4f}, lr {this_lr:.2e}")

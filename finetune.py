@@ -34,8 +34,9 @@ out_dir gets: config.json, log.jsonl (one JSON object per optimizer step: step, 
 per evaluation: step, val_loss, val_ppl, ...), loss.png, best_adapter/ (LoRA, PEFT format),
 best_model/ (merged full model), responses.jsonl and responses.md (instruction and dialogue),
 classifier_head.safetensors beside the best weights (classify), summary.json (the best
-step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time). Answers can
-then be scored with score.py, and the model talked to with chat.py.
+step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time); ckpt/ (the
+resumable state, --ckpt_interval), ckpt_step<N>/ (--save_interval), scoring/ (--score_every_eval).
+Answers can then be scored with score.py, and the model talked to with chat.py.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from model import (GPT, OPTIMIZER_STATES, RMSNorm, all_ranks, autocast_and_scale
                    end_distributed, gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer,
                    open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
                    previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything,
-                   set_rng_state)
+                   set_rng_state, write_jsonl)
 from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
@@ -174,6 +175,8 @@ def parse_args(argv=None) -> FinetuneConfig:
                   f"the real recipe names them: --init_from gpt2 (Alpaca, HH-RLHF or GLUE from the hub)")
     if c.val_frac + c.test_frac >= 1:
         raise ValueError(f"--val_frac {c.val_frac} + --test_frac {c.test_frac} must be below 1")
+    if c.score_every_eval and c.task == "classify":
+        raise ValueError("--score_every_eval rates generated answers: not with --task classify")
     if c.score_every_eval and c.reward_model == "none" and not c.judge_url:
         raise ValueError("--score_every_eval needs --reward_model or --judge_url")
     return c
@@ -322,10 +325,12 @@ def train_step(model, optimizer, micro_batches, scaler=None, autocast=contextlib
     """One optimizer step over accumulated micro-batches: {loss, n_tokens, grad_norm}, read from the
     device once, at the end of the step."""
     loss, n = accumulate_gradients(model, micro_batches, scaler, autocast, n_total)
-    if int(n) == 0:
+    n_tokens = n_total if n_total is not None else int(n)  # finetune.py counts on the host: no wait here
+    if n_tokens == 0:
         raise ValueError("no trained tokens in this batch (every label is -100)")
     norm = optimizer_step(model, optimizer, scaler, grad_clip)
-    return dict(loss=loss.item(), n_tokens=int(n), grad_norm=norm.item())
+    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
+    return dict(loss=loss, n_tokens=n_tokens, grad_norm=norm)
 
 
 @torch.no_grad()
@@ -770,7 +775,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
 def write_responses(out: Path, c: FinetuneConfig, examples, before, after, best_step: int):
     rows = [dict(ex, response_before=b, response_after=a) for ex, b, a in zip(examples, before, after)]
-    atomic_write(out / "responses.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    write_jsonl(out / "responses.jsonl", rows)
     md = [f"# Responses before and after tuning ({c.init_from}, best step {best_step})\n"]
     for i, r in enumerate(rows):
         md.append(f"## {i + 1}. {r['instruction']}\n")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
 from model import (GPT, ArgumentParser, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed,
-                   mean_stderr, pick_device, pick_precision, previous_stage, run_main)
+                   mean_stderr, pick_device, pick_precision, previous_stage, run_main, write_jsonl)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
@@ -320,7 +320,7 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
              device=None, rank: int = 0, world_size: int = 1, progress: bool = False,
              return_items: bool = False, bos_id: int | None = None, share_context: bool = True) -> dict:
     """Score HellaSwag items with `model` (our GPT, or any transformers causal LM; DDP- or
-    compile-wrapped is fine) and `tokenizer` (model.load_tokenizer's TextTokenizer, or a
+    compile-wrapped is fine) and `tokenizer` (bpe.load_tokenizer's TextTokenizer, or a
     transformers tokenizer). batch_size: sequences (item x ending) per forward pass (default:
     default_batch_size(device)). share_context:
     with our GPT, run each item's context once for its four endings (a KV cache; same scores).
@@ -466,8 +466,8 @@ def bos_token_id(tokenizer, *dirs) -> int | None:
 
 def main(argv=None):
     ap = ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
-                                             "scoring) of our checkpoints and Hugging Face causal LMs.",
-                                 formatter_class=DefaultsHelp)
+                                    "scoring) of our checkpoints and Hugging Face causal LMs.",
+                        formatter_class=DefaultsHelp)
     ap.add_argument("--init_from", default="auto",
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, or our "
                          "checkpoint directory (e.g. out/ckpt/model); auto: the last stage's model on this machine "
@@ -539,8 +539,7 @@ def main(argv=None):
             atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
                 {**result, "model": args.init_from, "data_file": str(data_file)}, indent=2) + "\n"))
         if args.per_item:
-            atomic_write(Path(args.per_item),
-                         lambda p: Path(p).write_text("".join(json.dumps(it) + "\n" for it in items)))
+            write_jsonl(args.per_item, items)
     end_distributed()  # every rank waits for rank 0's writing
 
 

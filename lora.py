@@ -16,7 +16,8 @@ Read it top to bottom:
   3. apply_lora, freezing, lora_state_dict / load_lora, merge / unmerge / unload, the trainable line.
   4. PEFT's format: save_adapter / load_adapter (adapter_config.json + adapter_model.safetensors).
   5. QLoRA's 4-bit frozen base: the NF4 codebook, block-wise quantisation (double quantisation of
-     the scales too), NF4Linear, quantize_nf4.
+     the scales too), NF4Linear, quantize_nf4 / dequantize_nf4, and load_base (what finetune.py
+     and dpo.py start from).
   6. A small CLI: merge an adapter into a model.
 
 Target names and how they map (our GPT fuses projections; see README "lora.py"):
@@ -45,6 +46,7 @@ Run it:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -158,8 +160,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         if isinstance(self.base, NF4Linear):
-            raise ValueError("a LoRA on a 4-bit base is merged into the dequantised base, on its own: "
-                             "python lora.py merge --nf4 --base <the base model> --adapter <adapter dir> --out <dir>")
+            raise ValueError("a LoRA on a 4-bit base is merged into the dequantised base, on its own: python "
+                             "lora.py merge --nf4 --base <base model> --adapter <adapter dir> --out <dir> (add "
+                             "--dtype bfloat16 after a --precision bf16 run)")
         w, d = self.base.weight, self.delta_weight()
         w.copy_((w.float() + (d.t() if self.conv1d else d)).to(w.dtype))
         self.merged = True
@@ -402,6 +405,8 @@ def load_lora(model, state_dict: dict):
 def _check_mergeable(model):
     emb = _input_embedding_weight(model)
     for name, layer in lora_layers(model).items():
+        if isinstance(layer.base, NF4Linear):
+            return  # merge() says what to do instead; no need to dequantise every layer to look
         if layer.base.weight is emb:
             raise ValueError(f"{name} shares its weight with the input embeddings (tied); merging its LoRA "
                              f"would change the embeddings too. Keep it as an adapter (save_adapter).")
@@ -646,8 +651,8 @@ def load_adapter(model, adapter_dir):
 # absmax (one float) and, per weight, a 4-bit index into a table of 16 "normal" values in [-1, 1]:
 #     w ~= NF4_CODEBOOK[code] * absmax_of_its_block
 # That is 4 + 32/64 = 4.5 bits per weight; double quantisation stores the absmaxes in 8 bits too
-# (blocks of 256): ~4.13 bits. The LoRA adapters stay fp32 and train as usual on top; the adapter is
-# an ordinary PEFT adapter of the unquantised model.
+# (blocks of 256): ~4.13 bits. The LoRA adapters stay fp32 and train as usual on top; the adapter
+# saves in PEFT's format, and merges into the dequantised 4-bit base (lora.py merge --nf4).
 
 
 def _normal_float_codebook(offset: float = 0.9677083) -> torch.Tensor:
@@ -669,6 +674,11 @@ _MIDPOINTS = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2
 _NF4_PAIRS = torch.stack([NF4_CODEBOOK.repeat_interleave(16), NF4_CODEBOOK.repeat(16)], dim=1)  # byte -> 2 values
 
 
+@functools.cache
+def _nf4_pairs_on(device: torch.device) -> torch.Tensor:  # copied to a GPU once, not at every forward
+    return _NF4_PAIRS.to(device)
+
+
 @dataclass
 class NF4Tensor:
     codes: torch.Tensor                         # uint8, two 4-bit codes per byte (first value: high nibble)
@@ -683,8 +693,8 @@ class NF4Tensor:
 def _nf4_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flatten and zero-pad to whole blocks: (n_blocks, block_size). numel need not divide by
     block_size; zeros never change a block's absmax, and callers cut the padding off again."""
-    x = x.reshape(-1)
-    return F.pad(x, (0, -x.numel() % block_size)).view(-1, block_size)
+    x, pad = x.reshape(-1), -x.numel() % block_size
+    return (F.pad(x, (0, pad)) if pad else x).view(-1, block_size)  # F.pad would copy even with pad 0
 
 
 @torch.no_grad()
@@ -727,7 +737,7 @@ def nf4_dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     fp32 temporaries (12 bytes per weight): for LLaMA-2-7B's largest layer, 90M weights, that is 1 GB."""
     n = math.prod(q.shape)
     out = torch.empty(n, dtype=dtype or q.dtype, device=q.codes.device)
-    absmax, pairs = _absmax(q), _NF4_PAIRS.to(q.codes.device)
+    absmax, pairs = _absmax(q), _nf4_pairs_on(q.codes.device)
     step = NF4_SLICE // q.block_size * q.block_size  # whole blocks (and whole bytes: block_size is even)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -763,10 +773,11 @@ class _DequantLinear(torch.autograd.Function):
 
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight is stored in NF4 and dequantised at every forward, in the compute dtype
-    (autocast's if on, else the input's). Why: only the layer running now has a 16-bit copy of its weight (and,
-    while rebuilding it, int64/fp32 temporaries), so stored weights take ~0.52 byte/param instead of 2 (QLoRA:
-    65B in 48 GB). Cost: a dequantisation (unpack, table lookup, multiply per weight) every forward and again
-    in backward: slower than a bf16 nn.Linear. The weight gets no gradient; the input does, so LoRA trains."""
+    (autocast's if on, else the input's). Why: only the layer running now has a 16-bit copy of its weight
+    (and, while rebuilding it, int32/fp32 temporaries of one NF4_SLICE), so stored weights take ~0.52
+    byte/param instead of 2 (QLoRA: 65B in 48 GB). Cost: a dequantisation (unpack, table lookup, multiply
+    per weight) every forward and again in backward: slower than a bf16 nn.Linear. The weight gets no
+    gradient; the input does, so LoRA trains."""
 
     _STATS = ("absmax", "absmax_scale", "absmax_offset")
 
@@ -835,10 +846,10 @@ def dequantize_nf4(model: GPT) -> GPT:
         for name, child in list(module.named_children()):
             if isinstance(child, NF4Linear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=child.codes.device, dtype=child.dtype)
-                linear.weight.data = child.weight
+                                   device="meta")  # no random init to throw away
+                linear.weight = nn.Parameter(child.weight)
                 if child.bias is not None:
-                    linear.bias.data = child.bias
+                    linear.bias = nn.Parameter(child.bias)
                 setattr(module, name, linear.requires_grad_(False))
     return model
 
@@ -859,7 +870,7 @@ def load_base(init_from: str, precision: str, lora: bool, quantize: str, device:
 
 
 def cmd_merge(args):
-    model = GPT.from_pretrained(args.base)
+    model = GPT.from_pretrained(args.base, dtype=getattr(torch, args.dtype))
     if args.nf4:  # the base as the QLoRA run saw it: rounded to 4 bits
         dequantize_nf4(quantize_nf4(model))
     load_adapter(model, args.adapter)
@@ -870,7 +881,7 @@ def cmd_merge(args):
 
 def main(argv=None):
     ap = ArgumentParser(description="LoRA tools: merge an adapter into a model.",
-                                 formatter_class=DefaultsHelp)
+                        formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a PEFT-format adapter into a model and save it",
                        formatter_class=DefaultsHelp)
@@ -880,6 +891,9 @@ def main(argv=None):
     m.add_argument("--format", default="native", choices=["native", "hf"], help="output format")
     m.add_argument("--nf4", action="store_true", help="the adapter was trained on a 4-bit base (--quantize nf4): "
                    "merge into that base, dequantised, which is the model the run trained")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="load the base in this dtype: with --nf4 give the one the run quantised from "
+                        "(bfloat16 for a --precision bf16 run), so that the 4-bit base is the same")
     m.set_defaults(fn=cmd_merge)
     args = ap.parse_args(argv)
     args.fn(args)

@@ -346,7 +346,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         per_row = (lse - target_logit) * valid  # -log softmax(target); 0 where ignored
         n_valid = valid.sum() if reduction == "mean" else torch.ones((), device=logits.device)
         ctx.save_for_backward(logits, safe_targets, valid, lse, n_valid)
-        ctx.chunk, ctx.reduction = chunk, reduction
+        ctx.chunk = chunk
         return per_row.sum() / n_valid if reduction == "mean" else per_row
 
     @staticmethod
@@ -403,6 +403,13 @@ class GPT(nn.Module):
         self.grad_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self._init_buffers()
         self.apply(self._init_weights)
+
+    def _after_meta_load(self):
+        """Weights were assigned to a model built on the meta device: tie the output layer to the
+        embedding again and compute the constant tables."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self._init_buffers()
 
     def _init_buffers(self):
         """Constant tables, computed rather than stored in checkpoints (persistent=False)."""
@@ -586,9 +593,7 @@ class GPT(nn.Module):
             tensors = _hf_to_ours(tensors, config, hf_type)
         state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config)
         model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.transformer.wte.weight
-        model._init_buffers()  # the constant tables were built on the meta device
+        model._after_meta_load()
         if device is not None:
             model.to(device)
         model.source_dir = path  # where its tokenizer is, for save_pretrained
@@ -610,6 +615,7 @@ class GPT(nn.Module):
         c = self.config
         src = tokenizer if tokenizer is not None else tokenizer_dir(getattr(self, "source_dir", None) or out)
         tok_files, eos, bos = tokenizer_files(src) if src is not None else ({}, None, None)
+        bos = eos if bos is None else bos  # GPT-2 begins and ends a document with the same token
         sd = {k: v.detach() for k, v in self.state_dict().items()}
         if format == "native":
             if c.tie_embeddings:
@@ -619,15 +625,15 @@ class GPT(nn.Module):
             hf_type, config_json = hf_config_for(c)
             weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
             if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
-                config_json.update(bos_token_id=bos if bos is not None else eos, eos_token_id=eos)
+                config_json.update(bos_token_id=bos, eos_token_id=eos)
         else:
             raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
         weights = {k: v.contiguous().cpu() for k, v in weights.items()}
         atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
         files = {config_name: json.dumps(config_json, indent=2), **tok_files}
         if eos is not None:
-            files["generation_config.json"] = json.dumps(dict(bos_token_id=bos if bos is not None else eos,
-                                                              eos_token_id=eos, pad_token_id=eos), indent=2)
+            files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
+                                                         indent=2)
         for name, data in files.items():
             atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d if isinstance(d, bytes) else d.encode()))
         # files of an earlier save in another format must not linger beside these weights
@@ -1420,9 +1426,7 @@ def gathered(model, skeleton_fn, master: bool):
     copy.load_state_dict(sd, strict=False, assign=True)
     for m in copy.modules():
         if isinstance(m, GPT):
-            if m.config.tie_embeddings:
-                m.lm_head.weight = m.transformer.wte.weight
-            m._init_buffers()
+            m._after_meta_load()
     return copy
 
 
@@ -1586,8 +1590,14 @@ def rewrite_log(path, keep) -> list[dict]:
     """Keep only the rows of a log.jsonl for which keep(row) is true (a resumed run drops what the
     killed run logged after its checkpoint, since it is about to be redone); returns them."""
     rows = [r for r in read_log(path) if keep(r)]
-    atomic_write(Path(path), lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    write_jsonl(path, rows)
     return rows
+
+
+def write_jsonl(path, rows, ensure_ascii: bool = True):
+    """rows as JSON lines, written to a temp name and renamed: a kill never leaves half a file."""
+    text = "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows)
+    atomic_write(Path(path), lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def close_run(out_dir):

@@ -57,7 +57,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bpe import Tokenizer, atomic_write, load_tokenizer
-from model import ArgumentParser, DefaultsHelp, bounded, run_main
+from model import ArgumentParser, DefaultsHelp, bounded, run_main, write_jsonl
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -223,7 +223,7 @@ def _resume_point(out_dir: Path, name: str, tok_name: str):
     while shard_path(out_dir, name, index).exists():
         meta = read_header(shard_path(out_dir, name, index))
         if meta["tokenizer"] != tok_name:
-            raise SystemExit(f"error: {shard_path(out_dir, name, index)} was made with tokenizer "
+            raise ValueError(f"{shard_path(out_dir, name, index)} was made with tokenizer "
                              f"{meta['tokenizer']!r}, not {tok_name!r}: delete {out_dir} or pick another --name")
         index, next_doc, offset, final = index + 1, meta["next_doc"], meta["next_doc_offset"], meta["final"]
     return index, next_doc, offset, final
@@ -577,7 +577,7 @@ def _offline_hint(sub: str, flag: str = "--data_file") -> str:
             f"and pass {flag} data/{sub}/...")
 
 
-def _strings(rec, where: str, required, optional=()) -> dict:
+def string_fields(rec, where: str, required, optional=()) -> dict:
     """The record's string fields (optional ones default to ""), or an error naming the field."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object with {', '.join(required)}, got {type(rec).__name__}")
@@ -634,7 +634,7 @@ def load_alpaca(data_file=None, max_response_chars: int = 0, n_samples: int = 0)
         rows = [(f"{data_file}: example {i}", r) for i, r in enumerate(data)]
     if not rows:
         raise ValueError(f"{data_file}: the data file is empty")
-    examples = [_strings(r, where, ("instruction", "output"), ("input",)) for where, r in rows]
+    examples = [string_fields(r, where, ("instruction", "output"), ("input",)) for where, r in rows]
     if max_response_chars:
         examples = [e for e in examples if len(e["output"]) <= max_response_chars]
     examples = examples[:n_samples] if n_samples else examples
@@ -682,7 +682,7 @@ def load_dialogues(data_file=None, n_samples: int = 0, split: str = "train") -> 
             hub_rows("Anthropic/hh-rlhf", split=split, offline_hint=_offline_hint("hh")))
     out = []
     for where, rec in rows[:n_samples or None]:
-        out.append(dialogue_example(_strings(rec, where, ("chosen",))["chosen"], where))
+        out.append(dialogue_example(string_fields(rec, where, ("chosen",))["chosen"], where))
     if not out:
         raise ValueError(f"{data_file or 'Anthropic/hh-rlhf'}: no conversations")
     return out
@@ -709,7 +709,7 @@ def load_pairs(data_file=None, split: str = "train") -> list[dict]:
     pairs = []
     for where, rec in rows:
         has_prompt = isinstance(rec, dict) and "prompt" in rec
-        r = _strings(rec, where, ("chosen", "rejected") + (("prompt",) if has_prompt else ()))
+        r = string_fields(rec, where, ("chosen", "rejected") + (("prompt",) if has_prompt else ()))
         if not has_prompt:
             try:
                 r["prompt"], r["chosen"], r["rejected"] = split_hh_pair(r["chosen"], r["rejected"])
@@ -750,7 +750,7 @@ def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_sa
                          "(or give --data_file)")
     out = []
     for where, r in rows:
-        text = _strings(r, where, (fields_[0],))[fields_[0]]
+        text = string_fields(r, where, (fields_[0],))[fields_[0]]
         try:
             label = int(r.get("label"))
         except (TypeError, ValueError):
@@ -805,7 +805,7 @@ def hellaswag_item(row, where: str) -> dict:
     if missing:
         raise ValueError(f"{where}: missing field {missing[0]!r} (HellaSwag items need activity_label, ctx_a, "
                          f"ctx_b, endings, label)")
-    _strings(row, where, ("activity_label",), ("ctx_a", "ctx_b"))
+    string_fields(row, where, ("activity_label",), ("ctx_a", "ctx_b"))
     endings = row["endings"]
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         n = len(endings) if isinstance(endings, list) else type(endings).__name__
@@ -860,8 +860,7 @@ def cmd_fineweb(args):
 
 def _write_jsonl(path: Path, rows: list[dict], quiet: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                    encoding="utf-8"))
+    write_jsonl(path, rows, ensure_ascii=False)
     if not quiet:
         print(f"{len(rows)} records -> {path}")
 
@@ -896,12 +895,13 @@ def cmd_hh_pairs(args):
 
 def build_parser():
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=DefaultsHelp)
+                        formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
     def common(p, name, tokenizer=True):
-        p.add_argument("--out_dir", default="data", help="parent folder; shards go to OUT_DIR/NAME/")
-        p.add_argument("--name", default=name, help="dataset name: the folder and the shards' file prefix")
+        p.add_argument("--out_dir", default="data",
+                       help="parent folder; the output (shards or .jsonl) goes to OUT_DIR/NAME/")
+        p.add_argument("--name", default=name, help="dataset name: the folder, and the prefix of the files in it")
         if tokenizer:
             p.add_argument("--tokenizer", default="gpt2",
                            help="'gpt2' (tiktoken) or a directory written by bpe.py")

@@ -23,6 +23,7 @@ loses nothing. A reply that is not a bare integer 0-100 leaves the item unjudged
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -36,8 +37,8 @@ import torch
 
 from bpe import atomic_write, load_tokenizer
 from lora import load_adapter
-from model import GPT, cfg, mean_stderr, parse_config, pick_device, run_main
-from prepare_data import format_dialogue, format_prompt, read_jsonl
+from model import GPT, cfg, mean_stderr, parse_config, pick_device, run_main, write_jsonl
+from prepare_data import format_dialogue, format_prompt, read_jsonl, read_text_file, string_fields
 
 
 @dataclass
@@ -90,15 +91,10 @@ def load_prompts(path=None, task: str = "instruction") -> list[dict]:
     if path is None:
         prompts = [{"instruction": q, "input": "", "output": ""} for q in DEFAULT_PROMPTS]
     elif Path(path).suffix == ".jsonl":
-        prompts = []
-        for where, rec in read_jsonl(path):
-            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-                raise ValueError(f"{where}: missing field 'instruction'")
-            prompts.append({"instruction": rec["instruction"], "input": rec.get("input") or "",
-                            "output": rec.get("output") or ""})
+        prompts = [string_fields(rec, where, ("instruction",), ("input", "output")) for where, rec in read_jsonl(path)]
     else:
         prompts = [{"instruction": line.strip(), "input": "", "output": ""}
-                   for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+                   for line in read_text_file(path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     if task == "dialogue":
@@ -121,20 +117,25 @@ def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int
     return out
 
 
+@functools.lru_cache(maxsize=1)  # loaded once for all the checkpoints of a run
+def _reward_model(name: str, device):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(name),
+                AutoModelForSequenceClassification.from_pretrained(name).to(device).eval())
+    except OSError as e:
+        raise ValueError(f"--reward_model {name}: cannot be loaded ({str(e).splitlines()[0][:160]}). "
+                         f"Offline? `hf download {name} --local-dir models/reward` where there is "
+                         f"internet, then pass --reward_model models/reward") from None
+
+
 @torch.no_grad()
 def reward_scores(reward_model: str, questions: list[str], answers: list[str], batch_size: int = 8,
                   device="cpu") -> list[float]:
     """A reward model's score of each (question, answer): the pair encoded together, logit 0, as the
     OpenAssistant reward models' cards do."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
-    except OSError as e:
-        raise ValueError(f"--reward_model {reward_model}: cannot be loaded ({str(e).splitlines()[0][:160]}). "
-                         f"Offline? `hf download {reward_model} --local-dir models/reward` where there is "
-                         f"internet, then pass --reward_model models/reward") from None
+    tok, rm = _reward_model(reward_model, device)
     out = []
     for i in range(0, len(questions), batch_size):
         enc = tok(questions[i:i + batch_size], answers[i:i + batch_size], return_tensors="pt", padding=True,
@@ -272,7 +273,7 @@ def score(c: ScoreConfig) -> list[dict]:
                 print(f"{name}: {len(row['unjudged'])} item(s) not judged: {row['unjudged'][:5]}")
         rows.append(row)
         # after each checkpoint: nothing scored is lost
-        atomic_write(root / "scores.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        write_jsonl(root / "scores.jsonl", rows)
         print(f"{name}: " + ", ".join(f"{k[:-5]} {row[k]:.3f} ± {row[k[:-5] + '_stderr']:.3f}"
                                       for k in ("reward_mean", "judge_mean") if k in row))
     metric = "reward_mean" if reward_model else "judge_mean"

@@ -46,7 +46,7 @@ import sys
 from pathlib import Path
 
 from bpe import atomic_write
-from model import ArgumentParser, open_run, run_main
+from model import ArgumentParser, open_run, run_main, write_jsonl
 
 FINETUNE = Path(__file__).resolve().with_name("finetune.py")
 DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU
@@ -60,8 +60,8 @@ SIGNALS = {s.value: s.name for s in signal.Signals}
 def parse_args(argv=None):
     """(the sweep's own flags, every other flag: passed to finetune.py as given)."""
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
-                                 epilog="Every other flag is passed to each finetune.py run (python finetune.py "
-                                        "--help lists them).")  # no abbreviations: --out must reach finetune.py
+                        epilog="Every other flag is passed to each finetune.py run (python finetune.py "
+                               "--help lists them).")  # no abbreviations: --out must reach finetune.py
     ap.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2,...",
                     help="a finetune.py flag (no dashes) and its values, comma-separated, or semicolon-separated "
                          "when a value holds commas ('lora_targets=q,v;all'); true/false give --NAME/--no-NAME. "
@@ -117,8 +117,10 @@ def dir_name(config: dict) -> str:
 def failure_reason(returncode: int, stderr: str) -> str:
     """What stopped a run: the kernel's OOM killer leaves no message, only the signal; otherwise the
     `error: ...` line of run_main, else the last line (a traceback's exception, argparse's complaint)."""
+    if returncode == -9:  # SIGKILL: what the kernel's OOM killer sends
+        return "out of memory (killed by SIGKILL)"
     if returncode < 0:
-        return f"out of memory (killed by {SIGNALS.get(-returncode, f'signal {-returncode}')})"
+        return f"killed by {SIGNALS.get(-returncode, f'signal {-returncode}')}"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or [f"exit status {returncode}"])[-1][:300]
@@ -214,10 +216,6 @@ def plot(rows: list[dict], path: Path, classify: bool) -> int:
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return len(ok)
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def report(rows: list[dict], out: Path, classify: bool, shared: list[str]):
