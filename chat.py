@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from bpe import load_tokenizer
-from model import GPT, cfg, parse_config, pick_device, previous_stage, run_main
+from model import GPT, cfg, fits_in_memory, parse_config, pick_device, previous_stage, run_main
 from prepare_data import format_dialogue, format_prompt
 
 
@@ -142,7 +142,11 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
 
 
 def parse_args(argv=None) -> ChatConfig:
-    return parse_config(ChatConfig, argv, __doc__.split("\n\n")[0].strip())[0]
+    c = parse_config(ChatConfig, argv, __doc__.split("\n\n")[0].strip())[0]
+    # the sequences generated at once (8 bytes a token id, at least): a size beyond the machine fails here
+    fits_in_memory(8 * c.num_samples * c.num_beams * c.max_new_tokens,
+                   f"--num_samples {c.num_samples} x --num_beams {c.num_beams} x --max_new_tokens {c.max_new_tokens}")
+    return c
 
 
 def main(argv=None):

@@ -60,6 +60,7 @@ from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, c
                    gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
                    optimizer_step, parse_config, pick_device, pick_precision, plot_log, previous_stage, resumed_config,
                    rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
+from model import check_finite, fits_in_memory, weights_fingerprint
 from prepare_data import builtin_tasks, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -158,6 +159,11 @@ def parse_args(argv=None) -> DPOConfig:
     if c.fsdp and c.reference == "copy":
         raise ValueError("--fsdp: use --reference adapter_off (LoRA) or precomputed; a frozen copy would need a "
                          "second sharded model")
+    # sizes beyond the machine fail here, before a file is written (lower bounds, as in finetune.py)
+    for need, what in ((32 * c.batch_size * c.grad_accum, f"--batch_size {c.batch_size} x --grad_accum {c.grad_accum}"),
+                       (8 * c.max_new_tokens, f"--max_new_tokens {c.max_new_tokens}"),
+                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}")):
+        fits_in_memory(need, what)
     return c
 
 
@@ -321,7 +327,9 @@ def precompute_reference(ref: Reference, tokenized: list[dict], keys: list[str],
             saved = json.loads(path.read_text())
             if saved.get("tag") == tag:
                 ref.cache.update(saved["logps"])
-        except (ValueError, KeyError, AttributeError) as e:
+            else:  # stale: other weights (or their files were saved again), data or settings
+                print(f"note: {path} was computed for other weights, pairs or settings; recomputing it")
+        except (ValueError, KeyError, AttributeError, RecursionError) as e:
             print(f"warning: {path} is damaged ({type(e).__name__}); recomputing the reference log-probs")
     todo = [i for i, k in enumerate(keys) if k not in ref.cache]
 
@@ -440,7 +448,9 @@ def train(c: DPOConfig) -> dict:
     train_module = distribute(policy, device, c.fsdp, precision)  # DDP wraps the policy; FSDP shards it in place
     seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     if c.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
-        tag = hashlib.sha1(json.dumps([c.init_from, str(Path(c.init_from).resolve()), precision,
+        # the cache holds for these weights (each file's size and mtime: a new save changes them), in this
+        # precision and quantization, on these pairs as tokenized: anything else is recomputed
+        tag = hashlib.sha1(json.dumps([c.init_from, weights_fingerprint(c.init_from), precision, c.quantize,
                                        train_k, val_k]).encode()).hexdigest()
         n = precompute_reference(ref, train_t + val_t, train_k + val_k, tok.eot_id, device, c.batch_size,
                                  out / "ref_logps.json" if master else None, tag)
@@ -492,6 +502,7 @@ def train(c: DPOConfig) -> dict:
         if val_t and (step % c.eval_interval == 0 or step == c.max_steps):
             ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast,
                                 (c.beta, c.loss, c.label_smoothing))
+            check_finite(step, eval_loss=ev["eval_loss"])
             record(dict(step=step, **ev))
             say(f"step {step}: eval loss {ev['eval_loss']:.4f}, reward accuracy {ev['eval_reward_accuracy']:.3f}, "
                 f"margin {ev['eval_reward_margin']:.4f}")
@@ -516,6 +527,7 @@ def train(c: DPOConfig) -> dict:
         mean = all_ranks_mean(m)
         *vals, gnorm = torch.stack([v.float() for v in (*mean.values(), gnorm)]).tolist()  # the step's one read
         m = dict(zip(mean, vals))
+        check_finite(step + 1, scaler, loss=m["loss"], grad_norm=gnorm)
         record(dict(step=step + 1, lr=this_lr, grad_norm=gnorm, **m))
         if (step + 1) % c.log_interval == 0 or step == 0:
             say(f"step {step + 1}/{c.max_steps}: loss {m['loss']:.4f}, reward accuracy "

@@ -62,6 +62,7 @@ from model import (GPT, OPTIMIZER_STATES, RMSNorm, all_ranks, autocast_and_scale
                    open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
                    previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything,
                    set_rng_state, write_jsonl)
+from model import check_finite, fits_in_memory
 from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
@@ -179,6 +180,12 @@ def parse_args(argv=None) -> FinetuneConfig:
         raise ValueError("--score_every_eval rates generated answers: not with --task classify")
     if c.score_every_eval and c.reward_model == "none" and not c.judge_url:
         raise ValueError("--score_every_eval needs --reward_model or --judge_url")
+    # sizes beyond the machine fail here, before a file is written: a step's token ids (input and label,
+    # 8 bytes each, one token an example at least), an answer, LoRA's A and B and the head (at width 1)
+    for need, what in ((16 * c.batch_size * c.grad_accum, f"--batch_size {c.batch_size} x --grad_accum {c.grad_accum}"),
+                       (8 * c.max_new_tokens, f"--max_new_tokens {c.max_new_tokens}"),
+                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}"), (4 * c.num_classes, f"--num_classes {c.num_classes}")):
+        fits_in_memory(need, what)
     return c
 
 
@@ -312,7 +319,8 @@ def accumulate_gradients(model, micro_batches, scaler=None, autocast=contextlib.
             with autocast():
                 _, loss = model(idx, targets)
             # a micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing
-            loss = torch.nan_to_num(loss) * (n / n_total.clamp(min=1))
+            # (where, not nan_to_num: a NaN of a diverged model must stay NaN and stop the run)
+            loss = torch.where(n > 0, loss, 0.0) * (n / n_total.clamp(min=1))
             (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
         total += loss.detach().float()
     if world > 1:
@@ -345,7 +353,7 @@ def evaluate(model, examples: list[dict], batch_size: int, device, autocast=cont
         n = (targets != -100).sum()
         with autocast():
             _, loss = model(idx, targets)
-        total += torch.nan_to_num(loss.float()) * n
+        total += torch.where(n > 0, loss.float(), 0.0) * n  # an empty batch's 0/0: nothing
         n_total += n
     model.train(was_training)
     return (total / n_total.clamp(min=1)).item()
@@ -627,21 +635,25 @@ def finetune(c: FinetuneConfig) -> dict:
     rng, order, log = random.Random(c.seed), [], []  # the same order on every rank: each takes its share
     best_dir = out / ("best_adapter" if lora else "best_model")
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
+    evaluated = -1  # the last step evaluated: a resumed run must not evaluate (and count) that step again
     n_real_tokens, train_time, step = 0, 0.0, 0
     if c.resume:  # the weights, optimizer, data order, RNG and best-so-far of the last saved step
         step, extra = load_train_state(out, model, optimizer)
         rng.setstate(extra["shuffle"])
         order, n_real_tokens, train_time = extra["order"], extra["tokens"], extra["seconds"]
         best_val, best_step, bad_evals, best_state = extra["best"] + [extra["best_state"]]
+        evaluated = step if extra.get("evaluated") else -1
         set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
         if master:  # what the killed run logged after that step is about to be redone
-            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= step if "loss" in r else r["step"] < step)
+            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= step if "loss" in r or evaluated == step
+                              else r["step"] < step)
         say(f"resuming at step {step}")
     log_f = open(out / "log.jsonl", "a") if master else None
 
     def save_state():
         extra = dict(shuffle=rng.getstate(), order=order, tokens=n_real_tokens, seconds=train_time,
-                     best=[best_val, best_step, bad_evals], best_state=best_state, rng=all_ranks(rng_state(device)))
+                     best=[best_val, best_step, bad_evals], best_state=best_state, rng=all_ranks(rng_state(device)),
+                     evaluated=evaluated == step)
         save_train_state(out, model, optimizer, step, extra, master)
 
     def record(row):
@@ -676,8 +688,10 @@ def finetune(c: FinetuneConfig) -> dict:
     # every rank evaluates (the whole set: under FSDP each forward needs every rank) and takes part in
     # each step with its share of the global batch; rank 0 records
     while True:
-        if step % c.eval_interval == 0 or step == total_steps:
+        if (step % c.eval_interval == 0 or step == total_steps) and evaluated != step:
+            evaluated = step
             val = evaluate(model, val_t, c.batch_size, device, autocast, tok.eot_id) if val_t else float("nan")
+            check_finite(step, val_loss=val if val_t else None)  # a NaN is never a score, nor the best
             row = dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)))
             if classify:
                 for name, xs in (("val", val_t), ("test", test_t)):
@@ -714,6 +728,7 @@ def finetune(c: FinetuneConfig) -> dict:
                        c.grad_clip, n_trained)
         train_time += time.perf_counter() - t0
         step += 1
+        check_finite(step, scaler, loss=r["loss"], grad_norm=r["grad_norm"])
         record(dict(step=step, loss=r["loss"], lr=this_lr, n_tokens=r["n_tokens"], grad_norm=r["grad_norm"]))
         if step % c.log_interval == 0 or step == 1:
             say(f"step {step}/{total_steps}: loss {r['loss']:.4f}, lr {this_lr:.2e}")

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from bpe import atomic_write
 from model import GPT, ArgumentParser, DefaultsHelp, hf_config_for, run_main
+from model import load_safetensors, load_torch_weights, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -509,8 +510,6 @@ def _llama_name(i: int, role: str) -> str:
 def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
     """Write the adapters as PEFT does, so peft.PeftModel.from_pretrained(hf_model, out_dir) loads
     them onto the matching transformers model (and load_adapter back onto ours)."""
-    from safetensors.torch import save_file
-
     mods = _export_modules(model)
     layers = list(lora_layers(model).values())
     rslora = layers[0].rslora
@@ -533,7 +532,7 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return out
 
@@ -553,8 +552,6 @@ def _pattern_value(patterns: dict, name: str, default):
 def load_adapter(model, adapter_dir):
     """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, or .bin) into
     `model` (our GPT or a HF GPT-2 / LLaMA model without adapters); freezes everything else."""
-    from safetensors.torch import load_file
-
     d = Path(adapter_dir)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.is_file():
@@ -576,9 +573,9 @@ def load_adapter(model, adapter_dir):
         if not isinstance(cfg.get(key), (int, float)):
             raise ValueError(f"{cfg_path}: field {key!r} must be a number, got {cfg.get(key)!r}")
     if (d / "adapter_model.safetensors").is_file():
-        tensors = load_file(str(d / "adapter_model.safetensors"))
+        tensors = load_safetensors(d / "adapter_model.safetensors")
     elif (d / "adapter_model.bin").is_file():
-        tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+        tensors = load_torch_weights(d / "adapter_model.bin")
     else:
         raise FileNotFoundError(f"{d}: no adapter_model.safetensors (or adapter_model.bin)")
 

@@ -384,6 +384,7 @@ def gpu_peak_flops(device_name: str) -> float | None:
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
+        check_model_size(config)  # a size beyond the machine: one error line, before any allocation
         super().__init__()
         self.config = config
         V = config.padded_vocab_size
@@ -608,8 +609,6 @@ class GPT(nn.Module):
         writes our own gpt_config.json instead, which any config can use. tokenizer: a bpe.Tokenizer
         or a tokenizer directory; None = the tokenizer of the directory the model was loaded from,
         if it had one. Every file is written to a temporary name and renamed."""
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         c = self.config
@@ -629,7 +628,7 @@ class GPT(nn.Module):
         else:
             raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
         weights = {k: v.contiguous().cpu() for k, v in weights.items()}
-        atomic_write(out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        save_safetensors(weights, out / "model.safetensors", {"format": "pt"})
         files = {config_name: json.dumps(config_json, indent=2), **tok_files}
         if eos is not None:
             files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
@@ -874,6 +873,8 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses once per nesting level
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def _resolve_model_dir(name_or_dir: str) -> Path:
@@ -915,24 +916,31 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _safetensors_header(fpath: Path) -> tuple[dict, int]:
+    """(header, where the data starts). The safetensors library checks the header against the file
+    first (every field present and typed, byte ranges that tile the file exactly and match each
+    shape and dtype), so that a lying header is refused before anything is allocated for it."""
+    from safetensors import safe_open
+
     try:
+        with safe_open(str(fpath), framework="pt"):
+            pass
         with open(fpath, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= min(100_000_000, fpath.stat().st_size - 8):
-                raise ValueError(f"header length {n} does not fit the file")
             header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for k, info in header.items():
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"tensor {k}: dtype {info['dtype']} is not supported")
-    except Exception as e:
-        raise ValueError(f"{fpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # SafetensorError, OSError, ...: the file, not our code
+        raise ValueError(f"{fpath}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    header.pop("__metadata__", None)
+    unknown = sorted({info["dtype"] for info in header.values()} - set(_SAFETENSORS_DTYPES))
+    if unknown:
+        raise ValueError(f"{fpath}: tensor dtype(s) {', '.join(unknown)} not supported; expected "
+                         f"{', '.join(_SAFETENSORS_DTYPES)}")
     return header, 8 + n
 
 
 def _read_safetensor(fpath: Path, info: dict, data_start: int):
     """Read one tensor with plain file reads into a fresh tensor: no memory map, so the process
-    holds each tensor once, and nothing of the file stays mapped afterwards."""
+    holds each tensor once, and nothing of the file stays mapped afterwards (why _LazyTensor
+    exists: a 7B model is read tensor by tensor, never whole)."""
     t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
     buf = t.reshape(-1).view(torch.uint8).numpy()
@@ -945,6 +953,41 @@ def _read_safetensor(fpath: Path, info: dict, data_start: int):
     return t
 
 
+def load_safetensors(fpath) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, its header checked against the file first."""
+    header, data_start = _safetensors_header(Path(fpath))
+    return {k: _read_safetensor(Path(fpath), info, data_start) for k, info in header.items()}
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Write a .safetensors file atomically (a temp name, renamed); a failed write (a full disk)
+    leaves the old file, no temp file, and one error naming the file."""
+    from safetensors.torch import save_file
+
+    try:
+        atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
+    except Exception as e:
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise OSError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); is the disk full? Nothing "
+                          f"was replaced") from None
+        raise
+
+
+def load_torch_weights(path) -> dict:
+    """A pytorch_model.bin / adapter_model.bin (a pickle): with weights_only, which rebuilds tensors
+    and refuses anything else (a pickle can carry code that would run on load), in one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: this pickle holds more than tensors, and unpickling it could run "
+                         f"code; nothing of it was run. Convert it to .safetensors where you trust it") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+
+
 def _read_weights(path: Path) -> dict[str, _LazyTensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -955,10 +998,7 @@ def _read_weights(path: Path) -> dict[str, _LazyTensor]:
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif (path / "pytorch_model.bin").exists():
-        try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors
-            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ValueError(f"{path / 'pytorch_model.bin'}: cannot be read as a PyTorch state dict ({e})") from None
+        sd = load_torch_weights(path / "pytorch_model.bin")
         # clone: the loaded tensors are views of the memory-mapped file
         return {k: _LazyTensor(lambda t=t: t.clone(), t.shape, "pytorch_model.bin") for k, t in sd.items()}
     else:
@@ -1202,6 +1242,8 @@ def bounded(kind=int, lo=None, hi=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if not math.isfinite(value):  # NaN passes every range check (nan < lo is False), inf is no setting
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
@@ -1440,16 +1482,86 @@ def end_distributed():
         dist.destroy_process_group()
 
 
+def check_finite(step: int, scaler=None, **values):
+    """A non-finite loss or gradient norm is a failure, never a value: training on from it (or
+    keeping its weights as the best) would only spread NaN. The run stops here, before anything of
+    this step is saved, so the last checkpoint stays the last good one. With fp16 loss scaling
+    (a GradScaler) an overflowing gradient norm is routine: the scaler skips that step and lowers
+    its scale, so there only the loss counts."""
+    if scaler is not None:
+        values.pop("grad_norm", None)
+    bad = [f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"step {step}: {', '.join(bad)}: the training diverged and stops here; nothing of this "
+                         f"step was saved (the last checkpoint is the last good state). Try a lower learning rate")
+
+
+def memory_limit_bytes() -> int:
+    """Everything this machine could hold: RAM + swap, plus every GPU's memory."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            total = sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("MemTotal:", "SwapTotal:")))
+    except OSError:
+        pass
+    total = total or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.cuda.is_available():
+        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
+
+
+def fits_in_memory(need_bytes: float, what: str):
+    """Refuse a size beyond the machine before anything is allocated (else it allocates until the
+    kernel kills it, or fails deep inside torch). need_bytes is a lower bound of what `what` takes,
+    and the limit is everything the machine holds (memory_limit_bytes), so a refusal is never a
+    false alarm: no flag is needed to get past it."""
+    limit = memory_limit_bytes()
+    if need_bytes > limit:
+        raise ValueError(f"{what} needs at least {need_bytes / 2 ** 30:.3g} GiB of memory; this machine holds "
+                         f"{limit / 2 ** 30:.3g} GiB (RAM + swap + GPUs)")
+
+
+def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
+    """GPT(c) refused before it is built if its weights cannot fit: at 4 bits a parameter (NF4, the
+    least any path here stores) and a few KB of Python objects per block; with `tokens` (a batch,
+    described by `batch`), their ids and one 16-bit activation of width n_embd each, at least."""
+    kv, hd = c.n_kv_head or c.n_head, c.head_dim or max(1, c.n_embd // max(1, c.n_head))
+    per_block = c.n_embd * hd * 2 * (c.n_head + kv) + (3 if c.mlp == "swiglu" else 2) * c.n_embd * (c.ffn_hidden or 0)
+    n = c.n_layer * per_block + c.padded_vocab_size * c.n_embd + c.block_size * (c.n_embd + hd)
+    fits_in_memory(n / 2 + 10_000 * c.n_layer + tokens * (16 + 2 * c.n_embd),
+                   f"a model of n_layer {c.n_layer}, n_embd {c.n_embd}, block_size {c.block_size}, vocab_size "
+                   f"{c.vocab_size}" + (f", with a batch of {batch}" if batch else ""))
+
+
+def weights_fingerprint(name_or_dir) -> str:
+    """What a cache of a model's outputs depends on, cheaply: each file's name, size and mtime (a
+    new save changes them), or the name itself when it is not a local path (a hub id)."""
+    p = Path(name_or_dir).expanduser()
+    if not p.exists():
+        return str(name_or_dir)
+    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return json.dumps([str(p.resolve())] + [[str(f.relative_to(p) if f != p else f.name), f.stat().st_size,
+                                             f.stat().st_mtime_ns] for f in files])
+
+
 RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
+# What our runs write into an out_dir (train_gpt2, finetune, dpo, sweep; *.tmp: a killed atomic write):
+# --overwrite removes these and nothing else
+RUN_OUTPUTS = ("run.lock", "config.json", "log.jsonl", "loss.png", "ckpt", "ckpt.tmp", "ckpt.old", "ckpt_step*",
+               "summary.*", "best_adapter", "best_model", "responses.jsonl", "responses.md", "scoring", "adapter",
+               "model", "ref_logps.json", "dpo.png", "samples.md", "results.*", "runs", "*.tmp")
 _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 
 def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     """Make out_dir ready for a run, before any work: nothing already written is lost.
     - A lock file (run.lock, holding the pid) is taken first: a second live run on the same out_dir
-      stops here. The kernel releases the lock when the process ends, even by SIGKILL.
+      stops here. The kernel releases the lock when the process ends, even by SIGKILL. It also marks
+      the directory as one a run of ours has used.
     - A fresh run on an out_dir that holds a run stops, unless --resume (continue it) or
       --overwrite (clear it first) was given.
+    - --overwrite removes only what our runs write (RUN_OUTPUTS), in a directory with the run
+      marker: anything else there (a thesis, notes) stops it, named, with nothing removed.
     - Creating the lock also shows that the directory is writable."""
     out = Path(out_dir)
     if resume and overwrite:
@@ -1457,6 +1569,17 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     key = str(out.resolve())
     if key in _held_locks:  # an earlier run of this same process (tests, notebooks): not a rival
         os.close(_held_locks.pop(key))
+    marked = (out / "run.lock").exists()
+    if overwrite and out.is_dir():
+        import fnmatch
+
+        present = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != "run.lock")
+        foreign = [n for n in present if not any(fnmatch.fnmatch(n.rstrip("/"), pat) for pat in RUN_OUTPUTS)]
+        if present and (foreign or not marked):
+            shown = foreign or present
+            raise ValueError(f"--overwrite: {out} holds {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}, "
+                             + ("which no run of ours wrote" if foreign else "but no run of ours (no run.lock)")
+                             + "; nothing was removed: move that away or choose another --out_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -1490,7 +1613,9 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
     --max_steps), but never a change to the `fixed` fields (the model and what is trained)."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
+        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json); --resume "
+                                f"continues a run from its last checkpoint; start a new one without it (or "
+                                f"with --overwrite)")
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
     saved.pop("stop_at_step", None)  # a one-off of the run that stopped
     changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
@@ -1575,7 +1700,9 @@ def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
 
     path = Path(out_dir) / "ckpt" / "state.pt"
     if not path.exists():
-        raise FileNotFoundError(f"--resume: no training state in {out_dir} (expected {path})")
+        raise FileNotFoundError(f"--resume: {out_dir} holds a run but no resumable state ({path} is missing: "
+                                f"the run stopped before its first checkpoint). --resume continues from the last "
+                                f"checkpoint; with none, start the run again with --overwrite")
     try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors and plain data
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -557,6 +557,8 @@ def read_jsonl(path) -> list[tuple[str, object]]:
                 rows.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # Python's parser recurses once per level: [[[[...]]]] ends here
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
     return rows
 
 
@@ -629,6 +631,8 @@ def load_alpaca(data_file=None, max_response_chars: int = 0, n_samples: int = 0)
         except json.JSONDecodeError as e:
             raise ValueError(f"{data_file}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs "
                              f"that suffix") from None
+        except RecursionError:
+            raise ValueError(f"{data_file}: JSON nested too deeply to be a list of records") from None
         if not isinstance(data, list):
             raise ValueError(f"{data_file}: expected a JSON list of objects with instruction/input/output")
         rows = [(f"{data_file}: example {i}", r) for i, r in enumerate(data)]

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -124,6 +125,10 @@ def _reward_model(name: str, device):
     try:
         return (AutoTokenizer.from_pretrained(name),
                 AutoModelForSequenceClassification.from_pretrained(name).to(device).eval())
+    except pickle.UnpicklingError:  # transformers reads a .bin with weights_only: it refused a payload
+        bins = sorted(str(p) for p in Path(name).glob("*.bin")) or [name]
+        raise ValueError(f"{', '.join(bins)}: refused: this pickle holds more than tensors, and unpickling it "
+                         f"could run code; nothing of it was run. Use the model's .safetensors") from None
     except OSError as e:
         raise ValueError(f"--reward_model {name}: cannot be loaded ({str(e).splitlines()[0][:160]}). "
                          f"Offline? `hf download {name} --local-dir models/reward` where there is "
@@ -176,7 +181,9 @@ class Judge:
 
         messages = [{"role": "user", "content": JUDGE_RUBRIC.format(instruction=instruction, reference=reference,
                                                                      answer=answer)}]
-        key = hashlib.sha256(json.dumps([self.model, messages]).encode()).hexdigest()
+        # keyed by everything the score depends on: the judge (its endpoint and model) and the whole prompt
+        # (rubric, instruction, reference, answer); another judge never reuses these scores
+        key = hashlib.sha256(json.dumps([self.url, self.model, messages]).encode()).hexdigest()
         if key in self.cache:
             return self.cache[key], "cached"
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}

@@ -96,6 +96,25 @@ def grid(specs: list[str]) -> list[dict]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
+def check_finite_values(configs: list[dict], passed: list[str]):
+    """NaN or +-inf given to any flag (in --set or passed on) is refused here, before anything is
+    written, naming the flag: finetune.py refuses them too, but only after the sweep has begun."""
+    given = [(f"--set {k}", v) for c in configs for k, v in c.items()]
+    for i, arg in enumerate(passed):
+        flag, eq, value = arg.partition("=")
+        if eq:
+            given.append((flag, value))
+        elif arg.startswith("--") and i + 1 < len(passed):
+            given.append((arg, passed[i + 1]))
+    for flag, value in given:
+        try:
+            bad = not math.isfinite(float(value))
+        except ValueError:  # not a number: finetune.py checks it
+            bad = False
+        if bad:
+            raise ValueError(f"{flag}: expected a finite number, got {value}")
+
+
 def run_name(config: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in config.items())
 
@@ -245,6 +264,7 @@ def main(argv=None) -> list[dict]:
               f"finetune.py's defaults unless flags say otherwise")
     configs = grid(args.set)
     shared = ["--task", args.task, *passed]
+    check_finite_values(configs, passed)  # before anything is written: finetune.py would refuse each run
     open_run(out, resume=args.resume, overwrite=args.overwrite)  # the lock; refuses to mix two sweeps
     results = out / "results.jsonl"
     before = [json.loads(x) for x in results.read_text().splitlines()] if args.resume and results.exists() else []

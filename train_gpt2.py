@@ -49,6 +49,7 @@ from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_ru
                    grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
                    pick_device, pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything,
                    set_rng_state)
+from model import check_finite, check_model_size
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -129,7 +130,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     if recipe == "auto":
         data = given.get("data_dir", TrainConfig.data_dir)
         recipe = "gpt2-124m" if torch.cuda.is_available() and prepare_data.list_shards(data, "train") else "cpu"
-    return TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe}), given
+    c = TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
+    if not c.init_from:  # a size beyond the machine fails here, before a file is written
+        over = {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(c, k)}
+        check_model_size(GPTConfig.preset(c.model, **over), c.batch_size * c.seq_len,
+                         f"batch_size {c.batch_size} x seq_len {c.seq_len}")
+    return c, given
 
 
 # -----------------------------------------------------------------------------------------------
@@ -550,6 +556,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
             group["lr"] = lr
         norm = optimizer_step(raw_model, optimizer, scaler, cfg.grad_clip)
         loss_v, norm_v = loss_accum.item(), norm.item()  # waits for the device: the step's time is real
+        check_finite(step, scaler, loss=loss_v, grad_norm=norm_v)
         dt = time.time() - t0
         tps = cfg.total_batch_size / dt
         mfu = raw_model.estimate_mfu(tps / world, T, device) if device_type == "cuda" else None
