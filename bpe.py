@@ -114,37 +114,26 @@ def bpe_merge(piece, ranks, max_rank=None):
     whose concatenation is the lowest-ranked token (= the earliest learned), leftmost on ties,
     until no adjacent pair forms a token. Ranks with `max_rank` or above are ignored (used to find
     which two tokens a token was built from). This is exactly tiktoken's algorithm, so the pure
-    Python encoder and the tiktoken export agree on every input.
+    Python encoder and the tiktoken export agree on every input. Near-linear, as in training: the
+    pairs wait in a heap by (rank, position), the parts form a linked list, and a heap entry that a
+    join made stale is skipped when it comes up (lazy deletion): a join is O(log n), not a scan."""
+    n, inf = len(piece), float("inf") if max_rank is None else max_rank
+    parts, nxt, prev = [piece[i:i + 1] for i in range(n)], list(range(1, n + 1)), list(range(-1, n))
 
-    Made near-linear, as in training: the candidate pairs wait in a heap ordered by (rank, position),
-    so the best pair is found in O(log n) instead of a scan of all n; the parts form a linked list
-    (a join is O(1), not a list deletion); a heap entry made stale by a join is skipped when it comes
-    up (lazy deletion). A run of 100,000 equal bytes then takes well under a second, not minutes."""
-    n = len(piece)
-    parts = [piece[i:i + 1] for i in range(n)]  # parts[i]: the token starting at byte i (None: joined away)
-    nxt = list(range(1, n + 1))  # the next live part after i (n: none)
-    prev = list(range(-1, n - 1))
-    limit = float("inf") if max_rank is None else max_rank
+    def rank(i):  # rank of the token that joining part i and the next would make (inf: none)
+        return min(ranks.get(parts[i] + parts[nxt[i]], inf), inf) if 0 <= i and nxt[i] < n else inf
 
-    def rank(i):  # rank of the token that joining part i and the next would make, or None
-        if nxt[i] >= n:
-            return None
-        r = ranks.get(parts[i] + parts[nxt[i]])
-        return r if r is not None and r < limit else None
-
-    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) is not None]
-    heapq.heapify(heap)  # leftmost on ties: positions keep their order through joins
+    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) < inf]
+    heapq.heapify(heap)
     while heap:
         r, i = heapq.heappop(heap)
-        if parts[i] is None or rank(i) != r:  # stale: part i or its neighbour changed since the push
+        if parts[i] is None or rank(i) != r:  # stale: part i or its neighbour changed since
             continue
         j = nxt[i]
-        parts[i], parts[j] = parts[i] + parts[j], None
-        nxt[i] = nxt[j]
-        if nxt[i] < n:
-            prev[nxt[i]] = i
+        parts[i], parts[j], nxt[i] = parts[i] + parts[j], None, nxt[j]
+        prev[nxt[i]] = i
         for k in (prev[i], i):  # only the pairs around the new token changed
-            if k >= 0 and (rk := rank(k)) is not None:
+            if (rk := rank(k)) < inf:
                 heapq.heappush(heap, (rk, k))
     return [p for p in parts if p is not None]
 
@@ -870,40 +859,6 @@ class TextTokenizer:
         return self._decode([int(i) for i in ids])
 
 
-# Texts on which a backtracking regex shows itself: long runs of one kind of character, then one
-# that ends the run badly. The built-in patterns take milliseconds on all of them.
-_REGEX_PROBES = [c * 3000 + "\x00" for c in ("a", " ", "1", "\n", "!", "é", "😀", "a ", " a", "'", "\t\n ")]
-
-
-def check_hf_regexes(path):
-    """A Hugging Face tokenizer.json carries its own split (and normalizer) regexes, run by a
-    backtracking engine: one that backtracks exponentially hangs on some text, then panics. Each is
-    compiled and tried on the probes above with a time limit before the tokenizer is used."""
-    path = Path(path)
-    try:
-        spec = json.loads(_read_text(path))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON ({type(e).__name__})") from None
-    found, todo = [], [spec.get("pre_tokenizer"), spec.get("normalizer")] if isinstance(spec, dict) else []
-    while todo:  # every {"Regex": ...} in those two trees
-        node = todo.pop()
-        if isinstance(node, dict):
-            found += [v for k, v in node.items() if k == "Regex" and isinstance(v, str)]
-            todo += [v for v in node.values() if isinstance(v, (dict, list))]
-        elif isinstance(node, list):
-            todo += node
-    for pattern in found:
-        try:
-            compiled = regex.compile(pattern)
-            for probe in _REGEX_PROBES:
-                compiled.findall(probe, timeout=0.5)
-        except regex.error as e:
-            raise ValueError(f"{path}: the regex {pattern[:80]!r} is not valid ({e})") from None
-        except TimeoutError:
-            raise ValueError(f"{path}: the regex {pattern[:80]!r} backtracks (over 0.5 s on {len(probe):,} "
-                             f"characters): it would hang on some text; refusing this tokenizer") from None
-
-
 def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     """spec: "gpt2" (GPT-2's, as tiktoken has it), a *.tiktoken rank file (GPT-2's pattern), a
     directory saved by bpe.py, or a directory with a Hugging Face tokenizer (tokenizer.json, ...).
@@ -914,9 +869,20 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     spec = str(spec or "gpt2")
     p = Path(spec)
     if _is_hf_dir(p):
+        # its split regexes run in a backtracking engine: one that backtracks exponentially hangs on some
+        # text, then panics. Each is tried first where that shows: on long runs of one kind of character
+        f = p / "tokenizer.json"
+        for pattern in map(json.loads, regex.findall(r'"Regex"\s*:\s*("(?:[^"\\]|\\.)*")',
+                                                     _read_text(f) if f.is_file() else "")):
+            try:
+                for c in ("a", " ", "1", "\n", "!", "é", "😀", "a "):
+                    regex.compile(pattern).findall(c * 3000 + "\x00", timeout=0.5)
+            except regex.error as e:
+                raise ValueError(f"{f}: the regex {pattern[:80]!r} is not valid ({e})") from None
+            except TimeoutError:
+                raise ValueError(f"{f}: the regex {pattern[:80]!r} backtracks (over 0.5 s on 3,000 characters): "
+                                 f"it would hang on some text") from None
         from transformers import AutoTokenizer
-        if (p / "tokenizer.json").is_file():
-            check_hf_regexes(p / "tokenizer.json")
         try:
             hf = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:

@@ -184,7 +184,8 @@ def parse_args(argv=None) -> FinetuneConfig:
     # 8 bytes each, one token an example at least), an answer, LoRA's A and B and the head (at width 1)
     for need, what in ((16 * c.batch_size * c.grad_accum, f"--batch_size {c.batch_size} x --grad_accum {c.grad_accum}"),
                        (8 * c.max_new_tokens, f"--max_new_tokens {c.max_new_tokens}"),
-                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}"), (4 * c.num_classes, f"--num_classes {c.num_classes}")):
+                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}"),
+                       (4 * c.num_classes, f"--num_classes {c.num_classes}")):
         fits_in_memory(need, what)
     return c
 

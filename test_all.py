@@ -4015,3 +4015,390 @@ def test_layout_imports_follow_the_rules(tmp_path):
     sizes = {f.stem: len(f.read_text().splitlines()) for f in ROOT.glob("*.py") if f.stem not in LIBRARIES}
     assert {n: k for n, k in sizes.items() if k > 1000 and n != "test_all"} == {}
     assert sizes["finetune"] < 900
+
+
+# -----------------------------------------------------------------------------------------------
+# issue 26, nothing lost (second round): --overwrite removes only our runs, NaN is never a value,
+# stale caches are refused, sizes beyond the machine and hostile files are one error line
+
+
+def _one_error_line(capsys, *needles) -> str:
+    """The captured stderr holds exactly one `error:` line, naming every needle."""
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, lines
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    return lines[0]
+
+
+def _refused(capsys, fn, argv, *needles) -> str:
+    with pytest.raises(SystemExit) as e:
+        model_py.run_main(fn, argv)
+    assert e.value.code == 2
+    return _one_error_line(capsys, *needles)
+
+
+def test_i26_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "d"
+    (d / "notes").mkdir(parents=True)
+    (d / "thesis.txt").write_text("x")
+    # the issue's command: not a run of ours, so nothing is removed
+    _refused(capsys, train_gpt2.main, ["--overwrite", "--max_steps", "1", "--out_dir", str(d), "--recipe", "cpu"],
+             "--overwrite", "notes/", "thesis.txt", "no run of ours")
+    assert (d / "thesis.txt").read_text() == "x" and (d / "notes").is_dir() and not (d / "run.lock").exists()
+    # a run of ours with a foreign file beside it: refused, naming only that file
+    run = tmp_path / "run"
+    model_py.open_run(run)
+    (run / "ckpt").mkdir()
+    (run / "log.jsonl").write_text("{}\n")
+    (run / "best_adapter.abc123.tmp").write_text("")  # a killed atomic write: ours
+    (run / "thesis.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"holds thesis\.txt, which no run of ours wrote; nothing was removed"):
+        model_py.open_run(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["best_adapter.abc123.tmp", "ckpt", "log.jsonl", "run.lock",
+                                                     "thesis.txt"]
+    (run / "thesis.txt").unlink()
+    model_py.open_run(run, overwrite=True)  # only our files: cleared
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    model_py.close_run(run)
+    # a run that stopped before its first checkpoint: --resume says both ways out
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(finetune.FinetuneConfig())))
+    with pytest.raises(FileNotFoundError, match="no resumable state .* --resume continues from the last checkpoint"
+                                                ".* --overwrite"):
+        model_py.load_train_state(run, None, None)
+
+
+# every numeric flag of each script, given NaN, +-inf, 0, a negative and 10^13. A value is refused
+# (exit 2, one error line naming the flag, nothing written) when it is not finite, outside the
+# flag's range, or a size beyond any machine; else it is a valid setting and parsing succeeds.
+_I26_SIZES = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "seq_len", "num_samples",
+                             "sample_len"},
+              "finetune": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "num_classes"},
+              "dpo": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "max_prompt_length"},
+              "chat": {"num_samples", "num_beams", "max_new_tokens"}}
+
+
+def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # parsing must write nothing here
+    scripts = {"train_gpt2": (train_gpt2.TrainConfig, lambda a: train_gpt2.parse_args(a)),
+               "finetune": (finetune.FinetuneConfig, finetune.parse_args), "dpo": (dpo.DPOConfig, dpo.parse_args),
+               "chat": (chat.ChatConfig, chat.parse_args)}
+    checked = 0
+    for script, (cls, parse) in scripts.items():
+        for f in dataclasses.fields(cls):
+            kind = str(f.type).split("|")[0].strip()
+            if kind not in ("int", "float"):
+                continue
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            for text in ("nan", "inf", "-inf", "0", "-1", "10000000000000" if kind == "int" else "1e13"):
+                value = float(text)
+                valid = (math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
+                         and not (value == 1e13 and f.name in _I26_SIZES[script]))
+                argv = [f"--{f.name}", text]
+                if valid:
+                    model_py.run_main(parse, argv)
+                    capsys.readouterr()
+                else:
+                    _refused(capsys, parse, argv, f.name)
+                checked += 1
+    assert checked > 300 and list(tmp_path.iterdir()) == []
+    # the messages, as a user reads them
+    _refused(capsys, train_gpt2.parse_args, ["--max_lr", "inf"], "argument --max_lr: expected a finite number, got inf")
+    _refused(capsys, train_gpt2.parse_args, ["--grad_clip", "nan"], "argument --grad_clip: expected a finite number")
+    _refused(capsys, finetune.parse_args, ["--lr", "inf"], "argument --lr: expected a finite number")
+    _refused(capsys, dpo.parse_args, ["--beta", "nan"], "argument --beta: expected a finite number")
+    _refused(capsys, finetune.parse_args, ["--lora_rank", str(10 ** 13)], "--lora_rank 10000000000000 needs at least",
+             "GiB of memory; this machine holds")
+    _refused(capsys, train_gpt2.parse_args, ["--n_layer", str(10 ** 13)], "a model of n_layer 10000000000000",
+             "needs at least", "this machine holds")
+    # sweep.py: its flags are finetune.py's, checked for finite numbers before the sweep writes anything
+    for argv, flag in ((["--set", "lr=1e-3,nan"], "--set lr"), (["--lr=inf"], "--lr"), (["--min_lr", "-inf"], "--min_lr")):
+        _refused(capsys, sweep.main, argv + ["--out_dir", str(tmp_path / "sw")], flag, "expected a finite number")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys, monkeypatch):
+    """The issue: NaN weights gave val_loss 0.0 (nan_to_num), kept as best_adapter. Now a NaN is
+    never a score, and a NaN step stops the run with one error line; the best adapter and the last
+    state stay the good ones."""
+    from safetensors.torch import load_file
+
+    data = _ft_setup(tmp_path)
+    real, calls = finetune.optimizer_step, []
+
+    def poisoned_step(model, *a, **k):  # the 3rd step's gradients are NaN (a diverged backward)
+        calls.append(1)
+        if len(calls) == 3:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(finetune, "optimizer_step", poisoned_step)
+    out = tmp_path / "out"
+    argv = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+            "--out_dir", str(out), "--max_steps", "6", "--eval_interval", "2", "--ckpt_interval", "2",
+            "--batch_size", "4", "--lora_rank", "4", "--n_generate", "0", "--lr", "1e-2"]
+    _refused(capsys, finetune.main, argv, "error: step 3: grad_norm nan", "nothing of this step was saved")
+    best = load_file(str(out / "best_adapter" / "adapter_model.safetensors"))
+    assert best and all(torch.isfinite(t).all() for t in best.values())
+    assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2  # the last good state
+    assert not (out / "summary.json").exists()
+    rows = model_py.read_log(out / "log.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    # NaN weights evaluate to NaN, not to a perfect 0.0 (and a NaN val loss stops the run, see check_finite)
+    m = GPT(GPTConfig.preset("tiny-gpt2"))
+    with torch.no_grad():
+        m.lm_head.weight.fill_(float("nan"))
+    ex = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}]
+    assert math.isnan(finetune.evaluate(m, ex, 1, "cpu"))
+    # a NaN loss or gradient norm of a training step stops it too, naming the step
+    with pytest.raises(ValueError, match=r"^step 7: loss nan, grad_norm inf: the training diverged"):
+        model_py.check_finite(7, loss=float("nan"), grad_norm=float("inf"))
+    model_py.check_finite(7, torch.amp.GradScaler("cpu", enabled=False), loss=1.0, grad_norm=float("inf"))  # fp16
+    # a micro-batch without trained tokens still contributes exactly nothing (0/0 is not a divergence)
+    m = GPT(GPTConfig.preset("tiny-gpt2"))
+    idx = torch.randint(0, 512, (1, 8))
+    loss, n = finetune.accumulate_gradients(m, [(idx, torch.full((1, 8), -100)), (idx, idx)])
+    assert torch.isfinite(loss) and int(n) == 8 and loss.item() == pytest.approx(m(idx, idx)[1].item(), rel=1e-5)
+
+
+def test_i26_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(train_corpus, tmp_path, capsys,
+                                                                               monkeypatch):
+    _, _, data_dir, _ = train_corpus
+    real, calls = train_gpt2.optimizer_step, []
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        norm = real(*a, **k)
+        return norm * float("nan") if len(calls) == 3 else norm
+
+    monkeypatch.setattr(train_gpt2, "optimizer_step", nan_at_step_2)
+    out = tmp_path / "o"
+    _refused(capsys, train_gpt2.main, ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "5",
+                                       "--ckpt_interval", "2", "--eval_interval", "0"], "error: step 2: grad_norm nan")
+    assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2
+    train, _ = _log(out)
+    assert [r["step"] for r in train] == [0, 1]
+
+
+def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tmp_path, capsys):
+    """The issue: resuming a finished run with a larger --max_steps repeated its last evaluation,
+    counted it against --patience and stopped at once. Now the log equals an uninterrupted run's."""
+    data = _ft_setup(tmp_path)
+    flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+             "--eval_interval", "2", "--patience", "1", "--batch_size", "4", "--lora_rank", "4", "--n_generate", "0",
+             "--lr", "5e-3", "--min_lr", "5e-3", "--warmup_ratio", "0", "--save_merged"]  # a constant LR
+    finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "4"])
+    finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "8", "--resume"])
+    finetune.main(flags + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "8"])
+    cut, whole = (model_py.read_log(tmp_path / d / "log.jsonl") for d in ("cut", "whole"))
+    assert [r["step"] for r in cut] == [r["step"] for r in whole]
+    assert max(r["step"] for r in cut) > 4  # it trained on
+    for a, b in zip(cut, whole):
+        assert a.keys() == b.keys()
+        for k in ("loss", "val_loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4)
+
+
+def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
+    """The issue: a fresh run reused a killed run's ref_logps.json although --init_from now held
+    other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
+    import bpe
+
+    rows = [{"chosen": f"\n\nHuman: say {a}\n\nAssistant: {a} {a}", "rejected": f"\n\nHuman: say {a}\n\nAssistant: {b}"}
+            for a, b in zip("red blue green cat dog sun tree big".split(), "fast small big tree sun dog cat red".split())]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bpe.Tokenizer.train("".join(r["chosen"] + r["rejected"] for r in rows), 300,
+                        special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    args = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+            "--reference", "precomputed", "--lora_rank", "4", "--max_steps", "1", "--batch_size", "2",
+            "--grad_accum", "1", "--n_generate", "0", "--val_frac", "0.25", "--warmup_steps", "0"]
+    dpo.main(args + ["--out_dir", str(tmp_path / "a")])
+    assert "reference log-probs: 8 computed, 0 from" in capsys.readouterr().out
+    fresh = tmp_path / "b"  # what a run killed while precomputing leaves: the cache alone
+    fresh.mkdir()
+    shutil.copy(tmp_path / "a" / "ref_logps.json", fresh / "ref_logps.json")
+    torch.manual_seed(1)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    dpo.main(args + ["--out_dir", str(fresh)])
+    out = capsys.readouterr().out
+    assert "was computed for other weights" in out and "reference log-probs: 8 computed, 0 from" in out
+    old, new = (json.loads((d / "ref_logps.json").read_text())["logps"] for d in (tmp_path / "a", fresh))
+    assert old.keys() == new.keys() and all(old[k] != new[k] for k in old)
+
+
+def test_i26_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
+    """The judge cache was keyed by model name and prompt only: another endpoint serving a model
+    of the same name reused its scores. Now the endpoint is part of the key."""
+    import requests
+
+    class Reply:
+        status_code, headers, text = 200, {}, ""
+
+        def __init__(self, score):
+            self.score = score
+
+        def json(self):
+            return {"choices": [{"message": {"content": str(self.score)}}]}
+
+    monkeypatch.setattr(requests, "post", lambda url, **k: Reply(77 if "judge-a" in url else 12))
+    cache = tmp_path / "judge_cache.jsonl"
+    a = score.Judge("http://judge-a/v1", "m", cache_path=cache)
+    assert a.score("q", "r", "ans") == (77, "judged") and a.score("q", "r", "ans") == (77, "cached")
+    assert score.Judge("http://judge-a/v1", "m", cache_path=cache).score("q", "r", "ans") == (77, "cached")
+    assert score.Judge("http://judge-b/v1", "m", cache_path=cache).score("q", "r", "ans") == (12, "judged")
+
+
+def test_i26_bpe_encode_is_near_linear_on_long_runs_and_exact(tmp_path, capsys):
+    """100,000 x "a" plus a paragraph: the old encoder scanned every pair at every merge (20,000 x
+    "a" took 17.5 s); the heap takes well under a second. The ids equal the tiktoken export's."""
+    para = ("Byte pair encoding joins the most frequent pairs first. It was described by Gage in 1994, "
+            "and GPT-2 applied it to bytes: 12345 tokens, café, naïve, 😀!\n")
+    text = "a" * 100_000 + " " + para
+    runs = "".join(c * n for c in "ab " for n in (1, 2, 3, 5, 8, 13, 21, 64, 200))
+    toks = [Tokenizer.train(runs * 20 + para * 5, 400, special_tokens=["<|endoftext|>"])]
+    if (SHARED / "gpt2.tiktoken").exists():
+        toks.append(bpe.load_bpe("gpt2"))
+    for tok in toks:
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        took = time.perf_counter() - t0
+        assert ids == tok.to_tiktoken().encode_ordinary(text)
+        assert took < 5.0, took  # a generous bound (about 0.7 s with GPT-2's ranks on one loaded core)
+        tok._cache.clear()
+        for s in ("", "a", "ab" * 5000, " " * 3000 + "x", runs, para * 3):  # merges stay rank-ordered and exact
+            assert tok.encode(s) == tok.to_tiktoken().encode_ordinary(s)
+    # the CLI: `bpe.py encode` of that text
+    (tmp_path / "in.txt").write_text(text)
+    toks[0].save(tmp_path / "tok")
+    t0 = time.perf_counter()
+    bpe.main(["encode", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "in.txt")])
+    assert time.perf_counter() - t0 < 5.0
+    assert list(map(int, capsys.readouterr().out.split())) == toks[0].to_tiktoken().encode_ordinary(text)
+
+
+def test_i26_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
+    import pickle
+
+    # deeply nested JSON in data files and model configs
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.jsonl").write_text('{"instruction": "a", "output": "b"}\n' + deep + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        prepare_data.read_jsonl(tmp_path / "deep.jsonl")
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply"):
+        prepare_data.load_alpaca(str(tmp_path / "deep.json"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "gpt_config.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"gpt_config\.json: JSON nested too deeply"):
+        GPT.from_pretrained(tmp_path / "m")
+    # pickle .bin: an adapter for lora.py merge, a model for score.py; the payload never runs
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GPT(GPTConfig.preset("tiny-gpt2")).save_pretrained(base, format="native")
+    ad = tmp_path / "adapter"
+    save_adapter(apply_lora(GPT.from_pretrained(base), 2, 4, 0.0, "q,v"), ad)
+    sd = {k: v for k, v in lora_state_dict_file(ad).items()}
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save({**sd, "x": Payload()}, ad / "adapter_model.bin")
+    _refused(capsys, lora.main, ["merge", "--base", str(base), "--adapter", str(ad), "--out", str(tmp_path / "o")],
+             str(ad / "adapter_model.bin"), "refused: this pickle holds more than tensors")
+    pkl = tmp_path / "pkl"
+    shutil.copytree(base, pkl)
+    (pkl / "model.safetensors").unlink()
+    torch.save({"x": Payload()}, pkl / "pytorch_model.bin")
+    _refused(capsys, score.main, ["--init_from", str(pkl), "--reward_model", "none", "--judge_url", "http://x"],
+             str(pkl / "pytorch_model.bin"), "refused")
+    rm = tmp_path / "rm"
+    _tiny_reward_model(rm)
+    (rm / "model.safetensors").unlink()
+    torch.save({"x": Payload()}, rm / "pytorch_model.bin")
+    score._reward_model.cache_clear()
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused: this pickle holds more than tensors"):
+        score.reward_scores(str(rm), ["q"], ["a"])
+    assert not marker.exists()
+    # lying safetensors headers: missing fields, unknown dtypes, ranges that disagree with the file
+    for info, why in (({"dtype": "F32", "shape": [4]}, "missing field `data_offsets`"),
+                      ({"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}, "unknown variant `Q9`"),
+                      ({"dtype": "F32", "shape": [8], "data_offsets": [0, 16]}, "invalid shape, data type, or offset"),
+                      ({"dtype": "U16", "shape": [8], "data_offsets": [0, 16]}, "dtype(s) U16 not supported")):
+        head = json.dumps({"lm_head.weight": info}).encode()
+        (pkl / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + bytes(16))
+        with pytest.raises(ValueError, match=f"model.safetensors: .*{regex.escape(why)}"):
+            GPT.from_pretrained(pkl)
+
+
+def lora_state_dict_file(d) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(d) / "adapter_model.safetensors"))
+
+
+# The size, regex and disk-full cases under a memory cap and a time limit, in one child process:
+# each must end in one error line (a ValueError or OSError naming what was wrong), not an allocation.
+_I26_CHILD = r"""
+import json, os, resource, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+tmp = sys.argv[2]
+import torch, bpe, model, finetune, train_gpt2
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2 ** 30, 6 * 2 ** 30))
+def case(name, fn):
+    t0 = time.time()
+    try:
+        fn()
+        r = "no error"
+    except (ValueError, OSError) as e:
+        r = str(e)
+    print(json.dumps([name, r, time.time() - t0]), flush=True)
+os.makedirs(f"{tmp}/big", exist_ok=True)
+json.dump(dict(model.asdict(model.GPTConfig.preset("tiny-gpt2")), n_layer=10 ** 9), open(f"{tmp}/big/gpt_config.json", "w"))
+case("n_layer 1e9 config", lambda: model.GPT.from_pretrained(f"{tmp}/big"))
+os.makedirs(f"{tmp}/lying", exist_ok=True)
+json.dump(model.asdict(model.GPTConfig.preset("tiny-gpt2")), open(f"{tmp}/lying/gpt_config.json", "w"))
+head = json.dumps({"lm_head.weight": {"dtype": "F32", "shape": [10 ** 11], "data_offsets": [0, 4 * 10 ** 11]}}).encode()
+open(f"{tmp}/lying/model.safetensors", "wb").write(len(head).to_bytes(8, "little") + head + bytes(64))
+case("400 GB header", lambda: model.GPT.from_pretrained(f"{tmp}/lying"))
+for flag in ("n_layer", "block_size", "batch_size"):
+    case(f"train_gpt2 --{flag}", lambda: train_gpt2.parse_args([f"--{flag}", str(10 ** 13)]))
+for flag in ("lora_rank", "batch_size", "grad_accum"):
+    case(f"finetune --{flag}", lambda: finetune.parse_args([f"--{flag}", str(10 ** 13)]))
+os.makedirs(f"{tmp}/hf", exist_ok=True)
+for name, rx in (("backtracking regex", "(a+)+$"), ("bad regex", "(a+")):
+    json.dump({"pre_tokenizer": {"type": "Split", "pattern": {"Regex": rx}}}, open(f"{tmp}/hf/tokenizer.json", "w"))
+    case(name, lambda: bpe.load_tokenizer(f"{tmp}/hf"))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the size limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+case("disk full", lambda: model.GPT(model.GPTConfig.preset("tiny-gpt2")).save_pretrained(f"{tmp}/full", "native"))
+"""
+
+
+def test_i26_sizes_regexes_and_a_full_disk_fail_fast_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _I26_CHILD, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {name: (msg, took) for name, msg, took in map(json.loads, r.stdout.splitlines())}
+    expect = {"n_layer 1e9 config": "a model of n_layer 1000000000",
+              "400 GB header": "model.safetensors: not a readable safetensors file",
+              "train_gpt2 --n_layer": "n_layer 10000000000000", "train_gpt2 --block_size": "block_size 10000000000000",
+              "train_gpt2 --batch_size": "batch_size 10000000000000", "finetune --lora_rank": "--lora_rank 1000000",
+              "finetune --batch_size": "--batch_size 10000000000000", "finetune --grad_accum": "--grad_accum 1000",
+              "backtracking regex": "tokenizer.json: the regex '(a+)+$' backtracks",
+              "bad regex": "tokenizer.json: the regex '(a+' is not valid",
+              "disk full": "model.safetensors: writing failed"}
+    assert got.keys() == expect.keys()
+    for name, needle in expect.items():
+        msg, took = got[name]
+        assert needle in msg and "\n" not in msg and took < 10, (name, msg, took)
+    assert [p.name for p in (tmp_path / "full").iterdir() if ".tmp" in p.name] == []  # the temp file is gone

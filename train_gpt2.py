@@ -49,7 +49,7 @@ from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_ru
                    grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
                    pick_device, pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything,
                    set_rng_state)
-from model import check_finite, check_model_size
+from model import check_finite, check_model_size, fits_in_memory
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -135,6 +135,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
         over = {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(c, k)}
         check_model_size(GPTConfig.preset(c.model, **over), c.batch_size * c.seq_len,
                          f"batch_size {c.batch_size} x seq_len {c.seq_len}")
+    fits_in_memory(8 * c.num_samples * c.sample_len, f"--num_samples {c.num_samples} x --sample_len {c.sample_len}")
     return c, given
 
 
