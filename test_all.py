@@ -4137,8 +4137,8 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     monkeypatch.setattr(finetune, "optimizer_step", poisoned_step)
     out = tmp_path / "out"
     argv = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
-            "--out_dir", str(out), "--max_steps", "6", "--eval_interval", "2", "--ckpt_interval", "2",
-            "--batch_size", "4", "--lora_rank", "4", "--n_generate", "0", "--lr", "1e-2"]
+            "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2",
+            "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4", "--n_generate", "0", "--lr", "1e-2"]
     _refused(capsys, finetune.main, argv, "error: step 3: grad_norm nan", "nothing of this step was saved")
     best = load_file(str(out / "best_adapter" / "adapter_model.safetensors"))
     assert best and all(torch.isfinite(t).all() for t in best.values())
@@ -4188,11 +4188,12 @@ def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_ru
     counted it against --patience and stopped at once. Now the log equals an uninterrupted run's."""
     data = _ft_setup(tmp_path)
     flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
-             "--eval_interval", "2", "--patience", "1", "--batch_size", "4", "--lora_rank", "4", "--n_generate", "0",
-             "--lr", "5e-3", "--min_lr", "5e-3", "--warmup_ratio", "0", "--save_merged"]  # a constant LR
+             "--eval_interval", "2", "--patience", "1", "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4",
+             "--n_generate", "0", "--eval_examples", "4",
+             "--lr", "5e-3", "--min_lr", "5e-3", "--warmup_ratio", "0", "--no-save_merged"]  # a constant LR
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "4"])
-    finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "8", "--resume"])
-    finetune.main(flags + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "8"])
+    finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "6", "--resume"])
+    finetune.main(flags + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "6"])
     cut, whole = (model_py.read_log(tmp_path / d / "log.jsonl") for d in ("cut", "whole"))
     assert [r["step"] for r in cut] == [r["step"] for r in whole]
     assert max(r["step"] for r in cut) > 4  # it trained on
