@@ -114,9 +114,8 @@ def bpe_merge(piece, ranks, max_rank=None):
     whose concatenation is the lowest-ranked token (= the earliest learned), leftmost on ties,
     until no adjacent pair forms a token. Ranks with `max_rank` or above are ignored (used to find
     which two tokens a token was built from). This is exactly tiktoken's algorithm, so the pure
-    Python encoder and the tiktoken export agree on every input. Near-linear, as in training: the
-    pairs wait in a heap by (rank, position), the parts form a linked list, and a heap entry that a
-    join made stale is skipped when it comes up (lazy deletion): a join is O(log n), not a scan."""
+    Python encoder and the tiktoken export agree on every input. Near-linear, as in training: pairs
+    wait in a heap by (rank, position), parts form a linked list, stale entries are skipped (lazy deletion)."""
     n, inf = len(piece), float("inf") if max_rank is None else max_rank
     parts, nxt, prev = [piece[i:i + 1] for i in range(n)], list(range(1, n + 1)), list(range(-1, n))
 
@@ -972,29 +971,26 @@ def main(argv=None):
     p.set_defaults(func=cmd_train)
 
     for name, helptext, func in [("encode", "print the token ids of a text", cmd_encode),
-                                 ("show", "show a text with its token boundaries marked", cmd_show)]:
+                                 ("show", "show a text with its token boundaries marked", cmd_show),
+                                 ("decode", "print the text of token ids", cmd_decode)]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--tokenizer", default="gpt2", help=tok_help + " (default: gpt2)")
-        p.add_argument("--text", help="the text (default: --input, else standard input)")
-        p.add_argument("--input", help="a UTF-8 text file")
+        if name == "decode":
+            p.add_argument("--ids", help="ids separated by spaces (default: --input, else standard input)")
+            p.add_argument("--input", help="a file of ids separated by whitespace")
+        else:
+            p.add_argument("--text", help="the text (default: --input, else standard input)")
+            p.add_argument("--input", help="a UTF-8 text file")
         p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
         p.add_argument("--trust_pattern", action="store_true", help="accept a tokenizer file's custom split regex")
         if name == "encode":
             p.add_argument("--allow_special", action="store_true",
                            help="encode special-token strings as special tokens (default: error)")
             p.add_argument("--fast", action="store_true", help="encode with the tiktoken export")
-        else:
+        elif name == "show":
             p.add_argument("--sep", default="|", help="boundary marker (default: |)")
             p.add_argument("--ids", action="store_true", help="list one token per line with its id")
         p.set_defaults(func=func)
-
-    p = sub.add_parser("decode", help="print the text of token ids")
-    p.add_argument("--tokenizer", default="gpt2", help=tok_help + " (default: gpt2)")
-    p.add_argument("--ids", help="ids separated by spaces (default: --input, else standard input)")
-    p.add_argument("--input", help="a file of ids separated by whitespace")
-    p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
-    p.add_argument("--trust_pattern", action="store_true", help="accept a tokenizer file's custom split regex")
-    p.set_defaults(func=cmd_decode)
 
     args = parser.parse_args(argv)
     if getattr(args, "pattern", None) == "none":

@@ -62,7 +62,7 @@ from model import (GPT, OPTIMIZER_STATES, RMSNorm, all_ranks, autocast_and_scale
                    open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
                    previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything,
                    set_rng_state, write_jsonl)
-from model import check_finite, fits_in_memory
+from model import check_finite, fits_in_memory, save_safetensors
 from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
@@ -681,10 +681,8 @@ def finetune(c: FinetuneConfig) -> dict:
             unload_lora(g, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
         save_adapter(g, where, c.init_from) if lora and not merged else g.save_pretrained(where, "native", tok.source)
         if classify:
-            from safetensors.torch import save_file
-
             head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
-            atomic_write(where / "classifier_head.safetensors", lambda p: save_file(head, p))
+            save_safetensors(head, where / "classifier_head.safetensors")
 
     # every rank evaluates (the whole set: under FSDP each forward needs every rank) and takes part in
     # each step with its share of the global batch; rank 0 records

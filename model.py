@@ -871,10 +871,8 @@ def _as_batch(idx, attention_mask, pad_id, device):
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # the parser recurses once per nesting level
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # Python's parser recurses once per nesting level
-        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def _resolve_model_dir(name_or_dir: str) -> Path:
@@ -939,8 +937,7 @@ def _safetensors_header(fpath: Path) -> tuple[dict, int]:
 
 def _read_safetensor(fpath: Path, info: dict, data_start: int):
     """Read one tensor with plain file reads into a fresh tensor: no memory map, so the process
-    holds each tensor once, and nothing of the file stays mapped afterwards (why _LazyTensor
-    exists: a 7B model is read tensor by tensor, never whole)."""
+    holds each tensor once, and nothing of the file stays mapped afterwards."""
     t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
     buf = t.reshape(-1).view(torch.uint8).numpy()
@@ -962,15 +959,14 @@ def load_safetensors(fpath) -> dict[str, torch.Tensor]:
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     """Write a .safetensors file atomically (a temp name, renamed); a failed write (a full disk)
     leaves the old file, no temp file, and one error naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     try:
         atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
-    except Exception as e:
-        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
-            raise OSError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); is the disk full? Nothing "
-                          f"was replaced") from None
-        raise
+    except (OSError, SafetensorError) as e:
+        raise OSError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); is the disk full? Nothing "
+                      f"was replaced") from None
 
 
 def load_torch_weights(path) -> dict:
@@ -1483,11 +1479,9 @@ def end_distributed():
 
 
 def check_finite(step: int, scaler=None, **values):
-    """A non-finite loss or gradient norm is a failure, never a value: training on from it (or
-    keeping its weights as the best) would only spread NaN. The run stops here, before anything of
-    this step is saved, so the last checkpoint stays the last good one. With fp16 loss scaling
-    (a GradScaler) an overflowing gradient norm is routine: the scaler skips that step and lowers
-    its scale, so there only the loss counts."""
+    """A non-finite loss or gradient norm is a failure, never a value (nor a best): the run stops
+    before anything of this step is saved, so the last checkpoint stays the last good one. Under
+    fp16's GradScaler an overflowing gradient is routine (the step is skipped): only the loss counts."""
     if scaler is not None:
         values.pop("grad_norm", None)
     bad = [f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
@@ -1496,29 +1490,16 @@ def check_finite(step: int, scaler=None, **values):
                          f"step was saved (the last checkpoint is the last good state). Try a lower learning rate")
 
 
-def memory_limit_bytes() -> int:
-    """Everything this machine could hold: RAM + swap, plus every GPU's memory."""
-    total = 0
-    try:
-        with open("/proc/meminfo") as f:
-            total = sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("MemTotal:", "SwapTotal:")))
-    except OSError:
-        pass
-    total = total or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if torch.cuda.is_available():
-        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-    return total
-
-
 def fits_in_memory(need_bytes: float, what: str):
     """Refuse a size beyond the machine before anything is allocated (else it allocates until the
-    kernel kills it, or fails deep inside torch). need_bytes is a lower bound of what `what` takes,
-    and the limit is everything the machine holds (memory_limit_bytes), so a refusal is never a
-    false alarm: no flag is needed to get past it."""
-    limit = memory_limit_bytes()
+    kernel kills it, or fails deep inside torch). need_bytes is a lower bound of what `what` takes
+    and the limit all the machine's RAM and GPU memory: a refusal is never a false alarm."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.cuda.is_available():
+        limit += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     if need_bytes > limit:
         raise ValueError(f"{what} needs at least {need_bytes / 2 ** 30:.3g} GiB of memory; this machine holds "
-                         f"{limit / 2 ** 30:.3g} GiB (RAM + swap + GPUs)")
+                         f"{limit / 2 ** 30:.3g} GiB (RAM and GPUs)")
 
 
 def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
@@ -1533,35 +1514,30 @@ def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
                    f"{c.vocab_size}" + (f", with a batch of {batch}" if batch else ""))
 
 
-def weights_fingerprint(name_or_dir) -> str:
-    """What a cache of a model's outputs depends on, cheaply: each file's name, size and mtime (a
-    new save changes them), or the name itself when it is not a local path (a hub id)."""
+def weights_fingerprint(name_or_dir) -> list:
+    """What a cache of a model's outputs depends on, cheaply: the path and each file's name, size and
+    mtime (a new save changes them); a name that is no local path (a hub id) stands for itself."""
     p = Path(name_or_dir).expanduser()
-    if not p.exists():
-        return str(name_or_dir)
-    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-    return json.dumps([str(p.resolve())] + [[str(f.relative_to(p) if f != p else f.name), f.stat().st_size,
-                                             f.stat().st_mtime_ns] for f in files])
+    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) if p.exists() else []
+    return [str(name_or_dir)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
-# What our runs write into an out_dir (train_gpt2, finetune, dpo, sweep; *.tmp: a killed atomic write):
-# --overwrite removes these and nothing else
+# what our runs write in an out_dir (*.tmp: a killed atomic write): --overwrite removes these, nothing else
 RUN_OUTPUTS = ("run.lock", "config.json", "log.jsonl", "loss.png", "ckpt", "ckpt.tmp", "ckpt.old", "ckpt_step*",
                "summary.*", "best_adapter", "best_model", "responses.jsonl", "responses.md", "scoring", "adapter",
-               "model", "ref_logps.json", "dpo.png", "samples.md", "results.*", "runs", "*.tmp")
+               "model", "ref_logps.json", "dpo.png", "samples.md", "results.*", "runs", "scores.*",
+               "judge_cache.jsonl", "*.tmp")
 _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 
 def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     """Make out_dir ready for a run, before any work: nothing already written is lost.
     - A lock file (run.lock, holding the pid) is taken first: a second live run on the same out_dir
-      stops here. The kernel releases the lock when the process ends, even by SIGKILL. It also marks
-      the directory as one a run of ours has used.
+      stops here. The kernel releases the lock when the process ends, even by SIGKILL.
     - A fresh run on an out_dir that holds a run stops, unless --resume (continue it) or
-      --overwrite (clear it first) was given.
-    - --overwrite removes only what our runs write (RUN_OUTPUTS), in a directory with the run
-      marker: anything else there (a thesis, notes) stops it, named, with nothing removed.
+      --overwrite (clear it first) was given. --overwrite removes only what our runs write
+      (RUN_OUTPUTS) where a run.lock marks a run; anything else there stops it, named, untouched.
     - Creating the lock also shows that the directory is writable."""
     out = Path(out_dir)
     if resume and overwrite:
@@ -1576,10 +1552,9 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
         present = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != "run.lock")
         foreign = [n for n in present if not any(fnmatch.fnmatch(n.rstrip("/"), pat) for pat in RUN_OUTPUTS)]
         if present and (foreign or not marked):
-            shown = foreign or present
-            raise ValueError(f"--overwrite: {out} holds {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}, "
-                             + ("which no run of ours wrote" if foreign else "but no run of ours (no run.lock)")
-                             + "; nothing was removed: move that away or choose another --out_dir")
+            raise ValueError(f"--overwrite: {out} holds {', '.join((foreign or present)[:5])}, " + (
+                "which no run of ours wrote" if foreign else "but no run of ours (no run.lock)")
+                + "; nothing was removed: move that away or choose another --out_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -1613,9 +1588,7 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
     --max_steps), but never a change to the `fixed` fields (the model and what is trained)."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json); --resume "
-                                f"continues a run from its last checkpoint; start a new one without it (or "
-                                f"with --overwrite)")
+        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
     saved.pop("stop_at_step", None)  # a one-off of the run that stopped
     changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"

@@ -4112,7 +4112,8 @@ def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp
     _refused(capsys, train_gpt2.parse_args, ["--n_layer", str(10 ** 13)], "a model of n_layer 10000000000000",
              "needs at least", "this machine holds")
     # sweep.py: its flags are finetune.py's, checked for finite numbers before the sweep writes anything
-    for argv, flag in ((["--set", "lr=1e-3,nan"], "--set lr"), (["--lr=inf"], "--lr"), (["--min_lr", "-inf"], "--min_lr")):
+    for argv, flag in ((["--set", "lr=1e-3,nan"], "--set lr"), (["--lr=inf"], "--lr"),
+                       (["--min_lr", "-inf"], "--min_lr")):
         _refused(capsys, sweep.main, argv + ["--out_dir", str(tmp_path / "sw")], flag, "expected a finite number")
     assert list(tmp_path.iterdir()) == []
 
@@ -4209,8 +4210,9 @@ def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys
     other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
     import bpe
 
+    words = "red blue green cat dog sun tree big".split()
     rows = [{"chosen": f"\n\nHuman: say {a}\n\nAssistant: {a} {a}", "rejected": f"\n\nHuman: say {a}\n\nAssistant: {b}"}
-            for a, b in zip("red blue green cat dog sun tree big".split(), "fast small big tree sun dog cat red".split())]
+            for a, b in zip(words, words[3:] + words[:3])]
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bpe.Tokenizer.train("".join(r["chosen"] + r["rejected"] for r in rows), 300,
@@ -4297,7 +4299,7 @@ def test_i26_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
         prepare_data.load_alpaca(str(tmp_path / "deep.json"))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "gpt_config.json").write_text(deep)
-    with pytest.raises(ValueError, match=r"gpt_config\.json: JSON nested too deeply"):
+    with pytest.raises(ValueError, match=r"gpt_config\.json: not valid JSON \(maximum recursion depth exceeded"):
         GPT.from_pretrained(tmp_path / "m")
     # pickle .bin: an adapter for lora.py merge, a model for score.py; the payload never runs
     marker = tmp_path / "payload_ran"
@@ -4364,10 +4366,11 @@ def case(name, fn):
         r = str(e)
     print(json.dumps([name, r, time.time() - t0]), flush=True)
 os.makedirs(f"{tmp}/big", exist_ok=True)
-json.dump(dict(model.asdict(model.GPTConfig.preset("tiny-gpt2")), n_layer=10 ** 9), open(f"{tmp}/big/gpt_config.json", "w"))
+tiny = model.asdict(model.GPTConfig.preset("tiny-gpt2"))
+json.dump(dict(tiny, n_layer=10 ** 9), open(f"{tmp}/big/gpt_config.json", "w"))
 case("n_layer 1e9 config", lambda: model.GPT.from_pretrained(f"{tmp}/big"))
 os.makedirs(f"{tmp}/lying", exist_ok=True)
-json.dump(model.asdict(model.GPTConfig.preset("tiny-gpt2")), open(f"{tmp}/lying/gpt_config.json", "w"))
+json.dump(tiny, open(f"{tmp}/lying/gpt_config.json", "w"))
 head = json.dumps({"lm_head.weight": {"dtype": "F32", "shape": [10 ** 11], "data_offsets": [0, 4 * 10 ** 11]}}).encode()
 open(f"{tmp}/lying/model.safetensors", "wb").write(len(head).to_bytes(8, "little") + head + bytes(64))
 case("400 GB header", lambda: model.GPT.from_pretrained(f"{tmp}/lying"))
