@@ -116,13 +116,13 @@ def bpe_merge(piece, ranks, max_rank=None):
     which two tokens a token was built from). This is exactly tiktoken's algorithm, so the pure
     Python encoder and the tiktoken export agree on every input. Near-linear, as in training: pairs
     wait in a heap by (rank, position), parts form a linked list, stale entries are skipped (lazy deletion)."""
-    n, inf = len(piece), float("inf") if max_rank is None else max_rank
+    n, limit = len(piece), float("inf") if max_rank is None else max_rank
     parts, nxt, prev = [piece[i:i + 1] for i in range(n)], list(range(1, n + 1)), list(range(-1, n))
 
-    def rank(i):  # rank of the token that joining part i and the next would make (inf: none)
-        return min(ranks.get(parts[i] + parts[nxt[i]], inf), inf) if 0 <= i and nxt[i] < n else inf
+    def rank(i):  # rank of the token that joining part i and the next would make (limit: none)
+        return min(ranks.get(parts[i] + parts[nxt[i]], limit), limit) if 0 <= i and nxt[i] < n else limit
 
-    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) < inf]
+    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) < limit]
     heapq.heapify(heap)
     while heap:
         r, i = heapq.heappop(heap)
@@ -132,7 +132,7 @@ def bpe_merge(piece, ranks, max_rank=None):
         parts[i], parts[j], nxt[i] = parts[i] + parts[j], None, nxt[j]
         prev[nxt[i]] = i
         for k in (prev[i], i):  # only the pairs around the new token changed
-            if (rk := rank(k)) < inf:
+            if (rk := rank(k)) < limit:
                 heapq.heappush(heap, (rk, k))
     return [p for p in parts if p is not None]
 

@@ -926,7 +926,8 @@ def _safetensors_header(fpath: Path) -> tuple[dict, int]:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
     except Exception as e:  # SafetensorError, OSError, ...: the file, not our code
-        raise ValueError(f"{fpath}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+        why = str(e).splitlines()[0][:200] + ("; is it truncated?" if "not fully covered" in str(e) else "")
+        raise ValueError(f"{fpath}: not a readable safetensors file ({why})") from None
     header.pop("__metadata__", None)
     unknown = sorted({info["dtype"] for info in header.values()} - set(_SAFETENSORS_DTYPES))
     if unknown:

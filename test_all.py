@@ -4205,9 +4205,8 @@ def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_ru
                 assert a[k] == pytest.approx(b[k], rel=1e-4)
 
 
-def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
-    """The issue: a fresh run reused a killed run's ref_logps.json although --init_from now held
-    other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
+def _i26_dpo_args(tmp_path) -> list[str]:
+    """A tiny native model, a tokenizer and 8 preference pairs: dpo.py's flags for them."""
     import bpe
 
     words = "red blue green cat dog sun tree big".split()
@@ -4219,9 +4218,15 @@ def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys
                         special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
     torch.manual_seed(0)
     GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
-    args = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+    return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--reference", "precomputed", "--lora_rank", "4", "--max_steps", "1", "--batch_size", "2",
             "--grad_accum", "1", "--n_generate", "0", "--val_frac", "0.25", "--warmup_steps", "0"]
+
+
+def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
+    """The issue: a fresh run reused a killed run's ref_logps.json although --init_from now held
+    other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
+    args = _i26_dpo_args(tmp_path)
     dpo.main(args + ["--out_dir", str(tmp_path / "a")])
     assert "reference log-probs: 8 computed, 0 from" in capsys.readouterr().out
     fresh = tmp_path / "b"  # what a run killed while precomputing leaves: the cache alone
@@ -4234,6 +4239,22 @@ def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys
     assert "was computed for other weights" in out and "reference log-probs: 8 computed, 0 from" in out
     old, new = (json.loads((d / "ref_logps.json").read_text())["logps"] for d in (tmp_path / "a", fresh))
     assert old.keys() == new.keys() and all(old[k] != new[k] for k in old)
+
+
+def test_i26_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
+    real, calls = dpo.optimizer_step, []
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        norm = real(*a, **k)
+        return norm * float("nan") if len(calls) == 2 else norm
+
+    monkeypatch.setattr(dpo, "optimizer_step", nan_at_step_2)
+    out = tmp_path / "o"
+    _refused(capsys, dpo.main, _i26_dpo_args(tmp_path) + ["--out_dir", str(out), "--max_steps", "3",
+                                                          "--ckpt_interval", "1"], "error: step 2: grad_norm nan")
+    assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 1
+    assert [r["step"] for r in model_py.read_log(out / "log.jsonl") if "loss" in r] == [1]
 
 
 def test_i26_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
