@@ -39,6 +39,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -821,6 +822,25 @@ class GPT(nn.Module):
         return finished[:, 0, : T + n_out]
 
 
+_capped_flags: set[str] = set()  # the flags whose cap has been noted, so a chat loop says it once
+
+
+def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: int, flag: str = "--max_new_tokens"):
+    """(prompts, n_new) that fit a block_size context, as every script that generates needs them:
+    n_new is max_new_tokens capped at what the longest prompt leaves, but never below half the
+    context (longer prompts then keep only their last tokens). Nothing stops on a long request: a
+    one-line note says what was capped, once per flag and process."""
+    longest = max((len(p) for p in prompts), default=0)
+    n_new = min(max_new_tokens, max(block_size - longest, block_size // 2))
+    keep = block_size - n_new
+    if n_new < max_new_tokens and flag not in _capped_flags:
+        _capped_flags.add(flag)
+        cut = f"; prompts keep their last {keep} tokens" if longest > keep else ""
+        print(f"note: {flag} {max_new_tokens} capped at {n_new}: the model's context is {block_size} tokens"
+              f"{cut}", file=sys.stderr, flush=True)
+    return [p[-keep:] if keep else [] for p in prompts], n_new
+
+
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
     """Set to -inf every logit outside the sampling set. top_k keeps the k largest; top_p (nucleus)
     keeps the smallest set of most-likely tokens whose total probability reaches top_p (the token
@@ -876,8 +896,36 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _resolve_model_dir(name_or_dir: str) -> Path:
+RUN_MODELS = (("best_model", "its best model (lowest val loss)"), ("model", "its final model"),
+              ("ckpt/model", "its last checkpoint"))  # what the training scripts leave in a run directory
+
+
+def _is_model_dir(path: Path) -> bool:
+    if (path / "gpt_config.json").is_file():
+        return True
+    return (path / "config.json").is_file() and "model_type" in _read_json(path / "config.json")
+
+
+def resolve_init_from(name_or_dir: str) -> str:
+    """A run directory (what finetune.py, dpo.py or train_gpt2.py write: a config.json of flags, logs
+    and saved models below it) stands for the model it holds: its best_model/, else its final model/,
+    else its last checkpoint ckpt/model/; one line says which. Anything else comes back unchanged."""
     path = Path(name_or_dir).expanduser()
+    if not path.is_dir() or _is_model_dir(path):
+        return name_or_dir
+    for sub, what in RUN_MODELS:
+        if _is_model_dir(path / sub):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--init_from {name_or_dir}: a run directory; using {path / sub}, {what}", file=sys.stderr)
+            return str(path / sub)
+    if any((path / f).exists() for f in RUN_FILES):
+        raise FileNotFoundError(f"--init_from {name_or_dir}: a run directory without a saved model (expected "
+                                f"{', '.join(sub + '/' for sub, _ in RUN_MODELS)} in it)")
+    return name_or_dir
+
+
+def _resolve_model_dir(name_or_dir: str) -> Path:
+    path = Path(resolve_init_from(name_or_dir)).expanduser()
     if path.is_dir():
         return path
     if path.exists():
@@ -1211,7 +1259,12 @@ def bounded(kind=int, lo=None, hi=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error."""
+    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error, and
+    no abbreviations: argparse would take --max_step as --max_steps, and a new flag could change what an
+    abbreviation in someone's script means."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -1248,6 +1301,10 @@ def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_
     given = {k: v for k, v in vars(config_parser(cls, description, alt_defaults).parse_args(argv)).items()
              if v is not None}
     return cls(**{**(defaults or {}), **given}), given
+
+
+DEVICE_HELP = ("auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU; under torchrun cuda means "
+               "cuda:LOCAL_RANK)")  # every script's --device, checked by pick_device
 
 
 def pick_device(name: str = "auto") -> str:
@@ -1601,10 +1658,61 @@ def write_jsonl(path, rows, ensure_ascii: bool = True):
 
 
 def close_run(out_dir):
-    """The run in out_dir is over: release its lock (a process's exit releases it anyway)."""
+    """The run in out_dir is over: remove its lock file and release the lock (a process's exit
+    releases it anyway, but would leave run.lock behind). Removed while still held, so no other run
+    can have locked it in between."""
     fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
     if fd is not None:
+        Path(out_dir, "run.lock").unlink(missing_ok=True)
         os.close(fd)
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a scheduler's preemption) during training: the step in
+    progress finishes, the script writes its resumable checkpoint at the next step boundary, says
+    where, and exits with status 128 + the signal's number (130, 143, as shells report a process the
+    signal ended), without a traceback. A second Ctrl-C stops at once, as Python's default does.
+    Under torchrun every rank must stop at the same step (saving is collective), so requested()
+    all-reduces the flag: one number per step. Made once, before the loop; restore() after it."""
+
+    def __init__(self):
+        self.signum = 0
+        try:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread (a library caller): signals keep their handlers
+            self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                  f"(Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)
+
+    def requested(self, device="cpu") -> bool:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([self.signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def exit(self, step: int, where):
+        """After the checkpoint is written: say so and leave with 128 + the signal's number."""
+        self.restore()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{signal.Signals(self.signum).name}: stopped at step {step}; resumable state in {where}; "
+                  f"continue with --resume", file=sys.stderr, flush=True)
+        end_distributed()
+        raise SystemExit(128 + self.signum)
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
 
 
 def previous_stage(*dirs) -> str | None:
@@ -1640,6 +1748,9 @@ def run_main(main, argv=None):
     under torchrun only rank 0 says it. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, preparing data): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, OSError) as e:
         if os.environ.get("RANK", "0") == "0":
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"

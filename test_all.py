@@ -53,6 +53,8 @@ from model import GPT, GPTConfig, KVCache, filter_logits
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
+if (SHARED / "gpt2.tiktoken").is_file():  # GPT-2's tokenizer offline, as the README says to fetch it once
+    os.environ.setdefault("GPT2_TIKTOKEN", str(SHARED / "gpt2.tiktoken"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
