@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -2187,6 +2188,14 @@ CASES = [((256, 192), torch.float32), ((256, 192), torch.bfloat16), ((128, 96), 
          ((3, 100), torch.bfloat16)]   # 300 values: 4 full blocks + 44
 
 
+def _nf4_exact(codes, absmax, shape, dtype, block_size=64):
+    """Dequantisation by its definition, independent of both implementations: each code's table
+    value times its block's absmax, in fp32, rounded once to the weight's dtype."""
+    idx = torch.stack([codes >> 4, codes & 15], 1).view(-1)[: math.prod(shape)].long()
+    blocks = torch.arange(idx.numel()) // block_size
+    return (NF4_CODEBOOK[idx] * absmax.float()[blocks]).to(dtype).view(shape)
+
+
 @pytest.mark.parametrize("shape,dtype", CASES)
 def test_nf4_roundtrip_matches_bitsandbytes(shape, dtype, bnb):
     torch.manual_seed(0)
@@ -2198,7 +2207,15 @@ def test_nf4_roundtrip_matches_bitsandbytes(shape, dtype, bnb):
     assert torch.equal(q.absmax, state.absmax)
     out = nf4_dequantize(q)
     assert out.shape == w.shape and out.dtype == dtype == ref.dtype
-    assert (out.float() - ref.float()).abs().max().item() <= 1e-6
+    assert torch.equal(out, _nf4_exact(packed.view(-1), state.absmax, shape, dtype))
+    # and bitsandbytes' dequantisation, where it is right on every CPU. Its native CPU kernel, which
+    # bitsandbytes 0.50 uses where torch reports AVX-512 (bitsandbytes/backends/cpu/ops.py), scales
+    # values by the wrong block's absmax when a row is a multiple of 32 values but not of the block
+    # (rows of 32, 96 or 160: off by up to 0.04 in the 128 x 96 case, every dtype; rows of 100, 37 or
+    # 192 are right); elsewhere its pure-PyTorch path computes the definition, as this test did
+    # before it met an AVX-512 machine. Its codes and absmax above are right on every CPU.
+    if shape[-1] % 64 == 0 or shape[-1] % 32 or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert torch.equal(out, ref)
     # and the reconstruction error is what 4 bits give: ~|w|/10 on average
     assert (out.float() - w.float()).abs().mean() < 0.15 * w.float().abs().mean()
 
@@ -4017,3 +4034,72 @@ def test_layout_imports_follow_the_rules(tmp_path):
     sizes = {f.stem: len(f.read_text().splitlines()) for f in ROOT.glob("*.py") if f.stem not in LIBRARIES}
     assert {n: k for n, k in sizes.items() if k > 1000 and n != "test_all"} == {}
     assert sizes["finetune"] < 900
+
+
+# -----------------------------------------------------------------------------------------------
+# issue 27: the README's offline commands run as printed; Ctrl-C keeps the work; run directories
+# as --init_from; generation capped at the context; one flag spelling
+
+
+def readme_offline_commands(text: str) -> list[list[str]]:
+    """The commands of the README's code blocks marked `bash offline`, each as argv (comments and
+    line continuations handled as the shell does)."""
+    cmds = []
+    for block in regex.findall(r"^```bash offline\n(.*?)^```", text, regex.S | regex.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                cmds.append(argv)
+    return cmds
+
+
+def _readme_small(argv: list[str]) -> list[str]:
+    """Flags appended to a README command (the last of a repeated flag wins) so that it runs in seconds."""
+    script = argv[1]
+    if script == "train_gpt2.py":
+        return ["--max_steps", "6" if "--resume" in argv else "4", "--eval_interval", "2", "--val_tokens", "1024",
+                "--hellaswag_limit", "8", "--num_samples", "1", "--sample_len", "8"]
+    return {"finetune.py": ["--max_steps", "2", "--eval_interval", "2", "--n_samples", "64", "--n_generate", "1",
+                            "--max_new_tokens", "8"],
+            "dpo.py": ["--max_steps", "2", "--eval_interval", "2", "--n_samples", "64", "--n_generate", "1",
+                       "--max_new_tokens", "8"],
+            "hellaswag.py": ["--limit", "8", "--no_progress"],
+            "sweep.py": ["--max_steps", "1", "--eval_interval", "1", "--n_samples", "32", "--n_generate", "0"],
+            }.get(script, [])
+
+
+def test_readme_offline_commands_parse_as_the_shell_does():
+    text = ('x\n```bash offline\npython a.py --t "b c"   # note\npython d.py \\\n    --e 1\n```\n'
+            '```bash\npython online.py\n```\n')
+    assert readme_offline_commands(text) == [["python", "a.py", "--t", "b c"], ["python", "d.py", "--e", "1"]]
+
+
+def test_readme_offline_commands_run_as_printed(tmp_path):
+    """Every command of the README's `bash offline` blocks, in order, in a fresh folder with the
+    project's files (no ../shared beside it), no network; small budgets only. chat.py keeps its
+    defaults: the life cycle's last step must answer as printed."""
+    cmds = readme_offline_commands((ROOT / "README.md").read_text())
+    assert ["python", "chat.py"] in cmds and ["python", "train_gpt2.py"] in cmds and len(cmds) >= 10
+    d = tmp_path / "nano-llm"
+    d.mkdir()
+    for f in [*ROOT.glob("*.py"), ROOT / "README.md"]:
+        (d / f.name).write_text(f.read_text())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS="1")
+    gpt2_ranks = env.get("GPT2_TIKTOKEN")  # the fetched-once rank file (../shared/data's in the tests)
+    ran = []
+    for argv in cmds:
+        assert argv[0] == "python" and (d / argv[1]).is_file(), argv
+        if "gpt2" in argv and argv[1] == "bpe.py" and not (gpt2_ranks and Path(gpt2_ranks).is_file()):
+            continue  # needs GPT-2's tokenizer fetched once (README, Set up); absent without ../shared/data
+        stdin = "What does len() return?\n/quit\n" if argv == ["python", "chat.py"] else ""
+        r = subprocess.run([sys.executable, *argv[1:], *_readme_small(argv)], cwd=d, input=stdin, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (argv, r.stdout[-2000:], r.stderr[-3000:])
+        ran.append((argv, r))
+    out = {" ".join(a[1:]): r.stdout for a, r in ran}
+    reply = out["chat.py"].split("Assistant:", 1)[1].strip()
+    assert reply, out["chat.py"]  # the CPU model's answer, however clumsy
+    assert "hellaswag scoring=harness n=8" in out["hellaswag.py --init_from out/cpu"]
+    assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 400"]
+    if gpt2_ranks:
+        assert out['bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345'].startswith("Solid|GoldMagikarp| 123|45")
