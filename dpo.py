@@ -75,8 +75,9 @@ class DPOConfig:
                                  "auto: finetune.py's out-finetune/best_model if there is one (then, with no "
                                  "--data_file, on the built-in preference pairs: the offline life cycle), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec (default: the model's)")
-    data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default "
-                                      "Anthropic/hh-rlhf")
+    data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default: "
+                                      "the built-in preference pairs (offline) when --init_from auto finds "
+                                      "out-finetune/best_model, else Anthropic/hh-rlhf from the hub")
     split: str = cfg("train", "datasets split when no --data_file")
     n_samples: int = cfg(0, "use only the first N pairs (0 = all)", min=0)
     val_frac: float = cfg(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)

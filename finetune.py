@@ -81,10 +81,11 @@ class FinetuneConfig:
     task: str = cfg("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
                                    "assistant turns; classify: a class per text, a linear head on the last token "
                                    "replacing the LM head", choices=TASKS)
-    data_file: str | None = cfg(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output "
-                                      "(default tatsu-lab/alpaca); dialogue: .jsonl with `chosen` conversations "
-                                      "(default Anthropic/hh-rlhf); classify: .jsonl/.csv with text, text_pair?, "
-                                      "label")
+    data_file: str | None = cfg(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output; "
+                                      "dialogue: .jsonl with `chosen` conversations; classify: .jsonl/.csv with text, "
+                                      "text_pair?, label; default: the task's built-in set (offline) when --init_from "
+                                      "auto finds train_gpt2.py's CPU checkpoint, else from the hub tatsu-lab/alpaca, "
+                                      "Anthropic/hh-rlhf or --dataset")
     dataset: str | None = cfg(None, "classify without --data_file: sst2 (sentiment) | sms_spam | mnli (entailment)")
     num_classes: int = cfg(2, "classify: number of classes (labels 0..N-1)", min=2)
     balance: bool = cfg(False, "classify: downsample every class to the size of the smallest")

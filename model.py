@@ -1756,6 +1756,11 @@ def run_main(main, argv=None):
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo aborts
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
