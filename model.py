@@ -826,10 +826,9 @@ _capped_flags: set[str] = set()  # the flags whose cap has been noted, so a chat
 
 
 def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: int, flag: str = "--max_new_tokens"):
-    """(prompts, n_new) that fit a block_size context, as every script that generates needs them:
-    n_new is max_new_tokens capped at what the longest prompt leaves, but never below half the
-    context (longer prompts then keep only their last tokens). Nothing stops on a long request: a
-    one-line note says what was capped, once per flag and process."""
+    """(prompts, n_new) that fit a block_size context: n_new is max_new_tokens capped at what the
+    longest prompt leaves but at least half the context (longer prompts keep their last tokens).
+    Nothing stops on it; a one-line note says so, once per flag."""
     longest = max((len(p) for p in prompts), default=0)
     n_new = min(max_new_tokens, max(block_size - longest, block_size // 2))
     keep = block_size - n_new
@@ -896,31 +895,28 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-RUN_MODELS = (("best_model", "its best model (lowest val loss)"), ("model", "its final model"),
-              ("ckpt/model", "its last checkpoint"))  # what the training scripts leave in a run directory
+RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/model": "its last checkpoint"}
 
 
-def _is_model_dir(path: Path) -> bool:
-    if (path / "gpt_config.json").is_file():
-        return True
-    return (path / "config.json").is_file() and "model_type" in _read_json(path / "config.json")
+def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.json of flags has no model_type)
+    return (p / "gpt_config.json").is_file() or (p / "config.json").is_file() and "model_type" in _read_json(
+        p / "config.json")
 
 
 def resolve_init_from(name_or_dir: str) -> str:
-    """A run directory (what finetune.py, dpo.py or train_gpt2.py write: a config.json of flags, logs
-    and saved models below it) stands for the model it holds: its best_model/, else its final model/,
-    else its last checkpoint ckpt/model/; one line says which. Anything else comes back unchanged."""
+    """A run directory (what the training scripts write: flags, logs, models below) stands for its
+    best_model/, else its final model/, else its last checkpoint ckpt/model/, named in one line."""
     path = Path(name_or_dir).expanduser()
     if not path.is_dir() or _is_model_dir(path):
         return name_or_dir
-    for sub, what in RUN_MODELS:
+    for sub, what in RUN_MODELS.items():
         if _is_model_dir(path / sub):
             if os.environ.get("RANK", "0") == "0":
                 print(f"--init_from {name_or_dir}: a run directory; using {path / sub}, {what}", file=sys.stderr)
             return str(path / sub)
     if any((path / f).exists() for f in RUN_FILES):
-        raise FileNotFoundError(f"--init_from {name_or_dir}: a run directory without a saved model (expected "
-                                f"{', '.join(sub + '/' for sub, _ in RUN_MODELS)} in it)")
+        raise FileNotFoundError(f"--init_from {name_or_dir}: a run directory without a saved model "
+                                f"({'/, '.join(RUN_MODELS)}/)")
     return name_or_dir
 
 
@@ -1260,8 +1256,7 @@ def bounded(kind=int, lo=None, hi=None):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error, and
-    no abbreviations: argparse would take --max_step as --max_steps, and a new flag could change what an
-    abbreviation in someone's script means."""
+    no abbreviations (argparse would take --max_step as --max_steps)."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
@@ -1303,8 +1298,7 @@ def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_
     return cls(**{**(defaults or {}), **given}), given
 
 
-DEVICE_HELP = ("auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU; under torchrun cuda means "
-               "cuda:LOCAL_RANK)")  # every script's --device, checked by pick_device
+DEVICE_HELP = "auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU)"  # every --device, pick_device's
 
 
 def pick_device(name: str = "auto") -> str:
@@ -1658,9 +1652,8 @@ def write_jsonl(path, rows, ensure_ascii: bool = True):
 
 
 def close_run(out_dir):
-    """The run in out_dir is over: remove its lock file and release the lock (a process's exit
-    releases it anyway, but would leave run.lock behind). Removed while still held, so no other run
-    can have locked it in between."""
+    """The run in out_dir is over: remove run.lock while still holding it, then release the lock (an
+    exit releases it too, but leaves the file)."""
     fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
     if fd is not None:
         Path(out_dir, "run.lock").unlink(missing_ok=True)
@@ -1668,19 +1661,15 @@ def close_run(out_dir):
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a scheduler's preemption) during training: the step in
-    progress finishes, the script writes its resumable checkpoint at the next step boundary, says
-    where, and exits with status 128 + the signal's number (130, 143, as shells report a process the
-    signal ended), without a traceback. A second Ctrl-C stops at once, as Python's default does.
-    Under torchrun every rank must stop at the same step (saving is collective), so requested()
-    all-reduces the flag: one number per step. Made once, before the loop; restore() after it."""
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, preemption) while training: the step finishes, the script
+    saves its resumable state, and exit() says where and leaves with 128 + the signal's number (130,
+    143, as a shell reports it) without a traceback; a second Ctrl-C stops at once. Under torchrun
+    requested() takes the max over the ranks, so that all stop at the same step (saving is collective)."""
 
     def __init__(self):
-        self.signum = 0
-        try:
+        self.signum, self._old = 0, {}
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals cannot be taken
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread (a library caller): signals keep their handlers
-            self._old = {}
 
     def _handle(self, signum, frame):
         if self.signum:
@@ -1688,20 +1677,17 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signum = signum
         if os.environ.get("RANK", "0") == "0":
-            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                  f"(Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: "
+                  f"at once, without)", file=sys.stderr, flush=True)
 
     def requested(self, device="cpu") -> bool:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([self.signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             self.signum = int(flag.item())
         return bool(self.signum)
 
     def exit(self, step: int, where):
-        """After the checkpoint is written: say so and leave with 128 + the signal's number."""
         self.restore()
         if os.environ.get("RANK", "0") == "0":
             print(f"{signal.Signals(self.signum).name}: stopped at step {step}; resumable state in {where}; "
@@ -1756,11 +1742,10 @@ def run_main(main, argv=None):
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo aborts
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            dist.destroy_process_group()
+    finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo can abort
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_backend() == "gloo":
+            torch.distributed.destroy_process_group()
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
