@@ -379,7 +379,7 @@ def bench_tokens(args):
     if not args.tokenizer or not args.files:
         raise ValueError("tokens needs --tokenizer (a bpe.py tokenizer) and --files")
     tok = bpe.load_bpe(args.tokenizer, args.pattern)
-    gpt2 = bpe.load_bpe(args.gpt2)
+    gpt2 = bpe.load_bpe(args.gpt2 if Path(args.gpt2).is_file() else "gpt2")  # else $GPT2_TIKTOKEN, data/, ...
     rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
              "ours/GPT-2")]
     for p in args.files:
@@ -609,7 +609,8 @@ def main(argv=None):
                     help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
     ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
     ap.add_argument("--gpt2", default=str(SHARED_DATA / "gpt2.tiktoken"),
-                    help="bpe: GPT-2 rank file for the encoding part")
+                    help="GPT-2 rank file: bpe: for the encoding part; tokens: when absent, GPT-2's tokenizer as "
+                         "bpe.py finds it ($GPT2_TIKTOKEN, data/gpt2.tiktoken)")
     ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
     ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it); nf4: our "
