@@ -4295,3 +4295,15 @@ def test_gpt2_tokenizer_offline_from_the_env_or_one_line_saying_how_to_fetch_it(
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(blocked, GPT2_TIKTOKEN=str(SHARED / "gpt2.tiktoken")))
     assert r.stdout.strip() == "[15496, 995]", r.stderr  # tiktoken's GPT-2 ids (see ../shared/data/README.md)
+
+
+def test_adapter_config_rank_is_that_of_the_hf_module(tmp_path):
+    """--lora_rank 16 on q,v: LLaMA's q_proj and v_proj get r = 16; GPT-2's q and v live in one HF
+    module (c_attn), which PEFT sees as one adapter of rank 32 (A's stacked, B block-diagonal), with
+    lora_alpha doubled so that alpha / r, the scaling, stays 32 / 16."""
+    for preset, r in (("tiny-gpt2", 32), ("tiny-llama", 16)):
+        m = GPT(GPTConfig.preset(preset))
+        apply_lora(m, 16, 32, targets=("q", "v"))
+        save_adapter(m, tmp_path / preset)
+        c = json.loads((tmp_path / preset / "adapter_config.json").read_text())
+        assert (c["r"], c["lora_alpha"] / c["r"], c["rank_pattern"]) == (r, 2.0, {}), preset
