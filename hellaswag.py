@@ -17,8 +17,9 @@ Run it:
     python prepare_data.py hellaswag                       # fetch hellaswag_val.jsonl (10,042 items)
     python hellaswag.py --init_from gpt2                   # harness scoring, OpenAI's GPT-2 124M
     python hellaswag.py --init_from gpt2 --scoring nanogpt
-    python hellaswag.py --init_from out/ckpt/model --limit 1000 --per_item items.jsonl
-    python hellaswag.py --init_from path/to/any_hf_causal_lm --json result.json
+    python hellaswag.py --init_from out/cpu                # a model here, offline: the built-in items
+    python hellaswag.py --init_from out/ckpt/model --data_file data/hellaswag/hellaswag_val.jsonl --limit 1000
+    python hellaswag.py --init_from path/to/any_hf_causal_lm --data_file data/hellaswag/hellaswag_val.jsonl
     torchrun --nproc_per_node=8 hellaswag.py --init_from gpt2-medium    # shards the items
     python hellaswag.py --help
 (Speed, batched against one ending per forward pass: `python bench_speed.py hellaswag`.)
