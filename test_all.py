@@ -1311,7 +1311,8 @@ def test_data_fineweb_and_hellaswag_commands_with_stand_ins(train_corpus, tmp_pa
     assert np.concatenate([prepare_data.load_shard(p) for p in shards]).tolist() == \
         [t for d in docs for t in [eot] + tok.encode(d)]
     got = []
-    monkeypatch.setattr(prepare_data, "download", lambda url, dest: got.append((url, Path(dest))) or Path(dest))
+    monkeypatch.setattr(prepare_data, "download",
+                        lambda url, dest, flag=None: got.append((url, Path(dest))) or Path(dest))
     prepare_data.main(["hellaswag", "--out_dir", str(tmp_path)])
     assert got == [(prepare_data.HELLASWAG_VAL_URL, tmp_path / "hellaswag" / "hellaswag_val.jsonl")]
 
@@ -1391,7 +1392,7 @@ def test_data_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
     assert prepare_data.download_hellaswag(tmp_path / "cache", url=url) == path  # present: no request (server is down)
     # offline: a clear error naming the URL and what to do, and nothing half-written
     with pytest.raises(ValueError, match="could not download .*--data_file"):
-        prepare_data.download_hellaswag(tmp_path / "cache2", url=url)
+        prepare_data.download_hellaswag(tmp_path / "cache2", url=url, flag="--data_file")  # hellaswag.py's flag
     assert list((tmp_path / "cache2").iterdir()) == []
 
 
@@ -4103,7 +4104,8 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     assert "hellaswag scoring=harness n=8" in out["hellaswag.py --init_from out/cpu"]
     assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 400"]
     if gpt2_ranks:
-        assert out['bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345'].startswith("Solid|GoldMagikarp| 123|45")
+        shown = out["bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345"]
+        assert shown.startswith("Solid|GoldMagikarp| 123|45")
 
 
 def _interrupted_run(cmd, sig, after: str, cwd, env=None):
