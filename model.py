@@ -895,9 +895,6 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/model": "its last checkpoint"}
-
-
 def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.json of flags has no model_type)
     return (p / "gpt_config.json").is_file() or (p / "config.json").is_file() and "model_type" in _read_json(
         p / "config.json")
@@ -1255,8 +1252,7 @@ def bounded(kind=int, lo=None, hi=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error, and
-    no abbreviations (argparse would take --max_step as --max_steps)."""
+    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error; no abbreviations."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
@@ -1296,9 +1292,6 @@ def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_
     given = {k: v for k, v in vars(config_parser(cls, description, alt_defaults).parse_args(argv)).items()
              if v is not None}
     return cls(**{**(defaults or {}), **given}), given
-
-
-DEVICE_HELP = "auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU)"  # every --device, pick_device's
 
 
 def pick_device(name: str = "auto") -> str:
@@ -1492,6 +1485,8 @@ def end_distributed():
 
 
 RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
+RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/model": "its last checkpoint"}
+DEVICE_HELP = "auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU)"  # every --device, pick_device's
 _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 
@@ -1652,8 +1647,7 @@ def write_jsonl(path, rows, ensure_ascii: bool = True):
 
 
 def close_run(out_dir):
-    """The run in out_dir is over: remove run.lock while still holding it, then release the lock (an
-    exit releases it too, but leaves the file)."""
+    """The run in out_dir is over: run.lock is removed while still held, then released (an exit leaves it)."""
     fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
     if fd is not None:
         Path(out_dir, "run.lock").unlink(missing_ok=True)
@@ -1661,10 +1655,9 @@ def close_run(out_dir):
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) or SIGTERM (`kill`, preemption) while training: the step finishes, the script
-    saves its resumable state, and exit() says where and leaves with 128 + the signal's number (130,
-    143, as a shell reports it) without a traceback; a second Ctrl-C stops at once. Under torchrun
-    requested() takes the max over the ranks, so that all stop at the same step (saving is collective)."""
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, preemption) while training: the step finishes, the script saves
+    its resumable state, and exit() says where and leaves with 128 + the signal's number (130, 143) without
+    a traceback; a second Ctrl-C stops at once. requested() agrees over torchrun's ranks (saving is collective)."""
 
     def __init__(self):
         self.signum, self._old = 0, {}
