@@ -48,6 +48,8 @@ from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, peak_m
                    process_memory_mb)
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's test data, beside a checkout
+
 
 def timed(fn):
     t0 = time.perf_counter()
@@ -377,7 +379,7 @@ def bench_tokens(args):
     if not args.tokenizer or not args.files:
         raise ValueError("tokens needs --tokenizer (a bpe.py tokenizer) and --files")
     tok = bpe.load_bpe(args.tokenizer, args.pattern)
-    gpt2 = bpe.load_bpe(args.gpt2)
+    gpt2 = bpe.load_bpe(args.gpt2 if Path(args.gpt2).is_file() else "gpt2")  # else $GPT2_TIKTOKEN, data/, ...
     rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
              "ours/GPT-2")]
     for p in args.files:
@@ -596,7 +598,7 @@ def main(argv=None):
     ap.add_argument("--nanogpt", default=None, help="train: path to nanoGPT's model.py, to include it")
     ap.add_argument("--preset", default="llama2-7b", help="load: model preset whose shape the checkpoint has")
     ap.add_argument("--dir", default="/tmp/fake-llama2-7b", help="load: checkpoint directory (made if absent)")
-    ap.add_argument("--input", default=str(bpe.DEFAULT_GPT2_RANKS.with_name("english_pd.txt")),
+    ap.add_argument("--input", default=str(SHARED_DATA / "english_pd.txt"),
                     help="bpe: a UTF-8 text file to train and encode")
     ap.add_argument("--vocab_sizes", type=bounded(int, 257), nargs="+", default=[4096, 32768],
                     help="bpe: vocabularies to train")
@@ -606,7 +608,9 @@ def main(argv=None):
     ap.add_argument("--naive_merges", type=bounded(int, 0), default=2,
                     help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
     ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
-    ap.add_argument("--gpt2", default=str(bpe.DEFAULT_GPT2_RANKS), help="bpe: GPT-2 rank file for the encoding part")
+    ap.add_argument("--gpt2", default=str(SHARED_DATA / "gpt2.tiktoken"),
+                    help="GPT-2 rank file: bpe: for the encoding part; tokens: when absent, GPT-2's tokenizer as "
+                         "bpe.py finds it ($GPT2_TIKTOKEN, data/gpt2.tiktoken)")
     ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
     ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it); nf4: our "

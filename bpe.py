@@ -64,8 +64,7 @@ NO_SPLIT_PATTERN = r"""[\s\S]+"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, None: NO_SPLIT_PATTERN}
 
 GPT2_SPECIAL_TOKENS = {"<|endoftext|>": 50256}
-# Where the GPT-2 rank file lives beside a checkout of this project (tests and benchmarks only).
-DEFAULT_GPT2_RANKS = Path(__file__).resolve().parent.parent / "shared" / "data" / "gpt2.tiktoken"
+GPT2_RANKS_URL = "https://raw.githubusercontent.com/openai/whisper/main/whisper/assets/gpt2.tiktoken"  # fetched once
 
 
 def resolve_pattern(pattern):
@@ -785,17 +784,18 @@ def _write_atomically(path, text):
 
 
 def load_bpe(spec, pattern="gpt2", trust_pattern=False):
-    """A Tokenizer from 'gpt2' (the rank file beside the checkout, else tiktoken's download), a
-    directory or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken file."""
+    """A Tokenizer from 'gpt2' (the rank file $GPT2_TIKTOKEN, else data/gpt2.tiktoken here, else tiktoken's
+    download), a directory or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken file."""
     if spec == "gpt2":
-        if DEFAULT_GPT2_RANKS.is_file():
-            return Tokenizer.from_tiktoken_file(DEFAULT_GPT2_RANKS)
+        local = Path(os.environ.get("GPT2_TIKTOKEN") or Path(__file__).resolve().parent / "data" / "gpt2.tiktoken")
+        if local.is_file():
+            return Tokenizer.from_tiktoken_file(local)
         import tiktoken
         try:
             enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise ValueError(f"cannot find GPT-2's tokenizer: {DEFAULT_GPT2_RANKS} is absent and "
-                             f"tiktoken could not download it ({e}); pass a path instead") from None
+        except Exception:
+            raise ValueError(f"GPT-2's tokenizer is not on this machine ({local}) and tiktoken could not download "
+                             f"it; fetch it once: curl -L --create-dirs -o {local} {GPT2_RANKS_URL}") from None
         return Tokenizer(enc._mergeable_ranks, "gpt2", enc._special_tokens, name="gpt2")
     path = Path(spec)
     if path.is_dir() and (path / "encoder.json").is_file():

@@ -14,7 +14,9 @@ a new "Human:" turn. The Alpaca template answers each message alone, as Alpaca w
 /reset clears the history, /quit ends.
 
 With --prompt: sampling from the prompt as it is (no template), as nanoGPT's sample.py does:
-temperature, top-k, top-p (nucleus), beam search, with or without the KV cache.
+temperature, top-k, top-p (nucleus), beam search, with or without the KV cache (--no-cache).
+A reply or sample never runs past the model's context: --max_new_tokens is capped at what the
+prompt leaves (model.fit_to_context), and a note says so once.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from bpe import load_tokenizer
-from model import GPT, cfg, fits_in_memory, parse_config, pick_device, previous_stage, run_main
+from model import (DEVICE_HELP, GPT, cfg, fit_to_context, fits_in_memory, parse_config, pick_device, previous_stage,
+                   resolve_init_from, run_main)
 from prepare_data import format_dialogue, format_prompt
 
 
 @dataclass
 class ChatConfig:
-    init_from: str = cfg("auto", "gpt2|gpt2-medium|..., a HF hub id, or a model directory (HF format or ours); "
+    init_from: str = cfg("auto", "gpt2|gpt2-medium|..., a HF hub id, a model directory (HF format or ours) or a "
+                                 "run directory (its best or final model); "
                                  "auto: the last stage's model on this machine (out-dpo/model, "
                                  "out-finetune/best_model, out/cpu/ckpt/model), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
@@ -40,16 +44,18 @@ class ChatConfig:
                         choices=["instruction", "dialogue", "none"])
     prompt: str | None = cfg(None, "continue this text and exit (no template) instead of chatting")
     num_samples: int = cfg(1, "--prompt: how many continuations", min=1)
-    max_new_tokens: int = cfg(128, "tokens to generate per reply or sample", min=1)
+    max_new_tokens: int = cfg(128, "tokens to generate per reply or sample (capped at what the model's context "
+                                   "leaves after the prompt)", min=1)
     temperature: float = cfg(0.7, "0 = greedy; higher = more random", min=0.0)
     top_k: int = cfg(50, "sample only among the k most likely tokens (0 = all)", min=0)
     top_p: float = cfg(0.95, "nucleus sampling threshold (1.0 = off)", min=0.0, max=1.0)
     num_beams: int = cfg(1, "--prompt: >1 = beam search instead of sampling", min=1)
     length_penalty: float = cfg(1.0, "--prompt with --num_beams: beam search length exponent")
-    no_cache: bool = cfg(False, "recompute the whole prefix at every step (no KV cache)")
+    cache: bool = cfg(True, "keep the keys and values of the prefix (the KV cache); --no-cache recomputes the "
+                            "whole prefix at every step")
     stop_at_eos: bool = cfg(True, "--prompt: end a sample at the end-of-text token")
     seed: int = cfg(1337, "random seed for reproducible samples")
-    device: str = cfg("auto", "cpu|cuda|mps|auto")
+    device: str = cfg("auto", DEVICE_HELP)
     dtype: str = cfg("float32", "weight dtype", choices=["float32", "bfloat16", "float16"])
 
 
@@ -59,6 +65,7 @@ STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model"
 def load(c: ChatConfig):
     if c.init_from == "auto":
         c.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
+    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
     device = pick_device(c.device)
     model = GPT.from_pretrained(c.init_from, dtype=getattr(torch, c.dtype), device=device).eval()
     if device == "cpu":
@@ -71,9 +78,10 @@ def sample(c: ChatConfig, out=None) -> list[str]:
     out = out or sys.stdout
     model, tok, device = load(c)
     ids = tok.encode(c.prompt) or [tok.eot_id]  # an empty prompt: start from the document boundary
-    seqs = model.generate(torch.tensor([ids] * c.num_samples, device=device), c.max_new_tokens,
+    [ids], n_new = fit_to_context([ids], c.max_new_tokens, model.config.block_size)
+    seqs = model.generate(torch.tensor([ids] * c.num_samples, device=device), n_new,
                           temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p, num_beams=c.num_beams,
-                          length_penalty=c.length_penalty, use_cache=not c.no_cache, seed=c.seed,
+                          length_penalty=c.length_penalty, use_cache=c.cache, seed=c.seed,
                           eos_token_id=tok.eot_id if c.stop_at_eos else None)
     texts = []
     for row in seqs.tolist():
@@ -93,9 +101,6 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
     """Read messages line by line, stream the model's replies. Returns the prompts used."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok, device = load(c)
-    room = model.config.block_size - c.max_new_tokens
-    if room <= 0:
-        raise ValueError(f"--max_new_tokens {c.max_new_tokens} leaves no room in the context")
     turns, prompts = [], []
     stdout.write(f"chatting with {c.init_from} ({c.template} format); /reset clears the history, /quit ends\n")
     for n, line in enumerate(stdin):
@@ -114,7 +119,7 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
         else:
             prompt = msg if c.template == "none" else format_prompt({"instruction": msg, "input": ""})
         prompts.append(prompt)
-        ids = tok.encode(prompt)[-room:]
+        [ids], n_new = fit_to_context([tok.encode(prompt)], c.max_new_tokens, model.config.block_size)
         new: list[int] = []
         shown = ""
 
@@ -130,9 +135,8 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
 
         stdout.write("Assistant:")
         try:
-            model.generate(torch.tensor([ids], device=device), c.max_new_tokens, temperature=c.temperature,
-                           top_k=c.top_k or None, top_p=c.top_p, seed=c.seed + n, stream=stream,
-                           use_cache=not c.no_cache)
+            model.generate(torch.tensor([ids], device=device), n_new, temperature=c.temperature,
+                           top_k=c.top_k or None, top_p=c.top_p, seed=c.seed + n, stream=stream, use_cache=c.cache)
         except _StopReply:
             pass
         stdout.write("\n")

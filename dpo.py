@@ -56,11 +56,12 @@ import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
-from model import (GPT, OPTIMIZER_STATES, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
-                   gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run,
-                   optimizer_step, parse_config, pick_device, pick_precision, plot_log, previous_stage, resumed_config,
-                   rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
-from model import check_finite, fits_in_memory, weights_fingerprint
+from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, autocast_and_scaler, cfg, check_finite,
+                   close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
+                   init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
+                   pick_device, pick_precision, plot_log, previous_stage, resolve_init_from, resumed_config,
+                   rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state,
+                   weights_fingerprint)
 from prepare_data import builtin_tasks, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -75,8 +76,9 @@ class DPOConfig:
                                  "auto: finetune.py's out-finetune/best_model if there is one (then, with no "
                                  "--data_file, on the built-in preference pairs: the offline life cycle), else gpt2")
     tokenizer: str | None = cfg(None, "tokenizer spec (default: the model's)")
-    data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default "
-                                      "Anthropic/hh-rlhf")
+    data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default: "
+                                      "the built-in preference pairs (offline) when --init_from auto finds "
+                                      "out-finetune/best_model, else Anthropic/hh-rlhf from the hub")
     split: str = cfg("train", "datasets split when no --data_file")
     n_samples: int = cfg(0, "use only the first N pairs (0 = all)", min=0)
     val_frac: float = cfg(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)
@@ -85,8 +87,8 @@ class DPOConfig:
     resume: bool = cfg(False, "continue the run in out_dir from its last state (out_dir/ckpt/), reusing its cached "
                               "reference log-probs; flags given now override its config.json, except the model and "
                               "what is trained")
-    ckpt_interval: int = cfg(0, "also write that resumable state every N steps (it is always written at the end; "
-                                "0 = only then)", min=0)
+    ckpt_interval: int = cfg(50, "also write that resumable state every N steps (it is always written at the end, "
+                                 "and on Ctrl-C / SIGTERM; 0 = only then)", min=0)
     stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
     quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
@@ -117,7 +119,7 @@ class DPOConfig:
     grad_checkpointing: bool = cfg(False, "recompute activations in backward")
     precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
-    device: str = cfg("auto", "cpu|cuda|mps|auto")
+    device: str = cfg("auto", DEVICE_HELP)
     optimizer: str = cfg("adamw", "the optimizer (rmsprop: the DPO paper's)", choices=list(OPTIMIZER_STATES))
     lr: float = cfg(0.0, "peak learning rate (0 = 5e-4 with LoRA, 1e-6 full)", min=0.0)
     warmup_steps: int = cfg(10, "linear warmup steps, then cosine decay to 0", min=0)
@@ -147,6 +149,7 @@ def parse_args(argv=None) -> DPOConfig:
             c.data_file = str(builtin_tasks()["pairs"])
             print(f"offline default: {SFT_MODEL} (from finetune.py) on the built-in preference pairs {c.data_file}; "
                   f"the real recipe names them: --init_from gpt2 (HH-RLHF from the hub)")
+    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
     if c.max_prompt_length >= c.max_length:
         raise ValueError(f"--max_prompt_length {c.max_prompt_length} must be < --max_length {c.max_length}")
     if c.reference == "adapter_off" and c.lora_rank == 0:
@@ -391,10 +394,9 @@ def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batc
 
 def _samples(model, tok, prompts, max_new_tokens, eos_id) -> list[str]:
     out = []
-    room = model.config.block_size - max_new_tokens
     for p in prompts:
-        ids = (tok.encode(p) or [eos_id])[-room:]
-        gen = model.generate(torch.tensor([ids], device=model.lm_head.weight.device), max_new_tokens,
+        [ids], n_new = fit_to_context([tok.encode(p) or [eos_id]], max_new_tokens, model.config.block_size)
+        gen = model.generate(torch.tensor([ids], device=model.lm_head.weight.device), n_new,
                              temperature=0, eos_token_id=eos_id)[0, len(ids):].tolist()
         out.append(tok.decode([t for t in gen if t != eos_id]))
     return out
@@ -478,6 +480,7 @@ def train(c: DPOConfig) -> dict:
     def save_state(step: int):
         extra = dict(shuffle=rng.getstate(), order=order, rng=all_ranks(rng_state(device)))
         save_train_state(out, policy, optimizer, step, extra, master)
+        say(f"resumable state: step {step} in {out / 'ckpt'}")
 
     def record(row):
         if master:
@@ -498,6 +501,7 @@ def train(c: DPOConfig) -> dict:
                 m.save_pretrained(where, "native", tok.source)
 
     t0 = time.time()
+    stop = GracefulStop()  # Ctrl-C / SIGTERM: the state at the next step boundary, then exit
     for step in range(start, c.max_steps + 1):
         if val_t and (step % c.eval_interval == 0 or step == c.max_steps):
             ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast,
@@ -540,6 +544,13 @@ def train(c: DPOConfig) -> dict:
             say(f"stopping at step {step + 1} (--stop_at_step), as if killed")
             end_distributed()
             return dict(log=log)
+        if stop.requested(device) and step + 1 < c.max_steps:
+            save_state(step + 1)
+            if master:
+                log_f.close()
+                close_run(out)
+            stop.exit(step + 1, out / "ckpt")
+    stop.restore()
     if log_f:
         log_f.close()
     save_state(c.max_steps)  # the end, too: --resume with a larger --max_steps continues from here

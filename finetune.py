@@ -57,12 +57,12 @@ import torch.nn.functional as F
 from bpe import atomic_write, load_tokenizer
 from lora import (NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report,
                   unload_lora)
-from model import (GPT, OPTIMIZER_STATES, RMSNorm, all_ranks, autocast_and_scaler, cfg, close_run, distribute,
-                   end_distributed, gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer,
-                   open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
-                   previous_stage, resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything,
-                   set_rng_state, write_jsonl)
-from model import check_finite, fits_in_memory, save_safetensors
+from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, RMSNorm, all_ranks, autocast_and_scaler, cfg,
+                   check_finite, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered,
+                   grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step,
+                   parse_config, peak_memory_mb, pick_device, pick_precision, plot_log, previous_stage,
+                   resolve_init_from, resumed_config, rewrite_log, rng_state, run_main, save_safetensors,
+                   save_train_state, seed_everything, set_rng_state, write_jsonl)
 from prepare_data import builtin_tasks, format_prompt, load_alpaca, load_classification, load_dialogues, parse_dialogue
 
 TASKS = ("instruction", "dialogue", "classify")
@@ -82,10 +82,11 @@ class FinetuneConfig:
     task: str = cfg("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
                                    "assistant turns; classify: a class per text, a linear head on the last token "
                                    "replacing the LM head", choices=TASKS)
-    data_file: str | None = cfg(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output "
-                                      "(default tatsu-lab/alpaca); dialogue: .jsonl with `chosen` conversations "
-                                      "(default Anthropic/hh-rlhf); classify: .jsonl/.csv with text, text_pair?, "
-                                      "label")
+    data_file: str | None = cfg(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output; "
+                                      "dialogue: .jsonl with `chosen` conversations; classify: .jsonl/.csv with text, "
+                                      "text_pair?, label; default: the task's built-in set (offline) when --init_from "
+                                      "auto finds train_gpt2.py's CPU checkpoint, else from the hub tatsu-lab/alpaca, "
+                                      "Anthropic/hh-rlhf or --dataset")
     dataset: str | None = cfg(None, "classify without --data_file: sst2 (sentiment) | sms_spam | mnli (entailment)")
     num_classes: int = cfg(2, "classify: number of classes (labels 0..N-1)", min=2)
     balance: bool = cfg(False, "classify: downsample every class to the size of the smallest")
@@ -93,8 +94,8 @@ class FinetuneConfig:
     overwrite: bool = cfg(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
     resume: bool = cfg(False, "continue the run in out_dir from its last state (out_dir/ckpt/); flags given now "
                               "override its config.json, except the model and what is trained")
-    ckpt_interval: int = cfg(0, "also write that resumable state every N steps (it is always written at the end; "
-                                "0 = only then)", min=0)
+    ckpt_interval: int = cfg(100, "also write that resumable state every N steps (it is always written at the end, "
+                                  "and on Ctrl-C / SIGTERM; 0 = only then)", min=0)
     stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
     quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
@@ -127,12 +128,12 @@ class FinetuneConfig:
                                           "more compute)")
     precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
-    device: str = cfg("auto", "cpu|cuda|mps|auto")
+    device: str = cfg("auto", DEVICE_HELP)
     # optimization
     optimizer: str = cfg("adamw", "the optimizer", choices=[o for o in OPTIMIZER_STATES if o != "rmsprop"])
     lr: float = cfg(0.0, "peak learning rate (0 = 3e-4 with LoRA, 1e-5 full)", min=0.0)
     min_lr: float = cfg(0.0, "learning rate at the end of the cosine decay", min=0.0)
-    warmup_ratio: float = cfg(0.05, "fraction of steps with linear warmup", min=0.0, max=1.0)
+    warmup_steps: int = cfg(-1, "steps of linear warmup (-1 = 5% of the steps)", min=-1)
     weight_decay: float = cfg(0.0, "decoupled weight decay on 2-D weights", min=0.0)
     grad_clip: float = cfg(1.0, "clip the global gradient norm (0 = off)", min=0.0)
     epochs: int = cfg(1, "passes over the training set (unless --max_steps)", min=1)
@@ -174,6 +175,7 @@ def parse_args(argv=None) -> FinetuneConfig:
             c.data_file = str(builtin_tasks()[BUILTIN[c.task]])
             print(f"offline default: {PRETRAINED} (from train_gpt2.py) on the built-in {c.task} set {c.data_file}; "
                   f"the real recipe names them: --init_from gpt2 (Alpaca, HH-RLHF or GLUE from the hub)")
+    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
     if c.val_frac + c.test_frac >= 1:
         raise ValueError(f"--val_frac {c.val_frac} + --test_frac {c.test_frac} must be below 1")
     if c.score_every_eval and c.task == "classify":
@@ -523,21 +525,14 @@ def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_to
                        autocast=contextlib.nullcontext, batch_size: int = 8) -> list[str]:
     """Greedy responses to the prompts of examples (stopping at EOS)."""
     out = []
-    block = model.config.block_size
     for i in range(0, len(examples), batch_size):
-        prompts = [tok.encode(format_prompt(e)) for e in examples[i:i + batch_size]]
-        fits = [p for p in prompts if len(p) < block]
-        n_new = min(max_new_tokens, block - max((len(p) for p in fits), default=block))
-        seqs = iter([])
-        if fits and n_new > 0:
-            with autocast():
-                seqs = iter(model.generate(fits, n_new, temperature=0, eos_token_id=eos_id).tolist())
-        T = max((len(p) for p in fits), default=0)
-        for p in prompts:
-            if len(p) >= block:
-                out.append("(prompt longer than the context)")
-                continue
-            new = next(seqs, [])[T:]
+        prompts, n_new = fit_to_context([tok.encode(format_prompt(e)) for e in examples[i:i + batch_size]],
+                                        max_new_tokens, model.config.block_size)
+        with autocast():
+            seqs = model.generate(prompts, n_new, temperature=0, eos_token_id=eos_id).tolist()
+        T = max(len(p) for p in prompts)
+        for row in seqs:
+            new = row[T:]
             out.append(tok.decode(new[: new.index(eos_id)] if eos_id in new else new).strip())
     return out
 
@@ -625,7 +620,7 @@ def finetune(c: FinetuneConfig) -> dict:
     seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     optimizer = make_optimizer(model, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda")
     total_steps = c.max_steps or c.epochs * math.ceil(len(train_t) / (c.batch_size * c.grad_accum * world))
-    warmup = int(c.warmup_ratio * total_steps)
+    warmup = c.warmup_steps if c.warmup_steps >= 0 else int(0.05 * total_steps)
     say(f"precision {precision}, {c.optimizer} lr {lr:g}, {total_steps} steps of {c.batch_size} x {c.grad_accum} x "
         f"{world} rank(s) = {c.batch_size * c.grad_accum * world} examples on {device}"
         + (" (FSDP)" if c.fsdp and world > 1 else " (DDP)" if world > 1 else ""))
@@ -656,6 +651,7 @@ def finetune(c: FinetuneConfig) -> dict:
                      best=[best_val, best_step, bad_evals], best_state=best_state, rng=all_ranks(rng_state(device)),
                      evaluated=evaluated == step)
         save_train_state(out, model, optimizer, step, extra, master)
+        say(f"resumable state: step {step} in {out / 'ckpt'}")
 
     def record(row):
         if master:
@@ -686,6 +682,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     # every rank evaluates (the whole set: under FSDP each forward needs every rank) and takes part in
     # each step with its share of the global batch; rank 0 records
+    stop = GracefulStop()  # Ctrl-C / SIGTERM: the state at the next step boundary, then exit
     while True:
         if (step % c.eval_interval == 0 or step == total_steps) and evaluated != step:
             evaluated = step
@@ -739,6 +736,13 @@ def finetune(c: FinetuneConfig) -> dict:
             say(f"stopping at step {step} (--stop_at_step), as if killed")
             end_distributed()
             return dict(log=log)
+        if stop.requested(device) and step < total_steps:
+            save_state()
+            if master:
+                log_f.close()
+                close_run(out)
+            stop.exit(step, out / "ckpt")
+    stop.restore()
     if log_f:
         log_f.close()
     save_state()  # the end, too: --resume with a larger --max_steps continues from here

@@ -17,8 +17,9 @@ Run it:
     python prepare_data.py hellaswag                       # fetch hellaswag_val.jsonl (10,042 items)
     python hellaswag.py --init_from gpt2                   # harness scoring, OpenAI's GPT-2 124M
     python hellaswag.py --init_from gpt2 --scoring nanogpt
-    python hellaswag.py --init_from out/ckpt/model --limit 1000 --per_item items.jsonl
-    python hellaswag.py --init_from path/to/any_hf_causal_lm --json result.json
+    python hellaswag.py --init_from out/cpu                # a model here, offline: the built-in items
+    python hellaswag.py --init_from out/ckpt/model --data_file data/hellaswag/hellaswag_val.jsonl --limit 1000
+    python hellaswag.py --init_from path/to/any_hf_causal_lm --data_file data/hellaswag/hellaswag_val.jsonl
     torchrun --nproc_per_node=8 hellaswag.py --init_from gpt2-medium    # shards the items
     python hellaswag.py --help
 (Speed, batched against one ending per forward pass: `python bench_speed.py hellaswag`.)
@@ -47,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from model import (GPT, ArgumentParser, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed,
-                   mean_stderr, pick_device, pick_precision, previous_stage, run_main, write_jsonl)
+from model import (DEVICE_HELP, GPT, ArgumentParser, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed,
+                   mean_stderr, pick_device, pick_precision, previous_stage, resolve_init_from, run_main, write_jsonl)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
@@ -469,13 +470,14 @@ def main(argv=None):
                                     "scoring) of our checkpoints and Hugging Face causal LMs.",
                         formatter_class=DefaultsHelp)
     ap.add_argument("--init_from", default="auto",
-                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, or our "
-                         "checkpoint directory (e.g. out/ckpt/model); auto: the last stage's model on this machine "
-                         "(out-dpo/model, out-finetune/best_model, out/cpu/ckpt/model; then, with no --data_file, on "
-                         "the built-in multiple-choice set: the offline life cycle), else gpt2")
+                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, our "
+                         "checkpoint directory (e.g. out/ckpt/model), or a run directory (its best or final model); "
+                         "auto: the last stage's model on this machine (out-dpo/model, out-finetune/best_model, "
+                         "out/cpu/ckpt/model), else gpt2")
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
-                         "default: hellaswag_val.jsonl in --cache_dir, downloaded if missing")
+                         "default: for a model on this machine, the built-in multiple-choice set (offline); for a "
+                         "hub model, hellaswag_val.jsonl in --cache_dir, downloaded if missing")
     ap.add_argument("--cache_dir", default="data/hellaswag", help="where the download goes")
     ap.add_argument("--scoring", default="harness", choices=SCORINGS,
                     help="harness: lm-evaluation-harness's hellaswag (acc_norm divides by characters); "
@@ -492,7 +494,7 @@ def main(argv=None):
     ap.add_argument("--add_bos", action="store_true",
                     help="put the tokenizer's BOS token (else end-of-text) before every context, like the "
                          "harness's add_bos_token=True (off by default, as the harness does for causal LMs)")
-    ap.add_argument("--device", default="auto", help="cpu|cuda|mps|auto (cuda = cuda:LOCAL_RANK under torchrun)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weight dtype; auto = bfloat16 on a GPU with bf16 tensor cores, else float32 "
                          "(log-softmax is always float32)")
@@ -506,11 +508,13 @@ def main(argv=None):
     rank, _, world_size = init_distributed(device)
     if args.init_from == "auto":
         args.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
-        if args.init_from != "gpt2" and args.data_file is None:
-            args.data_file = str(builtin_tasks()["hellaswag"]) if rank == 0 else "data/builtin_tasks/hellaswag.jsonl"
-            if rank == 0:
-                print(f"offline default: {args.init_from} on the built-in multiple-choice set {args.data_file} "
-                      f"(HellaSwag's schema); the real benchmark: --init_from gpt2 (HellaSwag from the web)")
+    args.init_from = resolve_init_from(args.init_from)  # a run directory: its best or final model
+    if Path(args.init_from).expanduser().is_dir() and args.data_file is None:  # a model on this machine: offline
+        args.data_file = str(builtin_tasks()["hellaswag"]) if rank == 0 else "data/builtin_tasks/hellaswag.jsonl"
+        if rank == 0:
+            print(f"offline default: {args.init_from} on the built-in multiple-choice set {args.data_file} "
+                  f"(HellaSwag's schema); the real benchmark: `python prepare_data.py hellaswag`, then "
+                  f"--data_file data/hellaswag/hellaswag_val.jsonl")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if pick_precision("auto", device) == "bf16" else "float32"
@@ -523,7 +527,7 @@ def main(argv=None):
     if args.data_file:
         data_file = Path(args.data_file)
     elif rank == 0:
-        data_file = download_hellaswag(args.cache_dir)
+        data_file = download_hellaswag(args.cache_dir, flag="--data_file")
     else:
         data_file = Path(args.cache_dir) / Path(HELLASWAG_VAL_URL).name
     if world_size > 1:

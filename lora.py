@@ -516,6 +516,7 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
     ranks = {name: A.shape[0] for name, A, _, _ in mods}
     # PEFT: scaling = lora_alpha / r (or / sqrt(r) with use_rslora), so alpha = scaling * r
     alphas = {name: s * (math.sqrt(ranks[name]) if rslora else ranks[name]) for name, _, _, s in mods}
+    # GPT-2's q,v at rank r are one module here, HF's fused c_attn, of rank 2r (A's stacked, B block-diagonal)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
     config = {

@@ -39,6 +39,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -820,6 +821,24 @@ class GPT(nn.Module):
         return finished[:, 0, : T + n_out]
 
 
+_capped_flags: set[str] = set()  # the flags whose cap has been noted, so a chat loop says it once
+
+
+def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: int, flag: str = "--max_new_tokens"):
+    """(prompts, n_new) that fit a block_size context: n_new is max_new_tokens capped at what the
+    longest prompt leaves but at least half the context (longer prompts keep their last tokens).
+    Nothing stops on it; a one-line note says so, once per flag."""
+    longest = max((len(p) for p in prompts), default=0)
+    n_new = min(max_new_tokens, max(block_size - longest, block_size // 2))
+    keep = block_size - n_new
+    if n_new < max_new_tokens and flag not in _capped_flags:
+        _capped_flags.add(flag)
+        cut = f"; prompts keep their last {keep} tokens" if longest > keep else ""
+        print(f"note: {flag} {max_new_tokens} capped at {n_new}: the model's context is {block_size} tokens"
+              f"{cut}", file=sys.stderr, flush=True)
+    return [p[-keep:] if keep else [] for p in prompts], n_new
+
+
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
     """Set to -inf every logit outside the sampling set. top_k keeps the k largest; top_p (nucleus)
     keeps the smallest set of most-likely tokens whose total probability reaches top_p (the token
@@ -875,8 +894,30 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _resolve_model_dir(name_or_dir: str) -> Path:
+def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.json of flags has no model_type)
+    return (p / "gpt_config.json").is_file() or (p / "config.json").is_file() and "model_type" in _read_json(
+        p / "config.json")
+
+
+def resolve_init_from(name_or_dir: str) -> str:
+    """A run directory (what the training scripts write: flags, logs, models below) stands for its
+    best_model/, else its final model/, else its last checkpoint ckpt/model/, named in one line."""
     path = Path(name_or_dir).expanduser()
+    if not path.is_dir() or _is_model_dir(path):
+        return name_or_dir
+    for sub, what in RUN_MODELS.items():
+        if _is_model_dir(path / sub):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--init_from {name_or_dir}: a run directory; using {path / sub}, {what}", file=sys.stderr)
+            return str(path / sub)
+    if any((path / f).exists() for f in RUN_FILES):
+        raise FileNotFoundError(f"--init_from {name_or_dir}: a run directory without a saved model "
+                                f"({'/, '.join(RUN_MODELS)}/)")
+    return name_or_dir
+
+
+def _resolve_model_dir(name_or_dir: str) -> Path:
+    path = Path(resolve_init_from(name_or_dir)).expanduser()
     if path.is_dir():
         return path
     if path.exists():
@@ -1250,7 +1291,10 @@ def bounded(kind=int, lo=None, hi=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error."""
+    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error; no abbreviations."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -1529,6 +1573,8 @@ RUN_OUTPUTS = ("run.lock", "config.json", "log.jsonl", "loss.png", "ckpt", "ckpt
                "summary.*", "best_adapter", "best_model", "responses.jsonl", "responses.md", "scoring", "adapter",
                "model", "ref_logps.json", "dpo.png", "samples.md", "results.*", "runs", "scores.*",
                "judge_cache.jsonl", "*.tmp")
+RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/model": "its last checkpoint"}
+DEVICE_HELP = "auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU)"  # every --device, pick_device's
 _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 
@@ -1702,10 +1748,51 @@ def write_jsonl(path, rows, ensure_ascii: bool = True):
 
 
 def close_run(out_dir):
-    """The run in out_dir is over: release its lock (a process's exit releases it anyway)."""
+    """The run in out_dir is over: run.lock is removed while still held, then released (an exit leaves it)."""
     fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
     if fd is not None:
+        Path(out_dir, "run.lock").unlink(missing_ok=True)
         os.close(fd)
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, preemption) while training: the step finishes, the script saves
+    its resumable state, and exit() says where and leaves with 128 + the signal's number (130, 143) without
+    a traceback; a second Ctrl-C stops at once. requested() agrees over torchrun's ranks (saving is collective)."""
+
+    def __init__(self):
+        self.signum, self._old = 0, {}
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals cannot be taken
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: "
+                  f"at once, without)", file=sys.stderr, flush=True)
+
+    def requested(self, device="cpu") -> bool:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([self.signum], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def exit(self, step: int, where):
+        self.restore()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{signal.Signals(self.signum).name}: stopped at step {step}; resumable state in {where}; "
+                  f"continue with --resume", file=sys.stderr, flush=True)
+        end_distributed()
+        raise SystemExit(128 + self.signum)
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
 
 
 def previous_stage(*dirs) -> str | None:
@@ -1741,11 +1828,18 @@ def run_main(main, argv=None):
     under torchrun only rank 0 says it. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, preparing data): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, OSError) as e:
         if os.environ.get("RANK", "0") == "0":
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo can abort
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_backend() == "gloo":
+            torch.distributed.destroy_process_group()
 
 
 def peak_memory_mb(device: str = "cpu") -> float:

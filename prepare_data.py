@@ -519,9 +519,10 @@ def fineweb_documents(remote_name: str, dataset: str = "HuggingFaceFW/fineweb-ed
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
-def download(url: str, dest: Path) -> Path:
+def download(url: str, dest: Path, flag: str | None = "--input") -> Path:
     """Download url to dest (skipped when already there); written to a temporary name and renamed,
-    so an interrupted download never leaves a truncated file that later runs take for the whole."""
+    so an interrupted download never leaves a truncated file that later runs take for the whole.
+    flag: the caller's flag for a local copy instead, named when the download fails."""
     import requests
 
     dest = Path(dest)
@@ -533,7 +534,7 @@ def download(url: str, dest: Path) -> Path:
         r.raise_for_status()
     except requests.RequestException as e:
         raise ValueError(f"could not download {url} ({type(e).__name__}). Offline? Fetch it on a machine with "
-                         f"internet and put it at {dest}, or pass --data_file / --input.") from None
+                         f"internet and put it at {dest}{f', or pass its path with {flag}' if flag else ''}.") from None
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(r.content))
     return dest
 
@@ -780,8 +781,8 @@ def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_sa
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def download_hellaswag(cache_dir="data/hellaswag", url: str = HELLASWAG_VAL_URL) -> Path:
-    return download(url, Path(cache_dir) / Path(url).name)
+def download_hellaswag(cache_dir="data/hellaswag", url: str = HELLASWAG_VAL_URL, flag: str | None = None) -> Path:
+    return download(url, Path(cache_dir) / Path(url).name, flag)
 
 
 def load_hellaswag(path) -> list[dict]:

@@ -38,7 +38,8 @@ import torch
 
 from bpe import atomic_write, load_tokenizer
 from lora import load_adapter
-from model import GPT, cfg, mean_stderr, parse_config, pick_device, run_main, write_jsonl
+from model import (DEVICE_HELP, GPT, cfg, fit_to_context, mean_stderr, parse_config, pick_device, resolve_init_from,
+                   run_main, write_jsonl)
 from prepare_data import format_dialogue, format_prompt, read_jsonl, read_text_file, string_fields
 
 
@@ -60,7 +61,7 @@ class ScoreConfig:
     judge_timeout: float = cfg(60.0, "seconds per judge request", min=0.001)
     judge_retries: int = cfg(4, "retries on timeouts, 429 and 5xx", min=0)
     max_new_tokens: int = cfg(128, "longest answer", min=1)
-    device: str = cfg("auto", "cpu|cuda|mps|auto")
+    device: str = cfg("auto", DEVICE_HELP)
 
 
 DEFAULT_PROMPTS = [  # everyday questions across science, history, economics and social topics
@@ -108,9 +109,9 @@ def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int
     """Greedy answers (stopping at EOS) to the prompts, in their template."""
     out, eos = [], tok.eot_id
     for i in range(0, len(prompts), batch_size):
-        ids = [tok.encode(format_prompt(p))[-(model.config.block_size - max_new_tokens):]
-               for p in prompts[i:i + batch_size]]
-        seqs = model.generate(ids, max_new_tokens, temperature=0, eos_token_id=eos).tolist()
+        ids, n_new = fit_to_context([tok.encode(format_prompt(p)) for p in prompts[i:i + batch_size]],
+                                    max_new_tokens, model.config.block_size)
+        seqs = model.generate(ids, n_new, temperature=0, eos_token_id=eos).tolist()
         T = max(len(x) for x in ids)
         for s in seqs:
             new = s[T:]
@@ -244,6 +245,9 @@ def checkpoints(path: Path) -> list[tuple[str, Path]]:
         return [(path.name, path)]
     found = sorted(path.glob("ckpt_step*"), key=lambda p: int(p.name[len("ckpt_step"):]))
     found += [p for p in (path / "best_model", path / "best_adapter") if p.is_dir()]
+    if not found:  # a run of dpo.py or train_gpt2.py: its final model or last checkpoint
+        picked = Path(resolve_init_from(str(path)))
+        found = [picked] if picked != path else []
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (a model dir, or a run dir with ckpt_step*/ or best_model/)")
     return [(p.name, p) for p in found]

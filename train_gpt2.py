@@ -45,11 +45,10 @@ import torch.distributed as dist
 
 import prepare_data
 from bpe import load_tokenizer
-from model import (GPT, GPTConfig, all_ranks, autocast_and_scaler, cfg, close_run, distribute, end_distributed,
-                   grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
-                   pick_device, pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything,
-                   set_rng_state)
-from model import check_finite, check_model_size, fits_in_memory
+from model import (DEVICE_HELP, GPT, GPTConfig, GracefulStop, all_ranks, autocast_and_scaler, cfg, check_finite,
+                   check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, grad_sync,
+                   init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device,
+                   pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -102,8 +101,7 @@ class TrainConfig:
     stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final eval/checkpoint): "
                                "for testing --resume; 0 = off", min=0)
     # system
-    device: str = cfg("auto", "where to train (under torchrun each rank takes cuda:LOCAL_RANK)",
-                      choices=["auto", "cpu", "cuda", "mps"])
+    device: str = cfg("auto", DEVICE_HELP)
     precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 with loss scaling on older "
                                  "GPUs, fp32 on a CPU", choices=["auto", "fp32", "bf16", "fp16"])
     compile: str = cfg("auto", "torch.compile the training module (auto: on for CUDA)", choices=["auto", "on", "off"])
@@ -325,8 +323,8 @@ def val_loss(model, stream: TokenStream, cfg: TrainConfig, device, autocast, ran
 
 def sample(model, tok, cfg: TrainConfig, step: int, device) -> list[str]:
     model.eval()
-    ids = tok.encode(cfg.sample_prompt)[-(model.config.block_size - 1):] or [tok.eot_id]
-    n = min(cfg.sample_len, model.config.block_size - len(ids))
+    [ids], n = fit_to_context([tok.encode(cfg.sample_prompt) or [tok.eot_id]], cfg.sample_len,
+                              model.config.block_size, "--sample_len")
     out = model.generate(torch.tensor([ids] * cfg.num_samples, device=device), n, temperature=1.0, top_k=50,
                          seed=cfg.seed + step)
     model.train()
@@ -499,16 +497,22 @@ def train(cfg: TrainConfig, given: dict | None = None):
             f.write(json.dumps(record) + "\n")
 
     # ---- the loop. At the top of iteration `step`, `step` optimizer steps are done.
+    stop = GracefulStop()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary, then exit
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         if cfg.stop_at_step and step == cfg.stop_at_step and not last:
             say(f"stopping at step {step} (--stop_at_step), as if killed")
             break
-        if step > start_step and (last or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)):
+        stopping = stop.requested(device) and not last
+        if stopping or step > start_step and (last or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)):
             rngs = all_ranks(rng_state(device))  # every rank's streams, for an exact resume
             if master:
                 save_checkpoint(out_dir, raw_model, optimizer, step, train_loader, cfg, meta["tokenizer"],
                                 tok.source if tok is not None else None, rngs)
+                say(f"checkpoint: step {step} in {out_dir / 'ckpt'}")
+        if stopping:
+            close_run(out_dir)
+            stop.exit(step, out_dir / "ckpt")
         if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
             t0 = time.time()
             rec = {"type": "eval", "step": step,
@@ -567,6 +571,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
                 f"{1000 * dt:7.1f} ms | {tps:10,.0f} tok/s{mfu_s}")
             log_line({"type": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                       "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
+    stop.restore()
     close_run(out_dir)
     end_distributed()  # tear down together
     return out_dir
