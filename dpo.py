@@ -566,7 +566,8 @@ def train(c: DPOConfig) -> dict:
         close_run(out)
     say(f"done in {time.time() - t0:.0f} s")
     if prompts:
-        say(f"a held-out answer: {prompts[0].split(chr(10))[-3]!r} -> before {before[0].strip()!r}, after "
+        question = prompts[0].rsplit("### Instruction:", 1)[-1].split("### Response:")[0].strip()[-150:]
+        say(f"a held-out answer: {question!r} -> before {before[0].strip()!r}, after "
             f"{after[0].strip()!r} (chosen {val_pairs[0]['chosen']!r}, rejected {val_pairs[0]['rejected']!r})")
     say(before_after(summary, f"{len(val_t)} held-out pairs, {len(prompts)} answers; reward_accuracy chance 0.5"))
     written = ("summary.json", "log.jsonl", "dpo.png", "samples.md", "adapter", "model")
