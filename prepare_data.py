@@ -451,9 +451,9 @@ def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(),
     return out_dir
 
 
-TASK_QUESTIONS = {"module": "Which module defines `{q}`?", "name": "What is `{q}` called without its module?",
-                  "import": "Write the import statement for `{q}`.", "kind": "Is `{q}` a class or a function?",
-                  "params": "List the parameters of `{sig}`."}
+TASK_QUESTIONS = {"module": "Which module in: from {m} import {n}", "name": "Which name in: from {m} import {n}",
+                  "import": "Write the import statement for {n} of module {m}.",
+                  "kind": "Is {n} of module {m} a class or a function?"}
 
 
 def exact_match(answers: list[str], references: list[str]) -> float:
@@ -464,53 +464,53 @@ def exact_match(answers: list[str], references: list[str]) -> float:
 def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0) -> dict[str, Path]:
     """The offline life cycle's task data: TASK_QUESTIONS about the stdlib's names (read with `ast`),
     each answer following from its question by a rule (copying, a name's case) that a 2.6M-parameter
-    model learns in minutes (reciting docs it cannot). Whole modules are held out (is_val_document, as
-    in pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl
-    (Alpaca), dialogues.jsonl (the same as HH-RLHF turns), pairs[_test].jsonl (the right answer over a
-    wrong one: another question's answer, or another name's), classes.jsonl (a class's qualified name
-    1, a function's 0), hellaswag.jsonl (held out: a docstring sentence's start; its rest against 3 others)."""
+    model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do in
+    the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
+    pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
+    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: another
+    question's or another name's), classes.jsonl (a class's qualified name 1, a function's 0),
+    hellaswag.jsonl (held out: a docstring sentence's start; its rest against 3 others')."""
     names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
         return files
-    rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(name, sig, {task: answer}, sentence)]
+    rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
     for path, tree in _source_trees():
-        module = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
-                a, name = getattr(node, "args", None), node.name
-                tasks = {"module": module, "name": name, "import": f"from {module} import {name}",
-                         "kind": "function" if a else "class"}
-                params = [p.arg for p in (*a.posonlyargs, *a.args, a.vararg, *a.kwonlyargs, a.kwarg) if p] if a else []
-                sig = f"{name}({ast.unparse(a)})" if a else ""
-                if 1 <= len(params) <= 4 and len(sig) <= 60:  # a short signature: the answer fits the context
-                    tasks["params"] = ", ".join(params)
+                tasks = {"module": f" {m}", "name": f" {(n := node.name)}", "import": f" from {m} import {n}",
+                         "kind": " function" if isinstance(node, ast.FunctionDef) else " class"}
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
                 first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
-                found[is_val_document(path)].append((f"{module}.{name}", sig, tasks, first))
+                found[is_val_document(path)].append((m, n, tasks, first))
 
     def pair(question, task, tasks, pool):  # rejected: another task's answer, or another name's (same task)
         wrong = [v for v in tasks.values() if v != tasks[task]] if rng.random() < 0.5 else []
-        while not wrong:
-            wrong = [v for v in [rng.choice(pool)[2].get(task)] if v not in (None, tasks[task])]
+        wrong = wrong or [next(v for v in (rng.choice(pool)[2][task] for _ in iter(int, 1)) if v != tasks[task])]
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=rng.choice(wrong))
 
     rows = {"hellaswag": []}
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
-        recs = [(TASK_QUESTIONS[t].format(q=q, sig=sig), t, ts) for q, sig, ts, _ in found[held] for t in ts]
+        package = {}  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
+        for r in found[held]:
+            package.setdefault(r[0].split(".")[0], []).append(r)
+        pool = [r for rs in package.values() for r in rng.sample(rs, min(len(rs), 40))]
+        recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
         rng.shuffle(recs)
         recs = recs[:500 if held else n_max]
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
-        rows["pairs" + key] = [pair(qn, t, ts, found[held]) for qn, t, ts in recs]
+        rows["pairs" + key] = [pair(qn, t, ts, pool) for qn, t, ts in recs]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
-                                                     ("Assistant", " " + r["output"])])} for r in rows["instructions"]]
-    rows["classes"] = [{"text": q, "label": int(ts["kind"] == "class")} for q, _, ts, _ in found[False]][:n_max]
-    held = [(q, w[: len(w) // 2], w[len(w) // 2:]) for q, _, _, f in found[True] if len(w := f.split()) >= 4]
-    for i, (name, ctx, rest) in enumerate(held[:500]):
-        endings = [" ".join(held[j][2]) for j in rng.sample([j for j in range(len(held)) if held[j][2] != rest], 3)]
+                                                     ("Assistant", r["output"])])} for r in rows["instructions"]]
+    rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")}
+                       for m, n, ts, _ in found[False]][:n_max]
+    held = [(m, n, w[: len(w) // 2], w[len(w) // 2:]) for m, n, _, f in found[True] if len(w := f.split()) >= 4]
+    for i, (m, n, ctx, rest) in enumerate(held[:500]):
+        endings = [" ".join(held[j][3]) for j in rng.sample([j for j in range(len(held)) if held[j][3] != rest], 3)]
         endings.insert(label := rng.randrange(4), " ".join(rest))
-        rows["hellaswag"].append({"activity_label": name.rsplit(".", 1)[0], "ctx_a": " ".join(ctx), "ctx_b": "",
-                                  "endings": endings, "label": label, "ind": i, "split": "val", "source_id": name})
+        rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
+                                  "label": label, "ind": i, "split": "val", "source_id": f"{m}.{n}"})
     for key in names:
         _write_jsonl(files[key], rows[key], quiet=True)
     print(f"built-in tasks -> {out_dir}: " + ", ".join(f"{len(rows[k])} {k}" for k in names), file=sys.stderr)
