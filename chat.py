@@ -26,7 +26,7 @@ import torch
 
 from bpe import load_tokenizer
 from model import GPT, cfg, parse_config, pick_device, previous_stage, run_main
-from prepare_data import format_dialogue, format_prompt
+from prepare_data import TASK_QUESTIONS, format_dialogue, format_prompt
 
 
 @dataclass
@@ -98,6 +98,11 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
         raise ValueError(f"--max_new_tokens {c.max_new_tokens} leaves no room in the context")
     turns, prompts = [], []
     stdout.write(f"chatting with {c.init_from} ({c.template} format); /reset clears the history, /quit ends\n")
+    if c.init_from in STAGE_MODELS[:2] and c.template == "instruction":  # tuned on the built-in tasks
+        examples = (TASK_QUESTIONS["module"].format(q="platform.libc_ver"),
+                    TASK_QUESTIONS["import"].format(q="enum.IntFlag"))
+        stdout.write(f"(tuned on questions about the standard library's names; modules it never saw, e.g.: "
+                     f"{' / '.join(examples)})\n")
     for n, line in enumerate(stdin):
         msg = line.strip()
         if msg == "/quit":
