@@ -469,7 +469,7 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
     pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
     dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: another
     question's or another name's), classes.jsonl (a class's qualified name 1, a function's 0),
-    hellaswag.jsonl (held out: a docstring sentence's start; its rest against 3 others')."""
+    hellaswag.jsonl (held out: a docstring sentence's start; its rest against its words reordered)."""
     names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
@@ -497,17 +497,17 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
             package.setdefault(r[0].split(".")[0], []).append(r)
         pool = [r for rs in package.values() for r in rng.sample(rs, min(len(rs), 40))]
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
-        rng.shuffle(recs)
-        recs = recs[:500 if held else n_max]
+        recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
         rows["pairs" + key] = [pair(qn, t, ts, pool) for qn, t, ts in recs]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
                                                      ("Assistant", r["output"])])} for r in rows["instructions"]]
     rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")}
                        for m, n, ts, _ in found[False]][:n_max]
-    held = [(m, n, w[: len(w) // 2], w[len(w) // 2:]) for m, n, _, f in found[True] if len(w := f.split()) >= 4]
-    for i, (m, n, ctx, rest) in enumerate(held[:500]):
-        endings = [" ".join(held[j][3]) for j in rng.sample([j for j in range(len(held)) if held[j][3] != rest], 3)]
+    held = [(m, n, w[: len(w) // 2], r) for m, n, _, f in found[True]
+            if len(set(r := (w := f.split())[len(w) // 2:])) > 2]
+    for i, (m, n, ctx, rest) in enumerate(held[:500]):  # the true rest against its own words in 3 other orders
+        endings = rng.sample(sorted({" ".join(rng.sample(rest, len(rest))) for _ in range(50)} - {" ".join(rest)}), 3)
         endings.insert(label := rng.randrange(4), " ".join(rest))
         rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
                                   "label": label, "ind": i, "split": "val", "source_id": f"{m}.{n}"})

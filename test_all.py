@@ -3823,7 +3823,7 @@ def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_row
     as_set = lambda rows, keys: {tuple(r[k] for k in keys) for r in rows}  # noqa: E731
     assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
     assert not as_set(t["pairs"], ("prompt",)) & as_set(t["pairs_test"], ("prompt",))
-    assert len(t["hellaswag"]) >= 200 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
+    assert len(t["hellaswag"]) >= 100 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
 
 
 def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
