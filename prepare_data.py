@@ -467,8 +467,8 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
     model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do in
     the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
     pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
-    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: another
-    question's or another name's), classes.jsonl (a class's qualified name 1, a function's 0),
+    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: the
+    answer to another question), classes.jsonl (a class's qualified name 1, a function's 0),
     hellaswag.jsonl (held out: a docstring sentence's start; its rest against its words reordered)."""
     names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
@@ -485,9 +485,8 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
                 first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
                 found[is_val_document(path)].append((m, n, tasks, first))
 
-    def pair(question, task, tasks, pool):  # rejected: another task's answer, or another name's (same task)
-        wrong = [v for v in tasks.values() if v != tasks[task]] if rng.random() < 0.5 else []
-        wrong = wrong or [next(v for v in (rng.choice(pool)[2][task] for _ in iter(int, 1)) if v != tasks[task])]
+    def pair(question, task, tasks):  # rejected: the answer to another question about the same name
+        wrong = [v for v in tasks.values() if v != tasks[task]]
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=rng.choice(wrong))
 
     rows = {"hellaswag": []}
@@ -499,7 +498,7 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
         recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
-        rows["pairs" + key] = [pair(qn, t, ts, pool) for qn, t, ts in recs]
+        rows["pairs" + key] = [pair(qn, t, ts) for qn, t, ts in recs]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
                                                      ("Assistant", r["output"])])} for r in rows["instructions"]]
     rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")}
