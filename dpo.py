@@ -37,7 +37,8 @@ chosen/rejected whole conversations) or a generic jsonl of {prompt, chosen, reje
 out_dir gets: config.json, log.jsonl (per step: loss, reward_accuracy, reward_margin, chosen/rejected
 rewards, policy log-probs, lr; per eval the same with an eval_ prefix), dpo.png, model/ (the tuned
 model; merged, with LoRA) and adapter/ (LoRA, PEFT format), ref_logps.json (precomputed mode),
-samples.md (before / after), ckpt/ (the state --resume continues from).
+samples.md (before / after), summary.json ({"before": {...}, "after": {...}}: held-out reward_accuracy and
+chosen_rate, the share of answers equal to the chosen one), ckpt/ (the state --resume continues from).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ out_dir gets: config.json, log.jsonl (one JSON object per optimizer step: step, 
 per evaluation: step, val_loss, val_ppl, ...), loss.png, best_adapter/ (LoRA, PEFT format),
 best_model/ (merged full model), responses.jsonl and responses.md (instruction and dialogue),
 classifier_head.safetensors beside the best weights (classify), summary.json (the best
-step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time); ckpt/ (the
+step, val/test loss and perplexity or accuracy, trainable parameters, peak memory, time, and
+{"before": {...}, "after": {...}}: val loss, the held-out answers' exact_match and eos_rate); ckpt/ (the
 resumable state, --ckpt_interval), ckpt_step<N>/ (--save_interval), scoring/ (--score_every_eval).
 Answers can then be scored with score.py, and the model talked to with chat.py.
 """
