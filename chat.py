@@ -29,7 +29,7 @@ import torch
 from bpe import load_tokenizer
 from model import (DEVICE_HELP, GPT, cfg, fit_to_context, fits_in_memory, parse_config, pick_device, previous_stage,
                    resolve_init_from, run_main)
-from prepare_data import format_dialogue, format_prompt
+from prepare_data import TASK_QUESTIONS, format_dialogue, format_prompt
 
 
 @dataclass
@@ -103,6 +103,11 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
     model, tok, device = load(c)
     turns, prompts = [], []
     stdout.write(f"chatting with {c.init_from} ({c.template} format); /reset clears the history, /quit ends\n")
+    if c.init_from in STAGE_MODELS[:2] and c.template == "instruction":  # tuned on the built-in tasks
+        examples = (TASK_QUESTIONS["module"].format(m="platform", n="libc_ver"),
+                    TASK_QUESTIONS["kind"].format(m="enum", n="IntFlag"))
+        stdout.write(f"(tuned on questions about the standard library's names; modules it never saw, e.g.: "
+                     f"{' / '.join(examples)})\n")
     for n, line in enumerate(stdin):
         msg = line.strip()
         if msg == "/quit":

@@ -37,7 +37,8 @@ chosen/rejected whole conversations) or a generic jsonl of {prompt, chosen, reje
 out_dir gets: config.json, log.jsonl (per step: loss, reward_accuracy, reward_margin, chosen/rejected
 rewards, policy log-probs, lr; per eval the same with an eval_ prefix), dpo.png, model/ (the tuned
 model; merged, with LoRA) and adapter/ (LoRA, PEFT format), ref_logps.json (precomputed mode),
-samples.md (before / after), ckpt/ (the state --resume continues from).
+samples.md (before / after), summary.json ({"before": {...}, "after": {...}}: held-out reward_accuracy and
+chosen_rate, the share of answers equal to the chosen one), ckpt/ (the state --resume continues from).
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
-from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, autocast_and_scaler, cfg, check_finite,
-                   close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
-                   init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
-                   pick_device, pick_precision, plot_log, previous_stage, resolve_init_from, resumed_config,
-                   rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state,
+from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, autocast_and_scaler, before_after, cfg,
+                   check_finite, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered,
+                   grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step,
+                   parse_config, pick_device, pick_precision, plot_log, previous_stage, resolve_init_from,
+                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state,
                    weights_fingerprint)
-from prepare_data import builtin_tasks, load_pairs
+from prepare_data import builtin_tasks, exact_match, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -80,6 +81,8 @@ class DPOConfig:
                                       "the built-in preference pairs (offline) when --init_from auto finds "
                                       "out-finetune/best_model, else Anthropic/hh-rlhf from the hub")
     split: str = cfg("train", "datasets split when no --data_file")
+    val_file: str | None = cfg(None, "held-out pairs (the --data_file format) for evaluation and the answers before "
+                                     "and after, instead of a --val_frac split of the data")
     n_samples: int = cfg(0, "use only the first N pairs (0 = all)", min=0)
     val_frac: float = cfg(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)
     out_dir: str = cfg("out-dpo", "where logs, plots and weights go")
@@ -137,16 +140,27 @@ class DPOConfig:
 
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference")  # fixed once a run exists
 SFT_MODEL = "out-finetune/best_model"  # what `python finetune.py` leaves
+# The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter
+# model on the built-in pairs: LoRA (rank 16 on q, v) at lr 5e-3, ten times the general default, since a
+# tiny model takes large steps, and beta 0.5. In 100 steps of 8 pairs the held-out reward accuracy went
+# from 0 (policy = reference) to 0.92 (beta 0.1: 0.875; lr 2e-3: 0.90), and at beta 0.5 the answers
+# keep their end-of-text token (at 0.1 they lost it: "function import getp"). Answers are a few tokens:
+# 24 new ones are plenty, and 200 held-out answers measure chosen_rate to +-0.035.
+LAPTOP = dict(lr=5e-3, beta=0.5, max_steps=100, eval_interval=50, n_generate=200, max_new_tokens=24)
 
 
 def parse_args(argv=None) -> DPOConfig:
-    c, given = parse_config(DPOConfig, argv, __doc__.split("\n\n")[0].strip())
+    c, given = parse_config(DPOConfig, argv, __doc__.split("\n\n")[0].strip(),
+                            alt_defaults={"offline life cycle": LAPTOP})
     if c.resume:
         c = resumed_config(DPOConfig, c, given, c.out_dir, FIXED)
     if c.init_from == "auto":
         c.init_from = previous_stage(SFT_MODEL) or "gpt2"
         if c.init_from == SFT_MODEL and c.data_file is None:
             c.data_file = str(builtin_tasks()["pairs"])
+            c.val_file = c.val_file or str(builtin_tasks()["pairs_test"])  # pairs about held-out modules
+            for k, v in LAPTOP.items():
+                setattr(c, k, given.get(k, v))
             print(f"offline default: {SFT_MODEL} (from finetune.py) on the built-in preference pairs {c.data_file}; "
                   f"the real recipe names them: --init_from gpt2 (HH-RLHF from the hub)")
     c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
@@ -393,8 +407,12 @@ def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batc
 
 
 def _samples(model, tok, prompts, max_new_tokens, eos_id) -> list[str]:
-    out = []
-    for p in prompts:
+    """Greedy answers, one prompt at a time; a progress line every 10 s."""
+    out, shown = [], time.time()
+    for i, p in enumerate(prompts):
+        if time.time() - shown > 10:
+            print(f"generating: {i}/{len(prompts)} answers", flush=True)
+            shown = time.time()
         [ids], n_new = fit_to_context([tok.encode(p) or [eos_id]], max_new_tokens, model.config.block_size)
         gen = model.generate(torch.tensor([ids], device=model.lm_head.weight.device), n_new,
                              temperature=0, eos_token_id=eos_id)[0, len(ids):].tolist()
@@ -426,8 +444,8 @@ def train(c: DPOConfig) -> dict:
     pairs = load_pairs(c.data_file, c.split)
     pairs = pairs[: c.n_samples] if c.n_samples else pairs
     random.Random(c.seed).shuffle(pairs)
-    n_val = max(1, round(len(pairs) * c.val_frac)) if c.val_frac > 0 else 0
-    val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
+    n_val = 0 if c.val_file else max(1, round(len(pairs) * c.val_frac)) if c.val_frac > 0 else 0
+    val_pairs, train_pairs = load_pairs(c.val_file) if c.val_file else pairs[:n_val], pairs[n_val:]
     tk = lambda ps: tokenize_pairs(ps, tok, tok.eot_id, max_length, min(c.max_prompt_length, max_length - 1))  # noqa
     train_t, val_t = tk(train_pairs), tk(val_pairs)[: c.eval_pairs or None]
     if not train_t:
@@ -437,7 +455,7 @@ def train(c: DPOConfig) -> dict:
 
     autocast, scaler = autocast_and_scaler(precision, device_type)
     prompts = [p["prompt"] for p in val_pairs[: c.n_generate]]
-    before = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id) if prompts else []
+    before = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id)
 
     def build(g: GPT):  # the policy around a GPT (also around an empty one, to gather FSDP shards into)
         return apply_lora(g, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets) if lora else g
@@ -555,7 +573,19 @@ def train(c: DPOConfig) -> dict:
         log_f.close()
     save_state(c.max_steps)  # the end, too: --resume with a larger --max_steps continues from here
     save(out / ("adapter" if lora else "model"))
-    after = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id) if prompts else []
+    after = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id)
+    # before -> after on the held-out pairs: reward accuracy (0 before: policy = reference, every reward 0,
+    # a tie counts as wrong; 0.5 is chance), and chosen_rate, the share of greedy answers that pass the
+    # task's check (equal to the chosen answer: the built-in tasks' exact match)
+    evals = [r for r in log if "eval_reward_accuracy" in r]
+    summary = {"before": {}, "after": {}}
+    if evals:
+        for k, r in (("before", evals[0]), ("after", evals[-1])):
+            summary[k].update(reward_accuracy=r["eval_reward_accuracy"], reward_margin=r["eval_reward_margin"])
+    if prompts:
+        chosen = [p["chosen"] for p in val_pairs[: len(prompts)]]
+        summary["before"]["chosen_rate"], summary["after"]["chosen_rate"] = (
+            exact_match(before, chosen), exact_match(after, chosen))
     if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
         save(out / "model", merged=True)
     if master:
@@ -565,8 +595,16 @@ def train(c: DPOConfig) -> dict:
         for p, b, a in zip(prompts, before, after):
             md += [f"## Prompt\n```\n{p[-500:]}\n```\n", f"**Before:** {b}\n", f"**After:** {a}\n"]
         atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
+        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
         close_run(out)
-    say(f"done in {time.time() - t0:.0f} s; outputs in {out}")
+    say(f"done in {time.time() - t0:.0f} s")
+    if prompts:
+        question = prompts[0].rsplit("### Instruction:", 1)[-1].split("### Response:")[0].strip()[-150:]
+        say(f"a held-out answer: {question!r} -> before {before[0].strip()!r}, after "
+            f"{after[0].strip()!r} (chosen {val_pairs[0]['chosen']!r}, rejected {val_pairs[0]['rejected']!r})")
+    say(before_after(summary, f"{len(val_t)} held-out pairs, {len(prompts)} answers; reward_accuracy chance 0.5"))
+    written = ("summary.json", "log.jsonl", "dpo.png", "samples.md", "adapter", "model")
+    say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
     end_distributed()
     return dict(log=log)
 

@@ -498,7 +498,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weight dtype; auto = bfloat16 on a GPU with bf16 tensor cores, else float32 "
                          "(log-softmax is always float32)")
-    ap.add_argument("--json", default=None, help="write the result dict to this file")
+    ap.add_argument("--json", default=None, help="write the result dict to this file (offline life cycle: "
+                                                 "out-hellaswag/summary.json)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also score a randomly initialised model of the same shape: the 'before' of --json, chance "
+                         "made visible (on in the offline life cycle)")
     ap.add_argument("--per_item", default=None,
                     help="write one jsonl line per item (idx, label, ll, norm, pred, pred_norm)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -515,6 +519,7 @@ def main(argv=None):
             print(f"offline default: {args.init_from} on the built-in multiple-choice set {args.data_file} "
                   f"(HellaSwag's schema); the real benchmark: `python prepare_data.py hellaswag`, then "
                   f"--data_file data/hellaswag/hellaswag_val.jsonl")
+        args.baseline, args.json = True, args.json or "out-hellaswag/summary.json"
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if pick_precision("auto", device) == "bf16" else "float32"
@@ -534,14 +539,34 @@ def main(argv=None):
         torch.distributed.barrier()  # rank 0 may have been downloading
     examples = load_hellaswag(data_file)[: args.limit]
 
+    before = None
+    if args.baseline:  # the same shape, never trained: what the scoring gives by chance
+        if not isinstance(model, GPT):
+            raise ValueError("--baseline needs a model of model.py's GPT (--backend ours)")
+        torch.manual_seed(0)
+        before = evaluate(GPT(model.config).to(device=device, dtype=next(model.parameters()).dtype), tokenizer,
+                          examples, args.scoring, args.batch_size, device, rank, world_size,
+                          progress=not args.no_progress, bos_id=bos_id)
     result = evaluate(model, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
                       progress=not args.no_progress, return_items=bool(args.per_item), bos_id=bos_id)
     items = result.pop("items", None)
     if rank == 0:
+        # chance: one over the number of endings, averaged over the items (0.25 with HellaSwag's four)
+        chance = sum(1 / len(ex["endings"]) for ex in examples) / max(len(examples), 1)
+        if before:
+            print(summary_line(before) + " model=(randomly initialised, the same shape)")
         print(summary_line(result) + f" model={args.init_from} data={data_file}")
+        if before:
+            print(f"before -> after (a random model -> {args.init_from}, {result['n']} items): acc_norm "
+                  f"{before['acc_norm']:.3f} -> {result['acc_norm']:.3f} (chance {chance:.3f})")
         if args.json:
+            metrics = lambda r: {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}  # noqa: E731
+            extra = {"before": metrics(before), "after": metrics(result)} if before else {}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
-                {**result, "model": args.init_from, "data_file": str(data_file)}, indent=2) + "\n"))
+                {**result, "chance": chance, **extra, "model": args.init_from, "data_file": str(data_file)},
+                indent=2) + "\n"))
+            print(f"written: {args.json}")
         if args.per_item:
             write_jsonl(args.per_item, items)
     end_distributed()  # every rank waits for rank 0's writing

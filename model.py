@@ -1899,3 +1899,12 @@ def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hline
     fig.tight_layout()
     atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+
+
+def before_after(summary: dict, what: str = "") -> str:
+    """A stage's closing line from its summary.json's {"before": {...}, "after": {...}}: each metric
+    before -> after (what: on which data)."""
+    b, a = summary["before"], summary["after"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    return f"before -> after{f' ({what})' if what else ''}: " + ", ".join(
+        f"{k} {fmt(b.get(k))} -> {fmt(v)}" for k, v in a.items())

@@ -6,8 +6,7 @@ and written to data/<name>/ (change with --out_dir and --name).
     python prepare_data.py shakespeare      # tiny Shakespeare (1 MB, downloaded with requests)
     python prepare_data.py text --input "books/*.txt" --name books     # your own corpus
     python prepare_data.py fineweb          # FineWeb-Edu sample-10BT: ~100 shards of 100M tokens
-    python prepare_data.py builtin_tasks    # no network: instructions, preference pairs, classification
-                                            # and multiple choice, from the stdlib's documentation
+    python prepare_data.py builtin_tasks    # no network: instructions, pairs, classes, multiple choice
     python prepare_data.py hellaswag        # HellaSwag validation set, for hellaswag.py
     python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # jsonl for finetune.py
     python prepare_data.py hh --split train          # HH-RLHF dialogues for finetune.py --task dialogue
@@ -452,58 +451,68 @@ def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(),
     return out_dir
 
 
-def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 2000, seed: int = 0) -> dict[str, Path]:
-    """The offline life cycle's task data, derived from the standard library's own documentation
-    (the same text the built-in corpus pretrains on): for each documented public function or class,
-    the first sentence of its docstring. Writes, once (a finished folder is kept):
-      instructions.jsonl  Alpaca records: a question about `module.name` -> that sentence
-      dialogues.jsonl     the same as one-turn HH-RLHF conversations
-      pairs.jsonl         preference pairs: that sentence preferred to another name's
-      classes.jsonl       classification: is the sentence about a class (1) or a function (0)?
-      hellaswag.jsonl     HellaSwag's schema, from the held-out modules only (is_val_document): the
-                          sentence's first words as the context, its true rest against three others."""
-    out = Path(out_dir)
-    files = {k: out / f"{k}.jsonl" for k in ("instructions", "dialogues", "pairs", "classes", "hellaswag")}
+TASK_QUESTIONS = {"module": "Which module in: from {m} import {n}", "name": "Which name in: from {m} import {n}",
+                  "import": "Write the import statement for {n} of module {m}.",
+                  "kind": "Is {n} of module {m} a class or a function?"}
+
+
+def exact_match(answers: list[str], references: list[str]) -> float:
+    """The built-in tasks' check: the share of answers equal to their reference (outer spaces aside)."""
+    return sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / max(len(answers), 1)
+
+
+def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0) -> dict[str, Path]:
+    """The offline life cycle's task data: TASK_QUESTIONS about the stdlib's names (read with `ast`),
+    each answer following from its question by a rule (copying, a name's case) that a 2.6M-parameter
+    model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do in
+    the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
+    pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
+    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: the
+    answer to another question), classes.jsonl (a class's qualified name 1, a function's 0),
+    hellaswag.jsonl (held out: a docstring sentence's start; its rest against its words reordered)."""
+    names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
+    files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
         return files
-    found = []  # (held out?, module.name, is a class?, first sentence)
+    rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
     for path, tree in _source_trees():
-        module = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                tasks = {"module": f" {m}", "name": f" {(n := node.name)}", "import": f" from {m} import {n}",
+                         "kind": " function" if isinstance(node, ast.FunctionDef) else " class"}
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
-                first = " ".join(first.split())
-                if 24 <= len(first) <= 160 and first.endswith(".") and len(first.split()) >= 4:
-                    found.append((is_val_document(path), f"{module}.{node.name}",
-                                  isinstance(node, ast.ClassDef), first))
-    rng = random.Random(seed)
-    train = [r for r in found if not r[0]]
-    rng.shuffle(train)
-    train = train[:n_max]
-    questions = ("What does `{}` do?", "Explain `{}` in one sentence.", "What is `{}` for?")
-    instructions = [{"instruction": rng.choice(questions).format(name), "input": "", "output": first}
-                    for _, name, _, first in train]
-    other = lambda i, pool: next(x for x in (rng.choice(pool) for _ in iter(int, 1)) if x != pool[i])  # noqa: E731
-    answers = [r["output"] for r in instructions]
-    pairs = [{"prompt": format_prompt(r), "chosen": r["output"], "rejected": other(i, answers)}
-             for i, r in enumerate(instructions)]
-    classes = [{"text": first, "label": int(is_class)} for _, _, is_class, first in train]
-    held = [r for r in found if r[0]][:500]
-    halves = [(w[: len(w) // 2], w[len(w) // 2:]) for w in (first.split() for *_, first in held)]
-    items = []
-    for i, ((_, name, _, _), (ctx, rest)) in enumerate(zip(held, halves)):
-        endings = [" ".join(rest)] + [" ".join(other(i, [h[1] for h in halves])) for _ in range(3)]
-        label = rng.randrange(4)
-        endings[0], endings[label] = endings[label], endings[0]
-        items.append({"activity_label": name.rsplit(".", 1)[0], "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
-                      "label": label, "ind": i, "split": "val", "source_id": name})
-    dialogues = [{"chosen": format_dialogue([("Human", " " + r["instruction"]), ("Assistant", " " + r["output"])])}
-                 for r in instructions]
-    for key, rows in (("instructions", instructions), ("dialogues", dialogues), ("pairs", pairs),
-                      ("classes", classes), ("hellaswag", items)):
-        _write_jsonl(files[key], rows, quiet=True)
-    print(f"built-in tasks: {len(instructions)} instructions, {len(pairs)} pairs, {len(classes)} classification "
-          f"examples, {len(items)} multiple-choice items -> {out}", file=sys.stderr)
+                first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
+                found[is_val_document(path)].append((m, n, tasks, first))
+
+    def pair(question, task, tasks):  # rejected: the answer to another question about the same name
+        wrong = [v for v in tasks.values() if v != tasks[task]]
+        return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=rng.choice(wrong))
+
+    rows = {"hellaswag": []}
+    for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
+        package = {}  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
+        for r in found[held]:
+            package.setdefault(r[0].split(".")[0], []).append(r)
+        pool = [r for rs in package.values() for r in rng.sample(rs, min(len(rs), 40))]
+        recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
+        recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
+        rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
+        rows["pairs" + key] = [pair(qn, t, ts) for qn, t, ts in recs]
+    rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
+                                                     ("Assistant", r["output"])])} for r in rows["instructions"]]
+    rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")}
+                       for m, n, ts, _ in found[False]][:n_max]
+    held = [(m, n, w[: len(w) // 2], r) for m, n, _, f in found[True]
+            if len(set(r := (w := f.split())[len(w) // 2:])) > 2]
+    for i, (m, n, ctx, rest) in enumerate(held[:500]):  # the true rest against its own words in 3 other orders
+        endings = rng.sample(sorted({" ".join(rng.sample(rest, len(rest))) for _ in range(50)} - {" ".join(rest)}), 3)
+        endings.insert(label := rng.randrange(4), " ".join(rest))
+        rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
+                                  "label": label, "ind": i, "split": "val", "source_id": f"{m}.{n}"})
+    for key in names:
+        _write_jsonl(files[key], rows[key], quiet=True)
+    print(f"built-in tasks -> {out_dir}: " + ", ".join(f"{len(rows[k])} {k}" for k in names), file=sys.stderr)
     return files
 
 

@@ -3810,6 +3810,144 @@ def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fre
 
 
 # -----------------------------------------------------------------------------------------------
+# issue 25: the life cycle visibly learns: built-in tasks with held-out modules, before -> after metrics
+
+
+@pytest.fixture(scope="module")
+def builtin_task_rows(tmp_path_factory):
+    files = prepare_data.builtin_tasks(tmp_path_factory.mktemp("tasks"))
+    return {k: [json.loads(line) for line in f.read_text().splitlines()] for k, f in files.items()}
+
+
+TASK_RULES = {  # the built-in tasks' questions and, by a plain rule, their answers (module m, name n)
+    r"Which module in: from (\S+) import (\S+)$": lambda m, n: [f" {m}"],
+    r"Which name in: from (\S+) import (\S+)$": lambda m, n: [f" {n}"],
+    r"Write the import statement for (\S+) of module (\S+)\.$": lambda n, m: [f" from {m} import {n}"],
+    r"Is (\S+) of module (\S+) a class or a function\?$": lambda n, m: [" class", " function"]}
+
+
+def _task_module(instruction: str) -> tuple[str, list[str]]:
+    """(the module asked about, the allowed answers) of a built-in task's question."""
+    for pattern, answers in TASK_RULES.items():
+        if found := regex.match(pattern, instruction):
+            x, y = found.groups()
+            return (x if "module in" in pattern or "name in" in pattern else y), answers(x, y)
+    raise AssertionError(f"not a built-in task question: {instruction!r}")
+
+
+def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_rows):
+    t = builtin_task_rows
+    train_m = {_task_module(r["instruction"])[0] for r in t["instructions"]}
+    test_m = {_task_module(r["instruction"])[0] for r in t["instructions_test"]}
+    assert len(train_m) > 100 and len(test_m) > 20 and not train_m & test_m  # whole modules held out
+    assert not {it["source_id"].rsplit(".", 1)[0] for it in t["hellaswag"]} & train_m
+    as_set = lambda rows, keys: {tuple(r[k] for k in keys) for r in rows}  # noqa: E731
+    assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
+    assert not as_set(t["pairs"], ("prompt",)) & as_set(t["pairs_test"], ("prompt",))
+    assert len(t["hellaswag"]) >= 100 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
+
+
+def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
+    """Each answer, re-derived from its question by a plain rule (the exact-match reference), and each
+    preference pair: the instruction's answer preferred to a different one."""
+    for rows, pairs in (("instructions", "pairs"), ("instructions_test", "pairs_test")):
+        for r, p in zip(builtin_task_rows[rows], builtin_task_rows[pairs], strict=True):
+            assert r["output"] in _task_module(r["instruction"])[1], r
+            assert p["prompt"] == prepare_data.format_prompt(r) and p["chosen"] == r["output"] != p["rejected"]
+    kinds = [r["output"] for r in builtin_task_rows["instructions"] if r["instruction"].startswith("Is ")]
+    assert 0.1 < kinds.count(" class") / len(kinds) < 0.9
+
+
+def test_exact_match_and_eos_rate_by_hand():
+    ex = [{"output": "a.b"}, {"output": "from a import b"}, {"output": "class"}, {"output": "x"}]
+    m = finetune.answer_metrics([" a.b\n", "from a import  b", "class", "y"], [True, True, False, False], ex)
+    assert m == {"exact_match": 0.5, "eos_rate": 0.5}
+    assert prepare_data.exact_match([], []) == 0.0
+    with pytest.raises(ValueError):
+        prepare_data.exact_match(["a"], ["a", "b"])
+
+
+def test_generate_responses_says_which_answers_ended_with_eos():
+    """A stand-in model whose continuations are known: one stops with EOS, one runs to the limit."""
+    eos = 0
+
+    class Model:
+        config = type("C", (), {"block_size": 512})
+
+        def generate(self, prompts, n, temperature, eos_token_id):
+            T = max(len(p) for p in prompts)
+            tails = [[ord("o"), ord("k"), eos, eos], [ord("n"), ord("o"), ord("p"), ord("e")]]
+            return torch.tensor([[1] * T + tails[i % 2][:n] for i in range(len(prompts))])
+
+    class Tok:
+        encode = staticmethod(lambda s: [ord(ch) for ch in s])
+        decode = staticmethod(lambda ids: "".join(map(chr, ids)))
+
+    ex = [{"instruction": "a", "input": "", "output": "ok"}, {"instruction": "bb", "input": "", "output": "ok"}]
+    answers, ended = finetune.generate_responses(Model(), Tok(), ex, eos, 4)
+    assert answers == ["ok", "nope"] and ended == [True, False]
+    assert finetune.answer_metrics(answers, ended, ex) == {"exact_match": 0.5, "eos_rate": 0.5}
+
+
+def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, capsys):
+    """dpo.py's summary.json: reward_accuracy of the held-out pairs (0 at step 0: policy = reference,
+    ties count as wrong) and chosen_rate, the share of answers equal to the chosen one, before and after."""
+    import bpe
+
+    pairs = [{"prompt": f"say {w}:", "chosen": f" {w}", "rejected": f" {v}"}
+             for w, v in [("red", "blue"), ("cat", "dog"), ("sun", "tree"), ("big", "small")] * 3]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:8]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[8:]))
+    bpe.Tokenizer.train(" ".join(p["prompt"] + p["chosen"] + p["rejected"] for p in pairs), 300,
+                        special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    answers = iter([[" red", "cat", " no", "big "], [" red", " cat", " sun", "x"]])  # before: 3 of 4; after: 3 of 4
+    monkeypatch.setattr(dpo, "_samples", lambda *a: next(answers))
+    dpo.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
+              str(tmp_path / "train.jsonl"), "--val_file", str(tmp_path / "val.jsonl"), "--out_dir",
+              str(tmp_path / "out"), "--lora_rank", "4", "--max_steps", "2", "--eval_interval", "2",
+              "--n_generate", "4", "--warmup_steps", "0"])
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_reward_accuracy" in r]
+    assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["eval_reward_accuracy"]
+    assert s["before"]["chosen_rate"] == 0.75 and s["after"]["chosen_rate"] == 0.75
+    out = capsys.readouterr().out
+    assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out and "summary.json" in out.splitlines()[-1]
+
+
+def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
+    """--baseline --json: "before" is a randomly initialised model of the same shape (scored here
+    directly), "after" the model given; acc_norm from the per-item scores by hand; chance 1/4."""
+    import bpe
+
+    words = "alpha beta gamma delta red green blue cat dog sun".split()
+    rnd = random.Random(0)
+    items = [{"activity_label": "x", "ctx_a": " ".join(rnd.sample(words, 3)), "ctx_b": "",
+              "endings": [" ".join(rnd.sample(words, rnd.randint(1, 3))) for _ in range(4)], "label": i % 4}
+             for i in range(12)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    tok = bpe.Tokenizer.train(" ".join(words) * 3, 300, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(1)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "m", "native")
+    tok.save(tmp_path / "m")
+    hellaswag.main(["--init_from", str(tmp_path / "m"), "--data_file", str(tmp_path / "items.jsonl"), "--baseline",
+                    "--json", str(tmp_path / "r" / "summary.json"), "--per_item", str(tmp_path / "items_out.jsonl"),
+                    "--no_progress", "--device", "cpu"])
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    per = [json.loads(line) for line in (tmp_path / "items_out.jsonl").read_text().splitlines()]
+    by_hand = sum(max(range(4), key=lambda j: p["ll"][j] / p["norm"][j]) == p["label"] for p in per) / 12
+    assert s["chance"] == 0.25 and s["after"]["acc_norm"] == pytest.approx(by_hand)
+    model, t = hellaswag.load_model(str(tmp_path / "m"))
+    torch.manual_seed(0)
+    random_model = GPT(model.config)
+    want = hellaswag.evaluate(random_model, t, prepare_data.load_hellaswag(tmp_path / "items.jsonl"), device="cpu")
+    assert s["before"]["acc_norm"] == pytest.approx(want["acc_norm"])
+    assert "(chance 0.250)" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------------------------
 # bench_speed.py and bench_memory.py
 
 
