@@ -635,6 +635,8 @@ def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: fl
 
 def steps_to_reach(evals, target: float) -> float | None:
     """The first step at which the val bpb curve reaches target, linear between evaluations."""
+    if evals[0][2] <= target:
+        return evals[0][0]
     for (s0, _, b0), (s1, _, b1) in zip(evals, evals[1:]):
         if b1 <= target:
             return s1 if b0 == b1 else s0 + (s1 - s0) * (b0 - target) / (b0 - b1)
