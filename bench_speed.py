@@ -602,7 +602,7 @@ REPORT_SEEDS = (1, 2, 3)
 
 
 def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: float | None) -> dict:
-    """One train_gpt2.py run in its own process (1 thread, niced), then its log reduced to a row.
+    """One train_gpt2.py run in its own process (1 thread), then its log reduced to a row.
     tune: evaluated only at the end, on the val tokens after the reported slice (LR selection);
     else every --eval_every steps on the reported slice (the curves and the steps-to-target)."""
     import subprocess
@@ -622,7 +622,7 @@ def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: fl
            "--eval_interval", str(0 if tune else args.eval_every)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
-    proc = subprocess.run(["nice", *cmd], env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{key}: train_gpt2.py failed:\n{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
