@@ -10,10 +10,21 @@ train_gpt2.py: the pretraining loop, from one CPU to many GPUs, readable top to 
     python train_gpt2.py --help                            # every flag
 
 Recipes. Every flag has a default from a recipe (--recipe): `gpt2-124m` is the GPT-3-small recipe
-of GPT-2 124M on FineWeb-Edu 10B tokens (0.5M-token batches, 6e-4 peak LR, 715 warmup steps, 19073
-steps = one pass over 10B tokens); `cpu` trains a 2.6M-parameter model on the built-in corpus
-(prepared automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA
-GPU and FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
+of GPT-2 124M on FineWeb-Edu 10B tokens (AdamW, 0.5M-token batches, 6e-4 peak LR, 715 warmup steps,
+cosine, 19073 steps = one pass over 10B tokens); `gpt2-124m-muon` is the same model with Muon, the
+modern block and warmup-stable-decay, on a third of the tokens (arithmetic, not yet measured on a
+GPU); `cpu` trains a small model with Muon and the modern block on the built-in corpus (prepared
+automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA GPU and
+FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
+The cpu recipe before Muon (AdamW, cosine, the GPT-2 block), to compare the two:
+    python train_gpt2.py --optimizer adamw --model small-cpu --lr 2e-3 --out_dir out/cpu-adamw
+
+How fast it learns: Muon (--optimizer muon) trains the blocks' weight matrices, AdamW the rest
+(model.MuonAdamW), each with its own peak learning rate (--matrix_lr, --lr) under one schedule
+(--schedule cosine, or wsd: warmup, constant, linear warmdown over --warmdown_frac); the modern
+block's switches are model.GPTConfig's (qk_norm, mlp=relu2, tie_embeddings, zero_init_proj,
+logit_softcap). Progress is measured in val loss (nats per token) and in val bits per byte, which
+do not depend on the tokenizer. bench_speed.py pretrain compares them (BENCHMARKS.md).
 
 What happens, in reading order of this file:
   1. configuration (TrainConfig; flags generated from its fields, each with its help);
@@ -23,10 +34,12 @@ What happens, in reading order of this file:
   5. the loop: DDP setup, the batch arithmetic, model, optimizer, torch.compile, gradient
      accumulation, clipping, logging to out_dir/log.jsonl and out_dir/loss.png.
 
-The log (out_dir/log.jsonl) has one JSON object per line: {"type": "train", "step", "loss", "lr",
-"grad_norm", "ms", "tokens_per_s", "mfu"} per optimizer step (step = its 0-based index), and
-{"type": "eval", "step", "val_loss", "hellaswag", ...} per evaluation (step = the number of optimizer
-steps done before it: step 0 is the untrained model, step max_steps the final one).
+The log (out_dir/log.jsonl) has one JSON object per line: {"type": "train", "step", "loss", "lr"
+(AdamW's; Muon's is matrix_lr/lr times it), "grad_norm", "ms", "tokens_per_s", "mfu"} per optimizer
+step (step = its 0-based index), and {"type": "eval", "step", "val_loss", "val_bpb", "hellaswag", ...}
+per evaluation (step = the number of optimizer steps done before it: step 0 is the untrained model,
+step max_steps the final one). At the end, out_dir/summary.json: {"before": {"step", "val_loss",
+"val_bpb"}, "after": {...}, "samples": [...], "files": [...]}.
 """
 
 from __future__ import annotations
@@ -635,11 +648,11 @@ def train(cfg: TrainConfig, given: dict | None = None):
                       "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
     if master and last:
         s = write_summary(out_dir, samples)
-        bpb = lambda r: f", {r['val_bpb']:.4f} bits per byte" if r["val_bpb"] is not None else ""  # noqa: E731
-        say(f"done: val loss {s['before']['val_loss']:.4f}{bpb(s['before'])} before training (step "
-            f"{s['before']['step']}) -> {s['after']['val_loss']:.4f}{bpb(s['after'])} after {s['after']['step']} "
-            f"steps | model: {out_dir / 'ckpt' / 'model'} | log, plot, summary: {out_dir}/log.jsonl, loss.png, "
-            f"summary.json")
+        b, a = ({k: "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("val_loss", "val_bpb")}
+                for r in (s["before"], s["after"]))
+        say(f"done: val loss {b['val_loss']} -> {a['val_loss']} nats/token, val bpb {b['val_bpb']} -> "
+            f"{a['val_bpb']} bits per byte (step {s['before']['step']} -> {s['after']['step']}) | model: "
+            f"{out_dir / 'ckpt' / 'model'} | {', '.join(s['files'])} in {out_dir}")
     close_run(out_dir)
     end_distributed()  # tear down together
     return out_dir
