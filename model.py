@@ -313,7 +313,7 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        elif self.kind == "relu2":  # ReLU squared: sparse like ReLU, smooth at 0, learns faster than GELU here
+        elif self.kind == "relu2":  # ReLU squared (Primer, So et al. 2021): as cheap as ReLU, smooth at 0
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU ("gelu_new")
@@ -1361,14 +1361,13 @@ class MuonAdamW:
     M = U S V^T is replaced, before each update, by about U V^T (a few Newton-Schulz iterations:
     matmuls, no SVD). A transformer's gradient matrices are nearly low-rank: a few directions dominate
     and elementwise Adam moves mostly along them. With every singular value set to 1, every direction
-    of the matrix moves at the same rate, the rare ones as fast as the common ones. Each step has a
-    fixed spectral size (lr, times sqrt(rows/cols) for tall matrices), so Muon's lr is far larger than
-    AdamW's; no weight decay on it (nanochat's setting). Embeddings stay on AdamW: a row is looked up,
-    not multiplied, and only the batch's tokens' rows have a gradient; so does the output layer (each
-    row is one token's scores), and norms and biases are vectors. Fused q|k|v and gate|up matrices are
-    orthogonalised whole. Under DDP the gradients are averaged before step() and Newton-Schulz is
-    deterministic: every rank computes the same update. Under FSDP a rank holds a shard of each matrix,
-    and orthogonalising a shard is not a shard of the orthogonalised matrix: refused."""
+    of the matrix moves at the same rate, the rare ones as fast as the common ones. A step has a fixed
+    size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's; no weight decay (nanochat's).
+    Embeddings stay on AdamW (a row is looked up, not multiplied; only the batch's tokens' rows have a
+    gradient), so does the output layer (each row is one token's scores), norms and biases are vectors.
+    Fused q|k|v and gate|up are orthogonalised whole. Under DDP the gradients are averaged before
+    step() and Newton-Schulz is deterministic: every rank computes the same update. Under FSDP a rank
+    holds a shard of each matrix; orthogonalising a shard is not a shard of the result: refused."""
 
     def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
         if any(hasattr(p, "full_tensor") for p in params):
@@ -1387,10 +1386,12 @@ class MuonAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
-        self.muon.step(), self.adamw.step()
+        self.muon.step()
+        self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none), self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}

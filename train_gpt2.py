@@ -476,8 +476,9 @@ def train(cfg: TrainConfig, given: dict | None = None):
         ckpt = find_checkpoint(out_dir)
         state = load_state(ckpt)
         saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}}
-        if "max_lr" in state["config"]:  # a checkpoint from before --max_lr was renamed --lr
+        if "max_lr" in state["config"]:  # a checkpoint from before --max_lr became --lr (and Muon came): AdamW
             saved.setdefault("lr", state["config"]["max_lr"])
+            saved.setdefault("optimizer", "adamw")
         changed = [f"--{k} {given[k]!r} (checkpoint: {saved.get(k)!r})" for k in ARCHITECTURE
                    if k in given and given[k] != saved.get(k)]
         if changed:
