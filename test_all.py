@@ -1640,6 +1640,16 @@ def test_pretrain_muon_takes_every_block_matrix_and_adamw_the_rest_once(preset):
     assert (sv > 0.6).float().mean() > 0.9 and sv.max() < 1.25  # (almost) every direction at about the same rate
     sg = torch.linalg.svdvals(g)
     assert (sg / sg[0] > 0.6).float().mean() < 0.2  # where the gradient's directions had very different sizes
+    # fp16's loss scaling: GradScaler unscales both optimizers' gradients and skips the whole step on an overflow
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(m(x, x)[1]).backward()
+    m.transformer.wte.weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in m.parameters()]
+    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before)) and scaler.get_scale() == 2.0 ** 9
+    scaler.scale(m(x, x)[1]).backward()
+    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    assert not torch.equal(w, before[[id(p) for p in m.parameters()].index(id(w))])  # a finite step is taken
 
 
 def test_pretrain_wsd_and_cosine_schedules_match_their_formulas():
