@@ -152,7 +152,7 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(_LLAMA2, vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        ffn_hidden=176),
     "small-cpu": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384),  # ~11M, CPU runs
-    # GPT-2 shapes with the modern block's switches (train_gpt2.py's recipes; BENCHMARKS.md, pretraining)
+    # GPT-2 shapes with the modern block's switches (bench_speed.py pretrain; train_gpt2.py --recipe gpt2-124m-muon)
     "small-cpu-modern": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384, **_BLOCK),
     "gpt2-modern": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, vocab_pad_multiple=64, **_BLOCK),
 }

@@ -13,11 +13,14 @@ Recipes. Every flag has a default from a recipe (--recipe): `gpt2-124m` is the G
 of GPT-2 124M on FineWeb-Edu 10B tokens (AdamW, 0.5M-token batches, 6e-4 peak LR, 715 warmup steps,
 cosine, 19073 steps = one pass over 10B tokens); `gpt2-124m-muon` is the same model with Muon, the
 modern block and warmup-stable-decay, on a third of the tokens (arithmetic, not yet measured on a
-GPU); `cpu` trains a small model with Muon and the modern block on the built-in corpus (prepared
+GPU); `cpu` trains a 2.6M-parameter model with Muon on the built-in corpus (prepared
 automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA GPU and
 FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
-The cpu recipe before Muon (AdamW, cosine, the GPT-2 block), to compare the two:
-    python train_gpt2.py --optimizer adamw --model small-cpu --lr 2e-3 --out_dir out/cpu-adamw
+The cpu recipe before Muon (AdamW for every parameter), to compare the two; and with the modern
+block (whose QK-norm, ReLU² and soft-cap Hugging Face cannot express: its checkpoints and LoRA
+adapters stay in this project's format, so the life cycle's default keeps the GPT-2 block):
+    python train_gpt2.py --optimizer adamw --out_dir out/cpu-adamw
+    python train_gpt2.py --model small-cpu-modern --out_dir out/cpu-modern
 
 How fast it learns: Muon (--optimizer muon) trains the blocks' weight matrices, AdamW the rest
 (model.MuonAdamW), each with its own peak learning rate (--matrix_lr, --lr) under one schedule
@@ -143,10 +146,9 @@ RECIPES = {
     # 10B-token budget; matrix_lr is Muon's usual 0.02, lr the AdamW recipe's.
     "gpt2-124m-muon": dict(model="gpt2-modern", optimizer="muon", matrix_lr=0.02, schedule="wsd", min_lr_ratio=0.0,
                            warmup_steps=250, max_steps=6358),
-    # ~2.6M parameters (3.4M with its untied head), 128-token context, 2048-token batches, 300 steps:
-    # a few minutes on 2 CPU cores. Today's AdamW recipe (BENCHMARKS.md, pretraining) is these flags:
-    # --optimizer adamw --model small-cpu --lr 2e-3 --schedule cosine --min_lr_ratio 0.1
-    "cpu": dict(data_dir="data/builtin", out_dir="out/cpu", model="small-cpu-modern", n_layer=4, n_head=6,
+    # ~2.6M parameters, 128-token context, 2048-token batches, 300 steps: a few minutes on 2 CPU cores.
+    # The AdamW recipe it replaced (BENCHMARKS.md, pretraining) is the same with --optimizer adamw.
+    "cpu": dict(data_dir="data/builtin", out_dir="out/cpu", model="small-cpu", n_layer=4, n_head=6,
                 n_embd=192, block_size=128, batch_size=16, seq_len=128, total_batch_size=2048, optimizer="muon",
                 lr=2e-3, matrix_lr=0.02, schedule="cosine", min_lr_ratio=0.1, warmup_steps=30, max_steps=300,
                 eval_interval=50, val_tokens=16384, hellaswag_limit=200, num_samples=2, sample_len=48,
