@@ -17,6 +17,9 @@ this machine.
                                    # hellaswag.py: batched scoring vs one ending per forward pass
     python bench_speed.py nf4      # lora.py's 4-bit NF4 base (QLoRA) vs the 16-bit one: per-token loss
                                    # on held-out text (data/builtin val) and LoRA training-step time
+    python bench_speed.py pretrain # train_gpt2.py's cpu recipe: AdamW vs Muon vs Muon + the modern block
+                                   # (vs + wsd): LR sweeps, 3 seeds each, val bits per byte, the steps
+                                   # and seconds to AdamW's final bpb; resumable (--out)
     python bench_speed.py all --nanogpt path/to/nanoGPT/model.py     # peak, gen and train
 
 How it measures: every compared variant runs in the same process on the same weights and inputs,
@@ -27,9 +30,11 @@ this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
 """
 
 import importlib.util
+import json
 import math
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -44,8 +49,8 @@ import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
 from lora import apply_lora, quantize_nf4
-from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, peak_memory_mb, previous_stage,
-                   process_memory_mb)
+from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, make_optimizer, optimizer_step,
+                   peak_memory_mb, previous_stage, process_memory_mb)
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's test data, beside a checkout
@@ -580,9 +585,208 @@ def bench_nf4(args):
     return losses
 
 
+# -----------------------------------------------------------------------------------------------
+# train_gpt2.py's recipes: how many steps and seconds to reach the same val bits per byte
+
+# arm -> (flags on top of train_gpt2.py --recipe cpu, the swept learning-rate flag, its values)
+_CPU_ADAMW = ["--optimizer", "adamw", "--model", "small-cpu", "--schedule", "cosine", "--min_lr_ratio", "0.1"]
+_MUON_LRS = [0.005, 0.01, 0.02, 0.04]
+PRETRAIN_ARMS = {
+    "adamw": (_CPU_ADAMW, "lr", [1e-3, 2e-3, 4e-3, 8e-3]),
+    "muon": (["--optimizer", "muon", "--model", "small-cpu", "--schedule", "cosine", "--min_lr_ratio", "0.1"],
+             "matrix_lr", _MUON_LRS),
+    "muon+block": (["--optimizer", "muon", "--model", "small-cpu-modern", "--schedule", "cosine", "--min_lr_ratio",
+                    "0.1"], "matrix_lr", _MUON_LRS),
+    "muon+block+wsd": (["--optimizer", "muon", "--model", "small-cpu-modern", "--schedule", "wsd", "--min_lr_ratio",
+                        "0.0"], "matrix_lr", _MUON_LRS),
+}
+REPORT_SEEDS = (1, 2, 3)
+
+
+def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: float | None) -> dict:
+    """One train_gpt2.py run in its own process (1 thread), then its log reduced to a row.
+    tune: evaluated only at the end, on the val tokens after the reported slice (LR selection);
+    else every --eval_every steps on the reported slice (the curves and the steps-to-target)."""
+    import subprocess
+    import sys
+
+    import train_gpt2
+
+    flags, lr_flag, _ = PRETRAIN_ARMS[arm]
+    cpu = train_gpt2.RECIPES["cpu"]
+    key = f"{arm} {lr_flag}={lr:g} seed={seed} {'tune' if tune else 'report'}"
+    out = Path(args.out) / "runs" / key.replace(" ", "_").replace("=", "")
+    cmd = [sys.executable, str(Path(__file__).with_name("train_gpt2.py")), "--recipe", "cpu", *flags,
+           f"--{lr_flag}", str(lr), *(["--lr", str(adamw_lr)] if lr_flag != "lr" else []),
+           "--data_dir", args.data_dir, "--out_dir", str(out), "--overwrite", "--seed", str(seed),
+           "--num_samples", "0", "--hellaswag_file", "", "--ckpt_interval", "0", "--device", "cpu",
+           "--val_offset", str(cpu["val_tokens"] if tune else 0),
+           "--eval_interval", str(0 if tune else args.eval_every)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{key}: train_gpt2.py failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [[r["step"], r["val_loss"], r["val_bpb"]] for r in rows if r["type"] == "eval"]
+    ms = statistics.median(r["ms"] for r in rows if r["type"] == "train")
+    shutil.rmtree(out / "ckpt", ignore_errors=True)  # the weights are not needed, the log is kept
+    return dict(key=key, arm=arm, lr_flag=lr_flag, lr=lr, adamw_lr=adamw_lr, seed=seed, tune=tune, evals=evals,
+                median_step_ms=ms, wall_s=time.time() - t0)
+
+
+def steps_to_reach(evals, target: float) -> float | None:
+    """The first step at which the val bpb curve reaches target, linear between evaluations."""
+    if evals[0][2] <= target:
+        return evals[0][0]
+    for (s0, _, b0), (s1, _, b1) in zip(evals, evals[1:]):
+        if b1 <= target:
+            return s1 if b0 == b1 else s0 + (s1 - s0) * (b0 - target) / (b0 - b1)
+    return None
+
+
+def _pretrain_step_times(args) -> dict:
+    """Seconds per optimizer step of each arm's recipe, interleaved (A B C D A B C D ...), medians."""
+    import train_gpt2
+
+    train, _, meta = train_gpt2.open_data(args.data_dir)
+    steps = {}
+    for arm, (flags, _, _) in PRETRAIN_ARMS.items():
+        c, _ = train_gpt2.parse_args(["--recipe", "cpu", *flags])
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset(c.model, vocab_size=meta["vocab_size"], n_layer=c.n_layer, n_head=c.n_head,
+                                     n_embd=c.n_embd, block_size=c.block_size)).train()
+        opt = make_optimizer(model, c.optimizer, c.lr, c.weight_decay, (c.beta1, c.beta2), matrix_lr=c.matrix_lr)
+        loader = train_gpt2.DataLoader(train, c.batch_size, c.seq_len, 0, 1, c.total_batch_size)
+
+        def step(model=model, opt=opt, loader=loader, c=c):
+            for _ in range(loader.micro_steps):
+                x, y = loader.next_batch()
+                (model(x, y)[1] / loader.micro_steps).backward()
+            optimizer_step(model, opt, None, c.grad_clip)
+        step()  # warm-up (allocator, optimizer state)
+        steps[arm] = step
+    times = interleaved(steps, args.rounds * 10)
+    return {arm: statistics.median(t) for arm, t in times.items()}
+
+
+def bench_pretrain(args):
+    """Each arm: the LR sweep (tuning slice), then REPORT_SEEDS at its best LR (reported slice). Runs
+    already in out/results.jsonl are kept (a rerun resumes); then the report and out/pretrain.png."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {r["key"]: r for r in (json.loads(x) for x in results_path.read_text().splitlines())} \
+        if results_path.exists() else {}
+
+    def run_all(jobs):
+        todo = [j for j in jobs if _job_key(*j) not in done]
+        with ThreadPoolExecutor(args.workers) as pool:
+            for row in pool.map(lambda j: _pretrain_run(args, *j), todo):
+                done[row["key"]] = row
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"  {row['key']}: final val bpb {row['evals'][-1][2]:.4f} ({row['wall_s']:.0f}s)", flush=True)
+        return [done[_job_key(*j)] for j in jobs]
+
+    def best(rows):
+        return min(rows, key=lambda r: r["evals"][-1][2])["lr"]
+
+    print(f"pretrain: {len(PRETRAIN_ARMS)} arms, train_gpt2.py --recipe cpu budget; {args.workers} runs at a "
+          f"time, 1 thread each; results in {results_path}", flush=True)
+    sweeps = {"adamw": run_all([("adamw", lr, 1337, True, None) for lr in PRETRAIN_ARMS["adamw"][2]])}
+    adamw_lr = best(sweeps["adamw"])
+    jobs = [(arm, lr, 1337, True, adamw_lr) for arm, (_, _, lrs) in PRETRAIN_ARMS.items() if arm != "adamw"
+            for lr in lrs] + [("adamw", adamw_lr, s, False, None) for s in REPORT_SEEDS]
+    rows = run_all(jobs)
+    for arm in PRETRAIN_ARMS:
+        if arm != "adamw":
+            sweeps[arm] = [r for r in rows if r["arm"] == arm and r["tune"]]
+    best_lr = {arm: best(r) for arm, r in sweeps.items()}
+    runs = {arm: run_all([(arm, best_lr[arm], s, False, None if arm == "adamw" else adamw_lr)
+                          for s in REPORT_SEEDS]) for arm in PRETRAIN_ARMS}
+    print("interleaved step timing (2 threads unless --threads), medians ...", flush=True)
+    sec = _pretrain_step_times(args)
+    report = _pretrain_report(sweeps, best_lr, runs, sec, adamw_lr)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _pretrain_plot(sweeps, runs, sec, report["target_bpb"], out / "pretrain.png")
+    print(f"plot: {out / 'pretrain.png'}; summary: {out / 'report.json'}")
+    return report
+
+
+def _job_key(arm, lr, seed, tune, adamw_lr):
+    return f"{arm} {PRETRAIN_ARMS[arm][1]}={lr:g} seed={seed} {'tune' if tune else 'report'}"
+
+
+def _pretrain_report(sweeps, best_lr, runs, sec, adamw_lr) -> dict:
+    mean = statistics.mean
+    print(f"\nLR sweep: final val bpb on the tuning slice (val tokens 16384..32767), seed 1337; Muon arms' AdamW "
+          f"groups at the AdamW arm's best --lr {adamw_lr:g}")
+    for arm, rows in sweeps.items():
+        print(f"  {arm:15s} " + "  ".join(f"{r['lr_flag']} {r['lr']:g}: {r['evals'][-1][2]:.4f}" for r in rows)
+              + f"  -> best {best_lr[arm]:g}")
+    target = mean(r["evals"][-1][2] for r in runs["adamw"])
+    base_steps = runs["adamw"][0]["evals"][-1][0]
+    print(f"\nreported slice (val tokens 0..16383), seeds {REPORT_SEEDS}; target = the AdamW arm's mean final val "
+          f"bpb {target:.4f}; s/step: interleaved timing, medians")
+    report = {"target_bpb": target, "adamw_lr": adamw_lr, "best_lr": best_lr, "s_per_step": sec, "arms": {}}
+    for arm, rows in runs.items():
+        reach = [steps_to_reach(r["evals"], target) for r in rows]
+        finals = [r["evals"][-1][2] for r in rows]
+        m = mean(reach) if all(x is not None for x in reach) else None
+        step_ratio = m / base_steps if m is not None else None
+        wall_ratio = m * sec[arm] / (base_steps * sec["adamw"]) if m is not None else None
+        report["arms"][arm] = dict(final_bpb=finals, steps_to_target=reach, mean_steps=m, step_ratio=step_ratio,
+                                   wall_ratio=wall_ratio, seconds_to_target=m * sec[arm] if m is not None else None)
+        fmt = lambda x: "never" if x is None else f"{x:.0f}"  # noqa: E731
+        print(f"  {arm:15s} final bpb {mean(finals):.4f} ({', '.join(f'{b:.4f}' for b in finals)}) | steps to target "
+              f"{fmt(m)} ({', '.join(fmt(x) for x in reach)}) | {sec[arm] * 1000:.0f} ms/step"
+              + (f" | {step_ratio:.2f}x the steps, {wall_ratio:.2f}x the time of AdamW's {base_steps}"
+                 if m is not None else ""))
+    print("\nval bpb at each evaluation (mean of seeds)")
+    steps = [e[0] for e in runs["adamw"][0]["evals"]]
+    print("  step            " + " ".join(f"{s:6d}" for s in steps))
+    for arm, rows in runs.items():
+        print(f"  {arm:15s} " + " ".join(f"{mean(r['evals'][i][2] for r in rows):6.3f}" for i in range(len(steps))))
+    return report
+
+
+def _pretrain_plot(sweeps, runs, sec, target, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(18, 4.8))
+    for arm, rows in runs.items():
+        steps = [e[0] for e in rows[0]["evals"]]
+        bpb = [statistics.mean(r["evals"][i][2] for r in rows) for i in range(len(steps))]
+        ax[0].plot(steps, bpb, label=arm)
+        ax[1].plot([s * sec[arm] for s in steps], bpb, label=arm)
+        ax[2].plot([r["lr"] for r in sweeps[arm]], [r["evals"][-1][2] for r in sweeps[arm]], "o-",
+                   label=f"{arm} ({sweeps[arm][0]['lr_flag']})")
+    for a, xlabel in zip(ax, ("step", "seconds (steps x interleaved s/step)", "peak learning rate")):
+        a.set_xlabel(xlabel)
+        a.set_ylabel("val bits per byte")
+        a.grid(alpha=0.3)
+    for a in ax[:2]:
+        a.axhline(target, ls="--", color="gray", label=f"AdamW final {target:.3f}")
+        a.set_ylim(top=min(a.get_ylim()[1], target + 0.8))
+    ax[2].set_xscale("log")
+    ax[2].set_title("LR sweep (tuning slice, final)")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
-    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "nf4", "all"],
+    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "nf4", "pretrain",
+                                     "all"],
                     help="which benchmark")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=bounded(int, 1), default=5,
@@ -615,7 +819,12 @@ def main(argv=None):
     ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it); nf4: our "
                     "checkpoint dir (default: out/cpu/ckpt/model, train_gpt2.py's offline run)")
-    ap.add_argument("--data_dir", default="data/builtin", help="nf4: token shards whose val split is the held-out text")
+    ap.add_argument("--data_dir", default="data/builtin", help="nf4: token shards whose val split is the held-out "
+                    "text; pretrain: the corpus (train_gpt2.py's cpu recipe's)")
+    ap.add_argument("--out", default="out/bench_pretrain", help="pretrain: runs, results.jsonl (a rerun skips the "
+                    "runs it holds), report.json and pretrain.png")
+    ap.add_argument("--workers", type=bounded(int, 1), default=2, help="pretrain: training runs at a time (1 thread each)")
+    ap.add_argument("--eval_every", type=bounded(int, 1), default=20, help="pretrain: steps between evaluations")
     ap.add_argument("--nf4_tokens", type=bounded(int, 2), default=32768, help="nf4: held-out tokens to score")
     ap.add_argument("--bench_preset", default=None,
                     help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
@@ -635,7 +844,8 @@ def main(argv=None):
     result = None
     for what in (["peak", "gen", "train"] if args.what == "all" else [args.what]):
         result = {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
-                  "hellaswag": bench_hellaswag, "tokens": bench_tokens, "nf4": bench_nf4}[what](args)
+                  "hellaswag": bench_hellaswag, "tokens": bench_tokens, "nf4": bench_nf4,
+                  "pretrain": bench_pretrain}[what](args)
     return result
 
 

@@ -4,9 +4,11 @@ things every training script shares.
 
 What is in here, in reading order:
   1. GPTConfig: one dataclass whose switches (norm, positions, attention heads, MLP, bias, tying)
-     cover GPT-2 and LLaMA-2 without a second model class, plus named presets.
+     cover GPT-2 and LLaMA-2 without a second model class, plus named presets; and the switches
+     of a modern block (QK-norm, ReLU², zero-initialised projections, logit soft-capping), off in
+     every preset that loads Hugging Face weights.
   2. The modules: norms, rotary embeddings, causal self-attention (SDPA or a manual path kept
-     for learning), MLP (GELU or SwiGLU), the transformer block, a memory-lean cross-entropy.
+     for learning), MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
   3. GPT: forward + loss, GPT-2 initialisation, MFU.
   4. Hugging Face weights in (`GPT.from_pretrained`) and out (`model.save_pretrained`).
   5. Generation with a KV cache: greedy, temperature, top-k, top-p, beam search, stop tokens,
@@ -69,12 +71,16 @@ class GPTConfig:
     norm_eps: float = 1e-5
     pos_emb: str = "learned"  # learned (GPT-2) | rope (LLaMA)
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (LLaMA)
+    mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (LLaMA) | relu2 (relu(x)², modded-nanogpt)
     ffn_hidden: int | None = None  # None: 4*n_embd for gelu, 2/3 of that (rounded up to 64) for swiglu
     bias: bool = True  # biases in linear layers and LayerNorm (GPT-2: True, LLaMA: False)
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # sdpa (fused/flash kernels) | manual (explicit softmax(QK^T)V, for learning)
+    # the modern block's switches (modded-nanogpt, nanochat): all off reproduces GPT-2 / LLaMA exactly
+    qk_norm: bool = False  # RMS-normalise each head's q and k: attention logits cannot blow up
+    zero_init_proj: bool = False  # residual projections (and an untied lm_head) start at 0: each block is the identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded by ±cap (0 = off)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -91,7 +97,7 @@ class GPTConfig:
         for name, value, allowed in (
             ("norm", self.norm, ("layernorm", "rmsnorm")),
             ("pos_emb", self.pos_emb, ("learned", "rope")),
-            ("mlp", self.mlp, ("gelu", "swiglu")),
+            ("mlp", self.mlp, ("gelu", "swiglu", "relu2")),
             ("attn_impl", self.attn_impl, ("sdpa", "manual")),
         ):
             if value not in allowed:
@@ -100,6 +106,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap}: expected 0 (off) or a positive cap")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -123,6 +131,7 @@ class GPTConfig:
 
 _GPT2 = dict(vocab_size=50257, block_size=1024)
 _MODERN = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False, vocab_size=50257, block_size=1024)
+_BLOCK = dict(qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0)
 _LLAMA2 = dict(vocab_size=32000, block_size=4096, norm="rmsnorm", pos_emb="rope", mlp="swiglu",
                bias=False, tie_embeddings=False)
 PRESETS: dict[str, dict] = {
@@ -144,6 +153,9 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(_LLAMA2, vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        ffn_hidden=176),
     "small-cpu": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384),  # ~11M, CPU runs
+    # GPT-2 shapes with the modern block's switches (bench_speed.py pretrain; train_gpt2.py --recipe gpt2-124m-muon)
+    "small-cpu-modern": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384, **_BLOCK),
+    "gpt2-modern": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, vocab_pad_multiple=64, **_BLOCK),
 }
 
 # -----------------------------------------------------------------------------------------------
@@ -239,6 +251,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_impl = config.attn_impl
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, rope=None, mask=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
@@ -247,6 +260,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # unit-RMS q and k per head: q.k / sqrt(hd) stays within ±sqrt(hd), no logit growth
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             # q and k are new tensors now; a copy of v lets the fused q|k|v output go (a view would
@@ -285,6 +300,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
         # SwiGLU needs two input projections (gate and up); they are fused into one: rows [gate | up]
         n_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
@@ -298,6 +314,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":  # ReLU squared (Primer, So et al. 2021): as cheap as ReLU, smooth at 0
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU ("gelu_new")
         return self.dropout(self.c_proj(h))
@@ -436,11 +454,17 @@ class GPT(nn.Module):
         # GPT-2 init: N(0, 0.02) everywhere. The residual stream is a sum of 2 * n_layer branch
         # outputs (attention + MLP per block); scaling the init of the projections that write into it
         # by 1/sqrt(2 * n_layer) keeps its variance about constant with depth.
+        # zero_init_proj (modded-nanogpt, nanochat): those projections, and an untied output layer, start at 0
+        # instead: every block begins as the identity and the first logits are uniform (loss ln V)
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJ", False):
                 std /= math.sqrt(2 * self.config.n_layer)
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            head = module is self.lm_head and not self.config.tie_embeddings  # tied, it is the embedding
+            if self.config.zero_init_proj and (getattr(module, "RESIDUAL_PROJ", False) or head):
+                torch.nn.init.zeros_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -508,12 +532,15 @@ class GPT(nn.Module):
 
     def padded_logits(self, h):
         """Output layer over the padded vocabulary; padded ids get -inf (see _init_buffers)."""
-        if self.vocab_pad_bias is None:
-            return self.lm_head(h)
-        if type(self.lm_head) is nn.Linear:  # fused into the matmul
+        cap = self.config.logit_softcap
+        if self.vocab_pad_bias is not None and type(self.lm_head) is nn.Linear and not cap:  # fused into the matmul
             return F.linear(h, self.lm_head.weight, self.vocab_pad_bias.to(h.dtype))
-        logits = self.lm_head(h)  # a wrapped lm_head (e.g. LoRA): add the bias afterwards
-        return logits + self.vocab_pad_bias.to(logits.dtype)
+        logits = self.lm_head(h)  # a wrapped lm_head (e.g. LoRA), or a cap: add the bias afterwards
+        if cap:
+            # soft-capping (Gemma 2, modded-nanogpt): a smooth clamp to ±cap, so no logit can grow without
+            # bound and dominate the softmax early in training; before the pad bias, which must stay -inf
+            logits = cap * torch.tanh(logits / cap)
+        return logits if self.vocab_pad_bias is None else logits + self.vocab_pad_bias.to(logits.dtype)
 
     def logits_from_hidden(self, h):
         """Logits of the real vocabulary, (..., vocab_size): a view that cuts the padded ids off."""
@@ -622,6 +649,10 @@ class GPT(nn.Module):
                 sd.pop("lm_head.weight")  # safetensors refuses shared storage; re-tied on load
             config_json, weights, config_name = asdict(c), sd, "gpt_config.json"
         elif format == "hf":
+            modern = [f"{k}={getattr(c, k)!r}" for k in ("qk_norm", "logit_softcap") if getattr(c, k)]
+            if modern:  # HF's GPT-2 and LLaMA have no such switch: the weights would load but compute otherwise
+                raise ValueError(f"{out_dir}: {', '.join(modern)} cannot be expressed as a Hugging Face GPT-2 or "
+                                 f"LLaMA model; save with format='native' (this project's own format) instead")
             hf_type, config_json = hf_config_for(c)
             weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
             if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
@@ -1266,10 +1297,11 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
 #    optimizer and its schedule, torchrun, run directories, logs, plots and memory readings
 
 
-def cfg(default, help: str, choices=None, min=None, max=None):
+def cfg(default, help: str, choices=None, min=None, max=None, aliases=()):
     """A field of a training config dataclass: its default, its --help text and the values its
-    flag accepts (choices, or a min/max range checked when the flags are parsed)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max))
+    flag accepts (choices, or a min/max range checked when the flags are parsed). aliases: other
+    spellings of its flag, e.g. an earlier name kept working ("--max_lr" for --lr)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max, aliases=aliases))
 
 
 def bounded(kind=int, lo=None, hi=None):
@@ -1318,10 +1350,11 @@ def config_parser(cls, description: str, alt_defaults: dict | None = None) -> ar
         shown = "" if f.default is None and "default" in m["help"] and not alts else f" (default: {f.default!r}{alts})"
         kw = dict(default=None, help=f"{m['help']}{shown}".replace("%", "%%"))
         kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split("|")[0].strip(), str)
+        names = [f"--{f.name}", *m.get("aliases", ())]
         if kind is bool:
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **kw)
         else:
-            ap.add_argument(f"--{f.name}", choices=m.get("choices"), **kw,
+            ap.add_argument(*names, dest=f.name, choices=m.get("choices"), **kw,
                             type=bounded(kind, m.get("min"), m.get("max")) if kind is not str else str)
     return ap
 
@@ -1379,14 +1412,17 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd_momentum": 1, "sgd
 
 
 def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.0,
-                   betas=(0.9, 0.999), fused: bool = False):
+                   betas=(0.9, 0.999), fused: bool = False, matrix_lr: float = 0.02):
     """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmul weights,
     embeddings, LoRA's A and B): shrinking biases and norm gains towards 0 only hurts. AdamW decays
     the weights directly (decoupled); Adam adds the penalty to the gradient instead. fused: one
-    kernel for all parameters instead of one per tensor (CUDA)."""
+    kernel for all parameters instead of one per tensor (CUDA). "muon": see MuonAdamW; matrix_lr
+    is then the learning rate of Muon's matrices, lr that of AdamW's parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if name == "muon":
+        return MuonAdamW(model, params, lr, matrix_lr, weight_decay, betas, fused)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if name in ("adamw", "adam"):
@@ -1397,7 +1433,58 @@ def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: f
     if name in ("sgd", "sgd_momentum", "sgd_nesterov"):
         return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9,
                                nesterov=name == "sgd_nesterov")
-    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)}")
+    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)} or muon")
+
+
+class MuonAdamW:
+    """Muon for the 2-D weight matrices inside the transformer blocks, AdamW for the rest, stepped as
+    one optimizer (step, zero_grad, param_groups, state_dict: what the loop, GradScaler and checkpoints
+    use). Muon's groups are marked group["muon"] = True, so that the schedule can give them their lr.
+    Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024) is SGD momentum whose matrix
+    M = U S V^T is replaced, before each update, by about U V^T (a few Newton-Schulz iterations:
+    matmuls, no SVD). A transformer's gradient matrices are nearly low-rank: a few directions dominate
+    and elementwise Adam moves mostly along them. With every singular value set to 1, every direction
+    of the matrix moves at the same rate, the rare ones as fast as the common ones. A step has a fixed
+    size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's; no weight decay (nanochat's).
+    Embeddings stay on AdamW (a row is looked up, not multiplied; only the batch's tokens' rows have a
+    gradient), so does the output layer (each row is one token's scores), norms and biases are vectors.
+    Fused q|k|v and gate|up are orthogonalised whole. Under DDP the gradients are averaged before
+    step() and Newton-Schulz is deterministic: every rank computes the same update. Under FSDP a rank
+    holds a shard of each matrix; orthogonalising a shard is not a shard of the result: refused."""
+
+    def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
+        if any(hasattr(p, "full_tensor") for p in params):
+            raise ValueError("--optimizer muon needs whole matrices, but FSDP gives each rank a shard; use DDP "
+                             "(every rank then computes the same Muon update) or --optimizer adamw")
+        in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
+        matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+        rest = [p for p in params if id(p) not in {id(q) for q in matrices}]
+        self.muon = torch.optim.Muon([{"params": matrices, "muon": True}], lr=matrix_lr, weight_decay=0.0)
+        self.adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                       lr=lr, betas=betas, fused=fused or None)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError("the saved optimizer state is not Muon + AdamW's (was the run trained with "
+                             "--optimizer adamw?)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
@@ -1420,13 +1507,20 @@ def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
     return norm
 
 
-def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Linear warmup to max_lr, cosine decay to min_lr at total_steps, then flat. Warmup: at step 0
+def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
+          warmdown_frac: float = 0.2) -> float:
+    """Linear warmup to max_lr, then decay to min_lr at total_steps, then flat. Warmup: at step 0
     Adam's moment estimates are empty and a random network's gradients are large and erratic; a
-    full-size first step can throw the weights somewhere they never recover from. Cosine: big steps
-    while far from a minimum, small ones at the end to settle into it."""
+    full-size first step can throw the weights somewhere they never recover from.
+    cosine: big steps while far from a minimum, smaller and smaller ones to settle into it. wsd
+    (warmup-stable-decay, nanochat): max_lr until the last warmdown_frac of the run, then linear to
+    min_lr: most of the run learns at full speed, and the short warmdown settles as well."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, total_steps - round(warmdown_frac * total_steps))
+        progress = min(1.0, max(0, step - decay_start) / max(1, total_steps - decay_start))
+        return max_lr + (min_lr - max_lr) * progress
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 

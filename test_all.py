@@ -12,6 +12,7 @@ benchmarks, and the layout rules.
 """
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -1402,7 +1403,7 @@ def test_data_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
 
 def test_train_lr_schedule_matches_formula():
     cfg = train_gpt2.TrainConfig()  # GPT-3 small: 6e-4, 715 warmup, 19073 steps, floor 10%
-    lr = lambda s: model_py.lr_at(s, cfg.max_steps, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps)
+    lr = lambda s: model_py.lr_at(s, cfg.max_steps, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps)
     assert lr(0) == pytest.approx(6e-4 / 715)
     assert lr(99) == pytest.approx(6e-4 * 100 / 715)
     assert lr(714) == pytest.approx(6e-4)
@@ -1610,6 +1611,214 @@ def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(trai
     train, _ = _train(data_dir, tmp_path / "o", "--max_steps", 4, "--warmup_steps", 715)
     assert "warmup 1 (capped at 10% of the 4 steps)" in capsys.readouterr().out
     assert train[0]["lr"] == pytest.approx(3e-3)  # the peak at once: a 1-step warmup
+
+
+# --- issue 24: Muon, the modern block's switches, warmup-stable-decay, bits per byte --------------
+
+_BLOCK_MATRIX = regex.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "small-cpu-modern"])
+def test_pretrain_muon_takes_every_block_matrix_and_adamw_the_rest_once(preset):
+    torch.manual_seed(0)
+    # (zero_init_proj off: a zero c_proj gives the block's other matrices no gradient at the first step)
+    m = GPT(GPTConfig.preset(preset, n_layer=2, n_head=4, n_embd=64, vocab_size=97, zero_init_proj=False))
+    opt = model_py.make_optimizer(m, "muon", lr=1e-3, weight_decay=0.1, matrix_lr=0.02)
+    name = {id(p): n for n, p in m.named_parameters()}  # a tied lm_head is wte: named once
+    muon = [name[id(p)] for g in opt.param_groups if g.get("muon") for p in g["params"]]
+    adamw = [name[id(p)] for g in opt.param_groups if not g.get("muon") for p in g["params"]]
+    assert sorted(muon) == sorted(n for n in name.values() if _BLOCK_MATRIX.fullmatch(n)) and len(muon) == 8
+    assert sorted(muon + adamw) == sorted(name.values())  # every parameter once, in one optimizer
+    assert {n for n in adamw if n.startswith(("transformer.wte", "lm_head"))}  # embeddings and head: AdamW
+    assert all(g["lr"] == 0.02 for g in opt.muon.param_groups) and all(g["lr"] == 1e-3 for g in opt.adamw.param_groups)
+    # Muon's first step is -lr * sqrt(max(1, rows/cols)) * (the gradient orthogonalised): compare with the
+    # SVD's U V^T (Newton-Schulz is an approximation: singular values in about [0.7, 1.2], not exactly 1)
+    x = torch.randint(0, 97, (4, 32))
+    m(x, x)[1].backward()
+    w = m.transformer.h[0].mlp.c_fc.weight
+    before, g = w.detach().clone(), w.grad.clone()
+    opt.step()
+    step = (before - w.detach()) / (0.02 * math.sqrt(max(1, w.shape[0] / w.shape[1])))
+    U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+    assert F.cosine_similarity(step.flatten(), (U @ Vh).flatten(), dim=0) > 0.95
+    sv = torch.linalg.svdvals(step)
+    assert (sv > 0.6).float().mean() > 0.9 and sv.max() < 1.25  # (almost) every direction at about the same rate
+    sg = torch.linalg.svdvals(g)
+    assert (sg / sg[0] > 0.6).float().mean() < 0.2  # where the gradient's directions had very different sizes
+    # fp16's loss scaling: GradScaler unscales both optimizers' gradients and skips the whole step on an overflow
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(m(x, x)[1]).backward()
+    m.transformer.wte.weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in m.parameters()]
+    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before)) and scaler.get_scale() == 2.0 ** 9
+    scaler.scale(m(x, x)[1]).backward()
+    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    assert not torch.equal(w, before[[id(p) for p in m.parameters()].index(id(w))])  # a finite step is taken
+
+
+def test_pretrain_wsd_and_cosine_schedules_match_their_formulas():
+    lr = lambda s, sched: model_py.lr_at(s, 300, 2e-3, 2e-4, 30, sched, 0.2)  # noqa: E731
+    for s in (0, 14, 29):
+        assert lr(s, "wsd") == lr(s, "cosine") == pytest.approx(2e-3 * (s + 1) / 30)  # the same warmup
+    assert [lr(s, "wsd") for s in (30, 100, 239, 240)] == [2e-3] * 4  # stable until the last 20% (60 steps)
+    for s in (250, 270, 299, 300, 400):
+        assert lr(s, "wsd") == pytest.approx(2e-3 + (2e-4 - 2e-3) * min(1, (s - 240) / 60))
+    assert lr(150, "cosine") == pytest.approx(2e-4 + 0.9e-3 * (1 + math.cos(math.pi * 120 / 270)))
+    cfg, given = train_gpt2.parse_args(["--recipe", "cpu", "--max_lr", "1e-3", "--schedule", "wsd"])
+    assert cfg.lr == 1e-3 and given["lr"] == 1e-3 and cfg.schedule == "wsd"  # --max_lr: the old name of --lr
+
+
+class _ListStream:
+    def __init__(self, ids):
+        self.ids = np.asarray(ids, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def read(self, start, n):
+        return self.ids[start:start + n]
+
+
+def test_pretrain_bits_per_byte_equals_a_direct_computation(train_corpus):
+    _, tok_dir, _, _ = train_corpus
+    tok = load_tokenizer(str(tok_dir))
+    docs = ["Grüße aus Köln: 3 € für ein Stück Käse.", "def f(x):\n    return x ** 2  # 平方", "naïve café"] * 8
+    ids = []
+    for d in docs:
+        ids += tok.encode(d) + [tok.eot_id]
+    stream = _ListStream(ids)
+    cfg = train_gpt2.TrainConfig(seq_len=16, val_tokens=160, val_offset=7, batch_size=3)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=512, block_size=16))
+    loss = train_gpt2.val_loss(model, stream, cfg, "cpu", contextlib.nullcontext, 0, 1)
+    start, n_seq = train_gpt2.val_slice(stream, cfg)
+    bpb = train_gpt2.bits_per_byte(loss, n_seq * 16, train_gpt2.val_bytes(tok, stream, cfg))
+    # directly: the summed nats of the 10 sequences of 16 tokens from token 7, over the UTF-8 bytes of
+    # the text their predicted tokens decode to (an end-of-text marker is no text)
+    rows = torch.tensor(ids[7:7 + 161]).unfold(0, 17, 16)
+    assert (start, n_seq, rows.shape) == (7, 10, (10, 17))
+    with torch.no_grad():
+        nats = F.cross_entropy(model(rows[:, :-1])[0].flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+    assert torch.equal(rows[:, 1:].flatten(), torch.tensor(ids[8:168]))  # the predicted tokens: one run of text
+    text = tok.decode(ids[8:168])
+    assert "\ufffd" not in text and "€" in text  # whole characters: the byte count is the text's
+    n_bytes = len(text.replace("<|endoftext|>", "").encode("utf-8"))
+    assert bpb == pytest.approx(nats.item() / math.log(2) / n_bytes, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_pretrain_switches_off_keep_transformers_parity(tmp_path, kind):
+    """Every switch of the modern block written out at its off value: the logits are HF's."""
+    hf, d = hf_gpt2(tmp_path) if kind == "gpt2" else hf_llama(tmp_path)
+    ours = GPT.from_pretrained(str(d))
+    assert (ours.config.qk_norm, ours.config.zero_init_proj, ours.config.logit_softcap) == (False, False, 0.0)
+    off = GPT(dataclasses.replace(ours.config, qk_norm=False, zero_init_proj=False, logit_softcap=0.0))
+    off.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ref = hf(IDX).logits
+        assert max_diff(off(IDX)[0], ref) <= 1e-4 and ref.std() > 0.2
+    for name in ("gpt2", "llama2-7b", "tiny-gpt2", "tiny-llama", "small-cpu", "modern-124m"):
+        c = GPTConfig.preset(name)
+        assert (c.qk_norm, c.zero_init_proj, c.logit_softcap, c.mlp in ("gelu", "swiglu")) == (False, False, 0.0, True)
+
+
+def _copy_with(m, **switches):
+    other = GPT(dataclasses.replace(m.config, **switches)).eval()
+    other.load_state_dict(m.state_dict())
+    return other
+
+
+def test_pretrain_each_switch_on_does_what_its_formula_says(tmp_path):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97, vocab_pad_multiple=64)).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(4)  # large logits, so that the cap matters
+        logits = base(IDX)[0]
+        # soft-capping: cap * tanh(logits / cap), bounded by the cap; padded ids still never predicted
+        capped = _copy_with(base, logit_softcap=3.0)
+        assert logits.abs().max() > 6 and max_diff(capped(IDX)[0], 3.0 * torch.tanh(logits / 3.0)) < 1e-5
+        assert capped.padded_logits(capped.hidden_states(IDX))[..., 97:].max() == float("-inf")
+        # QK-norm: q and k of each head are RMS-normalised, so scaling them changes nothing; without it, it does
+        qk = _copy_with(base, qk_norm=True)
+        out = qk(IDX)[0]
+        for m in (qk, base):  # the q and k outputs (rows [q | k | v], 64 each) times 3
+            m.transformer.h[0].attn.c_attn.weight[:128].mul_(3.0)
+            m.transformer.h[0].attn.c_attn.bias[:128].mul_(3.0)
+        assert max_diff(qk(IDX)[0], out) < 1e-4 and max_diff(base(IDX)[0], logits) > 1e-2
+        # ReLU²: c_proj(relu(c_fc(x))²)
+        mlp = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97, mlp="relu2")).transformer.h[0].mlp
+        x = torch.randn(2, 5, 64)
+        assert max_diff(mlp(x), mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2)) < 1e-6
+    # zero-initialised projections (and untied head): every block starts as the identity, the loss at ln V
+    z = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97, zero_init_proj=True, tie_embeddings=False))
+    zeroed = [n for n, p in z.named_parameters() if p.dim() == 2 and not p.any()]
+    assert sorted(zeroed) == sorted([f"transformer.h.{i}.{k}.c_proj.weight" for i in (0, 1) for k in ("attn", "mlp")]
+                                    + ["lm_head.weight"])
+    assert z.lm_head.weight is not z.transformer.wte.weight
+    assert z(IDX, IDX)[1].item() == pytest.approx(math.log(97), abs=1e-6)
+    tied = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97, zero_init_proj=True))
+    assert tied.lm_head.weight.std() > 0.01  # tied, the head is the embedding: not zeroed
+
+
+@pytest.mark.parametrize("switch", [dict(qk_norm=True), dict(logit_softcap=15.0), dict(mlp="relu2")])
+def test_pretrain_hf_save_refuses_a_switch_hf_cannot_express_native_keeps_it(tmp_path, switch, capsys):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97, **switch)).eval()
+    with pytest.raises(ValueError, match="cannot be expressed as a Hugging Face") as e:
+        m.save_pretrained(tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf" / "model.safetensors").exists()
+    m.save_pretrained(tmp_path / "native", format="native")
+    back = GPT.from_pretrained(str(tmp_path / "native"))
+    assert back.config == m.config
+    with torch.no_grad():
+        assert max_diff(back(IDX)[0], m(IDX)[0]) == 0.0
+    # through run_main: one line, exit status 2
+    with pytest.raises(SystemExit) as e:
+        model_py.run_main(lambda argv: m.save_pretrained(tmp_path / "hf2"))
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_pretrain_muon_sigkill_then_resume_equals_uninterrupted_run(train_corpus, tmp_path):
+    """The AdamW test's twin: Muon + the modern block, a real SIGKILL, both optimizers' state resumed."""
+    _, _, data_dir, _ = train_corpus
+    common = ["--max_steps", "24", "--eval_interval", "0", "--num_samples", "0", "--optimizer", "muon",
+              "--model", "small-cpu-modern", "--matrix_lr", "0.02", "--schedule", "wsd"]
+    full_train, full_eval = _train(data_dir, tmp_path / "full", *common, "--ckpt_interval", "0")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data_dir", str(data_dir), "--out_dir", str(out),
+           *TINY, *common, "--ckpt_interval", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "log.jsonl"
+        if log.exists() and log.read_text().count('"train"') >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(train_gpt2.find_checkpoint(out) / "state.pt", weights_only=True)
+    if state["step"] >= 24:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    assert set(state["optimizer"]) == {"muon", "adamw"} and state["optimizer"]["muon"]["state"]
+    train_gpt2.main(["--out_dir", str(out), "--resume"])
+    killed_train, killed_eval = _log(out)
+    assert [r["loss"] for r in killed_train] == [r["loss"] for r in full_train]
+    assert full_train[-1]["loss"] < full_train[0]["loss"] - 0.5  # it learns
+    # the summary the later stages read: before (step 0) and after, loss and bpb
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"] == {k: full_eval[0][k] for k in ("step", "val_loss", "val_bpb")}
+    assert summary["after"]["step"] == 24 and summary["after"]["val_bpb"] == killed_eval[-1]["val_bpb"]
+    assert summary["after"]["val_loss"] == full_eval[-1]["val_loss"]
+    assert {"log.jsonl", "loss.png", "ckpt", "summary.json"} <= set(summary["files"])
+    # the optimizer is fixed once a run exists; a checkpoint from before --max_lr became --lr resumes
+    with pytest.raises(ValueError, match="--optimizer 'adamw'"):
+        train_gpt2.main(["--out_dir", str(out), "--resume", "--optimizer", "adamw"])
+    state["config"]["max_lr"] = state["config"].pop("lr")
+    torch.save(state, train_gpt2.find_checkpoint(out) / "state.pt")
+    train_gpt2.main(["--out_dir", str(out), "--resume", "--max_steps", "25"])
+    assert _log(out)[0][-1]["lr"] == pytest.approx(model_py.lr_at(24, 25, 3e-3, 3e-4, 5, "wsd", 0.2))  # TINY's --max_lr
 
 
 # -----------------------------------------------------------------------------------------------

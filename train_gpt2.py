@@ -10,10 +10,24 @@ train_gpt2.py: the pretraining loop, from one CPU to many GPUs, readable top to 
     python train_gpt2.py --help                            # every flag
 
 Recipes. Every flag has a default from a recipe (--recipe): `gpt2-124m` is the GPT-3-small recipe
-of GPT-2 124M on FineWeb-Edu 10B tokens (0.5M-token batches, 6e-4 peak LR, 715 warmup steps, 19073
-steps = one pass over 10B tokens); `cpu` trains a 2.6M-parameter model on the built-in corpus
-(prepared automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA
-GPU and FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
+of GPT-2 124M on FineWeb-Edu 10B tokens (AdamW, 0.5M-token batches, 6e-4 peak LR, 715 warmup steps,
+cosine, 19073 steps = one pass over 10B tokens); `gpt2-124m-muon` is the same model with Muon, the
+modern block and warmup-stable-decay, on a third of the tokens (arithmetic, not yet measured on a
+GPU); `cpu` trains a 2.6M-parameter model with Muon on the built-in corpus (prepared
+automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA GPU and
+FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
+The cpu recipe before Muon (AdamW for every parameter), to compare the two; and with the modern
+block (whose QK-norm, ReLU² and soft-cap Hugging Face cannot express: its checkpoints and LoRA
+adapters stay in this project's format, so the life cycle's default keeps the GPT-2 block):
+    python train_gpt2.py --optimizer adamw --out_dir out/cpu-adamw
+    python train_gpt2.py --model small-cpu-modern --out_dir out/cpu-modern
+
+How fast it learns: Muon (--optimizer muon) trains the blocks' weight matrices, AdamW the rest
+(model.MuonAdamW), each with its own peak learning rate (--matrix_lr, --lr) under one schedule
+(--schedule cosine, or wsd: warmup, constant, linear warmdown over --warmdown_frac); the modern
+block's switches are model.GPTConfig's (qk_norm, mlp=relu2, tie_embeddings, zero_init_proj,
+logit_softcap). Progress is measured in val loss (nats per token) and in val bits per byte, which
+do not depend on the tokenizer. bench_speed.py pretrain compares them (BENCHMARKS.md).
 
 What happens, in reading order of this file:
   1. configuration (TrainConfig; flags generated from its fields, each with its help);
@@ -23,15 +37,18 @@ What happens, in reading order of this file:
   5. the loop: DDP setup, the batch arithmetic, model, optimizer, torch.compile, gradient
      accumulation, clipping, logging to out_dir/log.jsonl and out_dir/loss.png.
 
-The log (out_dir/log.jsonl) has one JSON object per line: {"type": "train", "step", "loss", "lr",
-"grad_norm", "ms", "tokens_per_s", "mfu"} per optimizer step (step = its 0-based index), and
-{"type": "eval", "step", "val_loss", "hellaswag", ...} per evaluation (step = the number of optimizer
-steps done before it: step 0 is the untrained model, step max_steps the final one).
+The log (out_dir/log.jsonl) has one JSON object per line: {"type": "train", "step", "loss", "lr"
+(AdamW's; Muon's is matrix_lr/lr times it), "grad_norm", "ms", "tokens_per_s", "mfu"} per optimizer
+step (step = its 0-based index), and {"type": "eval", "step", "val_loss", "val_bpb", "hellaswag", ...}
+per evaluation (step = the number of optimizer steps done before it: step 0 is the untrained model,
+step max_steps the final one). At the end, out_dir/summary.json: {"before": {"step", "val_loss",
+"val_bpb"}, "after": {...}, "samples": [...], "files": [...]}.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 import prepare_data
-from bpe import load_tokenizer
+from bpe import atomic_write, load_tokenizer
 from model import (DEVICE_HELP, GPT, GPTConfig, GracefulStop, all_ranks, autocast_and_scaler, cfg, check_finite,
                    check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, grad_sync,
                    init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device,
@@ -57,7 +74,7 @@ from model import (DEVICE_HELP, GPT, GPTConfig, GracefulStop, all_ranks, autocas
 @dataclass
 class TrainConfig:
     recipe: str = cfg("auto", "where the other flags' defaults come from (auto: gpt2-124m on a CUDA GPU with "
-                              "FineWeb shards, else cpu)", choices=["auto", "gpt2-124m", "cpu"])
+                              "FineWeb shards, else cpu)", choices=["auto", "gpt2-124m", "gpt2-124m-muon", "cpu"])
     # data and output
     data_dir: str = cfg("data/fineweb_edu", "folder of token shards written by prepare_data.py")
     out_dir: str = cfg("out", "checkpoints (out_dir/ckpt/), log.jsonl and loss.png go here")
@@ -79,9 +96,18 @@ class TrainConfig:
     total_batch_size: int = cfg(524288, "tokens per optimizer step, over all devices and accumulation steps; a "
                                         "multiple of batch_size * seq_len * world_size", min=1)
     # optimizer and schedule
-    max_lr: float = cfg(6e-4, "peak learning rate (after warmup)", min=0.0)
-    min_lr_ratio: float = cfg(0.1, "the cosine decays to max_lr * min_lr_ratio", min=0.0, max=1.0)
-    warmup_steps: int = cfg(715, "steps of linear warmup from max_lr/warmup_steps to max_lr (capped at 10% of "
+    optimizer: str = cfg("adamw", "adamw: AdamW for every parameter; muon: Muon for the 2-D matrices inside the "
+                                  "blocks (--matrix_lr), AdamW for embeddings, head, norms and biases (--lr)",
+                         choices=["adamw", "muon"])
+    lr: float = cfg(6e-4, "peak learning rate (after warmup) of AdamW's parameters", min=0.0, aliases=("--max_lr",))
+    matrix_lr: float = cfg(0.02, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
+    schedule: str = cfg("cosine", "after warmup, cosine: cosine decay to lr * min_lr_ratio; wsd: constant, then a "
+                                  "linear warmdown to lr * min_lr_ratio over the last warmdown_frac of the run",
+                        choices=["cosine", "wsd"])
+    warmdown_frac: float = cfg(0.2, "--schedule wsd: the fraction of the steps spent in the warmdown", min=0.0, max=1.0)
+    min_lr_ratio: float = cfg(0.1, "the schedule ends at lr * min_lr_ratio (matrix_lr * min_lr_ratio)", min=0.0,
+                              max=1.0)
+    warmup_steps: int = cfg(715, "steps of linear warmup from lr/warmup_steps to lr (capped at 10% of "
                                  "the run when it would take more than half of it)", min=0)
     max_steps: int = cfg(19073, "optimizer steps in the run (19073 * 524288 tokens = 10B)", min=1)
     weight_decay: float = cfg(0.1, "AdamW weight decay, on 2-D weights only", min=0.0)
@@ -89,8 +115,11 @@ class TrainConfig:
     beta2: float = cfg(0.95, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = cfg(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
     # evaluation, sampling, checkpoints
-    eval_interval: int = cfg(250, "evaluate every this many steps (and at the end); 0 = only at the end", min=0)
-    val_tokens: int = cfg(10_485_760, "size of the fixed validation slice, from the start of the val split", min=1)
+    eval_interval: int = cfg(250, "evaluate every this many steps (and before the first and after the last); 0 = "
+                                  "only before and after", min=0)
+    val_tokens: int = cfg(10_485_760, "size of the fixed validation slice, from val_offset in the val split", min=1)
+    val_offset: int = cfg(0, "where the validation slice starts in the val split (bench_speed.py pretrain tunes "
+                             "learning rates on a slice held apart from the reported one)", min=0)
     hellaswag_file: str = cfg("data/hellaswag/hellaswag_val.jsonl",
                               "HellaSwag examples; evaluated when the file and hellaswag.py exist")
     hellaswag_limit: int = cfg(0, "evaluate only the first N HellaSwag examples (0 = all)", min=0)
@@ -111,13 +140,21 @@ class TrainConfig:
 # The recipes: overrides of the defaults above (which are the gpt2-124m recipe).
 RECIPES = {
     "gpt2-124m": {},
-    # ~2.6M parameters, 128-token context, 2048-token batches: about 3 minutes on 2 CPU cores
-    "cpu": dict(data_dir="data/builtin", out_dir="out/cpu", model="small-cpu", n_layer=4, n_head=6, n_embd=192,
-                block_size=128, batch_size=16, seq_len=128, total_batch_size=2048, max_lr=2e-3, warmup_steps=30,
-                max_steps=300, eval_interval=50, val_tokens=16384, hellaswag_limit=200, num_samples=2,
-                sample_len=48, sample_prompt="Return the", ckpt_interval=50, compile="off"),
+    # GPT-2 124M with Muon, the modern block and wsd. UNMEASURED: arithmetic only, until a GPU run. Muon
+    # is credited with ~1.5x the tokens' worth and the block with more (modded-nanogpt): 1/3 of the
+    # 10B-token budget; matrix_lr is Muon's usual 0.02, lr the AdamW recipe's.
+    "gpt2-124m-muon": dict(model="gpt2-modern", optimizer="muon", matrix_lr=0.02, schedule="wsd", min_lr_ratio=0.0,
+                           warmup_steps=250, max_steps=6358),
+    # ~2.6M parameters, 128-token context, 2048-token batches, 300 steps: a few minutes on 2 CPU cores.
+    # The AdamW recipe it replaced (BENCHMARKS.md, pretraining) is the same with --optimizer adamw.
+    "cpu": dict(data_dir="data/builtin", out_dir="out/cpu", model="small-cpu", n_layer=4, n_head=6,
+                n_embd=192, block_size=128, batch_size=16, seq_len=128, total_batch_size=2048, optimizer="muon",
+                lr=2e-3, matrix_lr=0.02, schedule="cosine", min_lr_ratio=0.1, warmup_steps=30, max_steps=300,
+                eval_interval=50, val_tokens=16384, hellaswag_limit=200, num_samples=2, sample_len=48,
+                sample_prompt="Return the", ckpt_interval=50, compile="off"),
 }
-ARCHITECTURE = ("model", "init_from", "n_layer", "n_head", "n_embd", "block_size")  # fixed once a run exists
+# fixed once a run exists (a checkpoint holds this optimizer's state)
+ARCHITECTURE = ("model", "init_from", "n_layer", "n_head", "n_embd", "block_size", "optimizer")
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, dict]:
@@ -298,18 +335,45 @@ def load_state(ckpt: Path) -> dict:
 # 4. Evaluation (on the uncompiled model: compile never breaks eval or sampling)
 
 
+def val_slice(stream: TokenStream, cfg: TrainConfig) -> tuple[int, int]:
+    """(first token, number of seq_len sequences) of the fixed validation slice: val_tokens tokens
+    from val_offset in the val split (fewer if the split is shorter)."""
+    start = min(cfg.val_offset, len(stream) - cfg.seq_len - 1)
+    return start, min(cfg.val_tokens, len(stream) - 1 - start) // cfg.seq_len
+
+
+def val_bytes(tok, stream: TokenStream, cfg: TrainConfig) -> int | None:
+    """The UTF-8 bytes of text that the validation slice's predicted tokens (each sequence's tokens
+    1..seq_len) decode to, for bits per byte; None without the tokenizer. A special token such as
+    <|endoftext|> marks where a document ends and stands for no text: 0 bytes. Each token's bytes are
+    counted (not the decoded string's), so a character split over two tokens is counted once."""
+    if tok is None:
+        return None
+    src, T = tok.source, cfg.seq_len  # data_tokenizer only returns bpe.py tokenizers
+    lengths = np.array([len(src.vocab.get(i, b"")) for i in range(max(src.vocab) + 1)], dtype=np.int64)
+    lengths[list(src.special_tokens.values())] = 0
+    start, n_seq = val_slice(stream, cfg)
+    return int(sum(lengths[stream.read(start + s * T + 1, T)].sum() for s in range(n_seq)))
+
+
+def bits_per_byte(loss: float, n_tokens: int, n_bytes: int | None) -> float | None:
+    """Bits per byte: the val loss's nats summed over its tokens, in bits (/ ln 2), per byte of the
+    text they decode to. Unlike nats per token it does not depend on the tokenizer: a vocabulary
+    with longer tokens has fewer, harder tokens per byte; bpb compares them on the same text."""
+    return loss * n_tokens / math.log(2) / n_bytes if n_bytes else None
+
+
 @torch.no_grad()
 def val_loss(model, stream: TokenStream, cfg: TrainConfig, device, autocast, rank: int, world: int) -> float:
-    """Mean loss over a fixed slice: the first val_tokens tokens of the val split, as sequences of
-    seq_len; rank r takes sequences r, r + world, ... and the sums are all-reduced, so the result does
-    not depend on the number of ranks."""
+    """Mean loss over a fixed slice (val_slice), as sequences of seq_len; rank r takes sequences r,
+    r + world, ... and the sums are all-reduced, so the result does not depend on the number of ranks."""
     model.eval()
     T = cfg.seq_len
-    n_seq = (min(cfg.val_tokens, len(stream) - 1)) // T
+    start, n_seq = val_slice(stream, cfg)
     mine = list(range(rank, n_seq, world))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
     for i in range(0, len(mine), cfg.batch_size):
-        rows = [stream.read(s * T, T + 1) for s in mine[i:i + cfg.batch_size]]
+        rows = [stream.read(start + s * T, T + 1) for s in mine[i:i + cfg.batch_size]]
         buf = torch.from_numpy(np.stack(rows)).to(device)
         with autocast():
             _, loss = model(buf[:, :-1], buf[:, 1:])
@@ -349,14 +413,31 @@ def hellaswag_examples(cfg: TrainConfig, master: bool):
 
 
 def plot(out_dir: Path, baseline: float | None = None):
-    """loss.png: train and val loss against steps, HellaSwag accuracy beside them when measured."""
+    """loss.png: train and val loss against steps, val bits per byte and HellaSwag accuracy beside
+    them when measured."""
     rows = read_log(out_dir / "log.jsonl")
     train = [dict(step=r["step"], train_loss=r["loss"]) for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
-    has_hellaswag = any(r.get("hellaswag") is not None for r in evals)
-    panels = [["train_loss", "val_loss"]] + ([["hellaswag"]] if has_hellaswag else [])
-    hlines = [(0, baseline, f"unigram entropy {baseline:.2f}")] + ([(1, 0.25, "chance")] if len(panels) > 1 else [])
-    plot_log(train + evals, out_dir / "loss.png", panels, ["loss (nats/token)", "HellaSwag acc_norm"], hlines)
+    extra = [(k, title) for k, title in (("val_bpb", "val bits per byte"), ("hellaswag", "HellaSwag acc_norm"))
+             if any(r.get(k) is not None for r in evals)]
+    hlines = [(0, baseline, f"unigram entropy {baseline:.2f}")] + [(1 + i, 0.25, "chance") for i, (k, _) in
+                                                                  enumerate(extra) if k == "hellaswag"]
+    plot_log(train + evals, out_dir / "loss.png", [["train_loss", "val_loss"]] + [[k] for k, _ in extra],
+             ["loss (nats/token)"] + [t for _, t in extra], hlines)
+
+
+def write_summary(out_dir: Path, samples: list[str]) -> dict:
+    """out_dir/summary.json: the val loss and bpb before training and after it (the first and last
+    evaluations in the log), the last samples and the run's files; what the life cycle's later
+    stages and its report read."""
+    evals = [r for r in read_log(out_dir / "log.jsonl") if r.get("type") == "eval"]
+    before, after = ({"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r.get("val_bpb")}
+                     for r in (evals[0], evals[-1]))
+    files = sorted({p.name for p in out_dir.iterdir() if p.name != "run.lock"} | {"summary.json"})
+    summary = {"before": before, "after": after, "samples": samples, "files": files}
+    text = json.dumps(summary, indent=2, ensure_ascii=False)
+    atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return summary
 
 
 def batch_plan(cfg: TrainConfig, given: dict, world: int) -> tuple[int, int, str]:
@@ -402,10 +483,14 @@ def train(cfg: TrainConfig, given: dict | None = None):
         ckpt = find_checkpoint(out_dir)
         state = load_state(ckpt)
         saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+        if "max_lr" in state["config"]:  # a checkpoint from before --max_lr became --lr (and Muon came): AdamW
+            saved.setdefault("lr", state["config"]["max_lr"])
+            saved.setdefault("optimizer", "adamw")
         changed = [f"--{k} {given[k]!r} (checkpoint: {saved.get(k)!r})" for k in ARCHITECTURE
                    if k in given and given[k] != saved.get(k)]
         if changed:
-            raise ValueError(f"--resume continues the architecture in {ckpt}; these flags differ: {', '.join(changed)}")
+            raise ValueError(f"--resume continues the architecture and optimizer in {ckpt}; these flags differ: "
+                             f"{', '.join(changed)}")
         saved["stop_at_step"] = 0  # a one-off of the run that wrote the checkpoint
         cfg = TrainConfig(**{**saved, **given, "resume": True, "overwrite": False})
         say(f"resuming from {ckpt} at step {state['step']}")
@@ -453,8 +538,8 @@ def train(cfg: TrainConfig, given: dict | None = None):
     raw_model.train()
     seed_everything(cfg.seed + rank)  # each rank its own random streams from here on: its own dropout masks
 
-    optimizer = make_optimizer(raw_model, "adamw", cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                               fused=device_type == "cuda")
+    optimizer = make_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                               fused=device_type == "cuda", matrix_lr=cfg.matrix_lr)
     train_loader = DataLoader(train_stream, B, T, rank, world, cfg.total_batch_size)
     start_step = 0
     if state is not None:
@@ -486,6 +571,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
 
     hellaswag, hs_examples = hellaswag_examples(cfg, master) if tok is not None else (None, None)
     baseline = unigram_entropy(train_stream, vocab_size)
+    n_val_tokens, n_val_bytes = val_slice(val_stream, cfg)[1] * T, val_bytes(tok, val_stream, cfg)  # once: fixed
     say(f"recipe {cfg.recipe} | device {device} x {world} | data {cfg.data_dir}: {len(train_stream):,} train / "
         f"{len(val_stream):,} val tokens, tokenizer {meta['tokenizer']} | model {raw_model.get_num_params():,} "
         f"params | {cfg.total_batch_size:,} tokens/step = {B} x {T} x {world} ranks x {grad_accum} accumulation"
@@ -513,10 +599,11 @@ def train(cfg: TrainConfig, given: dict | None = None):
         if stopping:
             close_run(out_dir)
             stop.exit(step, out_dir / "ckpt")
-        if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
+        if last or step == 0 or (cfg.eval_interval and step % cfg.eval_interval == 0):
             t0 = time.time()
-            rec = {"type": "eval", "step": step,
-                   "val_loss": val_loss(raw_model, val_stream, cfg, device, autocast, rank, world)}
+            loss_v = val_loss(raw_model, val_stream, cfg, device, autocast, rank, world)
+            rec = {"type": "eval", "step": step, "val_loss": loss_v,
+                   "val_bpb": bits_per_byte(loss_v, n_val_tokens, n_val_bytes)}
             if hellaswag is not None:
                 with autocast():
                     res = hellaswag.evaluate(raw_model, tok, hs_examples, device=device, rank=rank,
@@ -525,11 +612,12 @@ def train(cfg: TrainConfig, given: dict | None = None):
                 rec.update(hellaswag=res["acc_norm"], hellaswag_acc=res["acc"], hellaswag_n=res["n"])
             if master:
                 hs = f" | hellaswag {rec['hellaswag']:.4f}" if "hellaswag" in rec else ""
-                say(f"eval step {step:5d} | val loss {rec['val_loss']:.4f} (unigram {baseline:.3f}){hs} "
+                bpb = f" | val bpb {rec['val_bpb']:.4f}" if rec["val_bpb"] is not None else ""
+                say(f"eval step {step:5d} | val loss {rec['val_loss']:.4f} (unigram {baseline:.3f}){bpb}{hs} "
                     f"| {time.time() - t0:.1f}s")
-                if tok is not None and cfg.num_samples:
-                    for text in sample(raw_model, tok, cfg, step, device):
-                        say(f"  sample: {text!r}")
+                samples = sample(raw_model, tok, cfg, step, device) if tok is not None and cfg.num_samples else []
+                for text in samples:
+                    say(f"  sample: {text!r}")
                 log_line(rec)
                 plot(out_dir, baseline)
         if last:
@@ -556,9 +644,11 @@ def train(cfg: TrainConfig, given: dict | None = None):
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         if ddp:
             dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # the logged loss is the global mean
-        lr = lr_at(step, cfg.max_steps, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, warmup)
+        # the schedule as a multiplier of each group's peak: Muon's matrices have their own (see MuonAdamW)
+        scale = lr_at(step, cfg.max_steps, 1.0, cfg.min_lr_ratio, warmup, cfg.schedule, cfg.warmdown_frac)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scale * (cfg.matrix_lr if group.get("muon") else cfg.lr)
+        lr = scale * cfg.lr
         norm = optimizer_step(raw_model, optimizer, scaler, cfg.grad_clip)
         loss_v, norm_v = loss_accum.item(), norm.item()  # waits for the device: the step's time is real
         check_finite(step, scaler, loss=loss_v, grad_norm=norm_v)
@@ -572,6 +662,13 @@ def train(cfg: TrainConfig, given: dict | None = None):
             log_line({"type": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                       "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
     stop.restore()
+    if master and last:
+        s = write_summary(out_dir, samples)
+        b, a = ({k: "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("val_loss", "val_bpb")}
+                for r in (s["before"], s["after"]))
+        say(f"done: val loss {b['val_loss']} -> {a['val_loss']} nats/token, val bpb {b['val_bpb']} -> "
+            f"{a['val_bpb']} bits per byte (step {s['before']['step']} -> {s['after']['step']}) | model: "
+            f"{out_dir / 'ckpt' / 'model'} | {', '.join(s['files'])} in {out_dir}")
     close_run(out_dir)
     end_distributed()  # tear down together
     return out_dir
