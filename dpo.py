@@ -61,8 +61,7 @@ from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, 
                    check_finite, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered,
                    grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step,
                    parse_config, pick_device, pick_precision, plot_log, previous_stage, resolve_init_from,
-                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state,
-                   weights_fingerprint)
+                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
 from prepare_data import builtin_tasks, exact_match, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -331,6 +330,14 @@ class Reference:
         v = torch.tensor([self.cache[k] for k in keys], dtype=torch.float32)
         v = v.pin_memory().to(idx.device, non_blocking=True) if idx.is_cuda else v  # no wait for the GPU
         return v[:, 0], v[:, 1]
+
+
+def weights_fingerprint(name_or_dir) -> list:
+    """What a cache of a model's outputs depends on, cheaply: the path and each file's name, size and
+    mtime (a new save changes them); a name that is no local path (a hub id) stands for itself."""
+    p = Path(name_or_dir).expanduser()
+    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) if p.exists() else []
+    return [str(name_or_dir)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def precompute_reference(ref: Reference, tokenized: list[dict], keys: list[str], pad_id: int, device,

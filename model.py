@@ -1653,14 +1653,6 @@ def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
                    f"{c.vocab_size}" + (f", with a batch of {batch}" if batch else ""))
 
 
-def weights_fingerprint(name_or_dir) -> list:
-    """What a cache of a model's outputs depends on, cheaply: the path and each file's name, size and
-    mtime (a new save changes them); a name that is no local path (a hub id) stands for itself."""
-    p = Path(name_or_dir).expanduser()
-    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) if p.exists() else []
-    return [str(name_or_dir)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
 RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
 # what our runs write in an out_dir (*.tmp: a killed atomic write): --overwrite removes these, nothing else
 RUN_OUTPUTS = ("run.lock", "config.json", "log.jsonl", "loss.png", "ckpt", "ckpt.tmp", "ckpt.old", "ckpt_step*",
