@@ -912,86 +912,67 @@ def build_parser():
                         formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
-    def common(p, name, tokenizer=True):
+    def command(name, help, fn, tokenizer=True, out_name=None):  # a subcommand, with the flags every one has
+        p = sub.add_parser(name, help=help, formatter_class=DefaultsHelp)
+        p.set_defaults(fn=fn)
         p.add_argument("--out_dir", default="data",
                        help="parent folder; the output (shards or .jsonl) goes to OUT_DIR/NAME/")
-        p.add_argument("--name", default=name, help="dataset name: the folder, and the prefix of the files in it")
+        p.add_argument("--name", default=out_name or name,
+                       help="dataset name: the folder, and the prefix of the files in it")
         if tokenizer:
             p.add_argument("--tokenizer", default="gpt2",
                            help="'gpt2' (tiktoken) or a directory written by bpe.py")
             p.add_argument("--num_workers", type=bounded(int, 0), default=max(1, (os.cpu_count() or 2) - 1),
                            help="tokenizer processes (0 = tokenize in this process)")
+        return p
 
-    p = sub.add_parser("builtin", help="no-network corpus: stdlib docstrings + pydoc topics, own BPE",
-                       formatter_class=DefaultsHelp)
-    common(p, "builtin")
+    p = command("builtin", "no-network corpus: stdlib docstrings + pydoc topics, own BPE", cmd_builtin)
     for action in p._actions:  # builtin trains its own tokenizer unless told otherwise
         if action.dest == "tokenizer":
             action.default, action.help = None, "default: train a BPE of --vocab_size on the corpus; or a bpe.py dir"
     p.set_defaults(num_workers=0)
     p.add_argument("--vocab_size", type=bounded(int, 257), default=4096, help="size of the BPE trained on the corpus")
     p.add_argument("--packages", nargs="*", default=[], help="installed packages whose docstrings to add")
-    p.set_defaults(fn=cmd_builtin)
 
-    p = sub.add_parser("builtin_tasks", help="no-network task data from the stdlib's documentation: instructions, "
-                                             "preference pairs, classification, multiple choice (HellaSwag schema)",
-                       formatter_class=DefaultsHelp)
-    common(p, "builtin_tasks", tokenizer=False)
-    p.set_defaults(fn=cmd_builtin_tasks)
+    command("builtin_tasks", "no-network task data from the stdlib's documentation: instructions, preference pairs, "
+            "classification, multiple choice (HellaSwag schema)", cmd_builtin_tasks, tokenizer=False)
 
-    p = sub.add_parser("text", help="local text files or globs (one file = one document)",
-                       formatter_class=DefaultsHelp)
-    common(p, "text")
+    p = command("text", "local text files or globs (one file = one document)", cmd_text)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote globs)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per training shard")
     p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of the tokens (from the start of the corpus) held out as validation")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0,
                    help="exact validation size (overrides val_fraction)")
-    p.set_defaults(fn=cmd_text)
 
-    p = sub.add_parser("shakespeare", help="tiny Shakespeare (downloaded with requests)",
-                       formatter_class=DefaultsHelp)
-    common(p, "shakespeare")
+    p = command("shakespeare", "tiny Shakespeare (downloaded with requests)", cmd_shakespeare)
     p.add_argument("--url", default=SHAKESPEARE_URL, help="where to download it from")
     p.add_argument("--input", default=None, help="use this local copy instead of downloading")
     p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of tokens held out (the start)")
-    p.set_defaults(fn=cmd_shakespeare)
 
-    p = sub.add_parser("fineweb", help="FineWeb-Edu through `datasets` (streaming)",
-                       formatter_class=DefaultsHelp)
-    common(p, "fineweb_edu")
+    p = command("fineweb", "FineWeb-Edu through `datasets` (streaming)", cmd_fineweb, out_name="fineweb_edu")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset id")
     p.add_argument("--remote_name", default="sample-10BT",
                    help="dataset configuration (sample-10BT, sample-100BT, ...)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
-    p.set_defaults(fn=cmd_fineweb)
 
-    p = sub.add_parser("hellaswag", help="HellaSwag validation set (downloaded with requests)",
-                       formatter_class=DefaultsHelp)
-    common(p, "hellaswag", tokenizer=False)
-    p.set_defaults(fn=cmd_hellaswag)
+    command("hellaswag", "HellaSwag validation set (downloaded with requests)", cmd_hellaswag, tokenizer=False)
 
-    p = sub.add_parser("alpaca", help="Alpaca instructions as jsonl for finetune.py",
-                       formatter_class=DefaultsHelp)
-    common(p, "alpaca", tokenizer=False)
+    p = command("alpaca", "Alpaca instructions as jsonl for finetune.py", cmd_alpaca, tokenizer=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")
     p.add_argument("--max_response_chars", type=bounded(int, 0), default=0,
                    help="drop examples with longer outputs (0 = keep all)")
     p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="then keep the first N (0 = all)")
-    p.set_defaults(fn=cmd_alpaca)
 
     for name, what, fn in (("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh),
                            ("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py",
                             cmd_hh_pairs)):
-        p = sub.add_parser(name, help=what, formatter_class=DefaultsHelp)
-        common(p, name, tokenizer=False)
+        p = command(name, what, fn, tokenizer=False)
         p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
         p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
         p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="keep the first N (0 = all)")
-        p.set_defaults(fn=fn)
     return ap
 
 
