@@ -1144,6 +1144,23 @@ def _concat(ts: list):
     return _Derived(lambda *w: torch.cat(w, 0), ts, (sum(t.shape[0] for t in ts),) + tuple(ts[0].shape[1:]))
 
 
+def _llama_names(c: GPTConfig):
+    """(our name, its HF LLaMA names) of every tensor; a fused tensor stacks its HF tensors' rows."""
+    yield "transformer.wte.weight", ["model.embed_tokens.weight"]
+    yield "transformer.ln_f.weight", ["model.norm.weight"]
+    if not c.tie_embeddings:
+        yield "lm_head.weight", ["lm_head.weight"]
+    for i in range(c.n_layer):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        yield q + "ln_1.weight", [p + "input_layernorm.weight"]
+        yield q + "ln_2.weight", [p + "post_attention_layernorm.weight"]
+        for s in ["weight"] + (["bias"] if c.bias else []):
+            yield q + f"attn.c_attn.{s}", [p + f"self_attn.{n}_proj.{s}" for n in "qkv"]
+            yield q + f"attn.c_proj.{s}", [p + f"self_attn.o_proj.{s}"]
+            yield q + f"mlp.c_fc.{s}", [p + f"mlp.{n}_proj.{s}" for n in ("gate", "up")]
+            yield q + f"mlp.c_proj.{s}", [p + f"mlp.down_proj.{s}"]
+
+
 def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
     """Rename (and transpose / fuse) HF tensors to our names. Returns name -> lazy tensor; names we
     do not know are kept as they are, so the check reports them as unexpected."""
@@ -1174,25 +1191,12 @@ def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
     for k in list(tensors):
         if k.endswith("rotary_emb.inv_freq"):
             used.add(k)
-    out["transformer.wte.weight"] = take("model.embed_tokens.weight")
-    out["transformer.ln_f.weight"] = take("model.norm.weight")
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
-    else:
+    if config.tie_embeddings:
         used.add("lm_head.weight")  # some tied checkpoints store it anyway
-    suffixes = ["weight"] + (["bias"] if config.bias else [])
-    for i in range(config.n_layer):
-        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
-        out[q + "ln_1.weight"] = take(p + "input_layernorm.weight")
-        out[q + "ln_2.weight"] = take(p + "post_attention_layernorm.weight")
-        for s in suffixes:
-            parts = [take(p + f"self_attn.{n}_proj.{s}") for n in "qkv"]
-            out[q + f"attn.c_attn.{s}"] = None if None in parts else _concat(parts)
-            out[q + f"attn.c_proj.{s}"] = take(p + f"self_attn.o_proj.{s}")
-            parts = [take(p + f"mlp.{n}_proj.{s}") for n in ("gate", "up")]
-            out[q + f"mlp.c_fc.{s}"] = None if None in parts else _concat(parts)
-            out[q + f"mlp.c_proj.{s}"] = take(p + f"mlp.down_proj.{s}")
-    out = {k: v for k, v in out.items() if v is not None}
+    for ours, names in _llama_names(config):
+        parts = [take(n) for n in names]
+        if None not in parts:
+            out[ours] = parts[0] if len(parts) == 1 else _concat(parts)
     for k, v in tensors.items():
         if k not in used:
             out[k] = v  # unknown: reported as unexpected
@@ -1273,22 +1277,12 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
                 out[k[: -len("weight")] + "bias"] = torch.zeros(n_out, dtype=v.dtype)
         return out
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    out["model.embed_tokens.weight"] = sd["transformer.wte.weight"][:V]
-    out["model.norm.weight"] = sd["transformer.ln_f.weight"]
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"][:V]
-    for i in range(c.n_layer):
-        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
-        out[p + "input_layernorm.weight"] = sd[q + "ln_1.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[q + "ln_2.weight"]
-        for s in ["weight"] + (["bias"] if c.bias else []):
-            qq, kk, vv = sd[q + f"attn.c_attn.{s}"].split([q_dim, kv_dim, kv_dim], dim=0)
-            out[p + f"self_attn.q_proj.{s}"], out[p + f"self_attn.k_proj.{s}"] = qq, kk
-            out[p + f"self_attn.v_proj.{s}"] = vv
-            out[p + f"self_attn.o_proj.{s}"] = sd[q + f"attn.c_proj.{s}"]
-            gate, up = sd[q + f"mlp.c_fc.{s}"].chunk(2, dim=0)
-            out[p + f"mlp.gate_proj.{s}"], out[p + f"mlp.up_proj.{s}"] = gate, up
-            out[p + f"mlp.down_proj.{s}"] = sd[q + f"mlp.c_proj.{s}"]
+    for ours, names in _llama_names(c):
+        v = sd[ours][:V] if ours in ("transformer.wte.weight", "lm_head.weight") else sd[ours]
+        if len(names) == 1:
+            out[names[0]] = v
+        else:  # fused rows [q | k | v] or [gate | up]
+            out.update(zip(names, v.split([q_dim, kv_dim, kv_dim] if len(names) == 3 else v.shape[0] // 2, dim=0)))
     return out
 
 
