@@ -2,17 +2,16 @@
 bpe.py: a byte-level BPE (byte pair encoding) tokenizer, as used by GPT-2 and its successors.
 
 Read it top to bottom:
-  1. pre-splitting: a regex cuts text into chunks (words, numbers, punctuation, spaces);
-     tokens never cross a chunk boundary.
-  2. training: start from the 256 byte values and repeatedly merge the most frequent adjacent
-     pair of tokens into a new token, until the vocabulary has the requested size.
-  3. encoding: inside each chunk, repeatedly join the adjacent pair that makes the earliest
-     learned token (lowest rank); decoding concatenates the bytes of the tokens.
+  1. pre-splitting: a regex cuts text into chunks (words, numbers, punctuation, spaces); no token crosses a chunk.
+  2. training: from the 256 byte values, repeatedly merge the most frequent adjacent pair of tokens into a new
+     token, until the vocabulary has the requested size.
+  3. encoding: inside each chunk, repeatedly join the adjacent pair that makes the earliest learned token
+     (lowest rank); decoding concatenates the bytes of the tokens.
   4. the Tokenizer: GPT-2 compatibility, a fast path through tiktoken, save/load, HF export;
   5. load_tokenizer: one interface for ours, GPT-2's and Hugging Face's; 6. a small CLI.
 
-Training is the textbook algorithm, made fast without hiding it: each distinct chunk is counted
-once, pair counts are updated only in the chunks a merge touches, and a heap finds the next pair.
+Training is the textbook algorithm, made fast without hiding it: each distinct chunk is counted once, pair
+counts are updated only in the chunks a merge touches, and a heap finds the next pair.
 
 Usage:
   python bpe.py train   --input book.txt --vocab_size 4096 --out tok/
@@ -31,8 +30,8 @@ From Python:
   files = tok.hf_files()                                 # tokenizer.json for transformers.AutoTokenizer
   t = load_tokenizer("tok/")                             # ours, GPT-2's or a HF one, behind one interface
 
-Dependencies: the standard library, `regex` (for \\p{L}-style classes in the split patterns),
-`tiktoken` (the fast path) and `tokenizers` (only for the Hugging Face export).
+Dependencies: the standard library, `regex` (for \\p{L}-style classes in the split patterns), `tiktoken` (the
+fast path) and `tokenizers` (only for the Hugging Face export).
 """
 
 import argparse
@@ -258,12 +257,11 @@ def _merge_pair(word, a, b, new_id):
 
 
 def learn_merges(chunk_counts, n_tokens, verbose=False):
-    """Byte-level BPE on {chunk: count}. Returns (vocab, merges): vocab[id] is the token's bytes
-    (ids 0-255 are the bytes themselves), merges is [(left_id, right_id, new_id), ...] in order.
+    """Byte-level BPE on {chunk: count}. Returns (vocab, merges): vocab[id] is the token's bytes (ids 0-255 are the
+    bytes themselves), merges is [(left_id, right_id, new_id), ...] in order.
 
-    Each step merges the most frequent adjacent pair; ties go to the smallest pair of ids
-    (left id first), so training is deterministic. Training stops at `n_tokens` tokens or when
-    no pair is left (every chunk is a single token).
+    Each step merges the most frequent adjacent pair; ties go to the smallest pair of ids (left id first), so training
+    is deterministic. Training stops at `n_tokens` tokens or when no pair is left (every chunk is a single token).
     """
     vocab = [bytes([b]) for b in range(256)]
     token_ids = set(vocab)
@@ -551,10 +549,9 @@ class Tokenizer:
     # ---- saving and loading
 
     def save(self, path):
-        """Save to `path`. A directory (an existing one, or a new name without a suffix, created)
-        gets both formats (tokenizer.bpe and tokenizer.tiktoken); a name ending in .tiktoken gets
-        tiktoken's rank format (ranks only: no pattern, no special tokens); any other name gets the
-        readable format. Files are written atomically."""
+        """Save to `path`. A directory (an existing one, or a new name without a suffix, created) gets both formats
+        (tokenizer.bpe and tokenizer.tiktoken); a name ending in .tiktoken gets tiktoken's rank format (ranks only: no
+        pattern, no special tokens); any other name gets the readable format. Files are written atomically."""
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)

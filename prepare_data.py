@@ -611,8 +611,7 @@ PROMPT_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
 
