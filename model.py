@@ -1,21 +1,16 @@
 """
 model.py: one GPT class for the GPT-2 and LLaMA families, readable top to bottom, and the few
-things every training script shares.
-
-What is in here, in reading order:
-  1. GPTConfig: one dataclass whose switches (norm, positions, attention heads, MLP, bias, tying)
-     cover GPT-2 and LLaMA-2 without a second model class, plus named presets; and the switches
-     of a modern block (QK-norm, ReLU², zero-initialised projections, logit soft-capping), off in
-     every preset that loads Hugging Face weights.
-  2. The modules: norms, rotary embeddings, causal self-attention (SDPA or a manual path kept
-     for learning), MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
-  3. GPT: forward + loss, GPT-2 initialisation, MFU.
-  4. Hugging Face weights in (`GPT.from_pretrained`) and out (`model.save_pretrained`).
+things every training script shares. In reading order:
+  1. GPTConfig: switches (norm, positions, attention heads, MLP, bias, tying) that cover GPT-2 and
+     LLaMA-2 with one model class, named presets, and a modern block's switches (QK-norm, ReLU²,
+     zero-initialised projections, logit soft-capping), off in every preset that loads HF weights.
+  2. Modules: norms, rotary embeddings, causal self-attention (SDPA, or a manual path for learning),
+     MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
+  3. GPT: forward + loss, GPT-2 initialisation, MFU.  4. Hugging Face weights in and out.
   5. Generation with a KV cache: greedy, temperature, top-k, top-p, beam search, stop tokens,
      batched prompts of different lengths, streaming.
-  6. What the training scripts share (as nanoGPT keeps its optimizer set-up here): flags from a
-     config dataclass, device and precision, optimizer and LR schedule, torchrun, run directories,
-     logs, plots and memory readings.
+  6. What the training scripts share (as nanoGPT keeps its optimizer here): flags from a config
+     dataclass, device and precision, optimizer and schedule, torchrun, run directories, logs.
 
 Use it:
     from model import GPT, GPTConfig
@@ -26,10 +21,9 @@ Use it:
     model.save_pretrained("out/hf")                      # loads in transformers.AutoModelForCausalLM
 (chat.py samples from a model on the command line.)
 
-Parameter names follow Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`,
-`lm_head`, ...). LLaMA checkpoints are mapped onto the same names: q/k/v projections are fused into
-`c_attn` (rows [q | k | v]) and the SwiGLU gate/up projections into `mlp.c_fc` (rows [gate | up]),
-so one matmul does the work of three (or two).
+Parameter names follow HF's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, `lm_head`, ...).
+LLaMA checkpoints map onto the same names, q/k/v fused into `c_attn` (rows [q | k | v]) and SwiGLU's
+gate/up into `mlp.c_fc` (rows [gate | up]): one matmul does the work of three (or two).
 """
 
 from __future__ import annotations
@@ -339,22 +333,18 @@ class Block(nn.Module):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`: the mean over
-    the counted rows (reduction "mean"), or each row's loss, 0 where ignored ("none": DPO's
-    log-probabilities). The same values and gradients as F.cross_entropy, with much less memory.
-
-    Why: with a 50k vocabulary the logits are the largest tensor of the whole step (B*T*V floats,
-    more than all the activations of a small model). F.cross_entropy under autocast first copies
-    them to fp32, then writes a full fp32 log-softmax and keeps it for backward, whose gradient is
-    another full fp32 tensor cast back to bf16. Here the forward reads the logits once, a chunk of
-    rows at a time (upcast to fp32 only chunk by chunk), and keeps just one log-sum-exp per row;
-    backward rebuilds softmax(logits) - onehot(target) chunk by chunk straight into the gradient."""
+    """Cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`: the mean over the
+    counted rows ("mean"), or each row's loss, 0 where ignored ("none": DPO's log-probabilities). The
+    values and gradients of F.cross_entropy, in much less memory. Why: with a 50k vocabulary the logits
+    are the step's largest tensor (B*T*V floats); F.cross_entropy under autocast copies them to fp32,
+    keeps a full fp32 log-softmax for backward and makes another full fp32 gradient. Here the forward
+    reads the logits once, chunk by chunk in fp32, and keeps one log-sum-exp per row; backward rebuilds
+    softmax(logits) - onehot(target) chunk by chunk straight into the gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int = -100, reduction: str = "mean"):
         N, V = logits.shape
-        # On a CPU, small chunks (~8 MB of fp32) stay in the caches. On a GPU every chunk is a few
-        # kernel launches, so 8 large chunks whatever B x T is (a bounded number of launches).
+        # CPU: small chunks (~8 MB of fp32) stay in the caches; GPU: 8 large chunks (a chunk costs launches)
         chunk = -(-N // 8) if logits.is_cuda else max(1, 2 ** 21 // V)
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
         for i in range(0, N, chunk):
@@ -384,9 +374,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------------------------
 # 3. The model
 
-# Dense bf16 tensor-core peak FLOP/s (fp16 on GPUs without bf16), for MFU (model FLOPs
-# utilisation), by the exact name torch.cuda.get_device_name() reports: matching by substring would
-# give an "L40" the "L4"'s peak and an "H100 NVL" the SXM's.
+# Dense bf16 (else fp16) tensor-core peak FLOP/s, for MFU, by torch.cuda.get_device_name()'s exact name:
+# by substring an "L40" would get the "L4"'s peak and an "H100 NVL" the SXM's.
 GPU_PEAK_FLOPS = {
     "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
     "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
@@ -417,16 +406,15 @@ class GPT(nn.Module):
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
-            # input and output embeddings share one matrix: fewer parameters, and the two roles
-            # (token -> vector, vector -> token scores) reinforce each other (Press & Wolf, 2017)
+            # one matrix for input and output embeddings: fewer parameters, and the two roles help each other
+            # (token -> vector, vector -> token scores; Press & Wolf, 2017)
             self.lm_head.weight = self.transformer.wte.weight
         self.grad_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self._init_buffers()
         self.apply(self._init_weights)
 
     def _after_meta_load(self):
-        """Weights were assigned to a model built on the meta device: tie the output layer to the
-        embedding again and compute the constant tables."""
+        """Weights were assigned to a model built on the meta device: re-tie lm_head, compute the tables."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._init_buffers()
@@ -436,10 +424,9 @@ class GPT(nn.Module):
         c, V = self.config, self.config.padded_vocab_size
         device = self.transformer.wte.weight.device
         device = "cpu" if device.type == "meta" else device  # from_pretrained builds on meta first
-        # Vocab padding: 50257 -> 50304 rows makes the biggest matmul a multiple of 64 (faster kernels).
-        # The padded ids must never be predicted: a constant -inf bias on their logits gives them
-        # probability 0 in the loss (at no extra cost: it is fused into the matmul), and logits are
-        # returned cut to vocab_size, so they can never be sampled either.
+        # Vocab padding: 50257 -> 50304 rows makes the biggest matmul a multiple of 64 (faster kernels). A
+        # constant -inf bias (fused into the matmul: free) gives the padded ids probability 0 in the loss, and
+        # logits are returned cut to vocab_size, so they are never sampled either.
         pad_bias = None
         if V > c.vocab_size:
             pad_bias = torch.zeros(V, device=device)
@@ -451,11 +438,10 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module):
-        # GPT-2 init: N(0, 0.02) everywhere. The residual stream is a sum of 2 * n_layer branch
-        # outputs (attention + MLP per block); scaling the init of the projections that write into it
-        # by 1/sqrt(2 * n_layer) keeps its variance about constant with depth.
-        # zero_init_proj (modded-nanogpt, nanochat): those projections, and an untied output layer, start at 0
-        # instead: every block begins as the identity and the first logits are uniform (loss ln V)
+        # GPT-2 init: N(0, 0.02). The residual stream sums 2 * n_layer branch outputs (attention + MLP per
+        # block): the projections writing into it get std / sqrt(2 * n_layer), so its variance stays about
+        # constant with depth. zero_init_proj (modded-nanogpt, nanochat): they, and an untied lm_head, start
+        # at 0 instead: every block begins as the identity and the first logits are uniform (loss ln V)
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJ", False):
@@ -471,8 +457,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count. With non_embedding, position embeddings are left out (as in nanoGPT):
-        token embeddings are kept because, tied, they are also the output layer's weights."""
+        """Parameter count; non_embedding leaves out position embeddings (nanoGPT's: tied, wte is lm_head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
@@ -488,8 +473,7 @@ class GPT(nn.Module):
         return pos.clamp(min=0)[:, past:past + T]  # (B, T)
 
     def _attention_mask(self, attention_mask, T: int, past: int, device):
-        """Boolean mask (B|1, 1, T, past+T), True = may attend. None means plain causal attention,
-        which lets SDPA use its fastest (is_causal) kernel."""
+        """Boolean mask (B|1, 1, T, past+T), True = may attend; None = plain causal (SDPA's fastest kernel)."""
         if attention_mask is None and (past == 0 or T == 1):
             return None  # causal from scratch, or one new token that may see everything cached
         S = past + T
@@ -498,8 +482,7 @@ class GPT(nn.Module):
         mask = mask[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :S].bool()
-            # a padding query would otherwise see no key at all and softmax would give NaN;
-            # letting every query see itself keeps pad outputs finite (and they are never used)
+            # a padding query sees itself: with no key at all softmax gives NaN (pad outputs are never used)
             mask = mask | (torch.arange(S, device=device)[None, :] == q_pos)[None, None]
         return mask
 
@@ -521,8 +504,7 @@ class GPT(nn.Module):
         mask = self._attention_mask(attention_mask, T, past, idx.device)
         for i, block in enumerate(self.transformer.h):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                # non-reentrant checkpointing also works when the block's inputs need no grad
-                # (frozen embeddings under LoRA), which the old reentrant variant silently broke
+                # non-reentrant: works when the block's inputs need no grad (frozen embeddings, LoRA)
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
             else:
                 x = block(x, rope, mask, kv_cache, i)
@@ -537,8 +519,8 @@ class GPT(nn.Module):
             return F.linear(h, self.lm_head.weight, self.vocab_pad_bias.to(h.dtype))
         logits = self.lm_head(h)  # a wrapped lm_head (e.g. LoRA), or a cap: add the bias afterwards
         if cap:
-            # soft-capping (Gemma 2, modded-nanogpt): a smooth clamp to ±cap, so no logit can grow without
-            # bound and dominate the softmax early in training; before the pad bias, which must stay -inf
+            # soft-capping (Gemma 2, modded-nanogpt): a smooth clamp to ±cap, so no logit grows without bound
+            # and dominates the softmax early on; before the pad bias, which must stay -inf
             logits = cap * torch.tanh(logits / cap)
         return logits if self.vocab_pad_bias is None else logits + self.vocab_pad_bias.to(logits.dtype)
 
@@ -548,16 +530,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, attention_mask=None, kv_cache: KVCache | None = None,
                 reduction: str = "mean"):
-        """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
-        Returns (logits (B, T, vocab_size), the cross-entropy loss or None): its mean over the
-        counted tokens, or with reduction="none" each token's (B, T), 0 where not counted."""
+        """idx: (B, T) token ids; targets: (B, T) next-token ids, -100 where no loss is wanted. Returns
+        (logits (B, T, vocab_size), loss or None): the mean over counted tokens, or ("none") each token's."""
         logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache))
         loss = None
         if targets is not None:
-            # on the padded logits (contiguous, no copy; padded ids are -inf = probability 0), in fp32
-            # (a log-softmax over 50k classes needs it) but chunk by chunk, see ChunkedCrossEntropy.
-            # Under torch.compile the plain F.cross_entropy: the compiler fuses it into a few kernels
-            # itself, and a Python loop over chunks would be unrolled into a graph growing with B x T.
+            # on the padded logits (no copy; padded ids are -inf), in fp32 chunk by chunk (ChunkedCrossEntropy).
+            # Under torch.compile plain F.cross_entropy: the compiler fuses it, and would unroll a chunk loop
             flat = logits.view(-1, logits.size(-1))
             if torch.compiler.is_compiling():
                 loss = F.cross_entropy(flat.float(), targets.reshape(-1), ignore_index=-100, reduction=reduction)
@@ -569,16 +548,14 @@ class GPT(nn.Module):
     # ---- training helpers ----------------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward, PaLM appendix B): 6 per parameter of a matmul,
-        plus 12 * n_layer * n_head * head_dim * T for attention's scores and mixing. An untied input
-        embedding (LLaMA) is a table lookup, not a matmul: it is left out."""
+        """Training FLOPs per token (PaLM appendix B): 6 per matmul parameter, plus 12 * n_layer * n_head *
+        head_dim * T for attention. An untied input embedding (LLaMA) is a lookup, not a matmul: left out."""
         c = self.config
         n = self.get_num_params() - (0 if c.tie_embeddings else self.transformer.wte.weight.numel())
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def estimate_mfu(self, tokens_per_sec: float, seq_len: int, device=None, peak_flops: float | None = None):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak. peak_flops
-        defaults to the table above for that CUDA device; None when it is unknown."""
+        """Model FLOPs utilisation: training FLOP/s over the peak (default: the table above); None if unknown."""
         if peak_flops is None and torch.cuda.is_available():
             peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
         if not peak_flops:
@@ -589,13 +566,11 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dtype=None, device=None) -> "GPT":
-        """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", through the HF hub
-        cache), any HF hub id, or a local directory: HF format (config.json of model_type gpt2 or
-        llama + model.safetensors / sharded *.safetensors with an index / pytorch_model.bin) or ours
-        (gpt_config.json + model.safetensors, see save_pretrained(format="native")).
-        dtype: torch dtype of the weights (default float32); device: where they live (default cpu).
-        The model is built on the meta device and each tensor is assigned as it is read, so the
-        weights are held once (a bf16 LLaMA-2-7B loads at 12.9 GiB peak RSS, not twice that)."""
+        """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", via the HF hub cache), a hub
+        id, or a directory: HF's format (config.json of model_type gpt2 or llama + model.safetensors, shards
+        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")).
+        dtype default float32, device default cpu. Built on the meta device, each tensor assigned as it is
+        read: the weights are held once (a bf16 LLaMA-2-7B loads at 12.9 GiB peak RSS, not twice that)."""
         path = _resolve_model_dir(name_or_dir)
         dtype = dtype or torch.float32
         if (path / "gpt_config.json").exists():
@@ -629,14 +604,12 @@ class GPT(nn.Module):
         return model.eval()
 
     def save_pretrained(self, out_dir: str, format: str = "hf", tokenizer=None):
-        """Write `out_dir` as a Hugging Face model that stock transformers loads with no custom code:
-        config.json + model.safetensors (GPT-2-style configs as model_type gpt2, LLaMA-style ones,
-        rmsnorm + rope + swiglu, as llama), the tokenizer (tokenizer.json + tokenizer_config.json,
-        so AutoTokenizer works; lm-evaluation-harness needs it beside the weights) and
-        generation_config.json (its end-of-text id, so HF generate stops there). format="native"
-        writes our own gpt_config.json instead, which any config can use. tokenizer: a bpe.Tokenizer
-        or a tokenizer directory; None = the tokenizer of the directory the model was loaded from,
-        if it had one. Every file is written to a temporary name and renamed."""
+        """Write `out_dir` as a model stock transformers loads with no custom code: config.json (model_type
+        gpt2, or llama for rmsnorm + rope + swiglu) + model.safetensors, the tokenizer (tokenizer.json +
+        tokenizer_config.json: AutoTokenizer and lm-evaluation-harness need it beside the weights) and
+        generation_config.json (the end-of-text id, where HF generate stops). format="native": our own
+        gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory; None = the one the model
+        was loaded with, if any. Every file is written to a temporary name and renamed."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         c = self.config
@@ -677,14 +650,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def decode_layout_(self) -> "GPT":
-        """Re-store every nn.Linear weight input-major, in place: same shape (out, in), same values,
-        transposed strides (HF's GPT-2 Conv1D keeps its weights this way). Why: a decoding step
-        multiplies ONE row x by each weight, a memory-bound vector-matrix product, and on CPU (MKL)
-        x @ W with W's rows laid out along `in` runs ~20% faster than the dot-product-per-output
-        order of nn.Linear's layout (measured in bench_speed.py gen). Results are identical and no
-        memory is added; saving still writes contiguous tensors. Meant for models used only for
-        inference: call it once after loading (a training run would see its parameters' strides
-        change under the optimizer and torch.compile, so train_gpt2.py and finetune.py never do)."""
+        """Re-store every nn.Linear weight input-major, in place: same shape (out, in) and values, transposed
+        strides (as HF's GPT-2 Conv1D). Why: a decoding step multiplies ONE row x by each weight, a memory-bound
+        vector-matrix product, which on CPU (MKL) runs faster in this order (bench_speed.py gen). Same results,
+        no memory added, saves stay contiguous. For inference only, once after loading: training would see
+        its parameters' strides change under the optimizer and torch.compile."""
         for m in self.modules():
             if type(m) is nn.Linear and m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()
@@ -698,21 +668,16 @@ class GPT(nn.Module):
                  length_penalty: float = 1.0, early_stopping: bool = False,
                  stream: Callable[[torch.Tensor], None] | None = None):
         """Continue each sequence of idx by up to max_new_tokens tokens; returns prompt + new tokens.
-
-        idx: (B, T) LongTensor, or a list of token-id lists of different lengths (left-padded here).
-        attention_mask: (B, T), 0 on left padding, for a padded idx tensor.
-        temperature: 0 means greedy (argmax); otherwise logits / temperature are sampled from,
-            after keeping only the top_k tokens and/or the smallest set whose probability >= top_p.
-        num_beams > 1: beam search (deterministic, no sampling) with length_penalty (score =
-            sum log p / generated_length ** length_penalty) and early_stopping, as transformers does.
-        eos_token_id: int or ids that end a sequence; finished sequences are then filled with
-            pad_token_id (default: the first eos id, else 0), and generation stops when all are done.
-        seed / generator: make sampling reproducible. stream(tokens (B,)) is called with each step's
-            new tokens, for printing a chat reply as it is produced.
-        use_cache=False recomputes the whole prefix at every step (the classic exercise of removing
-            the KV cache): same tokens, many times the work for long outputs.
-        The prompt plus max_new_tokens must fit in block_size; a longer request is an error rather
-        than a silent sliding window (a learned position table has nothing past block_size)."""
+        idx: (B, T) LongTensor (attention_mask: 0 on left padding), or token-id lists of any lengths.
+        temperature: 0 = greedy; else sample logits / temperature among the top_k tokens and/or the
+            smallest set whose probability >= top_p.
+        num_beams > 1: beam search, with length_penalty (score = sum log p / length ** length_penalty)
+            and early_stopping as transformers has them.
+        eos_token_id: int or ids that end a sequence; finished ones are filled with pad_token_id
+            (default: the first eos id, else 0); generation stops when all are done.
+        seed / generator: reproducible sampling. stream(tokens (B,)) gets each step's new tokens.
+        use_cache=False recomputes the whole prefix each step (the KV cache removed): same tokens.
+        Prompt + max_new_tokens must fit in block_size: an error, not a silent sliding window."""
         was_training = self.training
         self.eval()
         device = self.transformer.wte.weight.device
@@ -781,14 +746,12 @@ class GPT(nn.Module):
 
     def _beam_search(self, idx, mask, max_new_tokens, num_beams, eos, pad_id, length_penalty, early_stopping,
                      use_cache):
-        """Beam search as transformers does it. Each step, every live beam is extended by every token;
-        of the num_beams * vocab candidates, the best 2 * num_beams (by summed log-probability) are
-        kept so that num_beams live beams remain even if some just ended. A candidate that ends (EOS,
-        or the length limit) is a finished hypothesis, scored by sum_logprob / length**length_penalty,
-        and only if it ranks within the top num_beams. The search stops once no live beam can beat
-        the worst of num_beams finished hypotheses (early_stopping=False's heuristic: a live beam's
-        best hope is its current normalised score), or as soon as num_beams are finished
-        (early_stopping=True), or at the length limit. The best finished hypothesis is returned."""
+        """Beam search as transformers does it. Each step extends every live beam by every token and keeps
+        the best 2 * num_beams candidates (by summed log-probability), so num_beams stay live even if some
+        end. An ending candidate (EOS, length limit) ranked within the top num_beams is a finished
+        hypothesis, scored sum_logprob / length**length_penalty. Stops once no live beam can beat the worst
+        of num_beams finished ones (early_stopping=False: a live beam's best hope is its current score),
+        when num_beams are finished (early_stopping=True), or at the limit. Returns the best finished one."""
         B, T = idx.shape
         V, nb, dev = self.config.vocab_size, num_beams, idx.device
         K = max(2, 1 + len(eos)) * nb
@@ -856,9 +819,8 @@ _capped_flags: set[str] = set()  # the flags whose cap has been noted, so a chat
 
 
 def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: int, flag: str = "--max_new_tokens"):
-    """(prompts, n_new) that fit a block_size context: n_new is max_new_tokens capped at what the
-    longest prompt leaves but at least half the context (longer prompts keep their last tokens).
-    Nothing stops on it; a one-line note says so, once per flag."""
+    """(prompts, n_new) that fit a block_size context: n_new is max_new_tokens capped at what the longest
+    prompt leaves, but at least half the context (longer prompts keep their last tokens); noted once a flag."""
     longest = max((len(p) for p in prompts), default=0)
     n_new = min(max_new_tokens, max(block_size - longest, block_size // 2))
     keep = block_size - n_new
@@ -871,9 +833,8 @@ def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: in
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
-    """Set to -inf every logit outside the sampling set. top_k keeps the k largest; top_p (nucleus)
-    keeps the smallest set of most-likely tokens whose total probability reaches top_p (the token
-    that crosses the threshold is included, so at least one token always survives)."""
+    """-inf on every logit outside the sampling set: top_k keeps the k largest; top_p (nucleus) the smallest
+    set of most likely tokens reaching probability top_p (with the one that crosses it: never empty)."""
     if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -889,8 +850,7 @@ def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
 
 
 def _as_batch(idx, attention_mask, pad_id, device):
-    """A (B, T) tensor passes through; a list of token lists is left-padded (the new tokens of every
-    sequence are then appended in the same column) and given an attention mask."""
+    """A (B, T) tensor passes through; token lists are left-padded (new tokens share a column), with a mask."""
     if isinstance(idx, torch.Tensor):
         if idx.dim() == 1:
             idx = idx[None]
@@ -931,8 +891,7 @@ def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.j
 
 
 def resolve_init_from(name_or_dir: str) -> str:
-    """A run directory (what the training scripts write: flags, logs, models below) stands for its
-    best_model/, else its final model/, else its last checkpoint ckpt/model/, named in one line."""
+    """A run directory stands for its best_model/, else model/, else ckpt/model/, named in one line."""
     path = Path(name_or_dir).expanduser()
     if not path.is_dir() or _is_model_dir(path):
         return name_or_dir
@@ -978,17 +937,15 @@ class _LazyTensor:
         self.load, self.shape, self.file = load, tuple(shape), file
 
 
-# safetensors format: 8 bytes (little-endian header length), a JSON header giving each tensor's
-# dtype, shape and byte range, then the raw little-endian bytes of the tensors
+# safetensors: 8 bytes (header length), a JSON header (each tensor's dtype, shape, byte range), the raw bytes
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _safetensors_header(fpath: Path) -> tuple[dict, int]:
-    """(header, where the data starts). The safetensors library checks the header against the file
-    first (every field present and typed, byte ranges that tile the file exactly and match each
-    shape and dtype), so that a lying header is refused before anything is allocated for it."""
+    """(header, where the data starts). The safetensors library checks the header against the file first
+    (fields, byte ranges tiling the file, shapes): a lying header is refused before anything is allocated."""
     from safetensors import safe_open
 
     try:
@@ -1009,8 +966,7 @@ def _safetensors_header(fpath: Path) -> tuple[dict, int]:
 
 
 def _read_safetensor(fpath: Path, info: dict, data_start: int):
-    """Read one tensor with plain file reads into a fresh tensor: no memory map, so the process
-    holds each tensor once, and nothing of the file stays mapped afterwards."""
+    """One tensor, by plain reads into a fresh tensor: no memory map, so each tensor is held once."""
     t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
     buf = t.reshape(-1).view(torch.uint8).numpy()
@@ -1030,8 +986,7 @@ def load_safetensors(fpath) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
-    """Write a .safetensors file atomically (a temp name, renamed); a failed write (a full disk)
-    leaves the old file, no temp file, and one error naming the file."""
+    """Write a .safetensors file atomically: a failed write (a full disk) leaves the old file and one error."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -1043,8 +998,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
 
 
 def load_torch_weights(path) -> dict:
-    """A pytorch_model.bin / adapter_model.bin (a pickle): with weights_only, which rebuilds tensors
-    and refuses anything else (a pickle can carry code that would run on load), in one line."""
+    """A pytorch_model.bin / adapter_model.bin with weights_only: tensors only (a pickle can run code)."""
     import pickle
 
     try:
@@ -1162,8 +1116,7 @@ def _llama_names(c: GPTConfig):
 
 
 def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
-    """Rename (and transpose / fuse) HF tensors to our names. Returns name -> lazy tensor; names we
-    do not know are kept as they are, so the check reports them as unexpected."""
+    """HF tensors renamed (transposed, fused) to ours, lazily; unknown names kept: reported as unexpected."""
     out, used = {}, set()
 
     def take(name):
@@ -1204,9 +1157,8 @@ def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
 
 
 def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device, config: GPTConfig) -> dict:
-    """Compare the checkpoint's tensors with the model's, report every problem at once, then read
-    each tensor, cast it and move it, one at a time. A checkpoint's vocabulary (50257 rows for GPT-2)
-    is padded with zero rows to the model's multiple of 64 (see GPT._init_buffers)."""
+    """Compare the checkpoint's tensors with the model's, report every problem at once, then read, cast and
+    move one tensor at a time. A 50257-row vocabulary gets zero rows up to the model's padded size."""
     exp, V = dict(expected), config.vocab_size
     tied = config.tie_embeddings and "lm_head.weight" not in tensors
     padded = lambda k: k in ("transformer.wte.weight", "lm_head.weight") and tuple(tensors[k].shape) == (  # noqa
@@ -1292,9 +1244,8 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
 
 
 def cfg(default, help: str, choices=None, min=None, max=None, aliases=()):
-    """A field of a training config dataclass: its default, its --help text and the values its
-    flag accepts (choices, or a min/max range checked when the flags are parsed). aliases: other
-    spellings of its flag, e.g. an earlier name kept working ("--max_lr" for --lr)."""
+    """A config dataclass field: default, --help text, accepted values (choices, or min/max checked when
+    parsed), and aliases: other spellings of its flag (an earlier name kept working: "--max_lr" for --lr)."""
     return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max, aliases=aliases))
 
 
@@ -1333,10 +1284,8 @@ class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaul
 
 
 def config_parser(cls, description: str, alt_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """One --flag per field of the config dataclass `cls`, with the field's help, type, choices and
-    range (a bad value is an argparse error that names the flag). Every default is None here, so
-    that parse_config can tell the flags given on the command line from the others.
-    alt_defaults {label: {field: value}} are shown in the help too (e.g. a recipe's defaults)."""
+    """One --flag per field of `cls`, with its help, type, choices and range. Every default is None here, so
+    that parse_config can tell the flags given. alt_defaults {label: {field: value}} show in the help too."""
     ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         m = f.metadata
@@ -1361,8 +1310,8 @@ def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_
 
 
 def pick_device(name: str = "auto") -> str:
-    """'auto': a CUDA GPU, else Apple's MPS, else the CPU. Under torchrun (LOCAL_RANK set) 'cuda'
-    means this process's own GPU, cuda:LOCAL_RANK: with plain 'cuda' every rank would use GPU 0."""
+    """'auto': a CUDA GPU, else Apple's MPS, else the CPU. Under torchrun 'cuda' is cuda:LOCAL_RANK (else
+    every rank would use GPU 0)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -1377,9 +1326,8 @@ def pick_device(name: str = "auto") -> str:
 
 
 def pick_precision(name: str, device: str) -> str:
-    """'auto': bf16 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100,
-    RTX 30xx and later), fp16 with loss scaling on older GPUs (V100, T4: is_bf16_supported() says
-    True there, but runs bf16 through slow emulation), fp32 elsewhere."""
+    """'auto': bf16 on GPUs with bf16 tensor cores (capability >= 8.0), fp16 with loss scaling on older ones
+    (V100, T4: is_bf16_supported() says True, but emulates it slowly), fp32 elsewhere."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -1388,11 +1336,10 @@ def pick_precision(name: str, device: str) -> str:
 
 
 def autocast_and_scaler(precision: str, device_type: str):
-    """(autocast context factory, GradScaler or None). Mixed precision keeps fp32 master weights and
-    runs the matmuls in 16 bits. bf16 has fp32's exponent range: autocast is all it needs. fp16 has a
-    5-bit exponent, so small gradients underflow to zero: the loss is multiplied by a large factor
-    before backward and the gradients divided by it before the step (GradScaler, which also skips
-    steps whose gradients overflowed)."""
+    """(autocast context factory, GradScaler or None). Mixed precision: fp32 master weights, 16-bit matmuls.
+    bf16 has fp32's exponent range: autocast suffices. fp16's 5-bit exponent underflows small gradients to 0:
+    loss scaling multiplies the loss before backward and divides the gradients before the step (GradScaler,
+    which also skips steps whose gradients overflowed)."""
     if precision == "fp32":
         return contextlib.nullcontext, None
     if precision not in ("bf16", "fp16"):
@@ -1407,11 +1354,9 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd_momentum": 1, "sgd
 
 def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.0,
                    betas=(0.9, 0.999), fused: bool = False, matrix_lr: float = 0.02):
-    """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmul weights,
-    embeddings, LoRA's A and B): shrinking biases and norm gains towards 0 only hurts. AdamW decays
-    the weights directly (decoupled); Adam adds the penalty to the gradient instead. fused: one
-    kernel for all parameters instead of one per tensor (CUDA). "muon": see MuonAdamW; matrix_lr
-    is then the learning rate of Muon's matrices, lr that of AdamW's parameters."""
+    """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmuls, embeddings,
+    LoRA's A and B): shrinking biases and norm gains only hurts. AdamW decays the weights (decoupled), Adam
+    adds it to the gradient. fused: one CUDA kernel for all. "muon": MuonAdamW, matrix_lr for Muon's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -1431,20 +1376,17 @@ def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: f
 
 
 class MuonAdamW:
-    """Muon for the 2-D weight matrices inside the transformer blocks, AdamW for the rest, stepped as
-    one optimizer (step, zero_grad, param_groups, state_dict: what the loop, GradScaler and checkpoints
-    use). Muon's groups are marked group["muon"] = True, so that the schedule can give them their lr.
-    Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024) is SGD momentum whose matrix
-    M = U S V^T is replaced, before each update, by about U V^T (a few Newton-Schulz iterations:
-    matmuls, no SVD). A transformer's gradient matrices are nearly low-rank: a few directions dominate
-    and elementwise Adam moves mostly along them. With every singular value set to 1, every direction
-    of the matrix moves at the same rate, the rare ones as fast as the common ones. A step has a fixed
-    size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's; no weight decay (nanochat's).
-    Embeddings stay on AdamW (a row is looked up, not multiplied; only the batch's tokens' rows have a
-    gradient), so does the output layer (each row is one token's scores), norms and biases are vectors.
-    Fused q|k|v and gate|up are orthogonalised whole. Under DDP the gradients are averaged before
-    step() and Newton-Schulz is deterministic: every rank computes the same update. Under FSDP a rank
-    holds a shard of each matrix; orthogonalising a shard is not a shard of the result: refused."""
+    """Muon for the 2-D matrices inside the blocks, AdamW for the rest, stepped as one optimizer (what the
+    loop, GradScaler and checkpoints use); Muon's groups have group["muon"] = True, for the schedule.
+    Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024): SGD momentum whose matrix M = U S V^T
+    is replaced by about U V^T (a few Newton-Schulz iterations: matmuls, no SVD) before each update. A
+    transformer's gradients are nearly low-rank, and elementwise Adam moves mostly along the few dominant
+    directions; with every singular value 1, the rare directions move as fast as the common ones. A step
+    has a fixed size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's; no weight decay.
+    AdamW keeps the embeddings (a row is looked up, not multiplied), the output layer (a row is one token's
+    scores), norms and biases. Fused q|k|v and gate|up are orthogonalised whole. DDP: the same averaged
+    gradients and a deterministic Newton-Schulz give every rank the same update. FSDP: refused (the
+    orthogonalised shard of a matrix is not a shard of the orthogonalised matrix)."""
 
     def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
         if any(hasattr(p, "full_tensor") for p in params):
@@ -1482,11 +1424,9 @@ class MuonAdamW:
 
 
 def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
-    """Unscale (fp16), clip, step, zero the gradients; returns the gradient norm before clipping, as a
-    device tensor (reading it would make the host wait for the device). Clipping the global norm
-    bounds the update when a rare batch gives a huge gradient (a loss spike), instead of letting it
-    wreck the weights the optimizer has built up. With fp16 the gradients are unscaled first (clip
-    the true gradients, not the scaled ones), and GradScaler skips a step whose gradients overflowed."""
+    """Unscale (fp16: clip the true gradients), clip, step, zero the gradients; returns the norm before
+    clipping as a device tensor (reading it would wait for the device). Clipping the global norm bounds
+    the update when a rare batch gives a huge gradient (a loss spike), instead of wrecking the weights."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -1503,12 +1443,10 @@ def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
 
 def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
           warmdown_frac: float = 0.2) -> float:
-    """Linear warmup to max_lr, then decay to min_lr at total_steps, then flat. Warmup: at step 0
-    Adam's moment estimates are empty and a random network's gradients are large and erratic; a
-    full-size first step can throw the weights somewhere they never recover from.
-    cosine: big steps while far from a minimum, smaller and smaller ones to settle into it. wsd
-    (warmup-stable-decay, nanochat): max_lr until the last warmdown_frac of the run, then linear to
-    min_lr: most of the run learns at full speed, and the short warmdown settles as well."""
+    """Linear warmup to max_lr, decay to min_lr at total_steps, then flat. Warmup: at first Adam's moments
+    are empty and the gradients large and erratic; a full-size step could throw the weights off for good.
+    cosine: big steps far from a minimum, smaller ones to settle. wsd (warmup-stable-decay, nanochat):
+    max_lr until the last warmdown_frac, then linear to min_lr: full speed for most of the run."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if schedule == "wsd":
@@ -1520,8 +1458,7 @@ def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_step
 
 
 def init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size). Under torchrun (RANK and WORLD_SIZE set) this joins the
-    process group: NCCL between GPUs, gloo between CPU processes. Plain python is rank 0 of 1."""
+    """(rank, local_rank, world_size). Under torchrun, joins the process group (NCCL on GPUs, else gloo)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 0, 1
     import torch.distributed as dist
@@ -1536,12 +1473,10 @@ def init_distributed(device: str) -> tuple[int, int, int]:
 
 
 def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
-    """The module to train when torchrun started several processes (else `model` itself).
-    DDP: every rank holds the whole model and its optimizer state; backward averages the gradients
-    across ranks. FSDP2 (fully_shard): parameters, gradients and optimizer state are split over the
-    ranks, 1/N each: a block's weights are gathered just before it runs and freed after, so a model
-    N times bigger than one device fits. Each transformer block is one unit, then the rest. On a GPU
-    with bf16 the gathered weights and the gradient reductions are bf16 (half the traffic)."""
+    """The module to train when torchrun started several processes (else `model`). DDP: every rank holds
+    the whole model and optimizer state; backward averages the gradients. FSDP2 (fully_shard): parameters,
+    gradients and optimizer state split 1/N a rank; a block's weights are gathered just before it runs and
+    freed after, so a model N times one device fits. GPU bf16: bf16 gathers and reductions (half the traffic)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -1552,7 +1487,7 @@ def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # GPT.forward returns the logits cut to vocab_size, a view: harmless here, the loss is used
+        # GPT.forward's logits cut to vocab_size are a view: harmless, the loss is used
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
         mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half)
@@ -1561,8 +1496,7 @@ def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
         return fully_shard(model, mp_policy=mp)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # the buffers (vocab-pad bias, RoPE tables) are constants, identical on every rank: re-sending them
-    # before every forward would only cost time (forward_sync_buffers is torch >= 2.13's name for it)
+    # the buffers are constants, the same on every rank: no re-sending them (torch >= 2.13: forward_sync_buffers)
     import inspect
 
     sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -1571,9 +1505,8 @@ def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
 
 
 def grad_sync(module, sync: bool):
-    """During gradient accumulation only the last micro-step's backward needs to average the
-    gradients across ranks: DDP's no_sync skips the all-reduce of the others, and FSDP2 keeps the
-    unsharded gradients until then. A context manager; a no-op for a plain module."""
+    """Gradient accumulation averages across ranks only in the last micro-step: DDP's no_sync skips the
+    others' all-reduce, FSDP2 keeps unsharded gradients until then. A context manager (plain module: no-op)."""
     if hasattr(module, "no_sync"):
         return contextlib.nullcontext() if sync else module.no_sync()
     if hasattr(module, "set_requires_gradient_sync"):
@@ -1582,9 +1515,8 @@ def grad_sync(module, sync: bool):
 
 
 def gathered(model, skeleton_fn, master: bool):
-    """The model to save from. Under FSDP every rank holds a shard, so every rank takes part in
-    gathering the whole weights; rank 0 then gets a plain CPU copy (built by skeleton_fn on the meta
-    device and given the gathered tensors), the others None. Without FSDP: the model itself."""
+    """The model to save from. FSDP: every rank helps gather the weights; rank 0 gets a CPU copy (skeleton_fn
+    built on meta, given the tensors), the others None. Without FSDP: the model itself."""
     if not hasattr(model, "reshard"):  # not an FSDP2 module
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1602,8 +1534,7 @@ def gathered(model, skeleton_fn, master: bool):
 
 
 def end_distributed():
-    """Leave the process group together: a rank whose gloo group goes away while another still
-    talks to it can abort at exit ("terminate called without an active exception")."""
+    """Leave the process group together: gloo going away under a rank still talking can abort at exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -1612,9 +1543,8 @@ def end_distributed():
 
 
 def check_finite(step: int, scaler=None, **values):
-    """A non-finite loss or gradient norm is a failure, never a value (nor a best): the run stops
-    before anything of this step is saved, so the last checkpoint stays the last good one. Under
-    fp16's GradScaler an overflowing gradient is routine (the step is skipped): only the loss counts."""
+    """A non-finite loss or gradient norm stops the run before this step is saved: the last checkpoint stays
+    good. Under fp16's GradScaler an overflowing gradient is routine (the step is skipped): only the loss counts."""
     if scaler is not None:
         values.pop("grad_norm", None)
     bad = [f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
@@ -1624,9 +1554,8 @@ def check_finite(step: int, scaler=None, **values):
 
 
 def fits_in_memory(need_bytes: float, what: str):
-    """Refuse a size beyond the machine before anything is allocated (else it allocates until the
-    kernel kills it, or fails deep inside torch). need_bytes is a lower bound of what `what` takes
-    and the limit all the machine's RAM and GPU memory: a refusal is never a false alarm."""
+    """Refuse a size beyond the machine before allocating (not killed later, or deep in torch). need_bytes
+    is a lower bound, the limit all RAM and GPU memory: a refusal is never a false alarm."""
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if torch.cuda.is_available():
         limit += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
@@ -1636,9 +1565,8 @@ def fits_in_memory(need_bytes: float, what: str):
 
 
 def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
-    """GPT(c) refused before it is built if its weights cannot fit: at 4 bits a parameter (NF4, the
-    least any path here stores) and a few KB of Python objects per block; with `tokens` (a batch,
-    described by `batch`), their ids and one 16-bit activation of width n_embd each, at least."""
+    """GPT(c) refused before it is built if its weights cannot fit at 4 bits a parameter (NF4, our least) plus
+    a few KB a block; with `tokens` (a batch, `batch` in words), their ids and one 16-bit activation each."""
     kv, hd = c.n_kv_head or c.n_head, c.head_dim or max(1, c.n_embd // max(1, c.n_head))
     per_block = c.n_embd * hd * 2 * (c.n_head + kv) + (3 if c.mlp == "swiglu" else 2) * c.n_embd * (c.ffn_hidden or 0)
     n = c.n_layer * per_block + c.padded_vocab_size * c.n_embd + c.block_size * (c.n_embd + hd)
