@@ -30,18 +30,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -999,8 +1005,6 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
 
 def load_torch_weights(path) -> dict:
     """A pytorch_model.bin / adapter_model.bin with weights_only: tensors only (a pickle can run code)."""
-    import pickle
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
@@ -1461,8 +1465,6 @@ def init_distributed(device: str) -> tuple[int, int, int]:
     """(rank, local_rank, world_size). Under torchrun, joins the process group (NCCL on GPUs, else gloo)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 0, 1
-    import torch.distributed as dist
-
     rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -1477,14 +1479,10 @@ def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
     the whole model and optimizer state; backward averages the gradients. FSDP2 (fully_shard): parameters,
     gradients and optimizer state split 1/N a rank; a block's weights are gathered just before it runs and
     freed after, so a model N times one device fits. GPU bf16: bf16 gathers and reductions (half the traffic)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return model
     cuda = device.startswith("cuda")
     if fsdp:
-        import warnings
-
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # GPT.forward's logits cut to vocab_size are a view: harmless, the loss is used
@@ -1497,8 +1495,6 @@ def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # the buffers are constants, the same on every rank: no re-sending them (torch >= 2.13: forward_sync_buffers)
-    import inspect
-
     sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else {"broadcast_buffers": False})
     return DDP(model, device_ids=[torch.device(device).index] if cuda else None, **sync_off)
@@ -1535,8 +1531,6 @@ def gathered(model, skeleton_fn, master: bool):
 
 def end_distributed():
     """Leave the process group together: gloo going away under a rank still talking can abort at exit."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1587,13 +1581,11 @@ _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 
 def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make out_dir ready for a run, before any work: nothing already written is lost.
-    - A lock file (run.lock, holding the pid) is taken first: a second live run on the same out_dir
-      stops here. The kernel releases the lock when the process ends, even by SIGKILL.
-    - A fresh run on an out_dir that holds a run stops, unless --resume (continue it) or
-      --overwrite (clear it first) was given. --overwrite removes only what our runs write
-      (RUN_OUTPUTS) where a run.lock marks a run; anything else there stops it, named, untouched.
-    - Creating the lock also shows that the directory is writable."""
+    """Make out_dir ready for a run, before any work; nothing already written is lost.
+    - run.lock (holding the pid, which shows the directory writable) is locked first: a second live run on
+      it stops here. The kernel releases the lock when the process ends, even by SIGKILL.
+    - An out_dir holding a run needs --resume (continue it) or --overwrite, which removes only what our
+      runs write (RUN_OUTPUTS) where a run.lock marks a run; anything else stops it, named, untouched."""
     out = Path(out_dir)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -1602,8 +1594,6 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
         os.close(_held_locks.pop(key))
     marked = (out / "run.lock").exists()
     if overwrite and out.is_dir():
-        import fnmatch
-
         present = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != "run.lock")
         foreign = [n for n in present if not any(fnmatch.fnmatch(n.rstrip("/"), pat) for pat in RUN_OUTPUTS)]
         if present and (foreign or not marked):
@@ -1639,8 +1629,8 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
 
 
 def resumed_config(cls, c, given: dict, out_dir, fixed=()):
-    """--resume: the run's saved config.json, with the flags given now on top (e.g. a longer
-    --max_steps), but never a change to the `fixed` fields (the model and what is trained)."""
+    """--resume: the run's config.json with the flags given now on top (a longer --max_steps), but never a
+    change to the `fixed` fields (the model and what is trained)."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
@@ -1654,20 +1644,16 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
 
 
 def seed_everything(seed: int):
-    """torch's, numpy's and Python's generators from one seed. The scripts seed the model's init the
-    same on every rank, then seed + rank: every rank then draws its own dropout masks."""
-    import numpy as np
-
+    """torch's, numpy's and Python's generators from one seed (the scripts: the same init on every rank,
+    then seed + rank, so that each rank draws its own dropout masks)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
 
 
 def rng_state(device: str = "cpu") -> dict:
-    """This process's random generators as plain tensors, lists and numbers (weights_only-loadable:
-    nothing is pickled). Each rank has its own streams, so a checkpoint keeps one of these per rank."""
-    import numpy as np
-
+    """This process's random generators as plain tensors, lists and numbers (weights_only-loadable); each
+    rank has its own streams, so a checkpoint keeps one per rank."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
@@ -1678,8 +1664,6 @@ def rng_state(device: str = "cpu") -> dict:
 
 
 def set_rng_state(s: dict, device: str = "cpu"):
-    import numpy as np
-
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and str(device).startswith("cuda"):
         torch.cuda.set_rng_state(s["cuda"], device)
@@ -1691,8 +1675,6 @@ def set_rng_state(s: dict, device: str = "cpu"):
 
 def all_ranks(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]: every rank's value, on every rank (one rank: [obj])."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out = [None] * dist.get_world_size()
@@ -1701,11 +1683,9 @@ def all_ranks(obj) -> list:
 
 
 def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):
-    """out_dir/ckpt/state.pt: what a fine-tuning run needs to continue exactly where it stopped: the
-    trainable weights (a LoRA's are a few MB; frozen weights come back from --init_from), the
-    optimizer state, the step and `extra` (data order, RNG states, best so far). Under DDP or FSDP
-    the weights and optimizer state are gathered whole, so every rank must call this; rank 0 writes.
-    Written to a temporary name and renamed: a kill leaves the previous state or the new one."""
+    """out_dir/ckpt/state.pt, to continue a fine-tuning run exactly: the trainable weights (frozen ones come
+    back from --init_from), optimizer state, step and `extra` (data order, RNG states, best so far).
+    Gathered whole under DDP/FSDP: every rank calls this, rank 0 writes (temp name, renamed)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(
@@ -1722,8 +1702,7 @@ def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: 
 
 
 def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
-    """(step, extra) of out_dir/ckpt/state.pt, its weights and optimizer state loaded into model and
-    optimizer (every rank reads the file; FSDP keeps its own shard)."""
+    """(step, extra) of out_dir/ckpt/state.pt, loaded into model and optimizer (FSDP: each rank its shard)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     path = Path(out_dir) / "ckpt" / "state.pt"
@@ -1742,8 +1721,7 @@ def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
 
 
 def rewrite_log(path, keep) -> list[dict]:
-    """Keep only the rows of a log.jsonl for which keep(row) is true (a resumed run drops what the
-    killed run logged after its checkpoint, since it is about to be redone); returns them."""
+    """Keep (and return) the rows of a log.jsonl where keep(row): a resume drops what comes again."""
     rows = [r for r in read_log(path) if keep(r)]
     write_jsonl(path, rows)
     return rows
@@ -1764,9 +1742,9 @@ def close_run(out_dir):
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) or SIGTERM (`kill`, preemption) while training: the step finishes, the script saves
-    its resumable state, and exit() says where and leaves with 128 + the signal's number (130, 143) without
-    a traceback; a second Ctrl-C stops at once. requested() agrees over torchrun's ranks (saving is collective)."""
+    """Ctrl-C or SIGTERM (`kill`, preemption) while training: the step finishes, the script saves its state,
+    exit() says where and leaves with 128 + the signal (130, 143), no traceback; a second Ctrl-C stops at once.
+    requested() agrees over torchrun's ranks (saving is collective)."""
 
     def __init__(self):
         self.signum, self._old = 0, {}
@@ -1783,9 +1761,9 @@ class GracefulStop:
                   f"at once, without)", file=sys.stderr, flush=True)
 
     def requested(self, device="cpu") -> bool:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             flag = torch.tensor([self.signum], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signum = int(flag.item())
         return bool(self.signum)
 
@@ -1804,14 +1782,12 @@ class GracefulStop:
 
 
 def previous_stage(*dirs) -> str | None:
-    """The first of these directories that holds a saved model: an earlier stage's output, which a
-    stage run with no --init_from continues from (the offline life cycle)."""
+    """The first directory holding a saved model: the earlier stage a stage without --init_from continues."""
     return next((str(d) for d in dirs if any((Path(d) / f).exists() for f in ("gpt_config.json", "config.json"))), None)
 
 
 def read_log(path) -> list[dict]:
-    """The rows of a log.jsonl. A damaged line (a kill while it was written, a full disk) is
-    skipped, counted and reported rather than blocking a resume or a plot."""
+    """The rows of a log.jsonl; a damaged line (a kill, a full disk) is skipped and reported, not fatal."""
     rows, bad = [], []
     if Path(path).exists():
         for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -1831,9 +1807,8 @@ def read_log(path) -> list[dict]:
 
 
 def run_main(main, argv=None):
-    """Run a script's main so that a user error (a bad file, value or flag, missing data, an
-    unreachable hub, a full disk) is one line `error: ...` and exit status 2, with no traceback;
-    under torchrun only rank 0 says it. Anything else is a bug and keeps its traceback."""
+    """Run a script's main: a user error (bad file, value or flag, missing data, no hub, full disk) is one
+    line `error: ...` (rank 0's) and exit status 2, no traceback. Anything else is a bug: its traceback."""
     try:
         return main(argv)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, preparing data): nothing to save
@@ -1845,15 +1820,13 @@ def run_main(main, argv=None):
             print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo can abort
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_backend() == "gloo":
-            torch.distributed.destroy_process_group()
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
-    """The memory high-water mark: on CUDA, max_memory_allocated of that device (live tensors); on a
-    CPU, the process's resident-set peak (VmHWM; not getrusage's ru_maxrss, which the kernel carries
-    over an exec, so a child started by a big parent would report the parent's peak)."""
+    """The memory high-water mark: CUDA's max_memory_allocated, else the resident-set peak VmHWM (not
+    ru_maxrss, which an exec carries over: a child of a big parent would report the parent's peak)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
     return process_memory_mb("VmHWM")
@@ -1872,8 +1845,7 @@ def process_memory_mb(which: str = "VmRSS") -> float:
 
 
 def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n)) from sums, so that sharded evaluations reduce
-    three numbers instead of gathering every value. NaN where undefined."""
+    """Mean and standard error (sample std / sqrt(n)) from sums (shards reduce 3 numbers); NaN if undefined."""
     if n == 0:
         return float("nan"), float("nan")
     mean = total / n
@@ -1884,8 +1856,7 @@ def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
 
 
 def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hlines=()):
-    """A PNG with one subplot per panel; each panel plots the listed log keys against "step" (from
-    the rows that have the key). hlines: (panel index, y, label) reference lines."""
+    """A PNG, a subplot per panel of log keys against "step"; hlines: (panel index, y, label) lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1910,8 +1881,7 @@ def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hline
 
 
 def before_after(summary: dict, what: str = "") -> str:
-    """A stage's closing line from its summary.json's {"before": {...}, "after": {...}}: each metric
-    before -> after (what: on which data)."""
+    """A stage's closing line from its summary.json: each metric before -> after (what: on which data)."""
     b, a = summary["before"], summary["after"]
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
     return f"before -> after{f' ({what})' if what else ''}: " + ", ".join(
