@@ -108,12 +108,11 @@ def render(token):
 # 2. The core of encoding: merge the bytes of one chunk by rank
 
 def bpe_merge(piece, ranks, max_rank=None):
-    """Split `piece` (bytes) into tokens: start from single bytes and keep joining the adjacent pair
-    whose concatenation is the lowest-ranked token (= the earliest learned), leftmost on ties,
-    until no adjacent pair forms a token. Ranks with `max_rank` or above are ignored (used to find
-    which two tokens a token was built from). This is exactly tiktoken's algorithm, so the pure
-    Python encoder and the tiktoken export agree on every input. Near-linear, as in training: pairs
-    wait in a heap by (rank, position), parts form a linked list, stale entries are skipped (lazy deletion)."""
+    """Split `piece` (bytes) into tokens: from single bytes, keep joining the adjacent pair whose concatenation
+    is the lowest-ranked (earliest learned) token, leftmost on ties, until no pair forms a token. Ranks >=
+    `max_rank` are ignored (to find which two tokens a token was built from). Exactly tiktoken's algorithm, so
+    both encoders agree on every input. Near-linear: pairs wait in a heap by (rank, position), parts form a
+    linked list, stale entries are skipped (lazy deletion)."""
     n, limit = len(piece), float("inf") if max_rank is None else max_rank
     parts, nxt, prev = [piece[i:i + 1] for i in range(n)], list(range(1, n + 1)), list(range(-1, n))
 
@@ -447,12 +446,9 @@ class Tokenizer:
         return ids
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
-        """Encode text to ids, handling special tokens as tiktoken does:
-        - `allowed_special` ("all" or a set): these strings in the text become their special id;
-        - `disallowed_special` ("all" = every special token not allowed, or a set): finding one of
-          these in the text is an error (text from users must not smuggle in control tokens);
-        - special-token strings in neither set are encoded as ordinary text.
-        Lone surrogates (not valid Unicode, cannot be UTF-8) become U+FFFD, as in tiktoken."""
+        """Encode text to ids, special tokens as tiktoken does: `allowed_special` ("all" or a set) become their
+        id; finding one of `disallowed_special` ("all" = every one not allowed, or a set) is an error (user text
+        must not smuggle in control tokens); others are ordinary text. Lone surrogates become U+FFFD."""
         all_specials = set(self.special_tokens)
         allowed = all_specials if allowed_special == "all" else set(allowed_special)
         unknown = allowed - all_specials
@@ -580,9 +576,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path, trust_pattern=False):
-        """Load the readable format written by save() (a file, or a directory with tokenizer.bpe),
-        checking every line. The split pattern must be a built-in one (gpt2, gpt4, none) unless
-        trust_pattern: a file could carry a regex that takes exponential time on some text."""
+        """Load the readable format of save() (a file, or a directory with tokenizer.bpe), checking every line.
+        The pattern must be built in (gpt2, gpt4, none) unless trust_pattern: a regex can take exponential time."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.bpe"
@@ -833,11 +828,9 @@ def tokenizer_files(spec) -> tuple[dict, int | None, int | None]:
 
 
 class TextTokenizer:
-    """What the training scripts need from a tokenizer, whatever its kind: encode (text as ordinary
-    text: a "<|endoftext|>" written in user or web text stays characters, never the control token,
-    which only the code itself inserts), encode_batch, decode, the end-of-text id (eot_id), the
-    begin-of-sequence id LLaMA-style tokenizers put first (bos_id, None for GPT-2-style ones;
-    encode never adds it) and the vocabulary size (n_vocab). Made by load_tokenizer."""
+    """What the scripts need from any tokenizer (made by load_tokenizer): encode (ordinary text: a written
+    "<|endoftext|>" stays characters; only the code inserts the control token), encode_batch, decode, eot_id,
+    bos_id (what LLaMA-style tokenizers put first, None for GPT-2's; encode never adds it) and n_vocab."""
 
     def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None, source=None):
         self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
@@ -856,10 +849,9 @@ class TextTokenizer:
 
 
 def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
-    """spec: "gpt2" (GPT-2's, as tiktoken has it), a *.tiktoken rank file (GPT-2's pattern), a
-    directory saved by bpe.py, or a directory with a Hugging Face tokenizer (tokenizer.json, ...).
-    With spec None: model_dir's own tokenizer (the directory itself or its tokenizer/ folder) if it
-    has one, else GPT-2's. `source` is our Tokenizer (or the HF tokenizer's directory), for export."""
+    """spec: "gpt2" (tiktoken's), a *.tiktoken rank file (GPT-2's pattern), a directory saved by bpe.py or one
+    with a Hugging Face tokenizer. None: model_dir's own tokenizer (itself or its tokenizer/), else GPT-2's.
+    `source` is our Tokenizer (or the HF tokenizer's directory), for export."""
     if spec is None and model_dir is not None and Path(model_dir).is_dir():
         spec = tokenizer_dir(model_dir)
     spec = str(spec or "gpt2")
@@ -897,9 +889,7 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
 def _read_input_text(args):
     if args.text is not None:
         return args.text
-    if args.input is None:
-        return sys.stdin.read()
-    return _read_text(args.input)
+    return sys.stdin.read() if args.input is None else _read_text(args.input)
 
 
 def cmd_train(args):
