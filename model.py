@@ -89,11 +89,8 @@ class GPTConfig:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
             self.head_dim = self.n_embd // self.n_head
-        if self.ffn_hidden is None:
-            if self.mlp == "swiglu":  # 2/3 keeps the parameter count of a 4x GELU MLP with 3 matrices
-                self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-            else:
-                self.ffn_hidden = 4 * self.n_embd
+        if self.ffn_hidden is None:  # swiglu: 2/3 keeps the parameter count of a 4x GELU MLP with 3 matrices
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         for name, value, allowed in (
             ("norm", self.norm, ("layernorm", "rmsnorm")),
             ("pos_emb", self.pos_emb, ("learned", "rope")),
@@ -264,14 +261,11 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            # q and k are new tensors now; a copy of v lets the fused q|k|v output go (a view would
-            # keep all of it alive for backward)
-            v = v.contiguous()
+            v = v.contiguous()  # q, k are new tensors: a copy of v lets the fused q|k|v output be freed
         if kv_cache is not None:  # keys are cached after RoPE, so cached positions never change
             k, v = kv_cache.update(layer, k, v)
-        # grouped-query attention: each kv head serves n_head/n_kv_head consecutive query heads, so
-        # the KV cache is n_head/n_kv_head times smaller. SDPA does the sharing itself (enable_gqa)
-        # where no mask is passed; elsewhere k and v are repeated, a copy per query head.
+        # grouped-query attention: each kv head serves n_head/n_kv_head consecutive query heads (a KV cache that
+        # many times smaller). SDPA shares them itself (enable_gqa) without a mask; else k, v are repeated
         gqa = self.n_kv_head != self.n_head
         fused_gqa = gqa and self.attn_impl == "sdpa" and mask is None
         if gqa and not fused_gqa:
@@ -585,13 +579,11 @@ class GPT(nn.Module):
         elif (path / "config.json").exists():
             hf_config = _read_json(path / "config.json")
             hf_type = hf_config.get("model_type")
-            if hf_type == "gpt2":
-                config = _gpt2_config_from_hf(hf_config, path)
-            elif hf_type == "llama":
-                config = _llama_config_from_hf(hf_config, path)
-            else:
+            read = {"gpt2": _gpt2_config_from_hf, "llama": _llama_config_from_hf}.get(str(hf_type))
+            if read is None:
                 raise ValueError(f"{path / 'config.json'}: model_type={hf_type!r} is not supported; "
                                  f"expected 'gpt2' or 'llama' (use transformers for other architectures)")
+            config = read(hf_config, path)
         else:
             raise FileNotFoundError(f"{path}: not a model directory: expected config.json (Hugging Face "
                                     f"format) or gpt_config.json (this project's format)")
@@ -649,8 +641,7 @@ class GPT(nn.Module):
         # files of an earlier save in another format must not linger beside these weights
         for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
                       "model.safetensors.index.json", "pytorch_model.bin"):
-            if (out / stale).exists():
-                (out / stale).unlink()
+            (out / stale).unlink(missing_ok=True)
 
     # ---- 5. Generation --------------------------------------------------------------------------
 
@@ -713,10 +704,7 @@ class GPT(nn.Module):
 
     def _step_logits(self, seq, mask, cache, n_new: int):
         """Next-token logits (B, vocab) in fp32. With a cache only the n_new newest tokens are run."""
-        if cache is not None:
-            h = self.hidden_states(seq[:, -n_new:], mask, cache)
-        else:
-            h = self.hidden_states(seq, mask)
+        h = self.hidden_states(seq[:, -n_new:], mask, cache) if cache is not None else self.hidden_states(seq, mask)
         return self.logits_from_hidden(h[:, -1]).float()
 
     def _sample(self, idx, mask, max_new_tokens, temperature, top_k, top_p, eos, pad_id, generator,
