@@ -56,12 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
+from lora import (LoRALinear, apply_lora, load_base, load_train_state, resumed_config, save_adapter, save_train_state,
+                  unload_lora)
 from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, autocast_and_scaler, before_after, cfg,
                    check_finite, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered,
-                   grad_sync, init_distributed, load_train_state, lr_at, make_optimizer, open_run, optimizer_step,
-                   parse_config, pick_device, pick_precision, plot_log, previous_stage, resolve_init_from,
-                   resumed_config, rewrite_log, rng_state, run_main, save_train_state, seed_everything, set_rng_state)
+                   grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
+                   pick_device, pick_precision, plot_log, previous_stage, resolve_init_from, rewrite_log, rng_state,
+                   run_main, seed_everything, set_rng_state)
 from prepare_data import builtin_tasks, exact_match, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")

@@ -56,14 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from bpe import atomic_write, load_tokenizer
-from lora import (NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report,
-                  unload_lora)
+from lora import (NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, load_train_state, resumed_config,
+                  save_adapter, save_train_state, trainable_report, unload_lora)
 from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, RMSNorm, all_ranks, autocast_and_scaler,
                    before_after, cfg, check_finite, close_run, distribute, end_distributed, fit_to_context,
-                   fits_in_memory, gathered, grad_sync, init_distributed, load_train_state, lr_at, make_optimizer,
-                   open_run, optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log,
-                   previous_stage, resolve_init_from, resumed_config, rewrite_log, rng_state, run_main,
-                   save_safetensors, save_train_state, seed_everything, set_rng_state, write_jsonl)
+                   fits_in_memory, gathered, grad_sync, init_distributed, lr_at, make_optimizer, open_run,
+                   optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log, previous_stage,
+                   resolve_init_from, rewrite_log, rng_state, run_main, save_safetensors, seed_everything,
+                   set_rng_state, write_jsonl)
 from prepare_data import (builtin_tasks, exact_match, format_prompt, load_alpaca, load_classification, load_dialogues,
                           parse_dialogue)
 

@@ -18,7 +18,9 @@ Read it top to bottom:
   5. QLoRA's 4-bit frozen base: the NF4 codebook, block-wise quantisation (double quantisation of
      the scales too), NF4Linear, quantize_nf4 / dequantize_nf4, and load_base (what finetune.py
      and dpo.py start from).
-  6. A small CLI: merge an adapter into a model.
+  6. The resumable state of a fine-tuning run (finetune.py and dpo.py): the trained weights, the
+     optimizer, the step; resumed_config for --resume.
+  7. A small CLI: merge an adapter into a model.
 
 Target names and how they map (our GPT fuses projections; see README "lora.py"):
   q, k, v   attention query/key/value. Ours: rows of the fused attn.c_attn, each with its OWN A and B
@@ -51,7 +53,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -864,7 +866,64 @@ def load_base(init_from: str, precision: str, lora: bool, quantize: str, device:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. CLI: merge an adapter into a model
+# 6. Resumable fine-tuning state (finetune.py, dpo.py): what is trained, where a run left off
+
+
+def resumed_config(cls, c, given: dict, out_dir, fixed=()):
+    """--resume: the run's config.json with the flags given now on top (a longer --max_steps), but never a
+    change to the `fixed` fields (the model and what is trained)."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
+    saved.pop("stop_at_step", None)  # a one-off of the run that stopped
+    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
+               for k in fixed if k in given and given[k] != saved.get(k)]
+    if changed:
+        raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
+    return cls(**{**saved, **given, "resume": True})
+
+
+def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):
+    """out_dir/ckpt/state.pt, to continue a fine-tuning run exactly: the trainable weights (frozen ones come
+    back from --init_from), optimizer state, step and `extra` (data order, RNG states, best so far).
+    Gathered whole under DDP/FSDP: every rank calls this, rank 0 writes (temp name, renamed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if master:
+        path = Path(out_dir) / "ckpt" / "state.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(model=model_sd, optimizer=optim_sd, step=step, extra=extra)
+        try:
+            atomic_write(path, lambda p: torch.save(state, p))
+        except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
+            raise OSError(f"{path}: writing the training state failed ({str(e).splitlines()[0][:160]}); is the "
+                          f"disk full? The previous state is kept") from None
+
+
+def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
+    """(step, extra) of out_dir/ckpt/state.pt, loaded into model and optimizer (FSDP: each rank its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    path = Path(out_dir) / "ckpt" / "state.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {out_dir} holds a run but no resumable state ({path} is missing: "
+                                f"the run stopped before its first checkpoint). --resume continues from the last "
+                                f"checkpoint; with none, start the run again with --overwrite")
+    try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors and plain data
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); it may be truncated") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    return state["step"], state["extra"]
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. CLI: merge an adapter into a model
 
 
 def cmd_merge(args):

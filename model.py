@@ -6,7 +6,7 @@ things every training script shares. In reading order:
      zero-initialised projections, logit soft-capping), off in every preset that loads HF weights.
   2. Modules: norms, rotary embeddings, causal self-attention (SDPA, or a manual path for learning),
      MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
-  3. GPT: forward + loss, GPT-2 initialisation, MFU.  4. Hugging Face weights in and out.
+  3. GPT: forward + loss, GPT-2 initialisation, FLOPs per token.  4. Hugging Face weights in and out.
   5. Generation with a KV cache: greedy, temperature, top-k, top-p, beam search, stop tokens,
      batched prompts of different lengths, streaming.
   6. What the training scripts share (as nanoGPT keeps its optimizer here): flags from a config
@@ -374,22 +374,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------------------------
 # 3. The model
 
-# Dense bf16 (else fp16) tensor-core peak FLOP/s, for MFU, by torch.cuda.get_device_name()'s exact name:
-# by substring an "L40" would get the "L4"'s peak and an "H100 NVL" the SXM's.
-GPU_PEAK_FLOPS = {
-    "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
-    "NVIDIA A10G": 70e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3090": 71e12,
-    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12, "Tesla V100-PCIE-16GB": 112e12,
-    "Tesla T4": 65e12,
-}
-
-
-def gpu_peak_flops(device_name: str) -> float | None:
-    return GPU_PEAK_FLOPS.get(device_name.strip())
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         check_model_size(config)  # a size beyond the machine: one error line, before any allocation
@@ -553,14 +537,6 @@ class GPT(nn.Module):
         c = self.config
         n = self.get_num_params() - (0 if c.tie_embeddings else self.transformer.wte.weight.numel())
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
-
-    def estimate_mfu(self, tokens_per_sec: float, seq_len: int, device=None, peak_flops: float | None = None):
-        """Model FLOPs utilisation: training FLOP/s over the peak (default: the table above); None if unknown."""
-        if peak_flops is None and torch.cuda.is_available():
-            peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
-        if not peak_flops:
-            return None
-        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     # ---- 4. Hugging Face weights in and out -----------------------------------------------------
 
@@ -1616,21 +1592,6 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     return out
 
 
-def resumed_config(cls, c, given: dict, out_dir, fixed=()):
-    """--resume: the run's config.json with the flags given now on top (a longer --max_steps), but never a
-    change to the `fixed` fields (the model and what is trained)."""
-    path = Path(out_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
-    saved.pop("stop_at_step", None)  # a one-off of the run that stopped
-    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
-               for k in fixed if k in given and given[k] != saved.get(k)]
-    if changed:
-        raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
-    return cls(**{**saved, **given, "resume": True})
-
-
 def seed_everything(seed: int):
     """torch's, numpy's and Python's generators from one seed (the scripts: the same init on every rank,
     then seed + rank, so that each rank draws its own dropout masks)."""
@@ -1668,44 +1629,6 @@ def all_ranks(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):
-    """out_dir/ckpt/state.pt, to continue a fine-tuning run exactly: the trainable weights (frozen ones come
-    back from --init_from), optimizer state, step and `extra` (data order, RNG states, best so far).
-    Gathered whole under DDP/FSDP: every rank calls this, rank 0 writes (temp name, renamed)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    if master:
-        path = Path(out_dir) / "ckpt" / "state.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = dict(model=model_sd, optimizer=optim_sd, step=step, extra=extra)
-        try:
-            atomic_write(path, lambda p: torch.save(state, p))
-        except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
-            raise OSError(f"{path}: writing the training state failed ({str(e).splitlines()[0][:160]}); is the "
-                          f"disk full? The previous state is kept") from None
-
-
-def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
-    """(step, extra) of out_dir/ckpt/state.pt, loaded into model and optimizer (FSDP: each rank its shard)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    path = Path(out_dir) / "ckpt" / "state.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds a run but no resumable state ({path} is missing: "
-                                f"the run stopped before its first checkpoint). --resume continues from the last "
-                                f"checkpoint; with none, start the run again with --overwrite")
-    try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors and plain data
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}); it may be truncated") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    return state["step"], state["extra"]
 
 
 def rewrite_log(path, keep) -> list[dict]:

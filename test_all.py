@@ -1012,7 +1012,7 @@ def test_model_optimizer_groups_mfu_and_presets():
     # MFU: 6N + 12 L H hd T FLOPs per token, over a given peak
     c = m.config
     expected = (6 * m.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 128) * 1000 / 1e12
-    assert abs(m.estimate_mfu(1000, 128, peak_flops=1e12) - expected) < 1e-12
+    assert abs(train_gpt2.estimate_mfu(m, 1000, 128, peak_flops=1e12) - expected) < 1e-12
     # preset sizes (on the meta device: no memory) against the published parameter counts
     with torch.device("meta"):
         assert abs(GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1)).get_num_params(False) / 1e6 - 124.4) < 0.1
@@ -3654,9 +3654,9 @@ def test_gpu_precision_and_device_pickers(monkeypatch):
     assert model_py.pick_device("cuda") == "cuda:3" and model_py.pick_device("cpu") == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
     assert model_py.pick_device("cuda") == "cuda"
-    assert model_py.gpu_peak_flops("NVIDIA L40") == 181e12 and model_py.gpu_peak_flops("NVIDIA L4") == 121e12
-    assert model_py.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
-    assert model_py.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and model_py.gpu_peak_flops("Some GPU") is None
+    assert train_gpt2.gpu_peak_flops("NVIDIA L40") == 181e12 and train_gpt2.gpu_peak_flops("NVIDIA L4") == 121e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train_gpt2.gpu_peak_flops("Some GPU") is None
 
 
 class _ScalarReads(__import__("torch.utils._python_dispatch", fromlist=["x"]).TorchDispatchMode):
@@ -4433,7 +4433,7 @@ def test_i26_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkey
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(finetune.FinetuneConfig())))
     with pytest.raises(FileNotFoundError, match="no resumable state .* --resume continues from the last checkpoint"
                                                 ".* --overwrite"):
-        model_py.load_train_state(run, None, None)
+        lora.load_train_state(run, None, None)
 
 
 # every numeric flag of each script, given NaN, +-inf, 0, a negative and 10^13. A value is refused

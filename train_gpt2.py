@@ -412,6 +412,32 @@ def hellaswag_examples(cfg: TrainConfig, master: bool):
 # 5. The training loop
 
 
+# Dense bf16 (else fp16) tensor-core peak FLOP/s, for MFU, by torch.cuda.get_device_name()'s exact name:
+# by substring an "L40" would get the "L4"'s peak and an "H100 NVL" the SXM's.
+GPU_PEAK_FLOPS = {
+    "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 70e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3090": 71e12,
+    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12, "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla T4": 65e12,
+}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    return GPU_PEAK_FLOPS.get(device_name.strip())
+
+
+def estimate_mfu(model, tokens_per_sec: float, seq_len: int, device=None, peak_flops: float | None = None):
+    """Model FLOPs utilisation: training FLOP/s (model.flops_per_token) over the GPU's peak (default: the
+    table above); None if unknown."""
+    if peak_flops is None and torch.cuda.is_available():
+        peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
+    if not peak_flops:
+        return None
+    return model.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+
 def plot(out_dir: Path, baseline: float | None = None):
     """loss.png: train and val loss against steps, val bits per byte and HellaSwag accuracy beside
     them when measured."""
@@ -654,7 +680,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
         check_finite(step, scaler, loss=loss_v, grad_norm=norm_v)
         dt = time.time() - t0
         tps = cfg.total_batch_size / dt
-        mfu = raw_model.estimate_mfu(tps / world, T, device) if device_type == "cuda" else None
+        mfu = estimate_mfu(raw_model, tps / world, T, device) if device_type == "cuda" else None
         if master:
             mfu_s = f" | mfu {100 * mfu:4.1f}%" if mfu is not None else ""
             say(f"step {step:5d}/{cfg.max_steps} | loss {loss_v:.4f} | lr {lr:.4e} | norm {norm_v:.4f} | "
