@@ -4471,7 +4471,8 @@ def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp
                 checked += 1
     assert checked > 300 and list(tmp_path.iterdir()) == []
     # the messages, as a user reads them
-    _refused(capsys, train_gpt2.parse_args, ["--max_lr", "inf"], "argument --max_lr: expected a finite number, got inf")
+    _refused(capsys, train_gpt2.parse_args, ["--max_lr", "inf"],
+             "argument --lr/--max_lr: expected a finite number, got inf")
     _refused(capsys, train_gpt2.parse_args, ["--grad_clip", "nan"], "argument --grad_clip: expected a finite number")
     _refused(capsys, finetune.parse_args, ["--lr", "inf"], "argument --lr: expected a finite number")
     _refused(capsys, dpo.parse_args, ["--beta", "nan"], "argument --beta: expected a finite number")
