@@ -1502,15 +1502,16 @@ def test_train_stop_and_resume_equals_uninterrupted_run(train_corpus, tmp_path):
     assert tok.n_vocab == 512 and (tmp_path / "full" / "loss.png").stat().st_size > 1000
 
 
-def test_train_sigkill_then_resume_equals_uninterrupted_run(train_corpus, tmp_path):
-    """A real SIGKILL of a training process at an arbitrary moment after its first checkpoint."""
-    _, _, data_dir, _ = train_corpus
-    common = ["--max_steps", "24", "--eval_interval", "0", "--num_samples", "0"]
-    full_train, _ = _train(data_dir, tmp_path / "full", *common, "--ckpt_interval", "0")
+def _sigkilled_run(data_dir, tmp_path, *common):
+    """An uninterrupted 24-step run, and the same run killed by a real SIGKILL at an arbitrary moment
+    after its first checkpoint: (full run's train and eval log, the killed run's dir, its state)."""
+    full_train, full_eval = _train(data_dir, tmp_path / "full", "--max_steps", "24", *common, "--ckpt_interval", "0")
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data_dir", str(data_dir), "--out_dir", str(out),
-           *TINY, *common, "--ckpt_interval", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           *TINY, "--max_steps", "24", *common, "--ckpt_interval", "2"]
+    # the child sums in as many threads as this process does (whatever OMP_NUM_THREADS says): the same floats
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         log = out / "log.jsonl"
@@ -1522,6 +1523,13 @@ def test_train_sigkill_then_resume_equals_uninterrupted_run(train_corpus, tmp_pa
     state = torch.load(train_gpt2.find_checkpoint(out) / "state.pt", weights_only=True)
     if state["step"] >= 24:
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    return full_train, full_eval, out, state
+
+
+def test_train_sigkill_then_resume_equals_uninterrupted_run(train_corpus, tmp_path):
+    """A real SIGKILL of a training process at an arbitrary moment after its first checkpoint."""
+    _, _, data_dir, _ = train_corpus
+    full_train, _, out, _ = _sigkilled_run(data_dir, tmp_path, "--eval_interval", "0", "--num_samples", "0")
     train_gpt2.main(["--out_dir", str(out), "--resume"])
     killed_train, _ = _log(out)
     assert [r["loss"] for r in killed_train] == [r["loss"] for r in full_train]
@@ -1783,24 +1791,9 @@ def test_pretrain_hf_save_refuses_a_switch_hf_cannot_express_native_keeps_it(tmp
 def test_pretrain_muon_sigkill_then_resume_equals_uninterrupted_run(train_corpus, tmp_path):
     """The AdamW test's twin: Muon + the modern block, a real SIGKILL, both optimizers' state resumed."""
     _, _, data_dir, _ = train_corpus
-    common = ["--max_steps", "24", "--eval_interval", "0", "--num_samples", "0", "--optimizer", "muon",
-              "--model", "small-cpu-modern", "--matrix_lr", "0.02", "--schedule", "wsd"]
-    full_train, full_eval = _train(data_dir, tmp_path / "full", *common, "--ckpt_interval", "0")
-    out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data_dir", str(data_dir), "--out_dir", str(out),
-           *TINY, *common, "--ckpt_interval", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        log = out / "log.jsonl"
-        if log.exists() and log.read_text().count('"train"') >= 5:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(train_gpt2.find_checkpoint(out) / "state.pt", weights_only=True)
-    if state["step"] >= 24:
-        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    full_train, full_eval, out, state = _sigkilled_run(
+        data_dir, tmp_path, "--eval_interval", "0", "--num_samples", "0", "--optimizer", "muon",
+        "--model", "small-cpu-modern", "--matrix_lr", "0.02", "--schedule", "wsd")
     assert set(state["optimizer"]) == {"muon", "adamw"} and state["optimizer"]["muon"]["state"]
     train_gpt2.main(["--out_dir", str(out), "--resume"])
     killed_train, killed_eval = _log(out)
