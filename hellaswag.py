@@ -17,6 +17,7 @@ Run it:
     python prepare_data.py hellaswag                       # fetch hellaswag_val.jsonl (10,042 items)
     python hellaswag.py --init_from gpt2                   # harness scoring, OpenAI's GPT-2 124M
     python hellaswag.py --init_from gpt2 --scoring nanogpt
+    python hellaswag.py                                    # offline: the life cycle's models, each stage's
     python hellaswag.py --init_from out/cpu                # a model here, offline: the built-in items
     python hellaswag.py --init_from out/ckpt/model --data_file data/hellaswag/hellaswag_val.jsonl --limit 1000
     python hellaswag.py --init_from path/to/any_hf_causal_lm --data_file data/hellaswag/hellaswag_val.jsonl
@@ -473,7 +474,7 @@ def main(argv=None):
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, our "
                          "checkpoint directory (e.g. out/ckpt/model), or a run directory (its best or final model); "
                          "auto: the last stage's model on this machine (out-dpo/model, out-finetune/best_model, "
-                         "out/cpu/ckpt/model), else gpt2")
+                         "out/cpu/ckpt/model), the earlier stages' scored beside it, else gpt2")
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
                          "default: for a model on this machine, the built-in multiple-choice set (offline); for a "
@@ -510,8 +511,10 @@ def main(argv=None):
 
     device = pick_device(args.device)
     rank, _, world_size = init_distributed(device)
+    stages = []  # the life cycle's other models, scored beside the one evaluated: what each stage did to it
     if args.init_from == "auto":
         args.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
+        stages = [m for m in reversed(STAGE_MODELS) if m != args.init_from and previous_stage(m)]
     args.init_from = resolve_init_from(args.init_from)  # a run directory: its best or final model
     if Path(args.init_from).expanduser().is_dir() and args.data_file is None:  # a model on this machine: offline
         args.data_file = str(builtin_tasks()["hellaswag"]) if rank == 0 else "data/builtin_tasks/hellaswag.jsonl"
@@ -550,6 +553,12 @@ def main(argv=None):
     result = evaluate(model, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
                       progress=not args.no_progress, return_items=bool(args.per_item), bos_id=bos_id)
     items = result.pop("items", None)
+    by_stage = {}
+    for m in stages if Path(args.init_from).expanduser().is_dir() else []:
+        other, _ = load_model(m, args.tokenizer, args.backend, device, getattr(torch, dtype))
+        by_stage[m] = evaluate(other, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
+                               progress=not args.no_progress, bos_id=bos_id)["acc_norm"]
+    by_stage[args.init_from] = result["acc_norm"]
     if rank == 0:
         # chance: one over the number of endings, averaged over the items (0.25 with HellaSwag's four)
         chance = sum(1 / len(ex["endings"]) for ex in examples) / max(len(examples), 1)
@@ -559,9 +568,12 @@ def main(argv=None):
         if before:
             print(f"before -> after (a random model -> {args.init_from}, {result['n']} items): acc_norm "
                   f"{before['acc_norm']:.3f} -> {result['acc_norm']:.3f} (chance {chance:.3f})")
+        if len(by_stage) > 1:
+            print("acc_norm by stage: " + ", ".join(f"{m} {a:.3f}" for m, a in by_stage.items()))
         if args.json:
             metrics = lambda r: {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}  # noqa: E731
             extra = {"before": metrics(before), "after": metrics(result)} if before else {}
+            extra.update({"by_stage": by_stage} if len(by_stage) > 1 else {})
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
                 {**result, "chance": chance, **extra, "model": args.init_from, "data_file": str(data_file)},

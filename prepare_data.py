@@ -461,20 +461,37 @@ def exact_match(answers: list[str], references: list[str]) -> float:
     return sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / max(len(answers), 1)
 
 
-def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0) -> dict[str, Path]:
+def near_miss(name: str, longer: bool = False) -> str:
+    """A wrong copy of a name, as a half-trained model writes it: its last part dropped (of a dotted,
+    snake_case or CamelCase name: xml.sax.saxutils -> xml.sax, TimerHandle -> Timer; else its first
+    half), or, longer, that part repeated (TimerHandleHandle, timezonezone)."""
+    short = name
+    for sep in ".", "_":
+        if sep in name.strip(sep):
+            short = name.rsplit(sep, 1)[0]
+            break
+    else:
+        parts = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
+        short = name[: len(name) - len(parts[-1])] if len(parts) > 1 else name[: len(name) // 2]
+    return (name + name[len(short):] if longer else short) or name * 2
+
+
+def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 0) -> dict[str, Path]:
     """The offline life cycle's task data: TASK_QUESTIONS about the stdlib's names (read with `ast`),
     each answer following from its question by a rule (copying, a name's case) that a 2.6M-parameter
     model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do in
     the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
     pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
-    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: the
-    answer to another question), classes.jsonl (a class's qualified name 1, a function's 0),
+    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: see
+    pair), classes.jsonl (a class's qualified name 1, a function's 0),
     hellaswag.jsonl (held out: a docstring sentence's start; its rest against its words reordered)."""
     names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
         return files
     rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
+    prng = random.Random(seed + 1)  # the pairs' own, so that they do not change which records are drawn
+    constants = []  # training only: module-level names, more to copy (their kind is neither class nor function)
     for path, tree in _source_trees():
         m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
         for node in tree.body:
@@ -484,17 +501,34 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 4000, seed: int = 0
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
                 first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
                 found[is_val_document(path)].append((m, n, tasks, first))
+            elif isinstance(node, ast.Assign) and not is_val_document(path):
+                constants += [(m, t.id, {"module": f" {m}", "name": f" {t.id}", "import": f" from {m} import {t.id}"},
+                               "") for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
 
-    def pair(question, task, tasks):  # rejected: the answer to another question about the same name
-        wrong = [v for v in tasks.values() if v != tasks[task]]
-        return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=rng.choice(wrong))
+    def pair(question, task, tasks):
+        """rejected: half the time the answer to another question about the name (the wrong format),
+        else a near miss in the right one (a copy cut short or overrun, the other kind): the errors
+        a small model makes"""
+        if prng.random() < 0.5:
+            wrong = prng.choice([v for v in tasks.values() if v != tasks[task]])
+        else:
+            m, n, longer = tasks["module"][1:], tasks["name"][1:], prng.random() < 0.5
+            m, n = (near_miss(m, longer), n) if prng.random() < 0.5 else (m, near_miss(n, longer))
+            wrong = {"module": f" {near_miss(tasks['module'][1:], longer)}", "import": f" from {m} import {n}",
+                     "name": f" {near_miss(tasks['name'][1:], longer)}",
+                     "kind": " class" if tasks[task] == " function" else " function"}[task]
+        return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=wrong)
 
     rows = {"hellaswag": []}
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
-        package = {}  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
+        # training: every name; copying is learned from many different names (with a few thousand, a
+        # model this small recalls them instead). Test: at most 40 names a top-level package, so that
+        # encodings' 100 codecs do not crowd out the rest
+        package = {}
         for r in found[held]:
             package.setdefault(r[0].split(".")[0], []).append(r)
-        pool = [r for rs in package.values() for r in rng.sample(rs, min(len(rs), 40))]
+        pool = found[False] + constants if not held else [r for rs in package.values()
+                                                          for r in rng.sample(rs, min(len(rs), 40))]
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
         recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]

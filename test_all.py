@@ -3101,6 +3101,31 @@ def test_dpo_three_reference_modes_same_loss_and_gradients():
         assert g.keys() == g0.keys() and all(torch.allclose(g[k], g0[k], atol=1e-6) for k in g)
 
 
+def test_dpo_rpo_alpha_adds_the_chosen_tokens_mean_nll():
+    """--rpo_alpha a: the gradient of DPO + a x the mean NLL over all chosen response tokens (computed
+    here with F.cross_entropy on the chosen rows alone); responses of different lengths."""
+    pairs = _dpo_tiny_pairs(4, 1)
+    pairs[0]["chosen"], pairs[1]["rejected"] = pairs[0]["chosen"][1:], pairs[1]["rejected"] + [5, 1]
+    keys = [dpo.pair_key(t) for t in pairs]
+    idx, labels = dpo.collate_pairs(pairs, 0)
+    null = __import__("contextlib").nullcontext
+
+    def grads(alpha, by_hand=0.0):
+        policy = _dpo_tiny_policy()
+        ref = dpo.Reference("copy", _dpo_tiny_policy(lora=False))
+        policy.train()
+        dpo.dpo_step(policy, ref, [(idx, labels, keys)], dpo.DPOConfig(beta=0.1, rpo_alpha=alpha), null, None)
+        if by_hand:  # the SFT term by hand: token-mean cross-entropy of the chosen rows
+            logits, _ = policy(idx[:4], labels[:4])
+            (by_hand * F.cross_entropy(logits.flatten(0, 1), labels[:4].flatten(), ignore_index=-100)).backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    with_rpo, by_hand, plain = grads(0.7), grads(0.0, by_hand=0.7), grads(0.0)
+    assert with_rpo.keys() == by_hand.keys()
+    assert all(torch.allclose(with_rpo[k], by_hand[k], atol=1e-6) for k in with_rpo)
+    assert not all(torch.allclose(with_rpo[k], plain[k], atol=1e-4) for k in with_rpo)
+
+
 def test_dpo_learns_a_preference_rule_on_held_out_pairs():
     torch.manual_seed(0)
     policy = _dpo_tiny_policy(lora=False)
@@ -4852,6 +4877,8 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     reply = out["chat.py"].split("Assistant:", 1)[1].strip()
     assert reply, out["chat.py"]  # the CPU model's answer, however clumsy
     assert "hellaswag scoring=harness n=8" in out["hellaswag.py --init_from out/cpu"]
+    assert regex.search(r"acc_norm by stage: out/cpu/ckpt/model [\d.]+, out-finetune/best_model [\d.]+, "
+                        r"out-dpo/model [\d.]+", out["hellaswag.py"]), out["hellaswag.py"]
     assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 400"]
     if gpt2_ranks:
         shown = out["bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345"]
