@@ -521,14 +521,13 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
 
     rows = {"hellaswag": []}
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
-        # training: every name; copying is learned from many different names (with a few thousand, a
-        # model this small recalls them instead). Test: at most 40 names a top-level package, so that
-        # encodings' 100 codecs do not crowd out the rest
-        package = {}
-        for r in found[held]:
-            package.setdefault(r[0].split(".")[0], []).append(r)
-        pool = found[False] + constants if not held else [r for rs in package.values()
-                                                          for r in rng.sample(rs, min(len(rs), 40))]
+        if held:  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
+            package = {}
+            for r in found[True]:
+                package.setdefault(r[0].split(".")[0], []).append(r)
+            pool = [r for rs in package.values() for r in rng.sample(rs, min(len(rs), 40))]
+        else:  # every name: copying is learned from many names (from a few thousand, recalling them is easier)
+            pool = found[False] + constants
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
         recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
