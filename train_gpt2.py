@@ -148,7 +148,7 @@ RECIPES = {
     # ~2.6M parameters, 128-token context, 2048-token batches, 300 steps: a few minutes on 2 CPU cores.
     # The AdamW recipe it replaced (BENCHMARKS.md, pretraining) is the same with --optimizer adamw.
     # Both learning rates are the best of `bench_speed.py pretrain`'s sweeps (AdamW's --lr over 1e-3..8e-3,
-    # Muon's --matrix_lr over 0.005..0.04); the modern block and wsd measured no better here.
+    # Muon's --matrix_lr over 0.005..0.04); the modern block, with cosine or wsd, measured worse here.
     "cpu": dict(data_dir="data/builtin", out_dir="out/cpu", model="small-cpu", n_layer=4, n_head=6,
                 n_embd=192, block_size=128, batch_size=16, seq_len=128, total_batch_size=2048, optimizer="muon",
                 lr=2e-3, matrix_lr=0.01, schedule="cosine", min_lr_ratio=0.1, warmup_steps=30, max_steps=300,
