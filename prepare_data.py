@@ -39,6 +39,8 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import importlib.util
+import itertools
 import json
 import os
 import random
@@ -202,13 +204,8 @@ def _encode_docs(texts: list[str]) -> list[np.ndarray]:
 
 
 def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(docs)
+    while batch := list(itertools.islice(it, n)):
         yield batch
 
 
@@ -257,13 +254,8 @@ def write_shards(docs: Iterable[str], out_dir, name: str, tokenizer: str = "gpt2
     if index:
         print(f"{out_dir}: {index} finished shard(s) kept; resuming at document {skip_docs:,}", file=sys.stderr)
 
-    def skipped(it):
-        for i, d in enumerate(it):
-            if i >= skip_docs:
-                yield d
-
     encoded: Iterable[list[np.ndarray]]
-    batches = _batched(skipped(docs), docs_per_task)
+    batches = _batched(itertools.islice(docs, skip_docs, None), docs_per_task)
     pool = None
     if num_workers > 0:
         pool = Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,))
@@ -364,8 +356,6 @@ def _source_trees(packages: Iterable[str] = ()):
     `packages`), tests left out, in sorted order. Nothing is imported."""
     roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
     for pkg in packages:
-        import importlib.util
-
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.origin:
             raise ValueError(f"--packages: {pkg!r} is not installed")
@@ -462,17 +452,13 @@ def exact_match(answers: list[str], references: list[str]) -> float:
 
 
 def near_miss(name: str, longer: bool = False) -> str:
-    """A wrong copy of a name, as a half-trained model writes it: its last part dropped (of a dotted,
-    snake_case or CamelCase name: xml.sax.saxutils -> xml.sax, TimerHandle -> Timer; else its first
-    half), or, longer, that part repeated (TimerHandleHandle, timezonezone)."""
-    short = name
-    for sep in ".", "_":
-        if sep in name.strip(sep):
-            short = name.rsplit(sep, 1)[0]
-            break
-    else:
-        parts = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
-        short = name[: len(name) - len(parts[-1])] if len(parts) > 1 else name[: len(name) // 2]
+    """A wrong copy of a name, as a half-trained model writes it: its last part (of a dotted, snake_case
+    or CamelCase name; else its second half) dropped (xml.sax.saxutils -> xml.sax, TimerHandle -> Timer)
+    or, longer, repeated (TimerHandleHandle, timezonezone)."""
+    sep = next((c for c in "._" if c in name.strip(c)), None)
+    parts = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
+    short = (name.rsplit(sep, 1)[0] if sep else name[: len(name) - len(parts[-1])] if len(parts) > 1
+             else name[: len(name) // 2])
     return (name + name[len(short):] if longer else short) or name * 2
 
 
@@ -505,17 +491,14 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
                 constants += [(m, t.id, {"module": f" {m}", "name": f" {t.id}", "import": f" from {m} import {t.id}"},
                                "") for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
 
-    def pair(question, task, tasks):
-        """rejected: half the time the answer to another question about the name (the wrong format),
-        else a near miss in the right one (a copy cut short or overrun, the other kind): the errors
-        a small model makes"""
-        if prng.random() < 0.5:
+    def pair(question, task, tasks):  # rejected: another question's answer (the wrong format), or a near
+        if prng.random() < 0.5:       # miss in the right one (cut short or overrun, the other kind)
             wrong = prng.choice([v for v in tasks.values() if v != tasks[task]])
         else:
-            m, n, longer = tasks["module"][1:], tasks["name"][1:], prng.random() < 0.5
-            m, n = (near_miss(m, longer), n) if prng.random() < 0.5 else (m, near_miss(n, longer))
-            wrong = {"module": f" {near_miss(tasks['module'][1:], longer)}", "import": f" from {m} import {n}",
-                     "name": f" {near_miss(tasks['name'][1:], longer)}",
+            (m, n), longer, cut_m = (tasks["module"][1:], tasks["name"][1:]), prng.random() < 0.5, prng.random() < 0.5
+            wrong_m, wrong_n = near_miss(m, longer), near_miss(n, longer)
+            wrong = {"module": f" {wrong_m}", "name": f" {wrong_n}",
+                     "import": f" from {wrong_m} import {n}" if cut_m else f" from {m} import {wrong_n}",
                      "kind": " class" if tasks[task] == " function" else " function"}[task]
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=wrong)
 
@@ -534,8 +517,7 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
         rows["pairs" + key] = [pair(qn, t, ts) for qn, t, ts in recs]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
                                                      ("Assistant", r["output"])])} for r in rows["instructions"]]
-    rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")}
-                       for m, n, ts, _ in found[False]][:n_max]
+    rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")} for m, n, ts, _ in found[False]]
     held = [(m, n, w[: len(w) // 2], r) for m, n, _, f in found[True]
             if len(set(r := (w := f.split())[len(w) // 2:])) > 2]
     for i, (m, n, ctx, rest) in enumerate(held[:500]):  # the true rest against its own words in 3 other orders
@@ -940,8 +922,7 @@ def cmd_hh_pairs(args):
 
 
 def build_parser():
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                        formatter_class=DefaultsHelp)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
     def command(name, help, fn, tokenizer=True, out_name=None):  # a subcommand, with the flags every one has
@@ -974,8 +955,7 @@ def build_parser():
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per training shard")
     p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of the tokens (from the start of the corpus) held out as validation")
-    p.add_argument("--val_tokens", type=bounded(int, 0), default=0,
-                   help="exact validation size (overrides val_fraction)")
+    p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="exact validation size (over val_fraction)")
 
     p = command("shakespeare", "tiny Shakespeare (downloaded with requests)", cmd_shakespeare)
     p.add_argument("--url", default=SHAKESPEARE_URL, help="where to download it from")
@@ -985,8 +965,7 @@ def build_parser():
 
     p = command("fineweb", "FineWeb-Edu through `datasets` (streaming)", cmd_fineweb, out_name="fineweb_edu")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset id")
-    p.add_argument("--remote_name", default="sample-10BT",
-                   help="dataset configuration (sample-10BT, sample-100BT, ...)")
+    p.add_argument("--remote_name", default="sample-10BT", help="configuration (sample-10BT, sample-100BT, ...)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
 
