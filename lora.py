@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import atomic_write
-from model import GPT, ArgumentParser, DefaultsHelp, hf_config_for, run_main
+from model import GPT, ArgumentParser, DefaultsHelp, MuonAdamW, hf_config_for, run_main
 from model import load_safetensors, load_torch_weights, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
@@ -890,7 +890,7 @@ def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: 
     Gathered whole under DDP/FSDP: every rank calls this, rank 0 writes (temp name, renamed)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(
+    model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if master:
         path = Path(out_dir) / "ckpt" / "state.pt"
@@ -901,6 +901,10 @@ def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: 
         except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
             raise OSError(f"{path}: writing the training state failed ({str(e).splitlines()[0][:160]}); is the "
                           f"disk full? The previous state is kept") from None
+
+
+def _parts(optimizer):  # Muon + AdamW (model.MuonAdamW) are two torch optimizers to torch's checkpointing
+    return [optimizer.muon, optimizer.adamw] if isinstance(optimizer, MuonAdamW) else optimizer
 
 
 def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
@@ -917,7 +921,7 @@ def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
     except Exception as e:
         raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); it may be truncated") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    set_state_dict(model, _parts(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     return state["step"], state["extra"]
 

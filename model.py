@@ -7,10 +7,9 @@ things every training script shares. In reading order:
   2. Modules: norms, rotary embeddings, causal self-attention (SDPA, or a manual path for learning),
      MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
   3. GPT: forward + loss, GPT-2 initialisation, FLOPs per token.  4. Hugging Face weights in and out.
-  5. Generation with a KV cache: greedy, temperature, top-k, top-p, beam search, stop tokens,
-     batched prompts of different lengths, streaming.
+  5. Generation with a KV cache: greedy, sampling, beam search, stop tokens, ragged batches, streaming.
   6. What the training scripts share (as nanoGPT keeps its optimizer here): flags from a config
-     dataclass, device and precision, optimizer and schedule, torchrun, run directories, logs.
+     dataclass, device and precision, optimizers (Muon) and schedule, torchrun, run directories, logs.
 
 Use it:
     from model import GPT, GPTConfig
@@ -91,14 +90,10 @@ class GPTConfig:
             self.head_dim = self.n_embd // self.n_head
         if self.ffn_hidden is None:  # swiglu: 2/3 keeps the parameter count of a 4x GELU MLP with 3 matrices
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
-        for name, value, allowed in (
-            ("norm", self.norm, ("layernorm", "rmsnorm")),
-            ("pos_emb", self.pos_emb, ("learned", "rope")),
-            ("mlp", self.mlp, ("gelu", "swiglu", "relu2")),
-            ("attn_impl", self.attn_impl, ("sdpa", "manual")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"GPTConfig.{name}={value!r}: expected one of {allowed}")
+        for name, allowed in dict(norm=("layernorm", "rmsnorm"), pos_emb=("learned", "rope"), attn_impl=("sdpa",
+                                  "manual"), mlp=("gelu", "swiglu", "relu2")).items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.pos_emb == "rope" and self.head_dim % 2:
@@ -150,6 +145,7 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(_LLAMA2, vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        ffn_hidden=176),
     "small-cpu": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384),  # ~11M, CPU runs
+    "small-cpu-llama": dict(_MODERN, vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384),  # tied
     # GPT-2 shapes with the modern block's switches (bench_speed.py pretrain; train_gpt2.py --recipe gpt2-124m-muon)
     "small-cpu-modern": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384, **_BLOCK),
     "gpt2-modern": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, vocab_pad_multiple=64, **_BLOCK),
@@ -328,18 +324,16 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, mask=None, kv_cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), rope, mask, kv_cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`: the mean over the
-    counted rows ("mean"), or each row's loss, 0 where ignored ("none": DPO's log-probabilities). The
-    values and gradients of F.cross_entropy, in much less memory. Why: with a 50k vocabulary the logits
-    are the step's largest tensor (B*T*V floats); F.cross_entropy under autocast copies them to fp32,
-    keeps a full fp32 log-softmax for backward and makes another full fp32 gradient. Here the forward
-    reads the logits once, chunk by chunk in fp32, and keeps one log-sum-exp per row; backward rebuilds
-    softmax(logits) - onehot(target) chunk by chunk straight into the gradient."""
+    """Cross-entropy of logits (N, V) against targets (N,), ignoring `ignore_index`: the mean over the counted
+    rows ("mean"), or each row's loss, 0 where ignored ("none": DPO's log-probabilities). F.cross_entropy's
+    values and gradients in much less memory. Why: with a 50k vocabulary the logits are the step's largest
+    tensor (B*T*V floats); F.cross_entropy under autocast copies them to fp32, keeps a full fp32 log-softmax
+    for backward and makes another full fp32 gradient. Here the forward reads the logits once, chunk by chunk
+    in fp32, keeping one log-sum-exp per row; backward writes softmax - onehot(target) into the gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int = -100, reduction: str = "mean"):
@@ -380,12 +374,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         V = config.padded_vocab_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
-        ))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, config.n_embd), drop=nn.Dropout(config.dropout),
+                                              h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                                              ln_f=make_norm(config)))
         if config.pos_emb == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
@@ -512,8 +503,7 @@ class GPT(nn.Module):
         """Logits of the real vocabulary, (..., vocab_size): a view that cuts the padded ids off."""
         return self.padded_logits(h)[..., : self.config.vocab_size]
 
-    def forward(self, idx, targets=None, attention_mask=None, kv_cache: KVCache | None = None,
-                reduction: str = "mean"):
+    def forward(self, idx, targets=None, attention_mask=None, kv_cache: KVCache | None = None, reduction: str = "mean"):
         """idx: (B, T) token ids; targets: (B, T) next-token ids, -100 where no loss is wanted. Returns
         (logits (B, T, vocab_size), loss or None): the mean over counted tokens, or ("none") each token's."""
         logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache))
@@ -544,9 +534,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str, dtype=None, device=None) -> "GPT":
         """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", via the HF hub cache), a hub
         id, or a directory: HF's format (config.json of model_type gpt2 or llama + model.safetensors, shards
-        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")).
-        dtype default float32, device default cpu. Built on the meta device, each tensor assigned as it is
-        read: the weights are held once (a bf16 LLaMA-2-7B loads at 12.9 GiB peak RSS, not twice that)."""
+        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")), in
+        dtype (float32) on device (cpu). Built on the meta device, each tensor assigned as read: held once."""
         path = _resolve_model_dir(name_or_dir)
         dtype = dtype or torch.float32
         if (path / "gpt_config.json").exists():
@@ -582,8 +571,8 @@ class GPT(nn.Module):
         gpt2, or llama for rmsnorm + rope + swiglu) + model.safetensors, the tokenizer (tokenizer.json +
         tokenizer_config.json: AutoTokenizer and lm-evaluation-harness need it beside the weights) and
         generation_config.json (the end-of-text id, where HF generate stops). format="native": our own
-        gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory; None = the one the model
-        was loaded with, if any. Every file is written to a temporary name and renamed."""
+        gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory (None: the model's own, if
+        any). Every file is written to a temporary name and renamed."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         c = self.config
@@ -626,8 +615,7 @@ class GPT(nn.Module):
         """Re-store every nn.Linear weight input-major, in place: same shape (out, in) and values, transposed
         strides (as HF's GPT-2 Conv1D). Why: a decoding step multiplies ONE row x by each weight, a memory-bound
         vector-matrix product, which on CPU (MKL) runs faster in this order (bench_speed.py gen). Same results,
-        no memory added, saves stay contiguous. For inference only, once after loading: training would see
-        its parameters' strides change under the optimizer and torch.compile."""
+        no memory added, saves stay contiguous. For inference only (training's optimizer would see strides change)."""
         for m in self.modules():
             if type(m) is nn.Linear and m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()
@@ -646,8 +634,8 @@ class GPT(nn.Module):
             smallest set whose probability >= top_p.
         num_beams > 1: beam search, with length_penalty (score = sum log p / length ** length_penalty)
             and early_stopping as transformers has them.
-        eos_token_id: int or ids that end a sequence; finished ones are filled with pad_token_id
-            (default: the first eos id, else 0); generation stops when all are done.
+        eos_token_id: int or ids that end a sequence; finished ones are filled with pad_token_id (default:
+            the first eos id, else 0); generation stops when all are done.
         seed / generator: reproducible sampling. stream(tokens (B,)) gets each step's new tokens.
         use_cache=False recomputes the whole prefix each step (the KV cache removed): same tokens.
         Prompt + max_new_tokens must fit in block_size: an error, not a silent sliding window."""
@@ -683,8 +671,7 @@ class GPT(nn.Module):
         h = self.hidden_states(seq[:, -n_new:], mask, cache) if cache is not None else self.hidden_states(seq, mask)
         return self.logits_from_hidden(h[:, -1]).float()
 
-    def _sample(self, idx, mask, max_new_tokens, temperature, top_k, top_p, eos, pad_id, generator,
-                use_cache, stream):
+    def _sample(self, idx, mask, max_new_tokens, temperature, top_k, top_p, eos, pad_id, generator, use_cache, stream):
         B, T = idx.shape
         cache = self._new_cache(B, T + max_new_tokens) if use_cache else None
         eos_t = torch.tensor(eos, device=idx.device, dtype=torch.long)
@@ -1174,10 +1161,9 @@ def hf_config_for(c: GPTConfig) -> tuple[str, dict]:
             attention_bias=c.bias, mlp_bias=c.bias, tie_word_embeddings=c.tie_embeddings,
             attention_dropout=c.dropout, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
     raise ValueError(
-        f"this config cannot be expressed as a Hugging Face model: GPT-2 needs layernorm + learned positions "
-        f"+ gelu + n_kv_head == n_head, LLaMA needs rmsnorm + rope + swiglu; got norm={c.norm}, "
-        f"pos_emb={c.pos_emb}, mlp={c.mlp}, n_kv_head={c.n_kv_head}/{c.n_head}. "
-        f"Use save_pretrained(dir, format='native') for this project's own format.")
+        f"this config cannot be expressed as a Hugging Face model: GPT-2 needs layernorm + learned positions + gelu "
+        f"+ n_kv_head == n_head, LLaMA needs rmsnorm + rope + swiglu; got norm={c.norm}, pos_emb={c.pos_emb}, "
+        f"mlp={c.mlp}, n_kv_head={c.n_kv_head}/{c.n_head}. Use save_pretrained(dir, format='native') instead.")
 
 
 def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
@@ -1338,23 +1324,41 @@ def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: f
     if name == "rmsprop":  # what the DPO paper's reference implementation used
         return torch.optim.RMSprop(groups, lr=lr)
     if name in ("sgd", "sgd_momentum", "sgd_nesterov"):
-        return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9,
-                               nesterov=name == "sgd_nesterov")
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9, nesterov=name == "sgd_nesterov")
     raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)} or muon")
 
 
-class MuonAdamW:
-    """Muon for the 2-D matrices inside the blocks, AdamW for the rest, stepped as one optimizer (what the
-    loop, GradScaler and checkpoints use); Muon's groups have group["muon"] = True, for the schedule.
-    Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024): SGD momentum whose matrix M = U S V^T
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024): SGD momentum whose matrix M = U S V^T
     is replaced by about U V^T (a few Newton-Schulz iterations: matmuls, no SVD) before each update. A
     transformer's gradients are nearly low-rank, and elementwise Adam moves mostly along the few dominant
     directions; with every singular value 1, the rare directions move as fast as the common ones. A step
-    has a fixed size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's; no weight decay.
-    AdamW keeps the embeddings (a row is looked up, not multiplied), the output layer (a row is one token's
-    scores), norms and biases. Fused q|k|v and gate|up are orthogonalised whole. DDP: the same averaged
-    gradients and a deterministic Newton-Schulz give every rank the same update. FSDP: refused (the
-    orthogonalised shard of a matrix is not a shard of the orthogonalised matrix)."""
+    has a fixed size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's. torch.optim.Muon's
+    update and state (Nesterov, no weight decay); the iterations in bf16 on a GPU, fp32 on a CPU (faster)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in [p for p in group["params"] if p.grad is not None]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]).to(torch.bfloat16 if p.is_cuda else torch.float32)
+                X = (g.T if p.size(0) > p.size(1) else g) / g.norm().clamp(min=1e-7)  # wide; singular values <= 1
+                for _ in range(5):  # X <- a X + (b A + c A^2) X, A = X X^T: a quintic steepest at 0 (a, b, c)
+                    A = X @ X.T
+                    X = torch.addmm(X, torch.addmm(A, A, A, beta=-4.775, alpha=2.0315), X, beta=3.4445)
+                X = X.T if p.size(0) > p.size(1) else X
+                p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+class MuonAdamW:
+    """Muon for the 2-D matrices inside the blocks (group["muon"] = True), AdamW for the rest: the embeddings
+    (a row is looked up, not multiplied), the output layer (a row is one token's scores), norms, biases; one
+    optimizer to the loop. Fused q|k|v and gate|up are orthogonalised whole. DDP: every rank computes the same
+    update. FSDP: refused (the orthogonalised shard of a matrix is not a shard of the orthogonalised matrix)."""
 
     def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
         if any(hasattr(p, "full_tensor") for p in params):
@@ -1363,7 +1367,7 @@ class MuonAdamW:
         in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
         matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
         rest = [p for p in params if id(p) not in {id(q) for q in matrices}]
-        self.muon = torch.optim.Muon([{"params": matrices, "muon": True}], lr=matrix_lr, weight_decay=0.0)
+        self.muon = Muon([{"params": matrices, "muon": True}], lr=matrix_lr)
         self.adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                                         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                                        lr=lr, betas=betas, fused=fused or None)
@@ -1373,20 +1377,17 @@ class MuonAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
-        self.muon.step()
-        self.adamw.step()
+        self.muon.step(), self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none), self.adamw.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state: dict):
         if set(state) != {"muon", "adamw"}:
-            raise ValueError("the saved optimizer state is not Muon + AdamW's (was the run trained with "
-                             "--optimizer adamw?)")
+            raise ValueError("the saved optimizer state is not Muon + AdamW's (trained with --optimizer adamw?)")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 

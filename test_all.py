@@ -1614,7 +1614,7 @@ def test_train_help_documents_every_flag_and_bad_batch_is_explained(train_corpus
 
 def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(train_corpus, tmp_path, capsys):
     cfg, _ = train_gpt2.parse_args(["--recipe", "cpu"])
-    assert cfg.ckpt_interval == 50 and cfg.max_steps == 300  # a kill at step 185 keeps step 150
+    assert cfg.ckpt_interval == 50 and cfg.max_steps == 600  # a kill at step 185 keeps step 150
     _, _, data_dir, _ = train_corpus
     train, _ = _train(data_dir, tmp_path / "o", "--max_steps", 4, "--warmup_steps", 715)
     assert "warmup 1 (capped at 10% of the 4 steps)" in capsys.readouterr().out
@@ -1624,6 +1624,25 @@ def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(trai
 # --- issue 24: Muon, the modern block's switches, warmup-stable-decay, bits per byte --------------
 
 _BLOCK_MATRIX = regex.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+def test_muon_steps_as_torch_optim_muon_and_loads_its_state():
+    """Ours runs Newton-Schulz in fp32 on a CPU, torch's in bf16: the same update to bf16's precision, the
+    same momentum exactly, and a state torch's Muon saved continues in ours."""
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 96), (48, 48)]:  # tall, wide, square
+        ours, ref = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
+        ref.data.copy_(ours.data)
+        start = ours.detach().clone()
+        o1, o2 = model_py.Muon([ours], lr=0.02), torch.optim.Muon([ref], lr=0.02, weight_decay=0.0)
+        for _ in range(3):
+            ours.grad, ref.grad = (g := torch.randn(shape)), g.clone()
+            o1.step(), o2.step()
+        assert (ours - ref).abs().max() < 2e-3 and (ours - start).abs().max() > 0.01  # it moved
+        assert torch.equal(o1.state[ours]["momentum_buffer"], o2.state[ref]["momentum_buffer"])
+        o3 = model_py.Muon([ref], lr=0.02)
+        o3.load_state_dict(o2.state_dict())
+        assert torch.equal(o3.state[ref]["momentum_buffer"], o2.state[ref]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "small-cpu-modern"])
@@ -4921,12 +4940,14 @@ def test_sigint_checkpoints_at_the_next_step_and_resume_gives_the_uninterrupted_
     assert [x["loss"] for x in _log(tmp_path / "cut")[0]] == [x["loss"] for x in _log(tmp_path / "whole")[0]]
 
 
-def test_sigterm_in_finetune_keeps_the_state_and_resume_gives_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("how", [["--lora_rank", "4", "--lora_dropout", "0.1"],  # LoRA, AdamW
+                                 ["--lora_rank", "0", "--optimizer", "muon", "--matrix_lr", "0.01"]])  # full, Muon
+def test_sigterm_in_finetune_keeps_the_state_and_resume_gives_the_uninterrupted_losses(tmp_path, how):
     data = _ft_setup(tmp_path)
     args = [sys.executable, str(ROOT / "finetune.py"), "--init_from", str(tmp_path / "model"), "--tokenizer",
             str(tmp_path / "tok"), "--data_file", str(data), "--max_steps", "40", "--eval_interval", "20",
-            "--batch_size", "2", "--grad_accum", "1", "--n_generate", "0", "--lora_rank", "4", "--lora_dropout",
-            "0.1", "--lr", "1e-2", "--log_interval", "1", "--device", "cpu"]
+            "--batch_size", "2", "--grad_accum", "1", "--n_generate", "0", *how,
+            "--lr", "1e-2", "--log_interval", "1", "--device", "cpu"]
     whole = subprocess.run(args + ["--out_dir", str(tmp_path / "whole")], capture_output=True, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
