@@ -618,7 +618,7 @@ def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: fl
     out = Path(args.out) / "runs" / key.replace(" ", "_").replace("=", "")
     cmd = [sys.executable, str(Path(__file__).with_name("train_gpt2.py")), "--recipe", "cpu", *flags,
            f"--{lr_flag}", str(lr), *(["--lr", str(adamw_lr)] if lr_flag != "lr" else []),
-           "--data_dir", args.data_dir, "--out_dir", str(out), "--overwrite", "--seed", str(seed),
+           "--max_steps", "300", "--data_dir", args.data_dir, "--out_dir", str(out), "--overwrite", "--seed", str(seed),
            "--num_samples", "0", "--hellaswag_file", "", "--ckpt_interval", "0", "--device", "cpu",
            "--val_offset", str(cpu["val_tokens"] if tune else 0),
            "--eval_interval", str(0 if tune else args.eval_every)]

@@ -13,13 +13,14 @@ Recipes. Every flag has a default from a recipe (--recipe): `gpt2-124m` is the G
 of GPT-2 124M on FineWeb-Edu 10B tokens (AdamW, 0.5M-token batches, 6e-4 peak LR, 715 warmup steps,
 cosine, 19073 steps = one pass over 10B tokens); `gpt2-124m-muon` is the same model with Muon, the
 modern block and warmup-stable-decay, on a third of the tokens (arithmetic, not yet measured on a
-GPU); `cpu` trains a 2.6M-parameter model with Muon on the built-in corpus (prepared
+GPU); `cpu` trains a 2.6M-parameter LLaMA-shaped model with Muon on the built-in corpus (prepared
 automatically, see prepare_data.py) for a few minutes. `auto` picks gpt2-124m when a CUDA GPU and
 FineWeb shards are present, else cpu. Flags given on the command line win over the recipe.
-The cpu recipe before Muon (AdamW for every parameter), to compare the two; and with the modern
-block (whose QK-norm, ReLU² and soft-cap Hugging Face cannot express: its checkpoints and LoRA
-adapters stay in this project's format, so the life cycle's default keeps the GPT-2 block):
+The cpu recipe with AdamW for every parameter, to compare; with the GPT-2 block (learned positions);
+and with the modern block (whose QK-norm, ReLU² and soft-cap Hugging Face cannot express: its
+checkpoints and LoRA adapters stay in this project's format):
     python train_gpt2.py --optimizer adamw --out_dir out/cpu-adamw
+    python train_gpt2.py --model small-cpu --out_dir out/cpu-gpt2
     python train_gpt2.py --model small-cpu-modern --out_dir out/cpu-modern
 
 How fast it learns: Muon (--optimizer muon) trains the blocks' weight matrices, AdamW the rest
