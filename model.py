@@ -1340,7 +1340,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: torch's checkpointing calls it so (a zero-gradient step)
         for group in self.param_groups:
             for p in [p for p in group["params"] if p.grad is not None]:
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
