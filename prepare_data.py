@@ -197,10 +197,7 @@ def _encode_docs(texts: list[str]) -> list[np.ndarray]:
     """Worker: each document -> [<|endoftext|>] + its tokens. The end-of-text token *before* every
     document (GPT-2's convention) tells the model that what follows starts afresh."""
     dtype = token_dtype(_worker_tok.n_vocab)
-    out = []
-    for ids in _worker_tok.encode_batch(texts):
-        out.append(np.array([_worker_tok.eot_id] + ids, dtype=dtype))
-    return out
+    return [np.array([_worker_tok.eot_id] + ids, dtype=dtype) for ids in _worker_tok.encode_batch(texts)]
 
 
 def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
@@ -266,9 +263,7 @@ def write_shards(docs: Iterable[str], out_dir, name: str, tokenizer: str = "gpt2
 
     capacity = val_tokens if index == 0 else shard_tokens
     buf = np.empty(capacity, dtype=token_dtype(vocab))
-    fill = 0
-    doc_i = skip_docs  # index of the document being consumed
-    first = True
+    fill, doc_i, first = 0, skip_docs, True  # doc_i: the index of the document being consumed
     n_written, t0, last_print = 0, time.time(), 0.0
     try:
         for batch in encoded:
@@ -331,8 +326,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files named by paths or globs, in sorted order; a pattern matching nothing is an error."""
     files = []
     for pat in patterns:
-        hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        hits = [h for h in hits if os.path.isfile(h)]
+        hits = [h for h in sorted(glob.glob(os.path.expanduser(pat), recursive=True)) if os.path.isfile(h)]
         if not hits:
             raise ValueError(f"--input {pat!r}: no such file (nothing matches)")
         files.extend(Path(h) for h in hits)
@@ -364,9 +358,8 @@ def _source_trees(packages: Iterable[str] = ()):
     for label, root in roots:
         for f in [root] if root.is_file() else sorted(root.rglob("*.py")):
             rel = f.relative_to(root.parent if root.is_file() else root)
-            if label == "stdlib" and ("site-packages" in rel.parts or "dist-packages" in rel.parts):
-                continue
-            if any(p in ("test", "tests", "idle_test") for p in rel.parts):
+            if {"test", "tests", "idle_test"} & set(rel.parts) or label == "stdlib" and {"site-packages",
+                                                                                     "dist-packages"} & set(rel.parts):
                 continue
             try:
                 yield f"{label}/{rel.as_posix()}", ast.parse(f.read_text(encoding="utf-8"))
@@ -387,8 +380,7 @@ def stdlib_documents(packages: Iterable[str] = ()) -> list[tuple[str, str]]:
             docs.append((path, text))
     try:
         from pydoc_data.topics import topics  # the language reference, as `help()` shows it
-        for key in sorted(topics):
-            docs.append((f"pydoc_data/{key}", topics[key]))
+        docs += [(f"pydoc_data/{key}", topics[key]) for key in sorted(topics)]
     except ImportError:
         pass
     return sorted(docs)
@@ -469,8 +461,9 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
     the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
     pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
     dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: see
-    pair), classes.jsonl (a class's qualified name 1, a function's 0),
-    hellaswag.jsonl (held out: a docstring sentence's start; its rest against its words reordered)."""
+    pair; the training pairs are about made-up names, see made_up), classes.jsonl (a class's qualified
+    name 1, a function's 0), hellaswag.jsonl (held out: a docstring sentence's start; its rest against
+    its words reordered)."""
     names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
@@ -478,8 +471,11 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
     rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
     prng = random.Random(seed + 1)  # the pairs' own, so that they do not change which records are drawn
     constants = []  # training only: module-level names, more to copy (their kind is neither class nor function)
+    parts, modules = {"module": [], " class": [], " function": []}, set(sys.stdlib_module_names)  # for made_up
     for path, tree in _source_trees():
         m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        modules.add(m)
+        parts["module"] += [] if is_val_document(path) else [w for w in re.split(r"[._]", m) if w.isidentifier()]
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
                 tasks = {"module": f" {m}", "name": f" {(n := node.name)}", "import": f" from {m} import {n}",
@@ -487,6 +483,8 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
                 first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
                 found[is_val_document(path)].append((m, n, tasks, first))
+                parts[tasks["kind"]] += [] if is_val_document(path) else [w for w in re.split(
+                    r"_|(?<=[a-z0-9])(?=[A-Z])" if tasks["kind"] == " class" else "_", n) if w]
             elif isinstance(node, ast.Assign) and not is_val_document(path):
                 constants += [(m, t.id, {"module": f" {m}", "name": f" {t.id}", "import": f" from {m} import {t.id}"},
                                "") for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
@@ -502,6 +500,15 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
                      "kind": " class" if tasks[task] == " function" else " function"}[task]
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=wrong)
 
+    def made_up(r=random.Random(seed + 2)):  # a question about a made-up name, of the training names' parts
+        pick = lambda k, n: [r.choice(parts[k]) for _ in range(r.choice(n))]  # noqa: E731
+        while (m := ".".join("".join(pick("module", [1, 1, 2])) for _ in range(r.choice([1, 1, 2])))) in modules:
+            pass  # never a real module's name
+        kind = r.choice([" class", " function"])  # a class's name CamelCase, a function's snake_case
+        n = ("" if kind == " class" else "_").join(pick(kind, [1, 2, 2, 3]))
+        tasks = {"module": f" {m}", "name": f" {n}", "import": f" from {m} import {n}", "kind": kind}
+        return TASK_QUESTIONS[task := r.choice(list(tasks))].format(m=m, n=n), task, tasks
+
     rows = {"hellaswag": []}
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
         if held:  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
@@ -514,7 +521,10 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
         recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
         rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
-        rows["pairs" + key] = [pair(qn, t, ts) for qn, t, ts in recs]
+    rows["pairs_test"] = [pair(qn, t, ts) for qn, t, ts in recs]
+    # DPO's pairs ask about made-up names. Fine-tuning learns to copy the names that pretraining read, and
+    # copies the held-out modules' names, new to the model, worse; made-up names are new in the same way
+    rows["pairs"] = [pair(*made_up()) for _ in range(min(n_max, 5000))]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
                                                      ("Assistant", r["output"])])} for r in rows["instructions"]]
     rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")} for m, n, ts, _ in found[False]]
@@ -893,14 +903,6 @@ def _write_jsonl(path: Path, rows: list[dict], quiet: bool = False):
         print(f"{len(rows)} records -> {path}")
 
 
-def cmd_builtin_tasks(args):
-    builtin_tasks(Path(args.out_dir) / (args.name or "builtin_tasks"))
-
-
-def cmd_hellaswag(args):
-    print(download_hellaswag(Path(args.out_dir) / (args.name or "hellaswag")))
-
-
 def cmd_alpaca(args):
     """Alpaca (tatsu-lab/alpaca, or --data_file) filtered as finetune.py would, as one jsonl file."""
     examples = load_alpaca(args.data_file, args.max_response_chars, args.n_samples)
@@ -948,7 +950,8 @@ def build_parser():
     p.add_argument("--packages", nargs="*", default=[], help="installed packages whose docstrings to add")
 
     command("builtin_tasks", "no-network task data from the stdlib's documentation: instructions, preference pairs, "
-            "classification, multiple choice (HellaSwag schema)", cmd_builtin_tasks, tokenizer=False)
+            "classification, multiple choice (HellaSwag schema)",
+            lambda args: builtin_tasks(Path(args.out_dir) / args.name), tokenizer=False)
 
     p = command("text", "local text files or globs (one file = one document)", cmd_text)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote globs)")
@@ -969,7 +972,8 @@ def build_parser():
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
 
-    command("hellaswag", "HellaSwag validation set (downloaded with requests)", cmd_hellaswag, tokenizer=False)
+    command("hellaswag", "HellaSwag validation set (downloaded with requests)",
+            lambda args: print(download_hellaswag(Path(args.out_dir) / args.name)), tokenizer=False)
 
     p = command("alpaca", "Alpaca instructions as jsonl for finetune.py", cmd_alpaca, tokenizer=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")

@@ -4081,11 +4081,17 @@ def _task_module(instruction: str) -> tuple[str, list[str]]:
     raise AssertionError(f"not a built-in task question: {instruction!r}")
 
 
+def _instruction(pair: dict) -> str:
+    return regex.fullmatch(r"(?s).*### Instruction:\n(.*)\n\n### Response:", pair["prompt"]).group(1)
+
+
 def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_rows):
     t = builtin_task_rows
     train_m = {_task_module(r["instruction"])[0] for r in t["instructions"]}
     test_m = {_task_module(r["instruction"])[0] for r in t["instructions_test"]}
     assert len(train_m) > 100 and len(test_m) > 20 and not train_m & test_m  # whole modules held out
+    pairs_m = {_task_module(_instruction(p))[0] for p in t["pairs"]}  # made-up modules: none is real
+    assert len(pairs_m) > 1000 and not pairs_m & (train_m | test_m | set(sys.stdlib_module_names))
     assert not {it["source_id"].rsplit(".", 1)[0] for it in t["hellaswag"]} & train_m
     as_set = lambda rows, keys: {tuple(r[k] for k in keys) for r in rows}  # noqa: E731
     assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
@@ -4096,10 +4102,13 @@ def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_row
 def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
     """Each answer, re-derived from its question by a plain rule (the exact-match reference), and each
     preference pair: the instruction's answer preferred to a different one."""
-    for rows, pairs in (("instructions", "pairs"), ("instructions_test", "pairs_test")):
-        for r, p in zip(builtin_task_rows[rows], builtin_task_rows[pairs], strict=True):
-            assert r["output"] in _task_module(r["instruction"])[1], r
-            assert p["prompt"] == prepare_data.format_prompt(r) and p["chosen"] == r["output"] != p["rejected"]
+    for r in builtin_task_rows["instructions"]:
+        assert r["output"] in _task_module(r["instruction"])[1], r
+    for r, p in zip(builtin_task_rows["instructions_test"], builtin_task_rows["pairs_test"], strict=True):
+        assert r["output"] in _task_module(r["instruction"])[1], r
+        assert p["prompt"] == prepare_data.format_prompt(r) and p["chosen"] == r["output"] != p["rejected"]
+    for p in builtin_task_rows["pairs"]:  # DPO's, about made-up names
+        assert p["chosen"] in _task_module(_instruction(p))[1] and p["chosen"] != p["rejected"], p
     kinds = [r["output"] for r in builtin_task_rows["instructions"] if r["instruction"].startswith("Is ")]
     assert 0.1 < kinds.count(" class") / len(kinds) < 0.9
 
