@@ -104,7 +104,7 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
     turns, prompts = [], []
     stdout.write(f"chatting with {c.init_from} ({c.template} format); /reset clears the history, /quit ends\n")
     if c.init_from in STAGE_MODELS[:2] and c.template == "instruction":  # tuned on the built-in tasks
-        examples = (TASK_QUESTIONS["module"].format(m="platform", n="libc_ver"),
+        examples = (TASK_QUESTIONS["module"].format(m="pickle", n="PickleError"),
                     TASK_QUESTIONS["kind"].format(m="enum", n="IntFlag"))
         stdout.write(f"(tuned on questions about the standard library's names; modules it never saw, e.g.: "
                      f"{' / '.join(examples)})\n")
