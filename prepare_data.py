@@ -358,8 +358,8 @@ def _source_trees(packages: Iterable[str] = ()):
     for label, root in roots:
         for f in [root] if root.is_file() else sorted(root.rglob("*.py")):
             rel = f.relative_to(root.parent if root.is_file() else root)
-            if {"test", "tests", "idle_test"} & set(rel.parts) or label == "stdlib" and {"site-packages",
-                                                                                     "dist-packages"} & set(rel.parts):
+            skip = {"test", "tests", "idle_test"} | ({"site-packages", "dist-packages"} if label == "stdlib" else set())
+            if skip & set(rel.parts):
                 continue
             try:
                 yield f"{label}/{rel.as_posix()}", ast.parse(f.read_text(encoding="utf-8"))
@@ -469,23 +469,23 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
     if all(f.exists() for f in files.values()):
         return files
     rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
-    prng = random.Random(seed + 1)  # the pairs' own, so that they do not change which records are drawn
+    prng, mrng = random.Random(seed + 1), random.Random(seed + 2)  # pair's, made_up's: rng's draws stay as they are
     constants = []  # training only: module-level names, more to copy (their kind is neither class nor function)
     parts, modules = {"module": [], " class": [], " function": []}, set(sys.stdlib_module_names)  # for made_up
     for path, tree in _source_trees():
-        m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        m, held = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__"), is_val_document(path)
         modules.add(m)
-        parts["module"] += [] if is_val_document(path) else [w for w in re.split(r"[._]", m) if w.isidentifier()]
+        parts["module"] += [] if held else [w for w in re.split(r"[._]", m) if w.isidentifier()]
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
                 tasks = {"module": f" {m}", "name": f" {(n := node.name)}", "import": f" from {m} import {n}",
                          "kind": " function" if isinstance(node, ast.FunctionDef) else " class"}
                 first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
                 first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
-                found[is_val_document(path)].append((m, n, tasks, first))
-                parts[tasks["kind"]] += [] if is_val_document(path) else [w for w in re.split(
+                found[held].append((m, n, tasks, first))
+                parts[tasks["kind"]] += [] if held else [w for w in re.split(
                     r"_|(?<=[a-z0-9])(?=[A-Z])" if tasks["kind"] == " class" else "_", n) if w]
-            elif isinstance(node, ast.Assign) and not is_val_document(path):
+            elif isinstance(node, ast.Assign) and not held:
                 constants += [(m, t.id, {"module": f" {m}", "name": f" {t.id}", "import": f" from {m} import {t.id}"},
                                "") for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
 
@@ -500,14 +500,14 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
                      "kind": " class" if tasks[task] == " function" else " function"}[task]
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=wrong)
 
-    def made_up(r=random.Random(seed + 2)):  # a question about a made-up name, of the training names' parts
-        pick = lambda k, n: [r.choice(parts[k]) for _ in range(r.choice(n))]  # noqa: E731
-        while (m := ".".join("".join(pick("module", [1, 1, 2])) for _ in range(r.choice([1, 1, 2])))) in modules:
+    def made_up():  # a question about a made-up name, of the training names' parts
+        pick = lambda k, n: [mrng.choice(parts[k]) for _ in range(mrng.choice(n))]  # noqa: E731
+        while (m := ".".join("".join(pick("module", [1, 1, 2])) for _ in range(mrng.choice([1, 1, 2])))) in modules:
             pass  # never a real module's name
-        kind = r.choice([" class", " function"])  # a class's name CamelCase, a function's snake_case
+        kind = mrng.choice([" class", " function"])  # a class's name CamelCase, a function's snake_case
         n = ("" if kind == " class" else "_").join(pick(kind, [1, 2, 2, 3]))
         tasks = {"module": f" {m}", "name": f" {n}", "import": f" from {m} import {n}", "kind": kind}
-        return TASK_QUESTIONS[task := r.choice(list(tasks))].format(m=m, n=n), task, tasks
+        return TASK_QUESTIONS[task := mrng.choice(list(tasks))].format(m=m, n=n), task, tasks
 
     rows = {"hellaswag": []}
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
