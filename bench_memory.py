@@ -61,13 +61,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
 import dpo
-from bpe import atomic_write, load_tokenizer
+from bpe import load_tokenizer
+from housekeeping import atomic_write
 from finetune import collate, estimate_memory, tokenize_examples, train_step
 from lora import NF4Linear, apply_lora, quantize_nf4, weight_dtype
-from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, autocast_and_scaler, bounded, make_optimizer,
-                   peak_memory_mb, run_main)
-from model import process_memory_mb as _rss_mb
-from model import write_jsonl
+from model import GPT, GPTConfig, make_optimizer
+from housekeeping import ArgumentParser, DefaultsHelp, autocast_and_scaler, bounded, peak_memory_mb, run_main
+from housekeeping import process_memory_mb as _rss_mb
+from housekeeping import write_jsonl
 from prepare_data import load_alpaca
 
 BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw", quant="none")

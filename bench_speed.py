@@ -49,8 +49,8 @@ import bpe
 import hellaswag as hs
 from bpe import load_tokenizer
 from lora import apply_lora, quantize_nf4
-from model import (GPT, ArgumentParser, DefaultsHelp, GPTConfig, bounded, make_optimizer, optimizer_step,
-                   peak_memory_mb, previous_stage, process_memory_mb)
+from model import GPT, GPTConfig, make_optimizer
+from housekeeping import ArgumentParser, DefaultsHelp, bounded, peak_memory_mb, previous_stage, process_memory_mb
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's test data, beside a checkout
@@ -663,7 +663,9 @@ def _pretrain_step_times(args) -> dict:
             for _ in range(loader.micro_steps):
                 x, y = loader.next_batch()
                 (model(x, y)[1] / loader.micro_steps).backward()
-            optimizer_step(model, opt, None, c.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         step()  # warm-up (allocator, optimizer state)
         steps[arm] = step
     times = interleaved(steps, args.rounds * 10)
@@ -850,6 +852,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from model import run_main
+    from housekeeping import run_main
 
     run_main(main)

@@ -41,12 +41,13 @@ import heapq
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import regex
+
+from housekeeping import atomic_write
 
 # -----------------------------------------------------------------------------------------------
 # 1. Pre-splitting patterns (copied from tiktoken, so that both split text identically), and how tokens are printed
@@ -750,25 +751,6 @@ def _read_text(path):
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
-
-
-def atomic_write(path, write):
-    """Call write(tmp_name) on a temporary file beside `path`, then rename it over `path`: readers
-    never see a half-written file, and a kill mid-write leaves the old file whole. The file gets the
-    usual mode (0666 less the umask; mkstemp alone would make it private to its owner)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # after writing: a writer may have made the file anew
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_atomically(path, text):

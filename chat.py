@@ -27,36 +27,37 @@ from dataclasses import dataclass
 import torch
 
 from bpe import load_tokenizer
-from model import (DEVICE_HELP, GPT, cfg, fit_to_context, fits_in_memory, parse_config, pick_device, previous_stage,
-                   resolve_init_from, run_main)
+from model import GPT
+from housekeeping import (DEVICE_HELP, flag, fit_to_context, fits_in_memory, parse_config, pick_device, previous_stage,
+                          resolve_init_from, run_main)
 from prepare_data import TASK_QUESTIONS, format_dialogue, format_prompt
 
 
 @dataclass
 class ChatConfig:
-    init_from: str = cfg("auto", "gpt2|gpt2-medium|..., a HF hub id, a model directory (HF format or ours) or a "
+    init_from: str = flag("auto", "gpt2|gpt2-medium|..., a HF hub id, a model directory (HF format or ours) or a "
                                  "run directory (its best or final model); "
                                  "auto: the last stage's model on this machine (out-dpo/model, "
                                  "out-finetune/best_model, out/cpu/ckpt/model), else gpt2")
-    tokenizer: str | None = cfg(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
-    template: str = cfg("instruction", "interactive prompt format: instruction (Alpaca), dialogue (HH-RLHF "
+    tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
+    template: str = flag("instruction", "interactive prompt format: instruction (Alpaca), dialogue (HH-RLHF "
                                        "turns, multi-turn) or none (plain continuation)",
                         choices=["instruction", "dialogue", "none"])
-    prompt: str | None = cfg(None, "continue this text and exit (no template) instead of chatting")
-    num_samples: int = cfg(1, "--prompt: how many continuations", min=1)
-    max_new_tokens: int = cfg(128, "tokens to generate per reply or sample (capped at what the model's context "
+    prompt: str | None = flag(None, "continue this text and exit (no template) instead of chatting")
+    num_samples: int = flag(1, "--prompt: how many continuations", min=1)
+    max_new_tokens: int = flag(128, "tokens to generate per reply or sample (capped at what the model's context "
                                    "leaves after the prompt)", min=1)
-    temperature: float = cfg(0.7, "0 = greedy; higher = more random", min=0.0)
-    top_k: int = cfg(50, "sample only among the k most likely tokens (0 = all)", min=0)
-    top_p: float = cfg(0.95, "nucleus sampling threshold (1.0 = off)", min=0.0, max=1.0)
-    num_beams: int = cfg(1, "--prompt: >1 = beam search instead of sampling", min=1)
-    length_penalty: float = cfg(1.0, "--prompt with --num_beams: beam search length exponent")
-    cache: bool = cfg(True, "keep the keys and values of the prefix (the KV cache); --no-cache recomputes the "
+    temperature: float = flag(0.7, "0 = greedy; higher = more random", min=0.0)
+    top_k: int = flag(50, "sample only among the k most likely tokens (0 = all)", min=0)
+    top_p: float = flag(0.95, "nucleus sampling threshold (1.0 = off)", min=0.0, max=1.0)
+    num_beams: int = flag(1, "--prompt: >1 = beam search instead of sampling", min=1)
+    length_penalty: float = flag(1.0, "--prompt with --num_beams: beam search length exponent")
+    cache: bool = flag(True, "keep the keys and values of the prefix (the KV cache); --no-cache recomputes the "
                             "whole prefix at every step")
-    stop_at_eos: bool = cfg(True, "--prompt: end a sample at the end-of-text token")
-    seed: int = cfg(1337, "random seed for reproducible samples")
-    device: str = cfg("auto", DEVICE_HELP)
-    dtype: str = cfg("float32", "weight dtype", choices=["float32", "bfloat16", "float16"])
+    stop_at_eos: bool = flag(True, "--prompt: end a sample at the end-of-text token")
+    seed: int = flag(1337, "random seed for reproducible samples")
+    device: str = flag("auto", DEVICE_HELP)
+    dtype: str = flag("float32", "weight dtype", choices=["float32", "bfloat16", "float16"])
 
 
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first

@@ -55,14 +55,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bpe import atomic_write, load_tokenizer
-from lora import (LoRALinear, apply_lora, load_base, load_train_state, resumed_config, save_adapter, save_train_state,
-                  unload_lora)
-from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, all_ranks, autocast_and_scaler, before_after, cfg,
-                   check_finite, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered,
-                   grad_sync, init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config,
-                   pick_device, pick_precision, plot_log, previous_stage, resolve_init_from, rewrite_log, rng_state,
-                   run_main, seed_everything, set_rng_state)
+from bpe import load_tokenizer
+
+from housekeeping import atomic_write
+from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
+from housekeeping import load_train_state, resumed_config, save_train_state
+from model import GPT, OPTIMIZER_STATES, Block, lr_at, make_optimizer
+from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
+                          close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
+                          init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
+                          previous_stage, resolve_init_from, rewrite_log, rng_state, run_main, seed_everything,
+                          set_rng_state)
 from prepare_data import builtin_tasks, exact_match, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -73,72 +76,72 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 @dataclass
 class DPOConfig:
-    init_from: str = cfg("auto", "starting (SFT) model: gpt2 name, HF model dir (gpt2/llama), or our checkpoint dir; "
+    init_from: str = flag("auto", "starting (SFT) model: gpt2 name, HF model dir (gpt2/llama), or our checkpoint dir; "
                                  "auto: finetune.py's out-finetune/best_model if there is one (then, with no "
                                  "--data_file, on the built-in preference pairs: the offline life cycle), else gpt2")
-    tokenizer: str | None = cfg(None, "tokenizer spec (default: the model's)")
-    data_file: str | None = cfg(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default: "
+    tokenizer: str | None = flag(None, "tokenizer spec (default: the model's)")
+    data_file: str | None = flag(None, "jsonl of {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}; default: "
                                       "the built-in preference pairs (offline) when --init_from auto finds "
                                       "out-finetune/best_model, else Anthropic/hh-rlhf from the hub")
-    split: str = cfg("train", "datasets split when no --data_file")
-    val_file: str | None = cfg(None, "held-out pairs (the --data_file format) for evaluation and the answers before "
+    split: str = flag("train", "datasets split when no --data_file")
+    val_file: str | None = flag(None, "held-out pairs (the --data_file format) for evaluation and the answers before "
                                      "and after, instead of a --val_frac split of the data")
-    n_samples: int = cfg(0, "use only the first N pairs (0 = all)", min=0)
-    val_frac: float = cfg(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)
-    out_dir: str = cfg("out-dpo", "where logs, plots and weights go")
-    overwrite: bool = cfg(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
-    resume: bool = cfg(False, "continue the run in out_dir from its last state (out_dir/ckpt/), reusing its cached "
+    n_samples: int = flag(0, "use only the first N pairs (0 = all)", min=0)
+    val_frac: float = flag(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)
+    out_dir: str = flag("out-dpo", "where logs, plots and weights go")
+    overwrite: bool = flag(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
+    resume: bool = flag(False, "continue the run in out_dir from its last state (out_dir/ckpt/), reusing its cached "
                               "reference log-probs; flags given now override its config.json, except the model and "
                               "what is trained")
-    ckpt_interval: int = cfg(50, "also write that resumable state every N steps (it is always written at the end, "
+    ckpt_interval: int = flag(50, "also write that resumable state every N steps (it is always written at the end, "
                                  "and on Ctrl-C / SIGTERM; 0 = only then)", min=0)
-    stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
+    stop_at_step: int = flag(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
-    quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
+    quantize: str = flag("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
                                 "of bf16's memory, at the cost of dequantising each weight when it is used",
                         choices=["none", "nf4"])
-    fsdp: bool = cfg(False, "under torchrun: shard the policy over the ranks (FSDP2) instead of a whole copy "
+    fsdp: bool = flag(False, "under torchrun: shard the policy over the ranks (FSDP2) instead of a whole copy "
                             "per rank (DDP); needs --reference adapter_off or precomputed")
-    max_length: int = cfg(512, "longest prompt + response in tokens", min=2)
-    max_prompt_length: int = cfg(256, "prompts are cut from the left to this many tokens when a pair is too long",
+    max_length: int = flag(512, "longest prompt + response in tokens", min=2)
+    max_prompt_length: int = flag(256, "prompts are cut from the left to this many tokens when a pair is too long",
                                  min=1)
     # the loss
-    beta: float = cfg(0.1, "strength of the implicit KL penalty", min=1e-6)
-    loss: str = cfg("sigmoid", "sigmoid (DPO) | ipo", choices=LOSS_TYPES)
-    label_smoothing: float = cfg(0.0, "conservative DPO: assumed probability that a preference label is flipped",
+    beta: float = flag(0.1, "strength of the implicit KL penalty", min=1e-6)
+    loss: str = flag("sigmoid", "sigmoid (DPO) | ipo", choices=LOSS_TYPES)
+    label_smoothing: float = flag(0.0, "conservative DPO: assumed probability that a preference label is flipped",
                                  min=0.0, max=0.49)
-    rpo_alpha: float = cfg(0.0, "RPO: add this times the chosen responses' mean token NLL (an SFT term) to the "
+    rpo_alpha: float = flag(0.0, "RPO: add this times the chosen responses' mean token NLL (an SFT term) to the "
                                 "loss, so their likelihood cannot fall while the margin grows (0 = plain DPO)",
                            min=0.0)
-    reference: str = cfg("adapter_off", "copy | adapter_off (LoRA only; with --lora_rank 0 copy is used) | "
+    reference: str = flag("adapter_off", "copy | adapter_off (LoRA only; with --lora_rank 0 copy is used) | "
                                         "precomputed",
                          choices=["copy", "adapter_off", "precomputed"])
-    ref_dtype: str = cfg("same", "copy: dtype of the frozen copy", choices=["same", "fp32", "bf16", "fp16"])
-    ref_device: str = cfg("same", "copy: device of the frozen copy (e.g. cuda:1)")
+    ref_dtype: str = flag("same", "copy: dtype of the frozen copy", choices=["same", "fp32", "bf16", "fp16"])
+    ref_device: str = flag("same", "copy: device of the frozen copy (e.g. cuda:1)")
     # the policy: LoRA or full, as in finetune.py
-    lora_rank: int = cfg(16, "LoRA rank; 0 = full fine-tuning", min=0)
-    lora_alpha: float = cfg(32.0, "LoRA scaling numerator", min=0.0)
-    lora_dropout: float = cfg(0.0, "dropout on the LoRA branch input", min=0.0, max=1.0)
-    lora_targets: str = cfg("q,v", "LoRA targets (see lora.py)")
-    batch_size: int = cfg(2, "pairs per micro-batch", min=1)
-    grad_accum: int = cfg(4, "micro-batches per optimizer step", min=1)
-    grad_checkpointing: bool = cfg(False, "recompute activations in backward")
-    precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
+    lora_rank: int = flag(16, "LoRA rank; 0 = full fine-tuning", min=0)
+    lora_alpha: float = flag(32.0, "LoRA scaling numerator", min=0.0)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch input", min=0.0, max=1.0)
+    lora_targets: str = flag("q,v", "LoRA targets (see lora.py)")
+    batch_size: int = flag(2, "pairs per micro-batch", min=1)
+    grad_accum: int = flag(4, "micro-batches per optimizer step", min=1)
+    grad_checkpointing: bool = flag(False, "recompute activations in backward")
+    precision: str = flag("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
-    device: str = cfg("auto", DEVICE_HELP)
-    optimizer: str = cfg("adamw", "the optimizer (rmsprop: the DPO paper's)", choices=list(OPTIMIZER_STATES))
-    lr: float = cfg(0.0, "peak learning rate (0 = 5e-4 with LoRA, 1e-6 full)", min=0.0)
-    warmup_steps: int = cfg(10, "linear warmup steps, then cosine decay to 0", min=0)
-    weight_decay: float = cfg(0.0, "decoupled weight decay on 2-D weights", min=0.0)
-    grad_clip: float = cfg(1.0, "clip the global gradient norm (0 = off)", min=0.0)
-    max_steps: int = cfg(100, "optimizer steps", min=1)
-    eval_interval: int = cfg(25, "evaluate every N steps (and at 0 and the end)", min=1)
-    eval_pairs: int = cfg(200, "held-out pairs per evaluation (0 = all)", min=0)
-    save_interval: int = cfg(0, "also keep weights every N steps (0 = end only)", min=0)
-    n_generate: int = cfg(3, "held-out prompts answered before and after", min=0)
-    max_new_tokens: int = cfg(64, "longest sample answer", min=1)
-    log_interval: int = cfg(10, "print metrics every N steps", min=1)
-    seed: int = cfg(1337, "seed for split, order and init")
+    device: str = flag("auto", DEVICE_HELP)
+    optimizer: str = flag("adamw", "the optimizer (rmsprop: the DPO paper's)", choices=list(OPTIMIZER_STATES))
+    lr: float = flag(0.0, "peak learning rate (0 = 5e-4 with LoRA, 1e-6 full)", min=0.0)
+    warmup_steps: int = flag(10, "linear warmup steps, then cosine decay to 0", min=0)
+    weight_decay: float = flag(0.0, "decoupled weight decay on 2-D weights", min=0.0)
+    grad_clip: float = flag(1.0, "clip the global gradient norm (0 = off)", min=0.0)
+    max_steps: int = flag(100, "optimizer steps", min=1)
+    eval_interval: int = flag(25, "evaluate every N steps (and at 0 and the end)", min=1)
+    eval_pairs: int = flag(200, "held-out pairs per evaluation (0 = all)", min=0)
+    save_interval: int = flag(0, "also keep weights every N steps (0 = end only)", min=0)
+    n_generate: int = flag(3, "held-out prompts answered before and after", min=0)
+    max_new_tokens: int = flag(64, "longest sample answer", min=1)
+    log_interval: int = flag(10, "print metrics every N steps", min=1)
+    seed: int = flag(1337, "seed for split, order and init")
 
 
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference")  # fixed once a run exists
@@ -485,7 +488,7 @@ def train(c: DPOConfig) -> dict:
     dtypes = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     ref = Reference(c.reference, policy, autocast, dtypes[c.ref_dtype],
                     None if c.ref_device == "same" else c.ref_device)
-    train_module = distribute(policy, device, c.fsdp, precision)  # DDP wraps the policy; FSDP shards it in place
+    train_module = distribute(policy, device, c.fsdp, precision, block_type=Block)  # DDP wraps the policy; FSDP shards it in place
     seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     if c.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
         # the cache holds for these weights (each file's size and mtime: a new save changes them), in this
@@ -565,7 +568,21 @@ def train(c: DPOConfig) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = this_lr
         m = dpo_step(train_module, ref, micro, c, autocast, scaler)
-        gnorm = optimizer_step(policy, optimizer, scaler, c.grad_clip)
+        # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
+        # bounded distance instead of wrecking them; the norm before clipping is what gets logged
+        params = [p for p in policy.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over every rank's shard
+            gnorm = gnorm.full_tensor()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
         mean = all_ranks_mean(m)
         *vals, gnorm = torch.stack([v.float() for v in (*mean.values(), gnorm)]).tolist()  # the step's one read
         m = dict(zip(mean, vals))

@@ -55,15 +55,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bpe import atomic_write, load_tokenizer
-from lora import (NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, load_train_state, resumed_config,
-                  save_adapter, save_train_state, trainable_report, unload_lora)
-from model import (DEVICE_HELP, GPT, OPTIMIZER_STATES, GracefulStop, RMSNorm, all_ranks, autocast_and_scaler,
-                   before_after, cfg, check_finite, close_run, distribute, end_distributed, fit_to_context,
-                   fits_in_memory, gathered, grad_sync, init_distributed, lr_at, make_optimizer, open_run,
-                   optimizer_step, parse_config, peak_memory_mb, pick_device, pick_precision, plot_log, previous_stage,
-                   resolve_init_from, rewrite_log, rng_state, run_main, save_safetensors, seed_everything,
-                   set_rng_state, write_jsonl)
+from bpe import load_tokenizer
+
+from housekeeping import atomic_write
+from lora import NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report, unload_lora
+from housekeeping import load_train_state, resumed_config, save_train_state
+from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_at, make_optimizer, save_safetensors
+from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
+                          close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
+                          init_distributed, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
+                          plot_log, previous_stage, resolve_init_from, rewrite_log, rng_state, run_main,
+                          seed_everything, set_rng_state, write_jsonl)
 from prepare_data import (builtin_tasks, exact_match, format_prompt, load_alpaca, load_classification, load_dialogues,
                           parse_dialogue)
 
@@ -76,91 +78,91 @@ TASKS = ("instruction", "dialogue", "classify")
 @dataclass
 class FinetuneConfig:
     # model and data
-    init_from: str = cfg("auto", "gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF model dir (gpt2 or llama), or our "
+    init_from: str = flag("auto", "gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF model dir (gpt2 or llama), or our "
                                  "checkpoint dir; auto: train_gpt2.py's CPU checkpoint if there is one (then, with no "
                                  "data flag, on the built-in task set: the offline life cycle), else gpt2")
-    tokenizer: str | None = cfg(None, "tokenizer spec for bpe.load_tokenizer (default: the model dir's own, "
+    tokenizer: str | None = flag(None, "tokenizer spec for bpe.load_tokenizer (default: the model dir's own, "
                                       "else GPT-2's)")
-    task: str = cfg("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
+    task: str = flag("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
                                    "assistant turns; classify: a class per text, a linear head on the last token "
                                    "replacing the LM head", choices=TASKS)
-    data_file: str | None = cfg(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output; "
+    data_file: str | None = flag(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output; "
                                       "dialogue: .jsonl with `chosen` conversations; classify: .jsonl/.csv with text, "
                                       "text_pair?, label; default: the task's built-in set (offline) when --init_from "
                                       "auto finds train_gpt2.py's CPU checkpoint, else from the hub tatsu-lab/alpaca, "
                                       "Anthropic/hh-rlhf or --dataset")
-    dataset: str | None = cfg(None, "classify without --data_file: sst2 (sentiment) | sms_spam | mnli (entailment)")
-    num_classes: int = cfg(2, "classify: number of classes (labels 0..N-1)", min=2)
-    balance: bool = cfg(False, "classify: downsample every class to the size of the smallest")
-    out_dir: str = cfg("out-finetune", "where logs, checkpoints and responses go")
-    overwrite: bool = cfg(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
-    resume: bool = cfg(False, "continue the run in out_dir from its last state (out_dir/ckpt/); flags given now "
+    dataset: str | None = flag(None, "classify without --data_file: sst2 (sentiment) | sms_spam | mnli (entailment)")
+    num_classes: int = flag(2, "classify: number of classes (labels 0..N-1)", min=2)
+    balance: bool = flag(False, "classify: downsample every class to the size of the smallest")
+    out_dir: str = flag("out-finetune", "where logs, checkpoints and responses go")
+    overwrite: bool = flag(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
+    resume: bool = flag(False, "continue the run in out_dir from its last state (out_dir/ckpt/); flags given now "
                               "override its config.json, except the model and what is trained")
-    ckpt_interval: int = cfg(100, "also write that resumable state every N steps (it is always written at the end, "
+    ckpt_interval: int = flag(100, "also write that resumable state every N steps (it is always written at the end, "
                                   "and on Ctrl-C / SIGTERM; 0 = only then)", min=0)
-    stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final state or outputs): for "
+    stop_at_step: int = flag(0, "end after this many steps as if killed there (no final state or outputs): for "
                                "testing --resume; 0 = off", min=0)
-    quantize: str = cfg("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
+    quantize: str = flag("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0): about a quarter "
                                 "of bf16's memory, at the cost of dequantising each weight when it is used",
                         choices=["none", "nf4"])
-    fsdp: bool = cfg(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
+    fsdp: bool = flag(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
                             "(FSDP2, per transformer block), for models whose training state fits no single device; "
                             "without it each rank holds a whole copy (DDP)")
-    n_samples: int = cfg(0, "use only the first N examples after filtering (0 = all)", min=0)
-    max_response_chars: int = cfg(0, "drop examples whose output is longer than this (0 = keep all)", min=0)
-    test_file: str | None = cfg(None, "held-out records (the --data_file format) to answer before and after tuning "
+    n_samples: int = flag(0, "use only the first N examples after filtering (0 = all)", min=0)
+    max_response_chars: int = flag(0, "drop examples whose output is longer than this (0 = keep all)", min=0)
+    test_file: str | None = flag(None, "held-out records (the --data_file format) to answer before and after tuning "
                                       "and for the test metrics, instead of a --test_frac split of the data")
-    val_frac: float = cfg(0.05, "fraction of examples for validation", min=0.0, max=0.9)
-    test_frac: float = cfg(0.10, "fraction held out for generation (classify: for test metrics)", min=0.0, max=0.9)
-    max_length: int = cfg(0, "longest training sequence in tokens (0 = the model's block_size); longer examples "
+    val_frac: float = flag(0.05, "fraction of examples for validation", min=0.0, max=0.9)
+    test_frac: float = flag(0.10, "fraction held out for generation (classify: for test metrics)", min=0.0, max=0.9)
+    max_length: int = flag(0, "longest training sequence in tokens (0 = the model's block_size); longer examples "
                              "are truncated from the end of the response", min=0)
-    mask_prompt: bool = cfg(True, "loss only on response tokens + EOS (--no-mask_prompt: on every token)")
-    seed: int = cfg(1337, "seed for the split, shuffling, dropout and init")
+    mask_prompt: bool = flag(True, "loss only on response tokens + EOS (--no-mask_prompt: on every token)")
+    seed: int = flag(1337, "seed for the split, shuffling, dropout and init")
     # LoRA or full fine-tuning
-    lora_rank: int = cfg(16, "LoRA rank; 0 = full fine-tuning", min=0)
-    lora_alpha: float = cfg(32.0, "LoRA scaling numerator (scaling = alpha / rank)", min=0.0)
-    lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input", min=0.0, max=1.0)
-    lora_targets: str = cfg("q,v", "comma-separated: q,k,v,o,gate,up,down,c_attn,c_fc,lm_head or attn,mlp,all "
+    lora_rank: int = flag(16, "LoRA rank; 0 = full fine-tuning", min=0)
+    lora_alpha: float = flag(32.0, "LoRA scaling numerator (scaling = alpha / rank)", min=0.0)
+    lora_dropout: float = flag(0.05, "dropout on the LoRA branch's input", min=0.0, max=1.0)
+    lora_targets: str = flag("q,v", "comma-separated: q,k,v,o,gate,up,down,c_attn,c_fc,lm_head or attn,mlp,all "
                                    "(see lora.py)")
-    rslora: bool = cfg(False, "rank-stabilised LoRA: scaling = alpha / sqrt(rank)")
-    train_last_n_blocks: int = cfg(0, "LoRA: adapt only the last N blocks; full: train only the last N blocks and "
+    rslora: bool = flag(False, "rank-stabilised LoRA: scaling = alpha / sqrt(rank)")
+    train_last_n_blocks: int = flag(0, "LoRA: adapt only the last N blocks; full: train only the last N blocks and "
                                       "the final norm (0 = all)", min=0)
     # batch and memory
-    batch_size: int = cfg(1, "examples per micro-batch", min=1)
-    grad_accum: int = cfg(8, "micro-batches accumulated per optimizer step", min=1)
-    grad_checkpointing: bool = cfg(False, "recompute each block's activations in backward (less memory, ~1/3 "
+    batch_size: int = flag(1, "examples per micro-batch", min=1)
+    grad_accum: int = flag(8, "micro-batches accumulated per optimizer step", min=1)
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in backward (less memory, ~1/3 "
                                           "more compute)")
-    precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
+    precision: str = flag("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
-    device: str = cfg("auto", DEVICE_HELP)
+    device: str = flag("auto", DEVICE_HELP)
     # optimization
-    optimizer: str = cfg("adamw", "the optimizer; muon: Muon for the blocks' matrices, AdamW (--lr) for the rest",
+    optimizer: str = flag("adamw", "the optimizer; muon: Muon for the blocks' matrices, AdamW (--lr) for the rest",
                          choices=[o for o in OPTIMIZER_STATES if o != "rmsprop"] + ["muon"])
-    lr: float = cfg(0.0, "peak learning rate (0 = 3e-4 with LoRA, 1e-5 full)", min=0.0)
-    matrix_lr: float = cfg(0.005, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
-    min_lr: float = cfg(0.0, "learning rate at the end of the cosine decay", min=0.0)
-    warmup_steps: int = cfg(-1, "steps of linear warmup (-1 = 5% of the steps)", min=-1)
-    weight_decay: float = cfg(0.0, "decoupled weight decay on 2-D weights", min=0.0)
-    grad_clip: float = cfg(1.0, "clip the global gradient norm (0 = off)", min=0.0)
-    epochs: int = cfg(1, "passes over the training set (unless --max_steps)", min=1)
-    max_steps: int = cfg(0, "optimizer steps (0 = from --epochs)", min=0)
+    lr: float = flag(0.0, "peak learning rate (0 = 3e-4 with LoRA, 1e-5 full)", min=0.0)
+    matrix_lr: float = flag(0.005, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
+    min_lr: float = flag(0.0, "learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = flag(-1, "steps of linear warmup (-1 = 5% of the steps)", min=-1)
+    weight_decay: float = flag(0.0, "decoupled weight decay on 2-D weights", min=0.0)
+    grad_clip: float = flag(1.0, "clip the global gradient norm (0 = off)", min=0.0)
+    epochs: int = flag(1, "passes over the training set (unless --max_steps)", min=1)
+    max_steps: int = flag(0, "optimizer steps (0 = from --epochs)", min=0)
     # evaluation, early stopping, outputs
-    eval_interval: int = cfg(50, "evaluate every N optimizer steps (and at 0 and the end)", min=1)
-    eval_examples: int = cfg(200, "validation examples per evaluation (0 = all)", min=0)
-    patience: int = cfg(0, "stop after this many evaluations without a better val loss (0 = never)", min=0)
-    save_merged: bool = cfg(True, "LoRA: also write the merged full model to best_model/")
-    save_interval: int = cfg(0, "also keep the weights every N steps in out_dir/ckpt_step<N>/ (0 = only the best)",
+    eval_interval: int = flag(50, "evaluate every N optimizer steps (and at 0 and the end)", min=1)
+    eval_examples: int = flag(200, "validation examples per evaluation (0 = all)", min=0)
+    patience: int = flag(0, "stop after this many evaluations without a better val loss (0 = never)", min=0)
+    save_merged: bool = flag(True, "LoRA: also write the merged full model to best_model/")
+    save_interval: int = flag(0, "also keep the weights every N steps in out_dir/ckpt_step<N>/ (0 = only the best)",
                              min=0)
-    n_generate: int = cfg(20, "test prompts to answer before and after tuning", min=0)
-    max_new_tokens: int = cfg(128, "longest generated response", min=1)
-    log_interval: int = cfg(10, "print the training loss every N steps", min=1)
+    n_generate: int = flag(20, "test prompts to answer before and after tuning", min=0)
+    max_new_tokens: int = flag(128, "longest generated response", min=1)
+    log_interval: int = flag(10, "print the training loss every N steps", min=1)
     # answers scored at every evaluation, by score.py in a fresh process
-    score_every_eval: bool = cfg(False, "rate answers to score.py's prompt set at every evaluation (reward_mean / "
+    score_every_eval: bool = flag(False, "rate answers to score.py's prompt set at every evaluation (reward_mean / "
                                         "judge_mean in the log and the plot); needs --reward_model or --judge_url")
-    reward_model: str = cfg("none", "--score_every_eval: HF reward model (hub id or dir), or none")
-    judge_url: str | None = cfg(None, "--score_every_eval: OpenAI-compatible API base URL of an LLM judge")
-    judge_model: str = cfg("gpt-4o-mini", "--score_every_eval: the judge's model name")
-    prompts: str | None = cfg(None, "--score_every_eval: the prompt set (default: score.py's built-in one)")
+    reward_model: str = flag("none", "--score_every_eval: HF reward model (hub id or dir), or none")
+    judge_url: str | None = flag(None, "--score_every_eval: OpenAI-compatible API base URL of an LLM judge")
+    judge_model: str = flag("gpt-4o-mini", "--score_every_eval: the judge's model name")
+    prompts: str | None = flag(None, "--score_every_eval: the prompt set (default: score.py's built-in one)")
 
 
 FIXED = ("init_from", "tokenizer", "task", "num_classes", "lora_rank", "lora_alpha", "lora_targets", "rslora",
@@ -365,7 +367,21 @@ def train_step(model, optimizer, micro_batches, scaler=None, autocast=contextlib
     n_tokens = n_total if n_total is not None else int(n)  # finetune.py counts on the host: no wait here
     if n_tokens == 0:
         raise ValueError("no trained tokens in this batch (every label is -100)")
-    norm = optimizer_step(model, optimizer, scaler, grad_clip)
+    # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
+    # bounded distance instead of wrecking them; the norm before clipping is what gets logged
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shard
+        norm = norm.full_tensor()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
     loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
     return dict(loss=loss, n_tokens=n_tokens, grad_norm=norm)
 
@@ -611,8 +627,8 @@ def score_answers(c: FinetuneConfig, tok, step: int, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", c.init_from,
            "--task", c.task, "--reward_model", c.reward_model, "--judge_model", c.judge_model,
            "--max_new_tokens", str(c.max_new_tokens), "--device", pick_device(c.device)]
-    for flag, value in (("--tokenizer", c.tokenizer), ("--judge_url", c.judge_url), ("--prompts", c.prompts)):
-        cmd += [flag, value] if value else []
+    for name, value in (("--tokenizer", c.tokenizer), ("--judge_url", c.judge_url), ("--prompts", c.prompts)):
+        cmd += [name, value] if value else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise ValueError(f"score.py failed at step {step}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -658,7 +674,7 @@ def finetune(c: FinetuneConfig) -> dict:
     tokens = c.batch_size * max(len(t["input_ids"]) for t in train_t)
     say(format_memory(estimate_memory(gpt, precision, c.optimizer, c.grad_checkpointing, tokens), tokens)
         + " (longest micro-batch, one device)")
-    train_module = distribute(model, device, c.fsdp, precision)  # DDP wraps `model`; FSDP shards it in place
+    train_module = distribute(model, device, c.fsdp, precision, block_type=Block)  # DDP wraps `model`; FSDP shards it in place
     seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     optimizer = make_optimizer(model, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda",
                                matrix_lr=c.matrix_lr)

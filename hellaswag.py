@@ -48,9 +48,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bpe import atomic_write, load_tokenizer
-from model import (DEVICE_HELP, GPT, ArgumentParser, DefaultsHelp, KVCache, bounded, end_distributed, init_distributed,
-                   mean_stderr, pick_device, pick_precision, previous_stage, resolve_init_from, run_main, write_jsonl)
+from bpe import load_tokenizer
+
+from housekeeping import atomic_write
+from model import GPT, KVCache
+from housekeeping import (DEVICE_HELP, ArgumentParser, DefaultsHelp, bounded, end_distributed, init_distributed,
+                          mean_stderr, pick_device, pick_precision, previous_stage, resolve_init_from, run_main,
+                          write_jsonl)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
 SCORINGS = ("harness", "nanogpt")
 STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first

@@ -53,15 +53,16 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import atomic_write
-from model import GPT, ArgumentParser, DefaultsHelp, MuonAdamW, hf_config_for, run_main
+from housekeeping import atomic_write
+from model import GPT, hf_config_for
+from housekeeping import ArgumentParser, DefaultsHelp, run_main
 from model import load_safetensors, load_torch_weights, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
@@ -866,68 +867,7 @@ def load_base(init_from: str, precision: str, lora: bool, quantize: str, device:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Resumable fine-tuning state (finetune.py, dpo.py): what is trained, where a run left off
-
-
-def resumed_config(cls, c, given: dict, out_dir, fixed=()):
-    """--resume: the run's config.json with the flags given now on top (a longer --max_steps), but never a
-    change to the `fixed` fields (the model and what is trained)."""
-    path = Path(out_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
-    saved.pop("stop_at_step", None)  # a one-off of the run that stopped
-    changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
-               for k in fixed if k in given and given[k] != saved.get(k)]
-    if changed:
-        raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
-    return cls(**{**saved, **given, "resume": True})
-
-
-def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):
-    """out_dir/ckpt/state.pt, to continue a fine-tuning run exactly: the trainable weights (frozen ones come
-    back from --init_from), optimizer state, step and `extra` (data order, RNG states, best so far).
-    Gathered whole under DDP/FSDP: every rank calls this, rank 0 writes (temp name, renamed)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    if master:
-        path = Path(out_dir) / "ckpt" / "state.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = dict(model=model_sd, optimizer=optim_sd, step=step, extra=extra)
-        try:
-            atomic_write(path, lambda p: torch.save(state, p))
-        except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
-            raise OSError(f"{path}: writing the training state failed ({str(e).splitlines()[0][:160]}); is the "
-                          f"disk full? The previous state is kept") from None
-
-
-def _parts(optimizer):  # Muon + AdamW (model.MuonAdamW) are two torch optimizers to torch's checkpointing
-    return [optimizer.muon, optimizer.adamw] if isinstance(optimizer, MuonAdamW) else optimizer
-
-
-def load_train_state(out_dir, model, optimizer) -> tuple[int, dict]:
-    """(step, extra) of out_dir/ckpt/state.pt, loaded into model and optimizer (FSDP: each rank its shard)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    path = Path(out_dir) / "ckpt" / "state.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: {out_dir} holds a run but no resumable state ({path} is missing: "
-                                f"the run stopped before its first checkpoint). --resume continues from the last "
-                                f"checkpoint; with none, start the run again with --overwrite")
-    try:  # weights_only: a pickle can run arbitrary code; this only rebuilds tensors and plain data
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}); it may be truncated") from None
-    set_state_dict(model, _parts(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    return state["step"], state["extra"]
-
-
-# -----------------------------------------------------------------------------------------------
-# 7. CLI: merge an adapter into a model
+# 6. CLI: merge an adapter into a model
 
 
 def cmd_merge(args):

@@ -1,15 +1,18 @@
 """
-model.py: one GPT class for the GPT-2 and LLaMA families, readable top to bottom, and the few
-things every training script shares. In reading order:
-  1. GPTConfig: switches (norm, positions, attention heads, MLP, bias, tying) that cover GPT-2 and
-     LLaMA-2 with one model class, named presets, and a modern block's switches (QK-norm, ReLU²,
+model.py: the model. One GPT class for the GPT-2 and LLaMA families, readable top to bottom:
+  1. Configuration: GPTConfig, whose switches (norm, positions, attention heads, MLP, bias, tying) cover
+     GPT-2 and LLaMA-2 with one class; named presets; a modern block's switches (QK-norm, ReLU²,
      zero-initialised projections, logit soft-capping), off in every preset that loads HF weights.
-  2. Modules: norms, rotary embeddings, causal self-attention (SDPA, or a manual path for learning),
-     MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
-  3. GPT: forward + loss, GPT-2 initialisation, FLOPs per token.  4. Hugging Face weights in and out.
-  5. Generation with a KV cache: greedy, sampling, beam search, stop tokens, ragged batches, streaming.
-  6. What the training scripts share (as nanoGPT keeps its optimizer here): flags from a config
-     dataclass, device and precision, optimizers (Muon) and schedule, torchrun, run directories, logs.
+  2. Modules: norms, rotary embeddings, the KV cache, causal self-attention (SDPA, or a manual path for
+     learning), the MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
+  3. GPT: forward and loss, GPT-2's initialisation, FLOPs per token.
+  4. Generation with the KV cache (GPT.generate, at the end of the class, and its helpers below it):
+     greedy, sampling, beam search, stop tokens, ragged batches, streaming.
+  5. The optimizers a model is trained with (as nanoGPT keeps configure_optimizers beside its model):
+     the parameter groups, AdamW, Muon, and the learning-rate schedule.
+  6. Appendix: Hugging Face weights in and out (reading, name mapping, checking, writing). Plumbing,
+     not the model: skip it on first read.
+What no lesson is about (flags, devices, torchrun, run directories, logs) is in housekeeping.py.
 
 Use it:
     from model import GPT, GPTConfig
@@ -27,30 +30,19 @@ gate/up into `mlp.c_fc` (rows [gate | up]): one matmul does the work of three (o
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fnmatch
-import inspect
 import json
 import math
-import os
 import pickle
-import random
-import shutil
-import signal
-import sys
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import atomic_write, tokenizer_dir, tokenizer_files
+from bpe import tokenizer_dir, tokenizer_files
+from housekeeping import atomic_write, check_model_size, read_json, resolve_init_from
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -388,7 +380,7 @@ class GPT(nn.Module):
         self._init_buffers()
         self.apply(self._init_weights)
 
-    def _after_meta_load(self):
+    def after_meta_load(self):
         """Weights were assigned to a model built on the meta device: re-tie lm_head, compute the tables."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -519,7 +511,7 @@ class GPT(nn.Module):
             loss = loss.view(targets.shape) if reduction == "none" else loss
         return logits[..., : self.config.vocab_size], loss
 
-    # ---- training helpers ----------------------------------------------------------------------
+    # ---- FLOPs --------------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6 per matmul parameter, plus 12 * n_layer * n_head *
@@ -528,87 +520,7 @@ class GPT(nn.Module):
         n = self.get_num_params() - (0 if c.tie_embeddings else self.transformer.wte.weight.numel())
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    # ---- 4. Hugging Face weights in and out -----------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, dtype=None, device=None) -> "GPT":
-        """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", via the HF hub cache), a hub
-        id, or a directory: HF's format (config.json of model_type gpt2 or llama + model.safetensors, shards
-        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")), in
-        dtype (float32) on device (cpu). Built on the meta device, each tensor assigned as read: held once."""
-        path = _resolve_model_dir(name_or_dir)
-        dtype = dtype or torch.float32
-        if (path / "gpt_config.json").exists():
-            config = GPTConfig.from_dict(_read_json(path / "gpt_config.json"))
-            hf_type = None
-        elif (path / "config.json").exists():
-            hf_config = _read_json(path / "config.json")
-            hf_type = hf_config.get("model_type")
-            read = {"gpt2": _gpt2_config_from_hf, "llama": _llama_config_from_hf}.get(str(hf_type))
-            if read is None:
-                raise ValueError(f"{path / 'config.json'}: model_type={hf_type!r} is not supported; "
-                                 f"expected 'gpt2' or 'llama' (use transformers for other architectures)")
-            config = read(hf_config, path)
-        else:
-            raise FileNotFoundError(f"{path}: not a model directory: expected config.json (Hugging Face "
-                                    f"format) or gpt_config.json (this project's format)")
-        with torch.device("meta"):
-            model = cls(config)
-        expected = model.state_dict()
-        tensors = _read_weights(path)  # name -> lazily loaded tensor
-        if hf_type is not None:
-            tensors = _hf_to_ours(tensors, config, hf_type)
-        state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config)
-        model.load_state_dict(state, strict=True, assign=True)
-        model._after_meta_load()
-        if device is not None:
-            model.to(device)
-        model.source_dir = path  # where its tokenizer is, for save_pretrained
-        return model.eval()
-
-    def save_pretrained(self, out_dir: str, format: str = "hf", tokenizer=None):
-        """Write `out_dir` as a model stock transformers loads with no custom code: config.json (model_type
-        gpt2, or llama for rmsnorm + rope + swiglu) + model.safetensors, the tokenizer (tokenizer.json +
-        tokenizer_config.json: AutoTokenizer and lm-evaluation-harness need it beside the weights) and
-        generation_config.json (the end-of-text id, where HF generate stops). format="native": our own
-        gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory (None: the model's own, if
-        any). Every file is written to a temporary name and renamed."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        c = self.config
-        src = tokenizer if tokenizer is not None else tokenizer_dir(getattr(self, "source_dir", None) or out)
-        tok_files, eos, bos = tokenizer_files(src) if src is not None else ({}, None, None)
-        bos = eos if bos is None else bos  # GPT-2 begins and ends a document with the same token
-        sd = {k: v.detach() for k, v in self.state_dict().items()}
-        if format == "native":
-            if c.tie_embeddings:
-                sd.pop("lm_head.weight")  # safetensors refuses shared storage; re-tied on load
-            config_json, weights, config_name = asdict(c), sd, "gpt_config.json"
-        elif format == "hf":
-            modern = [f"{k}={getattr(c, k)!r}" for k in ("qk_norm", "logit_softcap") if getattr(c, k)]
-            if modern:  # HF's GPT-2 and LLaMA have no such switch: the weights would load but compute otherwise
-                raise ValueError(f"{out_dir}: {', '.join(modern)} cannot be expressed as a Hugging Face GPT-2 or "
-                                 f"LLaMA model; save with format='native' (this project's own format) instead")
-            hf_type, config_json = hf_config_for(c)
-            weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
-            if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
-                config_json.update(bos_token_id=bos, eos_token_id=eos)
-        else:
-            raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
-        weights = {k: v.contiguous().cpu() for k, v in weights.items()}
-        save_safetensors(weights, out / "model.safetensors", {"format": "pt"})
-        files = {config_name: json.dumps(config_json, indent=2), **tok_files}
-        if eos is not None:
-            files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
-                                                         indent=2)
-        for name, data in files.items():
-            atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d if isinstance(d, bytes) else d.encode()))
-        # files of an earlier save in another format must not linger beside these weights
-        for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
-                      "model.safetensors.index.json", "pytorch_model.bin"):
-            (out / stale).unlink(missing_ok=True)
-
-    # ---- 5. Generation --------------------------------------------------------------------------
+    # ---- 4. Generation (its helpers follow the class) ---------------------------------------
 
     @torch.no_grad()
     def decode_layout_(self) -> "GPT":
@@ -771,22 +683,28 @@ class GPT(nn.Module):
         n_out = int(finished_len[:, 0].max())
         return finished[:, 0, : T + n_out]
 
+    # ---- Hugging Face weights in and out: the appendix (section 6) does the work ------------------
 
-_capped_flags: set[str] = set()  # the flags whose cap has been noted, so a chat loop says it once
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dtype=None, device=None) -> "GPT":
+        """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", via the HF hub cache), a hub
+        id, or a directory: HF's format (config.json of model_type gpt2 or llama + model.safetensors, shards
+        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")), in
+        dtype (float32) on device (cpu). Built on the meta device, each tensor assigned as read: held once."""
+        return load_model_dir(cls, name_or_dir, dtype, device)
+
+    def save_pretrained(self, out_dir: str, format: str = "hf", tokenizer=None):
+        """Write `out_dir` as a model stock transformers loads with no custom code: config.json (model_type
+        gpt2, or llama for rmsnorm + rope + swiglu) + model.safetensors, the tokenizer (tokenizer.json +
+        tokenizer_config.json: AutoTokenizer and lm-evaluation-harness need it beside the weights) and
+        generation_config.json (the end-of-text id, where HF generate stops). format="native": our own
+        gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory (None: the model's own, if
+        any). Every file is written to a temporary name and renamed."""
+        write_model_dir(self, out_dir, format, tokenizer)
 
 
-def fit_to_context(prompts: list[list[int]], max_new_tokens: int, block_size: int, flag: str = "--max_new_tokens"):
-    """(prompts, n_new) that fit a block_size context: n_new is max_new_tokens capped at what the longest
-    prompt leaves, but at least half the context (longer prompts keep their last tokens); noted once a flag."""
-    longest = max((len(p) for p in prompts), default=0)
-    n_new = min(max_new_tokens, max(block_size - longest, block_size // 2))
-    keep = block_size - n_new
-    if n_new < max_new_tokens and flag not in _capped_flags:
-        _capped_flags.add(flag)
-        cut = f"; prompts keep their last {keep} tokens" if longest > keep else ""
-        print(f"note: {flag} {max_new_tokens} capped at {n_new}: the model's context is {block_size} tokens"
-              f"{cut}", file=sys.stderr, flush=True)
-    return [p[-keep:] if keep else [] for p in prompts], n_new
+# -----------------------------------------------------------------------------------------------
+# 4. Generation, continued: the helpers GPT.generate uses
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
@@ -832,35 +750,122 @@ def _as_batch(idx, attention_mask, pad_id, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4b. Weight-format plumbing: reading, name mapping, checking
+# 5. The optimizers: parameter groups, AdamW, Muon, and the learning-rate schedule
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, RecursionError) as e:  # the parser recurses once per nesting level
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd_momentum": 1, "sgd_nesterov": 1, "sgd": 0}
 
 
-def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.json of flags has no model_type)
-    return (p / "gpt_config.json").is_file() or (p / "config.json").is_file() and "model_type" in _read_json(
-        p / "config.json")
+def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.0,
+                   betas=(0.9, 0.999), fused: bool = False, matrix_lr: float = 0.02):
+    """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmuls, embeddings,
+    LoRA's A and B): shrinking biases and norm gains only hurts. AdamW decays the weights (decoupled), Adam
+    adds it to the gradient. fused: one CUDA kernel for all. "muon": MuonAdamW, matrix_lr for Muon's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if name == "muon":
+        return MuonAdamW(model, params, lr, matrix_lr, weight_decay, betas, fused)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if name in ("adamw", "adam"):
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, betas=betas,
+                                                                            fused=fused or None)
+    if name == "rmsprop":  # what the DPO paper's reference implementation used
+        return torch.optim.RMSprop(groups, lr=lr)
+    if name in ("sgd", "sgd_momentum", "sgd_nesterov"):
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9, nesterov=name == "sgd_nesterov")
+    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)} or muon")
 
 
-def resolve_init_from(name_or_dir: str) -> str:
-    """A run directory stands for its best_model/, else model/, else ckpt/model/, named in one line."""
-    path = Path(name_or_dir).expanduser()
-    if not path.is_dir() or _is_model_dir(path):
-        return name_or_dir
-    for sub, what in RUN_MODELS.items():
-        if _is_model_dir(path / sub):
-            if os.environ.get("RANK", "0") == "0":
-                print(f"--init_from {name_or_dir}: a run directory; using {path / sub}, {what}", file=sys.stderr)
-            return str(path / sub)
-    if any((path / f).exists() for f in RUN_FILES):
-        raise FileNotFoundError(f"--init_from {name_or_dir}: a run directory without a saved model "
-                                f"({'/, '.join(RUN_MODELS)}/)")
-    return name_or_dir
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024): SGD momentum whose matrix M = U S V^T
+    is replaced by about U V^T (a few Newton-Schulz iterations: matmuls, no SVD) before each update. A
+    transformer's gradients are nearly low-rank, and elementwise Adam moves mostly along the few dominant
+    directions; with every singular value 1, the rare directions move as fast as the common ones. A step
+    has a fixed size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's. torch.optim.Muon's
+    update and state (Nesterov, no weight decay); the iterations in bf16 on a GPU, fp32 on a CPU (faster)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # closure: torch's checkpointing calls it so (a zero-gradient step)
+        for group in self.param_groups:
+            for p in [p for p in group["params"] if p.grad is not None]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]).to(torch.bfloat16 if p.is_cuda else torch.float32)
+                X = (g.T if p.size(0) > p.size(1) else g) / g.norm().clamp(min=1e-7)  # wide; singular values <= 1
+                for _ in range(5):  # X <- a X + (b A + c A^2) X, A = X X^T: a quintic steepest at 0 (a, b, c)
+                    A = X @ X.T
+                    X = torch.addmm(X, torch.addmm(A, A, A, beta=-4.775, alpha=2.0315), X, beta=3.4445)
+                X = X.T if p.size(0) > p.size(1) else X
+                p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+class MuonAdamW:
+    """Muon for the 2-D matrices inside the blocks (group["muon"] = True), AdamW for the rest: the embeddings
+    (a row is looked up, not multiplied), the output layer (a row is one token's scores), norms, biases; one
+    optimizer to the loop. Fused q|k|v and gate|up are orthogonalised whole. DDP: every rank computes the same
+    update. FSDP: refused (the orthogonalised shard of a matrix is not a shard of the orthogonalised matrix)."""
+
+    def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
+        if any(hasattr(p, "full_tensor") for p in params):
+            raise ValueError("--optimizer muon needs whole matrices, but FSDP gives each rank a shard; use DDP "
+                             "(every rank then computes the same Muon update) or --optimizer adamw")
+        in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
+        matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+        rest = [p for p in params if id(p) not in {id(q) for q in matrices}]
+        self.muon = Muon([{"params": matrices, "muon": True}], lr=matrix_lr)
+        self.adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                       lr=lr, betas=betas, fused=fused or None)
+
+    @property
+    def torch_optimizers(self) -> list:
+        """The two torch optimizers, for torch's checkpointing (which knows no wrapper)."""
+        return [self.muon, self.adamw]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step(), self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none), self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError("the saved optimizer state is not Muon + AdamW's (trained with --optimizer adamw?)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
+          warmdown_frac: float = 0.2) -> float:
+    """Linear warmup to max_lr, decay to min_lr at total_steps, then flat. Warmup: at first Adam's moments
+    are empty and the gradients large and erratic; a full-size step could throw the weights off for good.
+    cosine: big steps far from a minimum, smaller ones to settle. wsd (warmup-stable-decay, nanochat):
+    max_lr until the last warmdown_frac, then linear to min_lr: full speed for most of the run."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, total_steps - round(warmdown_frac * total_steps))
+        progress = min(1.0, max(0, step - decay_start) / max(1, total_steps - decay_start))
+        return max_lr + (min_lr - max_lr) * progress
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Appendix: Hugging Face weights in and out. Plumbing, not the model: reading weight files (safetensors,
+#    shards, torch pickles refused), mapping their names onto ours, checking every tensor, writing them back
 
 
 def _resolve_model_dir(name_or_dir: str) -> Path:
@@ -969,7 +974,7 @@ def load_torch_weights(path) -> dict:
 def _read_weights(path: Path) -> dict[str, _LazyTensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
@@ -1192,609 +1197,72 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
     return out
 
 
-# -----------------------------------------------------------------------------------------------
-# 6. What the training scripts share: flags from a config dataclass, device and precision, the
-#    optimizer and its schedule, torchrun, run directories, logs, plots and memory readings
-
-
-def cfg(default, help: str, choices=None, min=None, max=None, aliases=()):
-    """A config dataclass field: default, --help text, accepted values (choices, or min/max checked when
-    parsed), and aliases: other spellings of its flag (an earlier name kept working: "--max_lr" for --lr)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max, aliases=aliases))
-
-
-def bounded(kind=int, lo=None, hi=None):
-    """An argparse type that also checks the range: a bad value is an error naming the flag."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):  # NaN passes every range check (nan < lo is False), inf is no setting
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error; no abbreviations."""
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, unless it is required or its help says what the default is."""
-    def _get_help_string(self, action):
-        said = action.required or "default" in (action.help or "")
-        return action.help if said else super()._get_help_string(action)
-
-
-def config_parser(cls, description: str, alt_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """One --flag per field of `cls`, with its help, type, choices and range. Every default is None here, so
-    that parse_config can tell the flags given. alt_defaults {label: {field: value}} show in the help too."""
-    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        m = f.metadata
-        alts = "".join(f"; {label}: {d[f.name]!r}" for label, d in (alt_defaults or {}).items() if f.name in d)
-        shown = "" if f.default is None and "default" in m["help"] and not alts else f" (default: {f.default!r}{alts})"
-        kw = dict(default=None, help=f"{m['help']}{shown}".replace("%", "%%"))
-        kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split("|")[0].strip(), str)
-        names = [f"--{f.name}", *m.get("aliases", ())]
-        if kind is bool:
-            ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            ap.add_argument(*names, dest=f.name, choices=m.get("choices"), **kw,
-                            type=bounded(kind, m.get("min"), m.get("max")) if kind is not str else str)
-    return ap
-
-
-def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_defaults=None):
-    """(config, the flags given): the dataclass's defaults, then `defaults`, then the flags."""
-    given = {k: v for k, v in vars(config_parser(cls, description, alt_defaults).parse_args(argv)).items()
-             if v is not None}
-    return cls(**{**(defaults or {}), **given}), given
-
-
-def pick_device(name: str = "auto") -> str:
-    """'auto': a CUDA GPU, else Apple's MPS, else the CPU. Under torchrun 'cuda' is cuda:LOCAL_RANK (else
-    every rank would use GPU 0)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: this machine's PyTorch has no {kind} device")
-    return name
-
-
-def pick_precision(name: str, device: str) -> str:
-    """'auto': bf16 on GPUs with bf16 tensor cores (capability >= 8.0), fp16 with loss scaling on older ones
-    (V100, T4: is_bf16_supported() says True, but emulates it slowly), fp32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else "fp16"
-    return "fp32"
-
-
-def autocast_and_scaler(precision: str, device_type: str):
-    """(autocast context factory, GradScaler or None). Mixed precision: fp32 master weights, 16-bit matmuls.
-    bf16 has fp32's exponent range: autocast suffices. fp16's 5-bit exponent underflows small gradients to 0:
-    loss scaling multiplies the loss before backward and divides the gradients before the step (GradScaler,
-    which also skips steps whose gradients overflowed)."""
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"precision {precision!r}: expected fp32, fp16 or bf16")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
-    return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
-
-
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd_momentum": 1, "sgd_nesterov": 1, "sgd": 0}
-
-
-def make_optimizer(model, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.0,
-                   betas=(0.9, 0.999), fused: bool = False, matrix_lr: float = 0.02):
-    """The optimizer over the trainable parameters. Weight decay only on 2-D tensors (matmuls, embeddings,
-    LoRA's A and B): shrinking biases and norm gains only hurts. AdamW decays the weights (decoupled), Adam
-    adds it to the gradient. fused: one CUDA kernel for all. "muon": MuonAdamW, matrix_lr for Muon's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    if name == "muon":
-        return MuonAdamW(model, params, lr, matrix_lr, weight_decay, betas, fused)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if name in ("adamw", "adam"):
-        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, betas=betas,
-                                                                            fused=fused or None)
-    if name == "rmsprop":  # what the DPO paper's reference implementation used
-        return torch.optim.RMSprop(groups, lr=lr)
-    if name in ("sgd", "sgd_momentum", "sgd_nesterov"):
-        return torch.optim.SGD(groups, lr=lr, momentum=0.0 if name == "sgd" else 0.9, nesterov=name == "sgd_nesterov")
-    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_STATES)} or muon")
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan 2024): SGD momentum whose matrix M = U S V^T
-    is replaced by about U V^T (a few Newton-Schulz iterations: matmuls, no SVD) before each update. A
-    transformer's gradients are nearly low-rank, and elementwise Adam moves mostly along the few dominant
-    directions; with every singular value 1, the rare directions move as fast as the common ones. A step
-    has a fixed size (lr, x sqrt(rows/cols) if tall): Muon's lr is far above AdamW's. torch.optim.Muon's
-    update and state (Nesterov, no weight decay); the iterations in bf16 on a GPU, fp32 on a CPU (faster)."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.95):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # closure: torch's checkpointing calls it so (a zero-gradient step)
-        for group in self.param_groups:
-            for p in [p for p in group["params"] if p.grad is not None]:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                g = p.grad.lerp(buf, group["momentum"]).to(torch.bfloat16 if p.is_cuda else torch.float32)
-                X = (g.T if p.size(0) > p.size(1) else g) / g.norm().clamp(min=1e-7)  # wide; singular values <= 1
-                for _ in range(5):  # X <- a X + (b A + c A^2) X, A = X X^T: a quintic steepest at 0 (a, b, c)
-                    A = X @ X.T
-                    X = torch.addmm(X, torch.addmm(A, A, A, beta=-4.775, alpha=2.0315), X, beta=3.4445)
-                X = X.T if p.size(0) > p.size(1) else X
-                p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-
-
-class MuonAdamW:
-    """Muon for the 2-D matrices inside the blocks (group["muon"] = True), AdamW for the rest: the embeddings
-    (a row is looked up, not multiplied), the output layer (a row is one token's scores), norms, biases; one
-    optimizer to the loop. Fused q|k|v and gate|up are orthogonalised whole. DDP: every rank computes the same
-    update. FSDP: refused (the orthogonalised shard of a matrix is not a shard of the orthogonalised matrix)."""
-
-    def __init__(self, model, params, lr: float, matrix_lr: float, weight_decay: float, betas, fused: bool):
-        if any(hasattr(p, "full_tensor") for p in params):
-            raise ValueError("--optimizer muon needs whole matrices, but FSDP gives each rank a shard; use DDP "
-                             "(every rank then computes the same Muon update) or --optimizer adamw")
-        in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
-        matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
-        rest = [p for p in params if id(p) not in {id(q) for q in matrices}]
-        self.muon = Muon([{"params": matrices, "muon": True}], lr=matrix_lr)
-        self.adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                                       lr=lr, betas=betas, fused=fused or None)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self):
-        self.muon.step(), self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none), self.adamw.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict):
-        if set(state) != {"muon", "adamw"}:
-            raise ValueError("the saved optimizer state is not Muon + AdamW's (trained with --optimizer adamw?)")
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def optimizer_step(model, optimizer, scaler=None, grad_clip: float = 0.0):
-    """Unscale (fp16: clip the true gradients), clip, step, zero the gradients; returns the norm before
-    clipping as a device tensor (reading it would wait for the device). Clipping the global norm bounds
-    the update when a rare batch gives a huge gradient (a loss spike), instead of wrecking the weights."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over all shards
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+def load_model_dir(cls, name_or_dir: str, dtype=None, device=None):
+    """GPT.from_pretrained: the model in a directory or on the hub, built on meta, each tensor assigned as read."""
+    path = _resolve_model_dir(name_or_dir)
+    dtype = dtype or torch.float32
+    if (path / "gpt_config.json").exists():
+        config = GPTConfig.from_dict(read_json(path / "gpt_config.json"))
+        hf_type = None
+    elif (path / "config.json").exists():
+        hf_config = read_json(path / "config.json")
+        hf_type = hf_config.get("model_type")
+        read = {"gpt2": _gpt2_config_from_hf, "llama": _llama_config_from_hf}.get(str(hf_type))
+        if read is None:
+            raise ValueError(f"{path / 'config.json'}: model_type={hf_type!r} is not supported; "
+                             f"expected 'gpt2' or 'llama' (use transformers for other architectures)")
+        config = read(hf_config, path)
     else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
-          warmdown_frac: float = 0.2) -> float:
-    """Linear warmup to max_lr, decay to min_lr at total_steps, then flat. Warmup: at first Adam's moments
-    are empty and the gradients large and erratic; a full-size step could throw the weights off for good.
-    cosine: big steps far from a minimum, smaller ones to settle. wsd (warmup-stable-decay, nanochat):
-    max_lr until the last warmdown_frac, then linear to min_lr: full speed for most of the run."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if schedule == "wsd":
-        decay_start = max(warmup_steps, total_steps - round(warmdown_frac * total_steps))
-        progress = min(1.0, max(0, step - decay_start) / max(1, total_steps - decay_start))
-        return max_lr + (min_lr - max_lr) * progress
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size). Under torchrun, joins the process group (NCCL on GPUs, else gloo)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 0, 1
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl", device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo")
-    return rank, local, world
-
-
-def distribute(model, device: str, fsdp: bool = False, precision: str = "fp32"):
-    """The module to train when torchrun started several processes (else `model`). DDP: every rank holds
-    the whole model and optimizer state; backward averages the gradients. FSDP2 (fully_shard): parameters,
-    gradients and optimizer state split 1/N a rank; a block's weights are gathered just before it runs and
-    freed after, so a model N times one device fits. GPU bf16: bf16 gathers and reductions (half the traffic)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return model
-    cuda = device.startswith("cuda")
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # GPT.forward's logits cut to vocab_size are a view: harmless, the loss is used
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
-        mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half)
-        for m in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(m, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # the buffers are constants, the same on every rank: no re-sending them (torch >= 2.13: forward_sync_buffers)
-    sync_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                else {"broadcast_buffers": False})
-    return DDP(model, device_ids=[torch.device(device).index] if cuda else None, **sync_off)
-
-
-def grad_sync(module, sync: bool):
-    """Gradient accumulation averages across ranks only in the last micro-step: DDP's no_sync skips the
-    others' all-reduce, FSDP2 keeps unsharded gradients until then. A context manager (plain module: no-op)."""
-    if hasattr(module, "no_sync"):
-        return contextlib.nullcontext() if sync else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
-
-
-def gathered(model, skeleton_fn, master: bool):
-    """The model to save from. FSDP: every rank helps gather the weights; rank 0 gets a CPU copy (skeleton_fn
-    built on meta, given the tensors), the others None. Without FSDP: the model itself."""
-    if not hasattr(model, "reshard"):  # not an FSDP2 module
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not master:
-        return None
+        raise FileNotFoundError(f"{path}: not a model directory: expected config.json (Hugging Face "
+                                f"format) or gpt_config.json (this project's format)")
     with torch.device("meta"):
-        copy = skeleton_fn()
-    copy.load_state_dict(sd, strict=False, assign=True)
-    for m in copy.modules():
-        if isinstance(m, GPT):
-            m._after_meta_load()
-    return copy
+        model = cls(config)
+    expected = model.state_dict()
+    tensors = _read_weights(path)  # name -> lazily loaded tensor
+    if hf_type is not None:
+        tensors = _hf_to_ours(tensors, config, hf_type)
+    state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.after_meta_load()
+    if device is not None:
+        model.to(device)
+    model.source_dir = path  # where its tokenizer is, for save_pretrained
+    return model.eval()
 
 
-def end_distributed():
-    """Leave the process group together: gloo going away under a rank still talking can abort at exit."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def check_finite(step: int, scaler=None, **values):
-    """A non-finite loss or gradient norm stops the run before this step is saved: the last checkpoint stays
-    good. Under fp16's GradScaler an overflowing gradient is routine (the step is skipped): only the loss counts."""
-    if scaler is not None:
-        values.pop("grad_norm", None)
-    bad = [f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"step {step}: {', '.join(bad)}: the training diverged and stops here; nothing of this "
-                         f"step was saved (the last checkpoint is the last good state). Try a lower learning rate")
-
-
-def fits_in_memory(need_bytes: float, what: str):
-    """Refuse a size beyond the machine before allocating (not killed later, or deep in torch). need_bytes
-    is a lower bound, the limit all RAM and GPU memory: a refusal is never a false alarm."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if torch.cuda.is_available():
-        limit += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-    if need_bytes > limit:
-        raise ValueError(f"{what} needs at least {need_bytes / 2 ** 30:.3g} GiB of memory; this machine holds "
-                         f"{limit / 2 ** 30:.3g} GiB (RAM and GPUs)")
-
-
-def check_model_size(c: GPTConfig, tokens: int = 0, batch: str = ""):
-    """GPT(c) refused before it is built if its weights cannot fit at 4 bits a parameter (NF4, our least) plus
-    a few KB a block; with `tokens` (a batch, `batch` in words), their ids and one 16-bit activation each."""
-    kv, hd = c.n_kv_head or c.n_head, c.head_dim or max(1, c.n_embd // max(1, c.n_head))
-    per_block = c.n_embd * hd * 2 * (c.n_head + kv) + (3 if c.mlp == "swiglu" else 2) * c.n_embd * (c.ffn_hidden or 0)
-    n = c.n_layer * per_block + c.padded_vocab_size * c.n_embd + c.block_size * (c.n_embd + hd)
-    fits_in_memory(n / 2 + 10_000 * c.n_layer + tokens * (16 + 2 * c.n_embd),
-                   f"a model of n_layer {c.n_layer}, n_embd {c.n_embd}, block_size {c.block_size}, vocab_size "
-                   f"{c.vocab_size}" + (f", with a batch of {batch}" if batch else ""))
-
-
-RUN_FILES = ("log.jsonl", "config.json", "ckpt")  # what marks an out_dir as holding a run
-# what our runs write in an out_dir (*.tmp: a killed atomic write): --overwrite removes these, nothing else
-RUN_OUTPUTS = ("run.lock", "config.json", "log.jsonl", "loss.png", "ckpt", "ckpt.tmp", "ckpt.old", "ckpt_step*",
-               "summary.*", "best_adapter", "best_model", "responses.jsonl", "responses.md", "scoring", "adapter",
-               "model", "ref_logps.json", "dpo.png", "samples.md", "results.*", "runs", "scores.*",
-               "judge_cache.jsonl", "*.tmp")
-RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/model": "its last checkpoint"}
-DEVICE_HELP = "auto|cpu|cuda|cuda:N|mps (auto: a CUDA GPU, else mps, else the CPU)"  # every --device, pick_device's
-_held_locks = {}  # out_dir -> the open, locked run.lock of this process
-
-
-def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make out_dir ready for a run, before any work; nothing already written is lost.
-    - run.lock (holding the pid, which shows the directory writable) is locked first: a second live run on
-      it stops here. The kernel releases the lock when the process ends, even by SIGKILL.
-    - An out_dir holding a run needs --resume (continue it) or --overwrite, which removes only what our
-      runs write (RUN_OUTPUTS) where a run.lock marks a run; anything else stops it, named, untouched."""
+def write_model_dir(model, out_dir: str, format: str = "hf", tokenizer=None):
+    """GPT.save_pretrained: config, weights, tokenizer and generation config, each file written atomically."""
     out = Path(out_dir)
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    key = str(out.resolve())
-    if key in _held_locks:  # an earlier run of this same process (tests, notebooks): not a rival
-        os.close(_held_locks.pop(key))
-    marked = (out / "run.lock").exists()
-    if overwrite and out.is_dir():
-        present = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != "run.lock")
-        foreign = [n for n in present if not any(fnmatch.fnmatch(n.rstrip("/"), pat) for pat in RUN_OUTPUTS)]
-        if present and (foreign or not marked):
-            raise ValueError(f"--overwrite: {out} holds {', '.join((foreign or present)[:5])}, " + (
-                "which no run of ours wrote" if foreign else "but no run of ours (no run.lock)")
-                + "; nothing was removed: move that away or choose another --out_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ValueError(f"--out_dir {out}: cannot write there ({e.strerror})") from None
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ValueError(f"--out_dir {out}: another run (pid {holder}) is using it; wait for it to end or "
-                         f"choose another --out_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held_locks[key] = fd  # kept open (and locked) until this process exits
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if held and not resume and not overwrite:
-        raise ValueError(f"--out_dir {out} holds a run ({', '.join(held)}); pass --resume to continue it or "
-                         f"--overwrite to replace it")
-    if overwrite:
-        for p in out.iterdir():
-            if p.name != "run.lock":
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return out
-
-
-def seed_everything(seed: int):
-    """torch's, numpy's and Python's generators from one seed (the scripts: the same init on every rank,
-    then seed + rank, so that each rank draws its own dropout masks)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-def rng_state(device: str = "cpu") -> dict:
-    """This process's random generators as plain tensors, lists and numbers (weights_only-loadable); each
-    rank has its own streams, so a checkpoint keeps one per rank."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None,
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-
-
-def set_rng_state(s: dict, device: str = "cpu"):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and str(device).startswith("cuda"):
-        torch.cuda.set_rng_state(s["cuda"], device)
-    n = s["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = s["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-
-
-def all_ranks(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...]: every rank's value, on every rank (one rank: [obj])."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rewrite_log(path, keep) -> list[dict]:
-    """Keep (and return) the rows of a log.jsonl where keep(row): a resume drops what comes again."""
-    rows = [r for r in read_log(path) if keep(r)]
-    write_jsonl(path, rows)
-    return rows
-
-
-def write_jsonl(path, rows, ensure_ascii: bool = True):
-    """rows as JSON lines, written to a temp name and renamed: a kill never leaves half a file."""
-    text = "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows)
-    atomic_write(Path(path), lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def close_run(out_dir):
-    """The run in out_dir is over: run.lock is removed while still held, then released (an exit leaves it)."""
-    fd = _held_locks.pop(str(Path(out_dir).resolve()), None)
-    if fd is not None:
-        Path(out_dir, "run.lock").unlink(missing_ok=True)
-        os.close(fd)
-
-
-class GracefulStop:
-    """Ctrl-C or SIGTERM (`kill`, preemption) while training: the step finishes, the script saves its state,
-    exit() says where and leaves with 128 + the signal (130, 143), no traceback; a second Ctrl-C stops at once.
-    requested() agrees over torchrun's ranks (saving is collective)."""
-
-    def __init__(self):
-        self.signum, self._old = 0, {}
-        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals cannot be taken
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
-        if os.environ.get("RANK", "0") == "0":
-            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: "
-                  f"at once, without)", file=sys.stderr, flush=True)
-
-    def requested(self, device="cpu") -> bool:
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([self.signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = int(flag.item())
-        return bool(self.signum)
-
-    def exit(self, step: int, where):
-        self.restore()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{signal.Signals(self.signum).name}: stopped at step {step}; resumable state in {where}; "
-                  f"continue with --resume", file=sys.stderr, flush=True)
-        end_distributed()
-        raise SystemExit(128 + self.signum)
-
-    def restore(self):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old = {}
-
-
-def previous_stage(*dirs) -> str | None:
-    """The first directory holding a saved model: the earlier stage a stage without --init_from continues."""
-    return next((str(d) for d in dirs if any((Path(d) / f).exists() for f in ("gpt_config.json", "config.json"))), None)
-
-
-def read_log(path) -> list[dict]:
-    """The rows of a log.jsonl; a damaged line (a kill, a full disk) is skipped and reported, not fatal."""
-    rows, bad = [], []
-    if Path(path).exists():
-        for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                row = None
-                bad.append(n)
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-            elif row is not None:
-                bad.append(n)
-    if bad:
-        print(f"warning: {path}: skipped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))}"
-              f"{' ...' if len(bad) > 5 else ''})", file=sys.stderr)
-    return rows
-
-
-def run_main(main, argv=None):
-    """Run a script's main: a user error (bad file, value or flag, missing data, no hub, full disk) is one
-    line `error: ...` (rank 0's) and exit status 2, no traceback. Anything else is a bug: its traceback."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, preparing data): nothing to save
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except (ValueError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-            print(f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo can abort
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            dist.destroy_process_group()
-
-
-def peak_memory_mb(device: str = "cpu") -> float:
-    """The memory high-water mark: CUDA's max_memory_allocated, else the resident-set peak VmHWM (not
-    ru_maxrss, which an exec carries over: a child of a big parent would report the parent's peak)."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
-    return process_memory_mb("VmHWM")
-
-
-def process_memory_mb(which: str = "VmRSS") -> float:
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(which + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n)) from sums (shards reduce 3 numbers); NaN if undefined."""
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = total / n
-    if n < 2:
-        return mean, float("nan")
-    var = max(0.0, (total_sq - total * total / n) / (n - 1))
-    return mean, math.sqrt(var / n)
-
-
-def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hlines=()):
-    """A PNG, a subplot per panel of log keys against "step"; hlines: (panel index, y, label) lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for i, (ax, keys) in enumerate(zip(axes[0], panels)):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), "o-" if len(pts) <= 50 else "-", lw=1, alpha=0.8, label=key)
-        for j, y, label in hlines:
-            if j == i:
-                ax.axhline(y, ls="--", color="gray", label=label)
-        ax.set_xlabel("step")
-        ax.set_title(titles[i] if titles else "")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-def before_after(summary: dict, what: str = "") -> str:
-    """A stage's closing line from its summary.json: each metric before -> after (what: on which data)."""
-    b, a = summary["before"], summary["after"]
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
-    return f"before -> after{f' ({what})' if what else ''}: " + ", ".join(
-        f"{k} {fmt(b.get(k))} -> {fmt(v)}" for k, v in a.items())
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    src = tokenizer if tokenizer is not None else tokenizer_dir(getattr(model, "source_dir", None) or out)
+    tok_files, eos, bos = tokenizer_files(src) if src is not None else ({}, None, None)
+    bos = eos if bos is None else bos  # GPT-2 begins and ends a document with the same token
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if format == "native":
+        if c.tie_embeddings:
+            sd.pop("lm_head.weight")  # safetensors refuses shared storage; re-tied on load
+        config_json, weights, config_name = asdict(c), sd, "gpt_config.json"
+    elif format == "hf":
+        modern = [f"{k}={getattr(c, k)!r}" for k in ("qk_norm", "logit_softcap") if getattr(c, k)]
+        if modern:  # HF's GPT-2 and LLaMA have no such switch: the weights would load but compute otherwise
+            raise ValueError(f"{out_dir}: {', '.join(modern)} cannot be expressed as a Hugging Face GPT-2 or "
+                             f"LLaMA model; save with format='native' (this project's own format) instead")
+        hf_type, config_json = hf_config_for(c)
+        weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
+        if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
+            config_json.update(bos_token_id=bos, eos_token_id=eos)
+    else:
+        raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
+    weights = {k: v.contiguous().cpu() for k, v in weights.items()}
+    save_safetensors(weights, out / "model.safetensors", {"format": "pt"})
+    files = {config_name: json.dumps(config_json, indent=2), **tok_files}
+    if eos is not None:
+        files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
+                                                     indent=2)
+    for name, data in files.items():
+        atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d if isinstance(d, bytes) else d.encode()))
+    # files of an earlier save in another format must not linger beside these weights
+    for stale in ("config.json" if config_name == "gpt_config.json" else "gpt_config.json",
+                  "model.safetensors.index.json", "pytorch_model.bin"):
+        (out / stale).unlink(missing_ok=True)

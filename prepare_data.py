@@ -57,8 +57,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bpe import Tokenizer, atomic_write, load_tokenizer
-from model import ArgumentParser, DefaultsHelp, bounded, run_main, write_jsonl
+from bpe import Tokenizer, load_tokenizer
+
+from housekeeping import atomic_write
+from housekeeping import ArgumentParser, DefaultsHelp, bounded, run_main, write_jsonl
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format

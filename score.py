@@ -36,32 +36,35 @@ from pathlib import Path
 
 import torch
 
-from bpe import atomic_write, load_tokenizer
+from bpe import load_tokenizer
+
+from housekeeping import atomic_write
 from lora import load_adapter
-from model import (DEVICE_HELP, GPT, cfg, fit_to_context, mean_stderr, parse_config, pick_device, resolve_init_from,
-                   run_main, write_jsonl)
+from model import GPT
+from housekeeping import (DEVICE_HELP, flag, fit_to_context, mean_stderr, parse_config, pick_device, resolve_init_from,
+                          run_main, write_jsonl)
 from prepare_data import format_dialogue, format_prompt, read_jsonl, read_text_file, string_fields
 
 
 @dataclass
 class ScoreConfig:
-    init_from: str = cfg("out-finetune", "a run dir (its ckpt_step*/, best_model/, best_adapter/), a model dir, or "
+    init_from: str = flag("out-finetune", "a run dir (its ckpt_step*/, best_model/, best_adapter/), a model dir, or "
                                          "an adapter dir")
-    base: str = cfg("gpt2", "the base model of adapter checkpoints (gpt2 name, HF dir or our dir)")
-    tokenizer: str | None = cfg(None, "tokenizer spec (default: the model dir's own, else GPT-2's)")
-    task: str = cfg("instruction", "prompt format: instruction (Alpaca template) or dialogue (HH-RLHF turns)",
+    base: str = flag("gpt2", "the base model of adapter checkpoints (gpt2 name, HF dir or our dir)")
+    tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own, else GPT-2's)")
+    task: str = flag("instruction", "prompt format: instruction (Alpaca template) or dialogue (HH-RLHF turns)",
                     choices=["instruction", "dialogue"])
-    prompts: str | None = cfg(None, "jsonl of {instruction, input?, output? (reference)} or text, one prompt a line "
+    prompts: str | None = flag(None, "jsonl of {instruction, input?, output? (reference)} or text, one prompt a line "
                                     "(default: the 40 built-in everyday questions)")
-    reward_model: str = cfg("OpenAssistant/reward-model-deberta-v3-large-v2", "HF sequence-classification reward "
+    reward_model: str = flag("OpenAssistant/reward-model-deberta-v3-large-v2", "HF sequence-classification reward "
                                                                             "model (hub id or dir), or none")
-    judge_url: str | None = cfg(None, "OpenAI-compatible API base URL; POSTs {url}/chat/completions")
-    judge_model: str = cfg("gpt-4o-mini", "the judge's model name")
-    judge_key_env: str = cfg("OPENAI_API_KEY", "environment variable holding the judge's API key (none sent if unset)")
-    judge_timeout: float = cfg(60.0, "seconds per judge request", min=0.001)
-    judge_retries: int = cfg(4, "retries on timeouts, 429 and 5xx", min=0)
-    max_new_tokens: int = cfg(128, "longest answer", min=1)
-    device: str = cfg("auto", DEVICE_HELP)
+    judge_url: str | None = flag(None, "OpenAI-compatible API base URL; POSTs {url}/chat/completions")
+    judge_model: str = flag("gpt-4o-mini", "the judge's model name")
+    judge_key_env: str = flag("OPENAI_API_KEY", "environment variable holding the judge's API key (none sent if unset)")
+    judge_timeout: float = flag(60.0, "seconds per judge request", min=0.001)
+    judge_retries: int = flag(4, "retries on timeouts, 429 and 5xx", min=0)
+    max_new_tokens: int = flag(128, "longest answer", min=1)
+    device: str = flag("auto", DEVICE_HELP)
 
 
 DEFAULT_PROMPTS = [  # everyday questions across science, history, economics and social topics

@@ -45,8 +45,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bpe import atomic_write
-from model import ArgumentParser, open_run, run_main, write_jsonl
+from housekeeping import atomic_write
+from housekeeping import ArgumentParser, open_run, run_main, write_jsonl
 
 FINETUNE = Path(__file__).resolve().with_name("finetune.py")
 DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU

@@ -45,6 +45,7 @@ import dpo
 import finetune
 import hellaswag
 import lora
+import housekeeping
 import model as model_py
 import prepare_data
 import score
@@ -1803,7 +1804,7 @@ def test_pretrain_hf_save_refuses_a_switch_hf_cannot_express_native_keeps_it(tmp
         assert max_diff(back(IDX)[0], m(IDX)[0]) == 0.0
     # through run_main: one line, exit status 2
     with pytest.raises(SystemExit) as e:
-        model_py.run_main(lambda argv: m.save_pretrained(tmp_path / "hf2"))
+        housekeeping.run_main(lambda argv: m.save_pretrained(tmp_path / "hf2"))
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
@@ -2737,7 +2738,7 @@ def test_finetune_half_precision_steps_on_cpu(precision, lora_rank):
         assert dtype == torch.float32  # full fine-tuning keeps fp32 master weights
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in trainable.values())  # what GradScaler needs
-    autocast, scaler = model_py.autocast_and_scaler(precision, "cpu")
+    autocast, scaler = housekeeping.autocast_and_scaler(precision, "cpu")
     assert (scaler is not None) == (precision == "fp16")
     opt = model_py.make_optimizer(model, "adamw", lr=1e-2)
     model.train()
@@ -3228,7 +3229,7 @@ def test_score_reward_model_equals_transformers(tmp_path):
     with torch.no_grad():
         ref = [rm(**tok(q, a, return_tensors="pt")).logits[0, 0].item() for q, a in zip(qs, ans)]
     assert ours == pytest.approx(ref, abs=1e-5)  # batched with padding = one at a time
-    m, se = model_py.mean_stderr(7.0, 21.0, 3)  # from the sum and the sum of squares
+    m, se = housekeeping.mean_stderr(7.0, 21.0, 3)  # from the sum and the sum of squares
     assert m == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1, 2, 4]) / math.sqrt(3))
 
 
@@ -3571,17 +3572,19 @@ def test_distributed_fsdp_holds_half_the_training_state_per_rank_and_resumes(tmp
     script.write_text(f"""import sys, torch, json
 sys.path.insert(0, {str(ROOT)!r})
 from bench_memory import MemoryTracker
-from model import GPT, GPTConfig, distribute, end_distributed, init_distributed, make_optimizer, optimizer_step
+from model import GPT, GPTConfig, Block, make_optimizer
+from housekeeping import distribute, end_distributed, init_distributed
 rank, _, world = init_distributed("cpu")
 torch.manual_seed(0)
 m = GPT(GPTConfig.preset("tiny-llama", vocab_size=256))
 full = sum(p.numel() * p.element_size() for p in m.parameters())
-distribute(m, "cpu", fsdp=True)
+distribute(m, "cpu", fsdp=True, block_type=Block)
 opt = make_optimizer(m, "adamw", 1e-3)
 x = torch.randint(0, 256, (2, 16))
 with MemoryTracker(m, opt) as mt:
     m(x, x)[1].backward()
-    optimizer_step(m, opt)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 sys.stdout.write(json.dumps(dict(rank=rank, full=full, **mt.peaks)) + "\\n")  # one write: the ranks share a pipe
 end_distributed()
 """)
@@ -3604,7 +3607,7 @@ def test_distributed_ranks_draw_their_own_dropout_and_resume_exactly(train_corpu
     script = tmp_path / "masks.py"
     script.write_text(f"""import sys, json, torch
 sys.path.insert(0, {str(ROOT)!r})
-from model import all_ranks, end_distributed, init_distributed, seed_everything
+from housekeeping import all_ranks, end_distributed, init_distributed, seed_everything
 rank, _, _ = init_distributed("cpu")
 seed_everything(1337 + rank)  # what the scripts do once the model is built
 masks = all_ranks(torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
@@ -3679,18 +3682,18 @@ def test_gpu_compiled_loss_graph_does_not_grow_with_the_batch():
 def test_gpu_precision_and_device_pickers(monkeypatch):
     for capability, want in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert model_py.pick_precision("auto", "cuda:0") == want  # T4/V100 run bf16 only emulated
-    assert model_py.pick_precision("auto", "cpu") == "fp32" and model_py.pick_precision("bf16", "cpu") == "bf16"
+        assert housekeeping.pick_precision("auto", "cuda:0") == want  # T4/V100 run bf16 only emulated
+    assert housekeeping.pick_precision("auto", "cpu") == "fp32" and housekeeping.pick_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="--device nosuch: expected"):
-        model_py.pick_device("nosuch")
+        housekeeping.pick_device("nosuch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda: this machine's PyTorch has no cuda device"):
-        model_py.pick_device("cuda")
+        housekeeping.pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the picker asks
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert model_py.pick_device("cuda") == "cuda:3" and model_py.pick_device("cpu") == "cpu"
+    assert housekeeping.pick_device("cuda") == "cuda:3" and housekeeping.pick_device("cpu") == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
-    assert model_py.pick_device("cuda") == "cuda"
+    assert housekeeping.pick_device("cuda") == "cuda"
     assert train_gpt2.gpu_peak_flops("NVIDIA L40") == 181e12 and train_gpt2.gpu_peak_flops("NVIDIA L4") == 121e12
     assert train_gpt2.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
     assert train_gpt2.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train_gpt2.gpu_peak_flops("Some GPU") is None
@@ -3811,7 +3814,7 @@ def test_robust_a_fresh_run_never_overwrites_a_run(train_corpus, tmp_path):
 def test_robust_a_second_live_run_on_one_out_dir_stops_naming_the_holder(train_corpus, tmp_path):
     _, _, data_dir, _ = train_corpus
     out = tmp_path / "busy"
-    model_py.open_run(out)  # this process holds the run now
+    housekeeping.open_run(out)  # this process holds the run now
     r = _cli("train_gpt2.py", "--data_dir", data_dir, "--out_dir", out, *TINY, "--max_steps", 2)
     _user_error(r, str(out), f"pid {os.getpid()}")
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
@@ -4446,7 +4449,7 @@ def _one_error_line(capsys, *needles) -> str:
 
 def _refused(capsys, fn, argv, *needles) -> str:
     with pytest.raises(SystemExit) as e:
-        model_py.run_main(fn, argv)
+        housekeeping.run_main(fn, argv)
     assert e.value.code == 2
     return _one_error_line(capsys, *needles)
 
@@ -4462,24 +4465,24 @@ def test_i26_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkey
     assert (d / "thesis.txt").read_text() == "x" and (d / "notes").is_dir() and not (d / "run.lock").exists()
     # a run of ours with a foreign file beside it: refused, naming only that file
     run = tmp_path / "run"
-    model_py.open_run(run)
+    housekeeping.open_run(run)
     (run / "ckpt").mkdir()
     (run / "log.jsonl").write_text("{}\n")
     (run / "best_adapter.abc123.tmp").write_text("")  # a killed atomic write: ours
     (run / "thesis.txt").write_text("x")
     with pytest.raises(ValueError, match=r"holds thesis\.txt, which no run of ours wrote; nothing was removed"):
-        model_py.open_run(run, overwrite=True)
+        housekeeping.open_run(run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["best_adapter.abc123.tmp", "ckpt", "log.jsonl", "run.lock",
                                                      "thesis.txt"]
     (run / "thesis.txt").unlink()
-    model_py.open_run(run, overwrite=True)  # only our files: cleared
+    housekeeping.open_run(run, overwrite=True)  # only our files: cleared
     assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
-    model_py.close_run(run)
+    housekeeping.close_run(run)
     # a run that stopped before its first checkpoint: --resume says both ways out
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(finetune.FinetuneConfig())))
     with pytest.raises(FileNotFoundError, match="no resumable state .* --resume continues from the last checkpoint"
                                                 ".* --overwrite"):
-        lora.load_train_state(run, None, None)
+        housekeeping.load_train_state(run, None, None)
 
 
 # every numeric flag of each script, given NaN, +-inf, 0, a negative and 10^13. A value is refused
@@ -4510,7 +4513,7 @@ def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp
                          and not (value == 1e13 and f.name in _I26_SIZES[script]))
                 argv = [f"--{f.name}", text]
                 if valid:
-                    model_py.run_main(parse, argv)
+                    housekeeping.run_main(parse, argv)
                     capsys.readouterr()
                 else:
                     _refused(capsys, parse, argv, f.name)
@@ -4560,7 +4563,7 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     assert best and all(torch.isfinite(t).all() for t in best.values())
     assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2  # the last good state
     assert not (out / "summary.json").exists()
-    rows = model_py.read_log(out / "log.jsonl")
+    rows = housekeeping.read_log(out / "log.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     # NaN weights evaluate to NaN, not to a perfect 0.0 (and a NaN val loss stops the run, see check_finite)
@@ -4571,8 +4574,8 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     assert math.isnan(finetune.evaluate(m, ex, 1, "cpu"))
     # a NaN loss or gradient norm of a training step stops it too, naming the step
     with pytest.raises(ValueError, match=r"^step 7: loss nan, grad_norm inf: the training diverged"):
-        model_py.check_finite(7, loss=float("nan"), grad_norm=float("inf"))
-    model_py.check_finite(7, torch.amp.GradScaler("cpu", enabled=False), loss=1.0, grad_norm=float("inf"))  # fp16
+        housekeeping.check_finite(7, loss=float("nan"), grad_norm=float("inf"))
+    housekeeping.check_finite(7, torch.amp.GradScaler("cpu", enabled=False), loss=1.0, grad_norm=float("inf"))  # fp16
     # a micro-batch without trained tokens still contributes exactly nothing (0/0 is not a divergence)
     m = GPT(GPTConfig.preset("tiny-gpt2"))
     idx = torch.randint(0, 512, (1, 8))
@@ -4610,7 +4613,7 @@ def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_ru
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "4"])
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "6", "--resume"])
     finetune.main(flags + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "6"])
-    cut, whole = (model_py.read_log(tmp_path / d / "log.jsonl") for d in ("cut", "whole"))
+    cut, whole = (housekeeping.read_log(tmp_path / d / "log.jsonl") for d in ("cut", "whole"))
     assert [r["step"] for r in cut] == [r["step"] for r in whole]
     assert max(r["step"] for r in cut) > 4  # it trained on
     for a, b in zip(cut, whole):
@@ -4669,7 +4672,7 @@ def test_i26_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
     _refused(capsys, dpo.main, _i26_dpo_args(tmp_path) + ["--out_dir", str(out), "--max_steps", "3",
                                                           "--ckpt_interval", "1"], "error: step 2: grad_norm nan")
     assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 1
-    assert [r["step"] for r in model_py.read_log(out / "log.jsonl") if "loss" in r] == [1]
+    assert [r["step"] for r in housekeeping.read_log(out / "log.jsonl") if "loss" in r] == [1]
 
 
 def test_i26_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
@@ -5003,16 +5006,16 @@ def test_a_run_directory_resolves_to_its_best_or_final_model_and_says_which(run_
     for name, (run, model_dir) in run_dirs.items():
         if model_dir is None:
             with pytest.raises(FileNotFoundError, match="a run directory without a saved model"):
-                model_py.resolve_init_from(str(run))
+                housekeeping.resolve_init_from(str(run))
             continue
-        assert model_py.resolve_init_from(str(run)) == str(model_dir)
+        assert housekeeping.resolve_init_from(str(run)) == str(model_dir)
         assert f"a run directory; using {model_dir}" in capsys.readouterr().err
-        assert model_py.resolve_init_from(str(model_dir)) == str(model_dir)  # a model dir stays itself
+        assert housekeeping.resolve_init_from(str(model_dir)) == str(model_dir)  # a model dir stays itself
         assert capsys.readouterr().err == ""
         # from_pretrained takes the run directory too: the same weights as its model directory
         a, b = GPT.from_pretrained(str(run)), GPT.from_pretrained(str(model_dir))
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert model_py.resolve_init_from("gpt2") == "gpt2"
+    assert housekeeping.resolve_init_from("gpt2") == "gpt2"
 
 
 def test_init_from_a_run_directory_in_hellaswag_chat_dpo_and_score(run_dirs, tmp_path, capsys):
@@ -5052,8 +5055,8 @@ def test_dpo_runs_from_a_run_directory(run_dirs, tmp_path):
 
 
 def test_fit_to_context_caps_generation_with_one_note(capsys):
-    model_py._capped_flags.clear()
-    fit = model_py.fit_to_context
+    housekeeping._capped_flags.clear()
+    fit = housekeeping.fit_to_context
     assert fit([[1] * 10], 20, 128) == ([[1] * 10], 20) and capsys.readouterr().err == ""
     assert fit([[1] * 30], 128, 128, "--x") == ([[1] * 30], 98)  # the room the prompt leaves
     assert capsys.readouterr().err == "note: --x 128 capped at 98: the model's context is 128 tokens\n"
@@ -5084,7 +5087,7 @@ def test_flags_are_spelled_alike_and_never_abbreviated(capsys):
                            timeout=120, env=dict(os.environ, COLUMNS="400"))
         helps[script] = r.stdout
         device = regex.search(r"--device DEVICE\s+(.*)", r.stdout)[1]
-        assert device.startswith(model_py.DEVICE_HELP), (script, device)
+        assert device.startswith(housekeeping.DEVICE_HELP), (script, device)
         assert "--no-no" not in r.stdout, script
     assert "--no-cache" in helps["chat"] and "--warmup_steps" in helps["finetune"] and "--warmup_steps" in helps["dpo"]
 

@@ -62,11 +62,13 @@ import torch
 import torch.distributed as dist
 
 import prepare_data
-from bpe import atomic_write, load_tokenizer
-from model import (DEVICE_HELP, GPT, GPTConfig, GracefulStop, all_ranks, autocast_and_scaler, cfg, check_finite,
-                   check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory, grad_sync,
-                   init_distributed, lr_at, make_optimizer, open_run, optimizer_step, parse_config, pick_device,
-                   pick_precision, plot_log, read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
+from bpe import load_tokenizer
+from housekeeping import atomic_write
+from model import GPT, GPTConfig, lr_at, make_optimizer
+from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, flag, check_finite,
+                          check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory,
+                          grad_sync, init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
+                          read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -74,68 +76,68 @@ from model import (DEVICE_HELP, GPT, GPTConfig, GracefulStop, all_ranks, autocas
 
 @dataclass
 class TrainConfig:
-    recipe: str = cfg("auto", "where the other flags' defaults come from (auto: gpt2-124m on a CUDA GPU with "
+    recipe: str = flag("auto", "where the other flags' defaults come from (auto: gpt2-124m on a CUDA GPU with "
                               "FineWeb shards, else cpu)", choices=["auto", "gpt2-124m", "gpt2-124m-muon", "cpu"])
     # data and output
-    data_dir: str = cfg("data/fineweb_edu", "folder of token shards written by prepare_data.py")
-    out_dir: str = cfg("out", "checkpoints (out_dir/ckpt/), log.jsonl and loss.png go here")
-    resume: bool = cfg(False, "continue the run in out_dir from its checkpoint (flags given now override)")
-    overwrite: bool = cfg(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
+    data_dir: str = flag("data/fineweb_edu", "folder of token shards written by prepare_data.py")
+    out_dir: str = flag("out", "checkpoints (out_dir/ckpt/), log.jsonl and loss.png go here")
+    resume: bool = flag(False, "continue the run in out_dir from its checkpoint (flags given now override)")
+    overwrite: bool = flag(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
     # model
-    model: str = cfg("gpt2", "architecture preset from model.py: gpt2, gpt2-medium, modern-124m, small-cpu, ...")
-    init_from: str = cfg("", "start from these weights instead of random init: gpt2 (OpenAI's, via the HF hub) "
+    model: str = flag("gpt2", "architecture preset from model.py: gpt2, gpt2-medium, modern-124m, small-cpu, ...")
+    init_from: str = flag("", "start from these weights instead of random init: gpt2 (OpenAI's, via the HF hub) "
                              "or a model directory")
-    n_layer: int | None = cfg(None, "override the preset's number of blocks", min=1)
-    n_head: int | None = cfg(None, "override the preset's number of attention heads", min=1)
-    n_embd: int | None = cfg(None, "override the preset's width", min=1)
-    block_size: int | None = cfg(None, "override the preset's context length (at least seq_len)", min=1)
-    dropout: float = cfg(0.0, "dropout probability (0 for pretraining on this much data)", min=0.0, max=1.0)
+    n_layer: int | None = flag(None, "override the preset's number of blocks", min=1)
+    n_head: int | None = flag(None, "override the preset's number of attention heads", min=1)
+    n_embd: int | None = flag(None, "override the preset's width", min=1)
+    block_size: int | None = flag(None, "override the preset's context length (at least seq_len)", min=1)
+    dropout: float = flag(0.0, "dropout probability (0 for pretraining on this much data)", min=0.0, max=1.0)
     # batch
-    batch_size: int = cfg(64, "micro-batch: sequences per forward/backward on each device (when the flag is not "
+    batch_size: int = flag(64, "micro-batch: sequences per forward/backward on each device (when the flag is not "
                               "given, lowered if need be so that total_batch_size divides)", min=1)
-    seq_len: int = cfg(1024, "tokens per sequence", min=1)
-    total_batch_size: int = cfg(524288, "tokens per optimizer step, over all devices and accumulation steps; a "
+    seq_len: int = flag(1024, "tokens per sequence", min=1)
+    total_batch_size: int = flag(524288, "tokens per optimizer step, over all devices and accumulation steps; a "
                                         "multiple of batch_size * seq_len * world_size", min=1)
     # optimizer and schedule
-    optimizer: str = cfg("adamw", "adamw: AdamW for every parameter; muon: Muon for the 2-D matrices inside the "
+    optimizer: str = flag("adamw", "adamw: AdamW for every parameter; muon: Muon for the 2-D matrices inside the "
                                   "blocks (--matrix_lr), AdamW for embeddings, head, norms and biases (--lr)",
                          choices=["adamw", "muon"])
-    lr: float = cfg(6e-4, "peak learning rate (after warmup) of AdamW's parameters", min=0.0, aliases=("--max_lr",))
-    matrix_lr: float = cfg(0.02, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
-    schedule: str = cfg("cosine", "after warmup, cosine: cosine decay to lr * min_lr_ratio; wsd: constant, then a "
+    lr: float = flag(6e-4, "peak learning rate (after warmup) of AdamW's parameters", min=0.0, aliases=("--max_lr",))
+    matrix_lr: float = flag(0.02, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
+    schedule: str = flag("cosine", "after warmup, cosine: cosine decay to lr * min_lr_ratio; wsd: constant, then a "
                                   "linear warmdown to lr * min_lr_ratio over the last warmdown_frac of the run",
                         choices=["cosine", "wsd"])
-    warmdown_frac: float = cfg(0.2, "--schedule wsd: the fraction of the steps spent in the warmdown", min=0.0, max=1.0)
-    min_lr_ratio: float = cfg(0.1, "the schedule ends at lr * min_lr_ratio (matrix_lr * min_lr_ratio)", min=0.0,
+    warmdown_frac: float = flag(0.2, "--schedule wsd: the fraction of the steps spent in the warmdown", min=0.0, max=1.0)
+    min_lr_ratio: float = flag(0.1, "the schedule ends at lr * min_lr_ratio (matrix_lr * min_lr_ratio)", min=0.0,
                               max=1.0)
-    warmup_steps: int = cfg(715, "steps of linear warmup from lr/warmup_steps to lr (capped at 10% of "
+    warmup_steps: int = flag(715, "steps of linear warmup from lr/warmup_steps to lr (capped at 10% of "
                                  "the run when it would take more than half of it)", min=0)
-    max_steps: int = cfg(19073, "optimizer steps in the run (19073 * 524288 tokens = 10B)", min=1)
-    weight_decay: float = cfg(0.1, "AdamW weight decay, on 2-D weights only", min=0.0)
-    beta1: float = cfg(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = cfg(0.95, "AdamW beta2", min=0.0, max=1.0)
-    grad_clip: float = cfg(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    max_steps: int = flag(19073, "optimizer steps in the run (19073 * 524288 tokens = 10B)", min=1)
+    weight_decay: float = flag(0.1, "AdamW weight decay, on 2-D weights only", min=0.0)
+    beta1: float = flag(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = flag(0.95, "AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
     # evaluation, sampling, checkpoints
-    eval_interval: int = cfg(250, "evaluate every this many steps (and before the first and after the last); 0 = "
+    eval_interval: int = flag(250, "evaluate every this many steps (and before the first and after the last); 0 = "
                                   "only before and after", min=0)
-    val_tokens: int = cfg(10_485_760, "size of the fixed validation slice, from val_offset in the val split", min=1)
-    val_offset: int = cfg(0, "where the validation slice starts in the val split (bench_speed.py pretrain tunes "
+    val_tokens: int = flag(10_485_760, "size of the fixed validation slice, from val_offset in the val split", min=1)
+    val_offset: int = flag(0, "where the validation slice starts in the val split (bench_speed.py pretrain tunes "
                              "learning rates on a slice held apart from the reported one)", min=0)
-    hellaswag_file: str = cfg("data/hellaswag/hellaswag_val.jsonl",
+    hellaswag_file: str = flag("data/hellaswag/hellaswag_val.jsonl",
                               "HellaSwag examples; evaluated when the file and hellaswag.py exist")
-    hellaswag_limit: int = cfg(0, "evaluate only the first N HellaSwag examples (0 = all)", min=0)
-    num_samples: int = cfg(4, "continuations sampled at each evaluation (0 = none)", min=0)
-    sample_len: int = cfg(32, "tokens per sampled continuation", min=1)
-    sample_prompt: str = cfg("Hello, I'm a language model,", "prompt of the samples")
-    ckpt_interval: int = cfg(1000, "checkpoint every this many steps (and at the end); 0 = only at the end", min=0)
-    stop_at_step: int = cfg(0, "end after this many steps as if killed there (no final eval/checkpoint): "
+    hellaswag_limit: int = flag(0, "evaluate only the first N HellaSwag examples (0 = all)", min=0)
+    num_samples: int = flag(4, "continuations sampled at each evaluation (0 = none)", min=0)
+    sample_len: int = flag(32, "tokens per sampled continuation", min=1)
+    sample_prompt: str = flag("Hello, I'm a language model,", "prompt of the samples")
+    ckpt_interval: int = flag(1000, "checkpoint every this many steps (and at the end); 0 = only at the end", min=0)
+    stop_at_step: int = flag(0, "end after this many steps as if killed there (no final eval/checkpoint): "
                                "for testing --resume; 0 = off", min=0)
     # system
-    device: str = cfg("auto", DEVICE_HELP)
-    precision: str = cfg("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 with loss scaling on older "
+    device: str = flag("auto", DEVICE_HELP)
+    precision: str = flag("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 with loss scaling on older "
                                  "GPUs, fp32 on a CPU", choices=["auto", "fp32", "bf16", "fp16"])
-    compile: str = cfg("auto", "torch.compile the training module (auto: on for CUDA)", choices=["auto", "on", "off"])
-    seed: int = cfg(1337, "random seed (model init; dropout and sampling get seed + rank)")
+    compile: str = flag("auto", "torch.compile the training module (auto: on for CUDA)", choices=["auto", "on", "off"])
+    seed: int = flag(1337, "random seed (model init; dropout and sampling get seed + rank)")
 
 
 # The recipes: overrides of the defaults above (which are the gpt2-124m recipe).
@@ -681,7 +683,21 @@ def train(cfg: TrainConfig, given: dict | None = None):
         for group in optimizer.param_groups:
             group["lr"] = scale * (cfg.matrix_lr if group.get("muon") else cfg.lr)
         lr = scale * cfg.lr
-        norm = optimizer_step(raw_model, optimizer, scaler, cfg.grad_clip)
+        # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
+        # bounded distance instead of wrecking them; the norm before clipping is what gets logged
+        params = [p for p in raw_model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shard
+            norm = norm.full_tensor()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
         loss_v, norm_v = loss_accum.item(), norm.item()  # waits for the device: the step's time is real
         check_finite(step, scaler, loss=loss_v, grad_norm=norm_v)
         dt = time.time() - t0
