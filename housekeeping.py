@@ -730,3 +730,16 @@ class StepClock:
         """The start line's promise once a few steps ran: 'about 4m10s for 600 steps at 0.42 s/step'."""
         per = self.per_step()
         return f"about {_duration(per * self.max_steps)} for {self.max_steps} steps at {per:.3g} s/step"
+
+
+def resolve_warmup(warmup_steps: int, max_steps: int) -> tuple[int, str]:
+    """(the warmup the run uses, a note saying why it differs from --warmup_steps, or ''). The same rule in
+    every training script: -1 is 5% of the run; a warmup longer than half the run (a short trial run of a
+    long recipe) is cut to a tenth of it, so that the run still spends most of its steps at the peak."""
+    if warmup_steps < 0:
+        warmup = int(0.05 * max_steps)
+        return warmup, f"--warmup_steps -1: {warmup} steps, 5% of the {max_steps}"
+    if warmup_steps > max_steps // 2:
+        warmup = max(1, max_steps // 10)
+        return warmup, f"--warmup_steps {warmup_steps} cut to {warmup}, a tenth of the {max_steps} steps"
+    return warmup_steps, ""

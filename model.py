@@ -847,20 +847,25 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def lr_at(step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
-          warmdown_frac: float = 0.2) -> float:
-    """Linear warmup to max_lr, decay to min_lr at total_steps, then flat. Warmup: at first Adam's moments
-    are empty and the gradients large and erratic; a full-size step could throw the weights off for good.
-    cosine: big steps far from a minimum, smaller ones to settle. wsd (warmup-stable-decay, nanochat):
-    max_lr until the last warmdown_frac, then linear to min_lr: full speed for most of the run."""
+def lr_schedule(step: int, max_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0, schedule: str = "cosine",
+                warmdown_frac: float = 0.2) -> float:
+    """The learning rate at `step` as a multiplier of each parameter group's peak (its own: AdamW's lr,
+    Muon's matrix_lr), so that one schedule serves every group. The loop sets
+    group["lr"] = peak * lr_schedule(step, ...) before each optimizer step.
+    - Warmup: linear from 1/warmup_steps to 1. At first Adam's moments are empty and the gradients
+      large and erratic; a full-size step could throw the weights off for good.
+    - cosine: from 1 down to min_lr_ratio at max_steps, then flat. Big steps far from a minimum,
+      smaller ones to settle into it.
+    - wsd (warmup-stable-decay, nanochat): 1 until the last warmdown_frac of the run, then linear down
+      to min_lr_ratio: full speed for most of the run, and a run can be extended before its decay."""
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     if schedule == "wsd":
-        decay_start = max(warmup_steps, total_steps - round(warmdown_frac * total_steps))
-        progress = min(1.0, max(0, step - decay_start) / max(1, total_steps - decay_start))
-        return max_lr + (min_lr - max_lr) * progress
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+        decay_start = max(warmup_steps, max_steps - round(warmdown_frac * max_steps))
+        progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+        return 1.0 + (min_lr_ratio - 1.0) * progress
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + 0.5 * (1.0 - min_lr_ratio) * (1 + math.cos(math.pi * progress))
 
 
 # -----------------------------------------------------------------------------------------------
