@@ -60,7 +60,7 @@ from bpe import load_tokenizer
 from housekeeping import atomic_write
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
 from housekeeping import load_train_state, resumed_config, save_train_state
-from model import GPT, OPTIMIZER_STATES, Block, lr_at, make_optimizer
+from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
                           close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
                           init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
@@ -564,7 +564,7 @@ def train(c: DPOConfig) -> dict:
             if k // c.grad_accum == rank:
                 idx, labels = collate_pairs([train_t[i] for i in picked], tok.eot_id, device)
                 micro.append((idx, labels, [train_k[i] for i in picked]))
-        this_lr = lr_at(step, c.max_steps, lr, 0.0, c.warmup_steps)
+        this_lr = lr * lr_schedule(step, c.max_steps, c.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = this_lr
         m = dpo_step(train_module, ref, micro, c, autocast, scaler)

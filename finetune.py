@@ -60,7 +60,7 @@ from bpe import load_tokenizer
 from housekeeping import atomic_write
 from lora import NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report, unload_lora
 from housekeeping import load_train_state, resumed_config, save_train_state
-from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_at, make_optimizer, save_safetensors
+from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_schedule, make_optimizer, save_safetensors
 from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
                           close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
                           init_distributed, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
@@ -776,9 +776,10 @@ def finetune(c: FinetuneConfig) -> dict:
         mine = picked[rank * c.grad_accum:(rank + 1) * c.grad_accum]
         n_trained = sum(lab != -100 for b in picked for e in b for lab in e["labels"])  # over every rank's share
         n_real_tokens += sum(len(e["input_ids"]) for b in picked for e in b)  # padding not counted
-        this_lr = lr_at(step, total_steps, lr, c.min_lr, warmup)
+        scale = lr_schedule(step, total_steps, warmup, c.min_lr / lr)
         for g in optimizer.param_groups:  # Muon's matrices on the same schedule, scaled to their own peak
-            g["lr"] = this_lr * (c.matrix_lr / lr if g.get("muon") else 1.0)
+            g["lr"] = scale * (c.matrix_lr if g.get("muon") else lr)
+        this_lr = scale * lr
         r = train_step(train_module, optimizer, [collate(b, tok.eot_id, device) for b in mine], scaler, autocast,
                        c.grad_clip, n_trained)
         train_time += time.perf_counter() - t0

@@ -64,7 +64,7 @@ import torch.distributed as dist
 import prepare_data
 from bpe import load_tokenizer
 from housekeeping import atomic_write
-from model import GPT, GPTConfig, lr_at, make_optimizer
+from model import GPT, GPTConfig, lr_schedule, make_optimizer
 from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, flag, check_finite,
                           check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory,
                           grad_sync, init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
@@ -679,7 +679,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
         if ddp:
             dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # the logged loss is the global mean
         # the schedule as a multiplier of each group's peak: Muon's matrices have their own (see MuonAdamW)
-        scale = lr_at(step, cfg.max_steps, 1.0, cfg.min_lr_ratio, warmup, cfg.schedule, cfg.warmdown_frac)
+        scale = lr_schedule(step, cfg.max_steps, warmup, cfg.min_lr_ratio, cfg.schedule, cfg.warmdown_frac)
         for group in optimizer.param_groups:
             group["lr"] = scale * (cfg.matrix_lr if group.get("muon") else cfg.lr)
         lr = scale * cfg.lr
