@@ -451,6 +451,36 @@ def previous_stage(*dirs) -> str | None:
     return next((str(d) for d in dirs if any((Path(d) / f).exists() for f in ("gpt_config.json", "config.json"))), None)
 
 
+def auto_init_from(dirs, run_first: str) -> str:
+    """--init_from auto: the first of `dirs` holding a saved model (the earlier stage), else GPT-2 if the
+    Hugging Face cache already holds it. Else one error line: which stage to run first on this machine,
+    and the --init_from of the real recipe where there is internet."""
+    found = previous_stage(*dirs)
+    if found:
+        return found
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache("openai-community/gpt2", "config.json"), str)
+    except Exception:  # no huggingface_hub, an unreadable cache: as if empty
+        cached = False
+    if cached or os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable():
+        return "gpt2"
+    raise ValueError(f"no earlier stage's model on this machine yet ({', '.join(map(str, dirs))}): run "
+                     f"`{run_first}` first, or pass --init_from gpt2 where there is internet")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers at all (a HEAD request, a few seconds at most)."""
+    try:
+        import requests
+
+        requests.head("https://huggingface.co", timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
 def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.json of flags has no model_type)
     return (p / "gpt_config.json").is_file() or (p / "config.json").is_file() and "model_type" in read_json(
         p / "config.json")
