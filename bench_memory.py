@@ -1,13 +1,13 @@
 """
 bench_memory.py: what gradient accumulation, gradient checkpointing, mixed precision, LoRA, a 4-bit
-base (QLoRA) and the optimizer each cost and save, measured exactly on finetune.py's own training
-step; and the same on paper (--estimate) for models too big for this machine.
+base (QLoRA) and the optimizer each cost and save, measured exactly on finetune.py's training step
+(written out here, training_step); and the same on paper (--estimate) for models too big for this machine.
 
     python bench_memory.py                           # a quick grid on a small model: minutes on a CPU
     python bench_memory.py --full                    # GPT-2 small (124M): the whole grid, all tables
     python bench_memory.py --model llama-135m --axes lora --check_estimate    # estimate vs exact
     python bench_memory.py --model llama2-7b --estimate --gpu_memory_gb 40   # on paper, with FSDP per GPU
-    python bench_memory.py --model llama2-7b --estimate --axes quant --gc_only --batch_size 4 --samples 4 \
+    python bench_memory.py --model llama2-7b --estimate --axes quant --gc_only --batch_size 4 --max_examples 4 \
         --max_length 512 --full_length                # QLoRA: LLaMA-2-7B in under 10 GB
     python bench_memory.py dpo                       # dpo.py's three reference modes (dpo --estimate: 7B)
     python bench_memory.py --help
@@ -32,7 +32,7 @@ more than 5% and 0.5 MB against the baseline (fp32, full fine-tuning, no accumul
 
 --estimate fills the same tables from finetune.estimate_memory (arithmetic on a meta-device model:
 nothing runs), with a column for FSDP over --fsdp_gpus GPUs; --check_estimate measures and estimates
-each configuration and prints both. Outputs go to out/bench/ (--out): markdown tables, one JSON
+each configuration and prints both. Outputs go to out/bench/ (--out_dir): markdown tables, one JSON
 object per configuration (.jsonl: config, key, status, peak_mb, params_mb, grads_mb, optimizer_mb,
 activations_mb, temporaries_mb, process_peak_mb, seconds, seconds_spread, tokens_per_s, trainable)
 and a bar chart (.png).
@@ -41,7 +41,6 @@ and a bar chart (.png).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -62,21 +61,23 @@ from torch.utils._pytree import tree_iter
 
 import dpo
 from bpe import load_tokenizer
-from housekeeping import atomic_write
-from finetune import collate, estimate_memory, tokenize_examples, train_step
+from finetune import collate, estimate_memory, tokenize_examples
+from housekeeping import (ArgumentParser, DefaultsHelp, atomic_write, autocast_and_scaler, bounded, peak_memory_mb,
+                          run_main, write_jsonl)
+from housekeeping import process_memory_mb as _rss_mb
 from lora import NF4Linear, apply_lora, quantize_nf4, weight_dtype
 from model import GPT, GPTConfig, make_optimizer
-from housekeeping import ArgumentParser, DefaultsHelp, autocast_and_scaler, bounded, peak_memory_mb, run_main
-from housekeeping import process_memory_mb as _rss_mb
-from housekeeping import write_jsonl
 from prepare_data import load_alpaca
 
 BASE = dict(ga=1, mp="fp32", lora=0, gc=False, optimizer="adamw", quant="none")
 AXES = ("ga", "mp", "lora", "gc", "optimizer", "rank", "quant")
 MB = 2 ** 20
-QUICK = dict(model="tiny-gpt2", overrides="n_layer=2,n_embd=128,vocab_size=2048", samples=16, batch_size=8,
+# the two grids' defaults: the quick one (minutes on a CPU) and --full (GPT-2 small, an hour and more)
+QUICK = dict(model="tiny-gpt2", overrides="n_layer=2,n_embd=128,vocab_size=2048", max_examples=16, batch_size=8,
              max_length=128, axes="ga,mp,lora,gc")
-FULL = dict(model="gpt2", overrides="", samples=16, batch_size=4, max_length=256, axes="ga,mp,lora,gc,optimizer,rank")
+FULL = dict(model="gpt2", overrides="", max_examples=16, batch_size=4, max_length=256,
+            axes="ga,mp,lora,gc,optimizer,rank")
+OUT_NAME = "bench_memory.md"  # in --out_dir, with bench_memory.jsonl and bench_memory.png beside it
 
 # -----------------------------------------------------------------------------------------------
 # 1. Exact accounting of live tensor bytes
@@ -107,7 +108,9 @@ class MemoryTracker(TorchDispatchMode):
     """Live tensor bytes by category, exact, while the `with` block runs:
 
         with MemoryTracker(model, optimizer) as mt:
-            loss = model(x, y)[1]; loss.backward(); optimizer.step()
+            loss = model(x, y)[1]
+            loss.backward()
+            optimizer.step()
         print(mt.report())        # or mt.peaks / mt.at_total_peak: bytes per category
 
     How: as a TorchDispatchMode it sees every aten op with its outputs, and records each new storage
@@ -125,7 +128,7 @@ class MemoryTracker(TorchDispatchMode):
         zero = dict.fromkeys(CATEGORIES + ("total",), 0)
         self.peaks, self.at_total_peak, self.at_end = dict(zero), dict(zero), dict(zero)
         self.peak_where = None  # the aten op (or event) right after which the total peaked
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda box: box.tensor)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     # --- storages come and go ---------------------------------------------------------------------
     def _track(self, t):
@@ -153,6 +156,10 @@ class MemoryTracker(TorchDispatchMode):
             weakref.finalize(box, self._unsave, key)  # runs when backward (or gc) frees the slot
         self._sample("saved for backward")
         return box
+
+    @staticmethod
+    def _unpack(box):  # backward asks for the saved tensor
+        return box.tensor
 
     def _unsave(self, key):
         with self.lock:
@@ -230,27 +237,32 @@ class MemoryTracker(TorchDispatchMode):
         return "\n".join(rows + [f"total peaked right after: {self.peak_where}"])
 
 
+def _grid_defaults(name: str) -> str:
+    """The help's note on a flag whose default depends on the grid."""
+    return f"(default {QUICK[name]}; --full: {FULL[name]})"
+
+
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=DefaultsHelp,
                         epilog="bench_memory.py dpo [...]: peak memory of dpo.py's reference modes "
                                "(see bench_memory.py dpo --help)")
-    ap.add_argument("--full", action="store_true", help="the GPT-2-small grid of every table (an hour and more on "
-                                                        "a CPU) instead of the quick one")
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
+                    help="the GPT-2-small grid of every table (an hour and more on a CPU) instead of the quick one")
     ap.add_argument("--model", default=None, help=f"GPTConfig preset with random weights (default {QUICK['model']}, "
                                                   f"--full: {FULL['model']})")
     ap.add_argument("--overrides", default=None, help=f"GPTConfig fields changed in the preset (default "
                                                       f"{QUICK['overrides']} with the default model, else none)")
     ap.add_argument("--init_from", default=None, help="load real weights instead (gpt2 name, HF or our dir)")
-    both = lambda k: f"(default {QUICK[k]}; --full: {FULL[k]})"  # noqa: E731
-    ap.add_argument("--samples", type=bounded(int, 1), default=None,
-                    help="training examples per configuration " + both("samples"))
+    ap.add_argument("--max_examples", "--samples", type=bounded(int, 1), default=None,
+                    help="training examples per configuration " + _grid_defaults("max_examples"))
     ap.add_argument("--batch_size", type=bounded(int, 1), default=None,
-                    help="sequences per optimizer step " + both("batch_size"))
+                    help="sequences per optimizer step " + _grid_defaults("batch_size"))
     ap.add_argument("--max_length", type=bounded(int, 1), default=None,
-                    help="longest sequence in tokens " + both("max_length"))
+                    help="longest sequence in tokens " + _grid_defaults("max_length"))
     ap.add_argument("--data_file", default=None, help="Alpaca .json/.jsonl (default: synthetic Alpaca-like lengths)")
-    ap.add_argument("--full_length", action="store_true", help="synthetic sequences all --max_length tokens long "
-                    "(the worst case; else 40 to 290 tokens, as Alpaca's)")
+    ap.add_argument("--full_length", action=argparse.BooleanOptionalAction, default=False,
+                    help="synthetic sequences all --max_length tokens long (the worst case; else 40 to 290 "
+                         "tokens, as Alpaca's)")
     ap.add_argument("--axes", default=None, help="tables: ga,mp,lora,gc form the grid; optimizer; rank; quant "
                                                  "(LoRA on a bf16 against a 4-bit NF4 base) (default ga,mp,lora,gc; "
                                                  "--full: ga,mp,lora,gc,optimizer,rank)")
@@ -258,17 +270,22 @@ def parse_args(argv=None):
     ap.add_argument("--lora_rank", type=bounded(int, 1), default=16, help="LoRA rank of the grid (targets q,v)")
     ap.add_argument("--ranks", default="1,2,4,8,16", help="LoRA ranks of the rank table")
     ap.add_argument("--optimizers", default="adamw,adam,sgd_nesterov,sgd_momentum,sgd", help="optimizer table")
-    ap.add_argument("--gc_only", action="store_true", help="quant table: with gradient checkpointing")
+    ap.add_argument("--gc_only", action=argparse.BooleanOptionalAction, default=False,
+                    help="quant table: with gradient checkpointing")
     ap.add_argument("--repeats", type=bounded(int, 1), default=3, help="runs of each configuration, interleaved")
     ap.add_argument("--device", default="auto", help="cpu|cuda|auto")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
-    ap.add_argument("--estimate", action="store_true", help="arithmetic only, nothing is run")
-    ap.add_argument("--check_estimate", action="store_true", help="measure, and print each estimate beside it")
+    ap.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=False,
+                    help="arithmetic only, nothing is run")
+    ap.add_argument("--check_estimate", action=argparse.BooleanOptionalAction, default=False,
+                    help="measure, and print each estimate beside it")
     ap.add_argument("--gpu_memory_gb", type=bounded(float, 0.0), default=0.0,
                     help="--estimate: mark configurations above this as x")
     ap.add_argument("--fsdp_gpus", type=bounded(int, 1), default=8, help="--estimate: the FSDP column's GPU count")
     ap.add_argument("--timeout", type=bounded(int, 1), default=3600, help="seconds before a configuration is given up")
-    ap.add_argument("--out", default="out/bench/bench_memory.md", help="markdown output; .jsonl and .png beside it")
+    ap.add_argument("--out_dir", "--out", default="out/bench",
+                    help=f"folder of the outputs: {OUT_NAME}, its .jsonl and .png (a path ending in .md names the "
+                         f"markdown file itself, the others beside it, as the former --out did)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is not None and args.overrides is None:
@@ -332,9 +349,10 @@ def synthetic_examples(n: int, vocab: int, max_length: int, full_length: bool = 
 
 def load_examples(args, model) -> list[dict]:
     if args.data_file is None:
-        return synthetic_examples(args.samples, model.config.vocab_size, args.max_length, args.full_length)
+        return synthetic_examples(args.max_examples, model.config.vocab_size, args.max_length, args.full_length)
     tok = load_tokenizer(None, args.init_from)
-    return tokenize_examples(load_alpaca(args.data_file, n_samples=args.samples), tok, tok.eot_id, args.max_length)
+    examples = load_alpaca(args.data_file, max_examples=args.max_examples)
+    return tokenize_examples(examples, tok, tok.eot_id, args.max_length)
 
 
 def model_config(args) -> GPTConfig:
@@ -343,7 +361,12 @@ def model_config(args) -> GPTConfig:
         k, _, v = item.partition("=")
         if k.strip() not in GPTConfig.__dataclass_fields__:
             raise ValueError(f"--overrides {item}: {k.strip()!r} is not a GPTConfig field")
-        kw[k.strip()] = float(v) if "." in v else int(v) if v.lstrip("-").isdigit() else v
+        if "." in v:  # a number with a point is a float, one without an int, anything else a string
+            kw[k.strip()] = float(v)
+        elif v.lstrip("-").isdigit():
+            kw[k.strip()] = int(v)
+        else:
+            kw[k.strip()] = v
     return GPTConfig.preset(args.model, **kw)
 
 
@@ -363,13 +386,57 @@ def build(c: dict, args, device):
     return model.train()
 
 
+def micro_batches(examples: list[dict], micro: int, device) -> list:
+    """One optimizer step's examples as its micro-batches [(idx, targets), ...] of `micro` examples each."""
+    return [collate(examples[j: j + micro], 0, device) for j in range(0, len(examples), micro)]
+
+
+def training_step(model, optimizer, micro, scaler, autocast, grad_clip: float = 1.0) -> torch.Tensor:
+    """One optimizer step of finetune.py's loop, written out here as every loop writes its own: the step
+    whose memory and time the tables report (the same tensors, in the same order, on one process).
+    Returns the step's mean loss, on the device (not read: reading it would wait for the device)."""
+    # the accumulated batch's loss is the mean over ALL its trained tokens (labels != -100): each
+    # micro-batch's mean is weighted by its share n_i / N of them (finetune.py explains why)
+    counts = [(targets != -100).sum() for _, targets in micro]
+    n_total = torch.stack(counts).sum()
+    total = torch.zeros((), device=n_total.device)  # the step's mean loss, summed over the micro-batches
+    for (idx, targets), n in zip(micro, counts):
+        # forward under autocast (bf16/fp16 matmuls, or nothing in fp32), the loss weighted for accumulation;
+        # a micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing
+        with autocast():
+            _, loss = model(idx, targets)
+        loss = torch.where(n > 0, loss, 0.0) * (n / n_total.clamp(min=1))
+        # backward adds this micro-batch's gradients into .grad; fp16 scales the loss so they do not underflow
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        total += loss.detach().float()
+    if int(n_total) == 0:
+        raise ValueError("no trained tokens in this batch (every label is -100)")
+    # fp16: unscale the gradients first, so that clipping sees their true norm
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # clip the global norm: a rare batch with a huge gradient moves the weights a bounded distance
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    # the optimizer step (fp16's scaler skips it when a gradient overflowed, and then lowers the scale)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    # the gradients are freed: the next step's backward adds into fresh ones
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def run_config(c: dict, args) -> dict:
     """Time the steps of one configuration, then follow one more step with the MemoryTracker."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     dev, cuda = args.device, args.device.startswith("cuda")
-    w = torch.nn.Linear(64, 64)  # the empty process: torch's thread pools and autograd engine started
-    w(torch.randn(8, 64)).sum().backward()
+    warm = torch.nn.Linear(64, 64)  # the empty process: torch's thread pools and autograd engine started
+    warm(torch.randn(8, 64)).sum().backward()
     base = 0.0 if cuda else _rss_mb()
     model = build(c, args, dev)
     examples = load_examples(args, model)
@@ -378,34 +445,34 @@ def run_config(c: dict, args) -> dict:
     if args.batch_size % c["ga"]:
         raise ValueError(f"--batch_size {args.batch_size} is not divisible by ga={c['ga']}")
     micro = args.batch_size // c["ga"]
-    steps = [examples[s: s + args.batch_size] for s in range(0, len(examples), args.batch_size)]
-    batches = lambda step: [collate(step[j: j + micro], 0, dev) for j in range(0, len(step), micro)]  # noqa: E731
+    batches = [examples[s: s + args.batch_size] for s in range(0, len(examples), args.batch_size)]
     n_tokens, seconds = 0, 0.0
-    for i, step in enumerate(steps):
+    for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        train_step(model, opt, batches(step), scaler, autocast, grad_clip=1.0)
+        training_step(model, opt, micro_batches(batch, micro, dev), scaler, autocast)
         if cuda:
             torch.cuda.synchronize()
-        if i > 0 or len(steps) == 1:  # the first step pays one-time kernel and allocator set-up
+        if i > 0 or len(batches) == 1:  # the first step pays one-time kernel and allocator set-up
             seconds += time.perf_counter() - t0
-            n_tokens += sum(len(e["input_ids"]) for e in step)
-    longest = max(steps, key=lambda s: max(len(e["input_ids"]) for e in s))
+            n_tokens += sum(len(e["input_ids"]) for e in batch)
+    longest = max(batches, key=lambda b: max(len(e["input_ids"]) for e in b))
     with MemoryTracker(model, opt) as mt:  # exact: the step with the longest micro-batches
-        train_step(model, opt, batches(longest), scaler, autocast, grad_clip=1.0)
-    p = {k: v / MB for k, v in mt.peaks.items()}
-    return dict(config=c, key=key(c), status="ok", peak_mb=p["total"], params_mb=p["parameters"] + p["buffers"],
-                grads_mb=p["gradients"], optimizer_mb=p["optimizer"], activations_mb=p["activations"],
-                temporaries_mb=p["temporaries"], at_peak={k: v / MB for k, v in mt.at_total_peak.items()},
+        training_step(model, opt, micro_batches(longest, micro, dev), scaler, autocast)
+    peaks = {k: v / MB for k, v in mt.peaks.items()}
+    process_peak = "CUDA max_memory_allocated" if cuda else "RSS high-water mark (VmHWM) above the empty process"
+    method = f"exact live tensor bytes (MemoryTracker); process peak: {process_peak}"
+    return dict(config=c, key=key(c), status="ok", peak_mb=peaks["total"],
+                params_mb=peaks["parameters"] + peaks["buffers"], grads_mb=peaks["gradients"],
+                optimizer_mb=peaks["optimizer"], activations_mb=peaks["activations"],
+                temporaries_mb=peaks["temporaries"], at_peak={k: v / MB for k, v in mt.at_total_peak.items()},
                 process_peak_mb=peak_memory_mb(dev) - base, seconds=seconds, tokens_per_s=n_tokens / seconds,
-                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                method="exact live tensor bytes (MemoryTracker); process peak: " +
-                       ("CUDA max_memory_allocated" if cuda else "RSS high-water mark (VmHWM) above the empty process"))
+                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), method=method)
 
 
 def run_in_subprocess(c: dict, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(c)] + [
-        f"--{k}={getattr(args, k)}" for k in ("model", "overrides", "samples", "batch_size", "max_length", "device",
-                                              "threads")]
+    shared = ("model", "overrides", "max_examples", "batch_size", "max_length", "device", "threads")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(c)]
+    cmd += [f"--{k}={getattr(args, k)}" for k in shared]
     cmd += [f"--init_from={args.init_from}"] if args.init_from else []
     cmd += [f"--data_file={args.data_file}"] if args.data_file else []
     cmd += ["--full_length"] if args.full_length else []
@@ -462,7 +529,7 @@ def measure(unique: dict, args, jsonl: Path) -> dict:
 def estimate_config(c: dict, args) -> dict:
     with torch.device("meta"):
         model = build(c, argparse.Namespace(**{**vars(args), "init_from": None}), "meta")
-    lens = [len(e["input_ids"]) for e in synthetic_examples(args.samples, model.config.vocab_size, args.max_length,
+    lens = [len(e["input_ids"]) for e in synthetic_examples(args.max_examples, model.config.vocab_size, args.max_length,
                                                              args.full_length)]
     micro = max(1, args.batch_size // c["ga"])
     tokens = (micro * args.max_length if args.data_file else
@@ -520,7 +587,8 @@ def tables(results: dict, tabs: dict, args) -> str:
     est = args.estimate
     what = "ESTIMATES (arithmetic, nothing measured)" if est else f"measured on {args.device}, {args.repeats} runs each"
     md = [f"# Memory and time of the efficiency techniques: {args.init_from or args.model} "
-          f"{args.overrides or ''}, {args.samples} samples, batch {args.batch_size}, max_length {args.max_length} "
+          f"{args.overrides or ''}, {args.max_examples} examples, batch {args.batch_size}, "
+          f"max_length {args.max_length} "
           f"({what})\n",
           "MB of live tensors: each column its category's peak during a training step, peak = the peak of their "
           "sum" + ("" if est else "; process peak: what the allocator and the process held (see the docstring)")
@@ -614,7 +682,6 @@ def _dpo_child(mode: str, args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base = _rss_mb()
-    cfg = dpo.DPOConfig(reference=mode, lora_rank=16, lora_alpha=32, beta=0.1)
     policy = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=1, block_size=args.seq_len))
     apply_lora(policy, 16, 32, 0.0, "q,v")
     g = torch.Generator().manual_seed(1)
@@ -628,11 +695,12 @@ def _dpo_child(mode: str, args) -> dict:
     ref_mb = _rss_mb() - base
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     policy.train()
-    for s in range(2):
-        b = data[s * args.batch_size: (s + 1) * args.batch_size]
-        idx, labels = dpo.collate_pairs(b, 0)
-        dpo.dpo_step(policy, ref, [(idx, labels, keys[s * args.batch_size: (s + 1) * args.batch_size])], cfg,
-                 contextlib.nullcontext, None)
+    for s in range(2):  # dpo.py's step, one micro-batch, written out: reference, policy, loss, backward, update
+        idx, labels = dpo.collate_pairs(data[s * args.batch_size: (s + 1) * args.batch_size], 0)
+        ref_chosen, ref_rejected = ref.logps(idx, labels, keys[s * args.batch_size: (s + 1) * args.batch_size])
+        policy_chosen, policy_rejected = dpo.concatenated_logps(policy, idx, labels)
+        losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+        losses.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak = _rss_mb("VmHWM")
@@ -668,7 +736,8 @@ def cmd_dpo(argv):
     ap = ArgumentParser(prog="bench_memory.py dpo", description="peak memory of --reference copy | "
                                  "adapter_off | precomputed, each in a fresh process (CPU), or --estimate",
                                  formatter_class=DefaultsHelp)
-    ap.add_argument("--estimate", action="store_true", help="print the paper arithmetic for 16/40 GB GPUs")
+    ap.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=False,
+                    help="print the paper arithmetic for 16/40 GB GPUs")
     ap.add_argument("--seq_len", type=bounded(int, 1), default=256, help="tokens per sequence (prompt + response)")
     ap.add_argument("--batch_size", type=bounded(int, 1), default=2, help="pairs per step")
     ap.add_argument("--repeats", type=bounded(int, 1), default=2, help="runs per mode, interleaved")
@@ -711,7 +780,9 @@ def main(argv=None):
         return
     tabs = configs(args)
     unique = {key(c): c for cs in tabs.values() for c in cs}
-    out = Path(args.out)
+    out = Path(args.out_dir)
+    if out.suffix != ".md":  # a folder: the markdown file in it (a .md path is that file itself)
+        out = out / OUT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
     if args.estimate:

@@ -11,15 +11,17 @@ this machine.
     python bench_speed.py bpe --input ../shared/data/english_pd.txt
                                    # bpe.py: training vs HF tokenizers and the naive algorithm,
                                    # encoding (tiktoken export) vs tiktoken's GPT-2
-    python bench_speed.py tokens --tokenizer tok/ --files english.txt chinese.txt
-                                   # bpe.py: token counts of a tokenizer against GPT-2's, learned tokens
+    python bench_speed.py tokens --tokenizer tok/
+                                   # bpe.py: token counts of a tokenizer against GPT-2's, learned tokens,
+                                   # on --files (default: ../shared/data/english_pd.txt, else the
+                                   # language reference that ships with Python, pydoc_data's topics)
     python bench_speed.py hellaswag --bench_preset gpt2
                                    # hellaswag.py: batched scoring vs one ending per forward pass
     python bench_speed.py nf4      # lora.py's 4-bit NF4 base (QLoRA) vs the 16-bit one: per-token loss
                                    # on held-out text (data/builtin val) and LoRA training-step time
     python bench_speed.py pretrain # train_gpt2.py's cpu recipe: AdamW vs Muon vs Muon + the modern block
                                    # (vs + wsd): LR sweeps, 3 seeds each, val bits per byte, the steps
-                                   # and seconds to AdamW's final bpb; resumable (--out)
+                                   # and seconds to AdamW's final bpb; resumable (--out_dir)
     python bench_speed.py all --nanogpt path/to/nanoGPT/model.py     # peak, gen and train
 
 How it measures: every compared variant runs in the same process on the same weights and inputs,
@@ -29,6 +31,7 @@ runs each variant in a fresh process, for its own peak memory). nanoGPT's model.
 this project: clone karpathy/nanoGPT and pass its model.py with --nanogpt.
 """
 
+import argparse
 import importlib.util
 import json
 import math
@@ -50,10 +53,12 @@ import hellaswag as hs
 from bpe import load_tokenizer
 from lora import apply_lora, quantize_nf4
 from model import GPT, GPTConfig, make_optimizer
-from housekeeping import ArgumentParser, DefaultsHelp, bounded, peak_memory_mb, previous_stage, process_memory_mb
+from housekeeping import (ArgumentParser, DefaultsHelp, bounded, peak_memory_mb, previous_stage, process_memory_mb,
+                          run_main)
 from prepare_data import hellaswag_item, list_shards, load_hellaswag, load_shard
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's test data, beside a checkout
+BUILTIN_TOKENIZER = "data/builtin/tokenizer"  # the BPE that prepare_data.py builtin trains
 
 
 def timed(fn):
@@ -73,8 +78,9 @@ def interleaved(variants: dict, rounds: int) -> dict:
 
 def matmul_peak(dtype, n=2048, reps=10) -> float:
     """Best FLOP/s of an n x n matmul: the practical ceiling for the model's matmuls."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: the first call pays for thread start-up and allocation
     best = min(timed(lambda: a @ b) for _ in range(reps))
     return 2 * n ** 3 / best
 
@@ -133,7 +139,6 @@ def bench_load(args):
     """Host RAM while GPT.from_pretrained reads a bf16 checkpoint: the weights should be held once.
     Peak anonymous RAM is sampled from /proc/self/status every 20 ms in a thread; VmHWM is the
     process's peak resident set (interpreter, libraries and any memory-mapped file pages included)."""
-    import json
     import threading
 
     from safetensors.torch import save_file
@@ -161,7 +166,9 @@ def bench_load(args):
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         (d / "config.json").write_text(json.dumps(cfg))
 
-    base, peak, stop = process_memory_mb("RssAnon"), [0.0], threading.Event()
+    base = process_memory_mb("RssAnon")
+    peak = [0.0]  # the sampling thread's result
+    stop = threading.Event()
 
     def sample():  # anonymous memory only: the checkpoint's mapped file pages are not ours to count
         while not stop.is_set():
@@ -221,7 +228,7 @@ def bench_train(args):
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
-            def step(name=name, m=m, opt=opt):
+            def step(name=name, m=m, opt=opt, use_bf16=use_bf16):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     loss = loss_of(name, m)
                 loss.backward()
@@ -377,25 +384,41 @@ def bench_bpe(args):
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
+def token_count_texts(files) -> list[tuple[str, str]]:
+    """(label, text) of each text to count: the --files, or by default a text at hand offline:
+    ../shared/data/english_pd.txt beside a checkout, else the language reference that every Python
+    installation carries (pydoc_data's topics, the text of help('TOPIC'))."""
+    if files:
+        return [(str(p), bpe._read_text(p)) for p in files]
+    if (SHARED_DATA / "english_pd.txt").is_file():
+        return [(str(SHARED_DATA / "english_pd.txt"), bpe._read_text(SHARED_DATA / "english_pd.txt"))]
+    from pydoc_data.topics import topics
+
+    return [("pydoc_data topics", "\n\n".join(topics[key] for key in sorted(topics)))]
+
 
 def bench_tokens(args):
-    """Token counts of a tokenizer against GPT-2's on files (fewer tokens = more text per context),
+    """Token counts of a tokenizer against GPT-2's on texts (fewer tokens = more text per context),
     and the first and last tokens it learned."""
-    if not args.tokenizer or not args.files:
-        raise ValueError("tokens needs --tokenizer (a bpe.py tokenizer) and --files")
-    tok = bpe.load_bpe(args.tokenizer, args.pattern)
+    spec = args.tokenizer
+    if spec is None:
+        if not (Path(BUILTIN_TOKENIZER) / "tokenizer.bpe").is_file():
+            raise ValueError(f"tokens needs --tokenizer (a bpe.py tokenizer directory); the default, "
+                             f"{BUILTIN_TOKENIZER}, is made by python prepare_data.py builtin")
+        spec = BUILTIN_TOKENIZER
+    tok = bpe.load_bpe(spec, args.pattern)
     gpt2 = bpe.load_bpe(args.gpt2 if Path(args.gpt2).is_file() else "gpt2")  # else $GPT2_TIKTOKEN, data/, ...
     rows = [("file", "chars", "bytes", f"ours ({tok.vocab_size})", f"GPT-2 ({gpt2.vocab_size})",
              "ours/GPT-2")]
-    for p in args.files:
-        text = bpe._read_text(p)
+    for label, text in token_count_texts(args.files):
         n_ours = len(tok.to_tiktoken().encode(text, disallowed_special=()))
         n_gpt2 = len(gpt2.to_tiktoken().encode(text, disallowed_special=()))
-        rows.append((str(p), f"{len(text):,}", f"{len(text.encode()):,}", f"{n_ours:,}", f"{n_gpt2:,}",
+        rows.append((label, f"{len(text):,}", f"{len(text.encode()):,}", f"{n_ours:,}", f"{n_gpt2:,}",
                      f"{n_ours / max(1, n_gpt2):.2f}"))
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))))
+    for r in rows:  # the first column left-aligned, the numbers right-aligned
+        cells = [c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells))
     learned = [tok.vocab[i] for i in sorted(tok.vocab) if i >= 256 and i < len(tok.ranks)]
     n = args.show_tokens
     print(f"\nfirst {n} learned tokens: " + " ".join(bpe.render(t) for t in learned[:n]))
@@ -413,10 +436,16 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
     words = ("the a man woman is are then he she they it with on in into of to and holds runs takes "
              "water ball rope kitchen paint brush camera hair dog car table floor wall shows puts "
              "continues starts begins while after slowly quickly several people outside inside").split()
-    say = lambda lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
-    return [hellaswag_item(dict(activity_label=say(1, 3).title(), ctx_a=say(15, 80) + ".", ctx_b=say(0, 10),
-                                endings=[say(8, 30) + "." for _ in range(4)], label=rng.randrange(4)),
-                           f"synthetic {i}") for i in range(n)]
+
+    def say(lo: int, hi: int) -> str:  # lo to hi random words
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    items = []
+    for i in range(n):  # the fields drawn in this order: label, context, endings, answer
+        row = dict(activity_label=say(1, 3).title(), ctx_a=say(15, 80) + ".", ctx_b=say(0, 10),
+                   endings=[say(8, 30) + "." for _ in range(4)], label=rng.randrange(4))
+        items.append(hellaswag_item(row, f"synthetic {i}"))
+    return items
 
 
 @torch.no_grad()
@@ -499,8 +528,6 @@ def hellaswag_variants(model, tokenizer, examples, batch_size: int, repeats: int
     return med
 
 
-
-
 def bench_hellaswag(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.bench_preset:
@@ -508,7 +535,10 @@ def bench_hellaswag(args):
         model = GPT(GPTConfig.preset(args.bench_preset, vocab_size=tokenizer.n_vocab)).to(device).eval()
     else:
         model, tokenizer = hs.load_model(args.init_from, args.tokenizer, "auto", device)
-    examples = (load_hellaswag(args.data_file) if args.data_file else synthetic_examples(args.items))[: args.items]
+    if args.data_file:
+        examples = load_hellaswag(args.data_file)[: args.limit]
+    else:
+        examples = synthetic_examples(args.limit)
     print(f"hellaswag: {len(examples)} items, scoring={args.scoring}, device={device}, threads="
           f"{torch.get_num_threads()}, model={args.bench_preset or args.init_from}")
     hellaswag_variants(model, tokenizer, examples, args.batch_size, args.rounds, args.scoring, device)
@@ -615,7 +645,7 @@ def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: fl
     flags, lr_flag, _ = PRETRAIN_ARMS[arm]
     cpu = train_gpt2.RECIPES["cpu"]
     key = f"{arm} {lr_flag}={lr:g} seed={seed} {'tune' if tune else 'report'}"
-    out = Path(args.out) / "runs" / key.replace(" ", "_").replace("=", "")
+    out = Path(args.out_dir) / "runs" / key.replace(" ", "_").replace("=", "")
     cmd = [sys.executable, str(Path(__file__).with_name("train_gpt2.py")), "--recipe", "cpu", *flags,
            f"--{lr_flag}", str(lr), *(["--lr", str(adamw_lr)] if lr_flag != "lr" else []),
            "--max_steps", "300", "--data_dir", args.data_dir, "--out_dir", str(out), "--overwrite", "--seed", str(seed),
@@ -677,11 +707,14 @@ def bench_pretrain(args):
     already in out/results.jsonl are kept (a rerun resumes); then the report and out/pretrain.png."""
     from concurrent.futures import ThreadPoolExecutor
 
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {r["key"]: r for r in (json.loads(x) for x in results_path.read_text().splitlines())} \
-        if results_path.exists() else {}
+    done = {}  # key -> row of every run finished, in this session or an earlier one
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
 
     def run_all(jobs):
         todo = [j for j in jobs if _job_key(*j) not in done]
@@ -722,6 +755,11 @@ def _job_key(arm, lr, seed, tune, adamw_lr):
     return f"{arm} {PRETRAIN_ARMS[arm][1]}={lr:g} seed={seed} {'tune' if tune else 'report'}"
 
 
+def _steps(x: float | None) -> str:
+    """A steps-to-target figure: a whole number, or never."""
+    return "never" if x is None else f"{x:.0f}"
+
+
 def _pretrain_report(sweeps, best_lr, runs, sec, adamw_lr) -> dict:
     mean = statistics.mean
     print(f"\nLR sweep: final val bpb on the tuning slice (val tokens 16384..32767), seed 1337; Muon arms' AdamW "
@@ -742,9 +780,8 @@ def _pretrain_report(sweeps, best_lr, runs, sec, adamw_lr) -> dict:
         wall_ratio = m * sec[arm] / (base_steps * sec["adamw"]) if m is not None else None
         report["arms"][arm] = dict(final_bpb=finals, steps_to_target=reach, mean_steps=m, step_ratio=step_ratio,
                                    wall_ratio=wall_ratio, seconds_to_target=m * sec[arm] if m is not None else None)
-        fmt = lambda x: "never" if x is None else f"{x:.0f}"  # noqa: E731
         print(f"  {arm:15s} final bpb {mean(finals):.4f} ({', '.join(f'{b:.4f}' for b in finals)}) | steps to target "
-              f"{fmt(m)} ({', '.join(fmt(x) for x in reach)}) | {sec[arm] * 1000:.0f} ms/step"
+              f"{_steps(m)} ({', '.join(_steps(x) for x in reach)}) | {sec[arm] * 1000:.0f} ms/step"
               + (f" | {step_ratio:.2f}x the steps, {wall_ratio:.2f}x the time of AdamW's {base_steps}"
                  if m is not None else ""))
     print("\nval bpb at each evaluation (mean of seeds)")
@@ -785,11 +822,13 @@ def _pretrain_plot(sweeps, runs, sec, target, path):
     plt.close(fig)
 
 
-def main(argv=None):
+BENCHMARKS = {"gen": bench_gen, "train": bench_train, "peak": bench_peak, "load": bench_load, "bpe": bench_bpe,
+              "tokens": bench_tokens, "hellaswag": bench_hellaswag, "nf4": bench_nf4, "pretrain": bench_pretrain}
+
+
+def build_parser():
     ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
-    ap.add_argument("what", choices=["gen", "train", "peak", "load", "bpe", "tokens", "hellaswag", "nf4", "pretrain",
-                                     "all"],
-                    help="which benchmark")
+    ap.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark (all: peak, gen and train)")
     ap.add_argument("--threads", type=bounded(int, 1), default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=bounded(int, 1), default=5,
                     help="interleaved rounds per variant (medians over these)")
@@ -813,45 +852,53 @@ def main(argv=None):
     ap.add_argument("--repeats", type=bounded(int, 1), default=5, help="bpe: runs per variant; medians are reported")
     ap.add_argument("--naive_merges", type=bounded(int, 0), default=2,
                     help="bpe: merges of the naive algorithm to time and extrapolate (0 = skip)")
-    ap.add_argument("--skip_hf", action="store_true", help="bpe: do not run HF tokenizers")
+    ap.add_argument("--skip_hf", action=argparse.BooleanOptionalAction, default=False,
+                    help="bpe: do not run HF tokenizers")
     ap.add_argument("--gpt2", default=str(SHARED_DATA / "gpt2.tiktoken"),
                     help="GPT-2 rank file: bpe: for the encoding part; tokens: when absent, GPT-2's tokenizer as "
                          "bpe.py finds it ($GPT2_TIKTOKEN, data/gpt2.tiktoken)")
-    ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count")
+    ap.add_argument("--files", nargs="+", default=None, help="tokens: UTF-8 text files to count (default: "
+                    f"{SHARED_DATA / 'english_pd.txt'} when present, else pydoc_data's topics, the language "
+                    "reference that ships with Python)")
     ap.add_argument("--show_tokens", type=bounded(int, 0), default=10, help="tokens: learned tokens to list")
     ap.add_argument("--init_from", default="gpt2", help="hellaswag: the model (as hellaswag.py takes it); nf4: our "
                     "checkpoint dir (default: out/cpu/ckpt/model, train_gpt2.py's offline run)")
     ap.add_argument("--data_dir", default="data/builtin", help="nf4: token shards whose val split is the held-out "
                     "text; pretrain: the corpus (train_gpt2.py's cpu recipe's)")
-    ap.add_argument("--out", default="out/bench_pretrain", help="pretrain: runs, results.jsonl (a rerun skips the "
-                    "runs it holds), report.json and pretrain.png")
-    ap.add_argument("--workers", type=bounded(int, 1), default=2, help="pretrain: training runs at a time (1 thread each)")
+    ap.add_argument("--out_dir", "--out", default="out/bench_pretrain",
+                    help="pretrain: runs, results.jsonl (a rerun skips the runs it holds), report.json, pretrain.png")
+    ap.add_argument("--workers", type=bounded(int, 1), default=2,
+                    help="pretrain: training runs at a time (1 thread each)")
     ap.add_argument("--eval_every", type=bounded(int, 1), default=20, help="pretrain: steps between evaluations")
     ap.add_argument("--nf4_tokens", type=bounded(int, 2), default=32768, help="nf4: held-out tokens to score")
     ap.add_argument("--bench_preset", default=None,
                     help="hellaswag: a randomly initialised GPTConfig preset (e.g. gpt2) instead of --init_from")
     ap.add_argument("--tokenizer", default=None,
-                    help="tokens: the tokenizer to count with; hellaswag: tokenizer spec (default: the model's)")
+                    help=f"tokens: the tokenizer to count with (default: {BUILTIN_TOKENIZER}, made by prepare_data.py "
+                         "builtin); hellaswag: tokenizer spec (default: the model's)")
     ap.add_argument("--data_file", default=None, help="hellaswag: real items (default: synthetic ones of its shape)")
-    ap.add_argument("--items", type=bounded(int, 1), default=32, help="hellaswag: items per run")
+    ap.add_argument("--limit", "--items", type=bounded(int, 1), default=32,
+                    help="hellaswag: evaluate only the first N items per run")
     ap.add_argument("--scoring", default="harness", choices=hs.SCORINGS, help="hellaswag: the scoring")
     ap.add_argument("--hs_batch_size", dest="batch_size_hs", type=bounded(int, 1), default=None,
                     help="hellaswag: rows per forward pass (default: hellaswag.default_batch_size)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not set(args.precision.split(",")) <= {"fp32", "bf16"}:
         ap.error(f"argument --precision: expected a comma list of fp32,bf16, got {args.precision!r}")
     torch.set_num_threads(args.threads)
     if args.what == "hellaswag":
         args.batch_size = args.batch_size_hs
-    result = None
-    for what in (["peak", "gen", "train"] if args.what == "all" else [args.what]):
-        result = {"peak": bench_peak, "gen": bench_gen, "train": bench_train, "load": bench_load, "bpe": bench_bpe,
-                  "hellaswag": bench_hellaswag, "tokens": bench_tokens, "nf4": bench_nf4,
-                  "pretrain": bench_pretrain}[what](args)
-    return result
+    if args.what == "all":
+        bench_peak(args)
+        bench_gen(args)
+        return bench_train(args)
+    return BENCHMARKS[args.what](args)
 
 
 if __name__ == "__main__":
-    from housekeeping import run_main
-
     run_main(main)

@@ -3,18 +3,21 @@ bpe.py: a byte-level BPE (byte pair encoding) tokenizer, as used by GPT-2 and it
 
 Read it top to bottom:
   1. pre-splitting: a regex cuts text into chunks (words, numbers, punctuation, spaces); no token crosses a chunk.
-  2. training: from the 256 byte values, repeatedly merge the most frequent adjacent pair of tokens into a new
-     token, until the vocabulary has the requested size.
-  3. encoding: inside each chunk, repeatedly join the adjacent pair that makes the earliest learned token
-     (lowest rank); decoding concatenates the bytes of the tokens.
-  4. the Tokenizer: GPT-2 compatibility, a fast path through tiktoken, save/load, HF export;
-  5. load_tokenizer: one interface for ours, GPT-2's and Hugging Face's; 6. a small CLI.
-
-Training is the textbook algorithm, made fast without hiding it: each distinct chunk is counted once, pair
-counts are updated only in the chunks a merge touches, and a heap finds the next pair.
+  2. the algorithm, the naive way, with a worked example:
+     - training: from the 256 byte values, count every adjacent pair of tokens in every chunk, merge the most
+       frequent pair into a new token, and repeat until the vocabulary has the requested size;
+     - encoding: inside each chunk, repeatedly join the adjacent pair that makes the earliest learned token
+       (lowest rank); decoding concatenates the bytes of the tokens.
+  3. training, the same merges, faster: each distinct chunk is counted once, pair counts are updated only in
+     the chunks a merge touches, and a heap finds the next pair.
+  4. encoding, the same ids, faster: a heap of pairs over a linked list of parts.
+  5. the Tokenizer: train, encode, decode, special tokens, the tiktoken fast path.
+  6. file formats (skip on a first read): our readable .bpe, tiktoken's rank file, GPT-2's encoder.json +
+     vocab.bpe, Hugging Face's tokenizer.json; load_bpe.
+  7. load_tokenizer: one interface (TextTokenizer) for ours, GPT-2's and Hugging Face's; 8. a small CLI.
 
 Usage:
-  python bpe.py train   --input book.txt --vocab_size 4096 --out tok/
+  python bpe.py train   --input book.txt --vocab_size 4096 --out_dir tok/
   python bpe.py encode  --tokenizer tok/ --text "Hello world"
   python bpe.py decode  --tokenizer gpt2 --ids "15496 995"
   python bpe.py show    --tokenizer gpt2 --text "SolidGoldMagikarp 12345"
@@ -29,6 +32,7 @@ From Python:
   enc = tok.to_tiktoken()                                # same ids, tiktoken's speed
   files = tok.hf_files()                                 # tokenizer.json for transformers.AutoTokenizer
   t = load_tokenizer("tok/")                             # ours, GPT-2's or a HF one, behind one interface
+  vocab, merges = train_naive(text, 512)                 # section 2: the textbook algorithm, same merges
 
 Dependencies: the standard library, `regex` (for \\p{L}-style classes in the split patterns), `tiktoken` (the
 fast path) and `tokenizers` (only for the Hugging Face export).
@@ -106,38 +110,123 @@ def render(token):
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. The core of encoding: merge the bytes of one chunk by rank
+# 2. The algorithm, the naive way (as in minbpe): a few dozen lines, slow, easy to check by hand
+#
+# A worked example, train_naive("low lower lowest", 262) (␠ is a space). GPT-4's pattern cuts the text into
+# the chunks "low", "␠lower", "␠lowest" (a space goes with the word after it), and every chunk starts as
+# its bytes, ids 0-255 ("l" is 108, "o" 111, "w" 119, "␠" 32). Each merge counts the adjacent pairs in all
+# chunks, and the most frequent pair becomes the next token:
+#   merge 1: l+o and o+w both occur 3 times, a tie. Ties go to the smallest pair of ids,
+#            (108, 111) < (111, 119): l+o -> token 256 "lo"       chunks: lo|w  ␠|lo|w|e|r  ␠|lo|w|e|s|t
+#   merge 2: lo+w, 3 times -> 257 "low"                          chunks: low  ␠|low|e|r  ␠|low|e|s|t
+#   merge 3: ␠+low and low+e, 2 times each; (32, 257) < (257, 101): -> 258 "␠low"
+#                                                                chunks: low  ␠low|e|r  ␠low|e|s|t
+#   merge 4: ␠low+e, 2 times -> 259 "␠lowe"                      chunks: low  ␠lowe|r  ␠lowe|s|t
+#   merge 5: each pair is left once; the smallest, (115, 116), is s+t -> 260 "st"
+#   merge 6: (259, 114) < (259, 260): ␠lowe+r -> 261 "␠lower"    chunks: low  ␠lower  ␠lowe|st
+# A token's id is its rank: the order it was learned in. Encoding "␠lowest" replays that order: from the
+# bytes, join each time the adjacent pair that makes the lowest-ranked token:
+#   ␠|l|o|w|e|s|t    tokens among the pairs: l+o 256, s+t 260: join l+o
+#   ␠|lo|w|e|s|t     lo+w 257, s+t 260
+#   ␠|low|e|s|t      ␠+low 258, s+t 260
+#   ␠low|e|s|t       ␠low+e 259, s+t 260
+#   ␠lowe|s|t        s+t 260
+#   ␠lowe|st         ␠lowe+st is no token: done, ids [259, 260]. Decoding joins their bytes: "␠lowest".
+# (minbpe looks each pair up in its table of merges; looking the joined bytes up among the tokens gives the
+# same answer for a vocabulary that BPE learned, and needs only the tokens and their ranks, which is all
+# that GPT-2's rank file holds.)
 
-def bpe_merge(piece, ranks, max_rank=None):
-    """Split `piece` (bytes) into tokens: from single bytes, keep joining the adjacent pair whose concatenation
-    is the lowest-ranked (earliest learned) token, leftmost on ties, until no pair forms a token. Ranks >=
-    `max_rank` are ignored (to find which two tokens a token was built from). Exactly tiktoken's algorithm, so
-    both encoders agree on every input. Near-linear: pairs wait in a heap by (rank, position), parts form a
-    linked list, stale entries are skipped (lazy deletion)."""
-    n, limit = len(piece), float("inf") if max_rank is None else max_rank
-    parts, nxt, prev = [piece[i:i + 1] for i in range(n)], list(range(1, n + 1)), list(range(-1, n))
+def get_stats(ids, counts=None):
+    """{(a, b): occurrences} of the adjacent pairs in the list `ids`, added into `counts` if given.
+    Example: get_stats([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
+    if counts is None:
+        counts = {}
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
 
-    def rank(i):  # rank of the token that joining part i and the next would make (limit: none)
-        return min(ranks.get(parts[i] + parts[nxt[i]], limit), limit) if 0 <= i and nxt[i] < n else limit
 
-    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) < limit]
-    heapq.heapify(heap)
-    while heap:
-        r, i = heapq.heappop(heap)
-        if parts[i] is None or rank(i) != r:  # stale: part i or its neighbour changed since
-            continue
-        j = nxt[i]
-        parts[i], parts[j], nxt[i] = parts[i] + parts[j], None, nxt[j]
-        prev[nxt[i]] = i
-        for k in (prev[i], i):  # only the pairs around the new token changed
-            if (rk := rank(k)) < limit:
-                heapq.heappush(heap, (rk, k))
-    return [p for p in parts if p is not None]
+def merge(ids, pair, new_id):
+    """`ids` with every occurrence of `pair` replaced by `new_id`, left to right, never overlapping:
+    merge([1, 1, 1, 2], (1, 1), 9) == [9, 1, 2] (the third 1 has no partner left)."""
+    a, b = pair
+    out = []
+    i = 0
+    n = len(ids)
+    while i < n:
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _merge_pair(word, a, b, new_id):
+    """merge(word, (a, b), new_id), under the name bench_speed.py uses."""
+    return merge(word, (a, b), new_id)
+
+
+def train_naive(text, n_tokens, pattern="gpt4"):
+    """Byte-level BPE the textbook way. Returns (vocab, merges) as learn_merges (section 3) does, and the same
+    ones: vocab[id] is the token's bytes (ids 0-255 the bytes themselves), merges is [(left_id, right_id,
+    new_id), ...] in order. `n_tokens` counts the 256 bytes and the merges (no special tokens here).
+
+    Each merge costs a pass over every chunk of the text: fine for a few KB, hours for a book (bench_speed.py
+    bpe measures it)."""
+    chunks = regex.findall(resolve_pattern(pattern), text)
+    ids = [list(chunk.encode("utf-8")) for chunk in chunks]  # one list of token ids per chunk
+    vocab = [bytes([b]) for b in range(256)]
+    merges = []
+    while len(vocab) < n_tokens:
+        stats = {}
+        for chunk_ids in ids:  # pairs never cross a chunk boundary
+            get_stats(chunk_ids, stats)
+        if not stats:  # every chunk is a single token
+            break
+        # the most frequent pair; on a tie, the smallest pair of ids (left id first), as learn_merges does
+        pair = min(stats, key=lambda p: (-stats[p], p))
+        new_id = len(vocab)
+        ids = [merge(chunk_ids, pair, new_id) for chunk_ids in ids]
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        merges.append((pair[0], pair[1], new_id))
+    return vocab, merges
+
+
+def encode_chunk_naive(piece, ranks):
+    """The tokens (bytes) of one chunk `piece` (bytes): from single bytes, repeatedly join the adjacent pair
+    whose concatenation is the lowest-ranked token (ranks: {token bytes: id}, the id being the order the
+    token was learned), the leftmost one on a tie, until no adjacent pair forms a token. Each join rescans
+    every pair: quadratic in the chunk's length."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while True:
+        candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
+                      if parts[i] + parts[i + 1] in ranks]
+        if not candidates:
+            return parts
+        _, i = min(candidates)  # the lowest rank; on a tie, the leftmost position
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def encode_naive(text, ranks, pattern="gpt4"):
+    """The ids of `text`: its chunks encoded one by one (special-token strings are ordinary text here)."""
+    ids = []
+    for chunk in regex.findall(resolve_pattern(pattern), text):
+        ids.extend(ranks[token] for token in encode_chunk_naive(chunk.encode("utf-8"), ranks))
+    return ids
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Training. First count the distinct chunks of the training text (streaming files), then learn
-#    merges on (chunk, count) pairs.
+# 3. Training: the same merges as train_naive, faster. train_naive reads every chunk of the text again at
+#    every merge; a book has millions of chunks, and we want thousands of merges. Three changes, none of
+#    which changes the result:
+#    - count first: a text repeats its chunks (" the" thousands of times), so each distinct chunk is kept
+#      once with its count, and a pair inside it counts that many times (count_chunks; files are streamed);
+#    - update, don't recount: a merge changes only the chunks that contain its pair, so pair counts are
+#      corrected there alone (learn_merges' `where` remembers which chunks hold each pair);
+#    - a heap finds the most frequent pair, instead of a scan of all pairs; it is ordered by (-count, pair),
+#      so equal counts go to the smallest pair of ids, as in train_naive.
 
 BLOCK_SIZE = 1 << 20  # characters read at a time when streaming a training file
 
@@ -167,7 +256,9 @@ def _read_blocks(path, pattern, specials):
     path = Path(path)
     can_cut = pattern in (GPT2_PATTERN, GPT4_PATTERN)
     decoder = codecs.getincrementaldecoder("utf-8")()
-    pending, nbytes, nlines = "", 0, 0
+    pending = ""  # decoded text not yet handed out
+    nbytes = 0    # bytes read so far, and the newlines among them, to say where a bad byte is
+    nlines = 0
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -231,7 +322,10 @@ def count_chunks(text_or_paths, pattern="gpt4", special_tokens=(), verbose=False
             raise FileNotFoundError(f"{p}: no such training file")
     blocks = (b for src in texts + paths
               for b in ([src] if isinstance(src, str) else _read_blocks(src, pattern, specials)))
-    counts, n_chars, start, last_report = Counter(), 0, time.time(), time.time()
+    counts = Counter()
+    n_chars = 0
+    start = time.time()
+    last_report = start
     for block in blocks:
         for piece in (cutter.split(block) if cutter else [block]):
             counts.update(splitter.findall(piece))
@@ -243,22 +337,9 @@ def count_chunks(text_or_paths, pattern="gpt4", special_tokens=(), verbose=False
     return counts
 
 
-def _merge_pair(word, a, b, new_id):
-    """Replace every non-overlapping occurrence of the pair (a, b) in `word`, left to right."""
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 def learn_merges(chunk_counts, n_tokens, verbose=False):
-    """Byte-level BPE on {chunk: count}. Returns (vocab, merges): vocab[id] is the token's bytes (ids 0-255 are the
-    bytes themselves), merges is [(left_id, right_id, new_id), ...] in order.
+    """Byte-level BPE on {chunk: count}, with the result of train_naive. Returns (vocab, merges): vocab[id] is the
+    token's bytes (ids 0-255 are the bytes themselves), merges is [(left_id, right_id, new_id), ...] in order.
 
     Each step merges the most frequent adjacent pair; ties go to the smallest pair of ids (left id first), so training
     is deterministic. Training stops at `n_tokens` tokens or when no pair is left (every chunk is a single token).
@@ -283,7 +364,9 @@ def learn_merges(chunk_counts, n_tokens, verbose=False):
     heap = [(-n, pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
 
-    merges, start, last_report = [], time.time(), time.time()
+    merges = []
+    start = time.time()
+    last_report = start
     n_goal = n_tokens - len(vocab)
     while len(vocab) < n_tokens and heap:
         neg_count, pair = heapq.heappop(heap)
@@ -293,7 +376,8 @@ def learn_merges(chunk_counts, n_tokens, verbose=False):
                 heapq.heappush(heap, (-count, pair))
             continue
         a, b = pair
-        new_id, token = len(vocab), vocab[a] + vocab[b]
+        new_id = len(vocab)
+        token = vocab[a] + vocab[b]
         # A merge never spells an existing token: the bytes of a token's span evolve the same way
         # wherever they occur, so any copy of these bytes was already merged into that token.
         assert token not in token_ids, f"merge {render(token)} repeats a token"
@@ -306,7 +390,7 @@ def learn_merges(chunk_counts, n_tokens, verbose=False):
         delta = defaultdict(int)
         for i in where.pop(pair):
             old = words[i]
-            new = _merge_pair(old, a, b, new_id)
+            new = merge(old, pair, new_id)
             if len(new) == len(old):  # stale index: an earlier merge removed the pair here
                 continue
             words[i] = new
@@ -339,7 +423,56 @@ def learn_merges(chunk_counts, n_tokens, verbose=False):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. The tokenizer
+# 4. Encoding: the same tokens as encode_chunk_naive, faster. The naive encoder rescans every pair of a
+#    chunk after every join: quadratic in the chunk's length (a run of 100,000 "a"s takes minutes). Here the
+#    candidate pairs wait in a heap ordered by (rank, position), which pops the lowest rank, leftmost on a
+#    tie: exactly the naive choice. The parts form a linked list, so a join only changes the two pairs
+#    around it, which are pushed anew: about n log n. (The Tokenizer also caches the ids of each chunk.)
+
+def bpe_merge(piece, ranks, max_rank=None):
+    """Split `piece` (bytes) into tokens as encode_chunk_naive does: from single bytes, keep joining the
+    adjacent pair whose concatenation is the lowest-ranked (earliest learned) token, leftmost on ties, until
+    no pair forms a token. Ranks >= `max_rank` are ignored (to find which two tokens a token was built from).
+    Exactly tiktoken's algorithm, so both encoders agree on every input. Stale heap entries (a pair whose
+    part has changed since it was pushed) are skipped when popped: lazy deletion."""
+    n = len(piece)
+    if max_rank is None:
+        limit = float("inf")
+    else:
+        limit = max_rank
+    # The part starting at byte i is parts[i] (None once joined into the part before it); the parts
+    # before and after it start at prev[i] and nxt[i] (-1 and n: none).
+    parts = [piece[i:i + 1] for i in range(n)]
+    nxt = list(range(1, n + 1))
+    prev = list(range(-1, n))
+
+    def rank(i):
+        """The rank of the token that joining part i and the next one would make (limit: none)."""
+        if i < 0 or nxt[i] >= n:
+            return limit
+        return min(ranks.get(parts[i] + parts[nxt[i]], limit), limit)
+
+    heap = [(r, i) for i in range(n - 1) if (r := rank(i)) < limit]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        if parts[i] is None or rank(i) != r:  # stale: part i or its neighbour changed since
+            continue
+        j = nxt[i]  # part i absorbs part j, and j leaves the list
+        parts[i] = parts[i] + parts[j]
+        parts[j] = None
+        nxt[i] = nxt[j]
+        prev[nxt[i]] = i
+        for k in (prev[i], i):  # only the pairs around the new token changed
+            rk = rank(k)
+            if rk < limit:
+                heapq.heappush(heap, (rk, k))
+    return [p for p in parts if p is not None]
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. The Tokenizer: the fast trainer and encoder behind one object, with special tokens, decoding and
+#    tiktoken's Rust encoder as a fast path (the same ids)
 
 class Tokenizer:
     """A byte-level BPE tokenizer: `ranks` maps each ordinary token (bytes) to its id, which is also
@@ -389,7 +522,8 @@ class Tokenizer:
 
     @classmethod
     def train(cls, text_or_paths, vocab_size, pattern="gpt4", special_tokens=None, verbose=False):
-        """Learn a tokenizer from a text (str) or from files (a path or a list of paths; streamed).
+        """Learn a tokenizer from a text (str) or from files (a path or a list of paths; streamed): the
+        merges of train_naive, by count_chunks + learn_merges.
         `vocab_size` counts the 256 bytes, the merges and the special tokens; special tokens are a
         list of strings (or a dict, whose ids are ignored) and get the ids after the merges."""
         specials = list(special_tokens or [])
@@ -427,10 +561,10 @@ class Tokenizer:
             self._merges = merges
         return self._merges
 
-    # ---- encoding and decoding (the readable pure-Python path)
+    # ---- encoding and decoding (the pure-Python path: bpe_merge on each chunk)
 
     def encode_ordinary(self, text):
-        """Encode text, treating special-token strings as ordinary text."""
+        """Encode text, treating special-token strings as ordinary text. The same ids as encode_naive."""
         ids = []
         for chunk in self._split.findall(text):
             chunk_ids = self._cache.get(chunk)
@@ -447,16 +581,25 @@ class Tokenizer:
         return ids
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
-        """Encode text to ids, special tokens as tiktoken does: `allowed_special` ("all" or a set) become their
-        id; finding one of `disallowed_special` ("all" = every one not allowed, or a set) is an error (user text
-        must not smuggle in control tokens); others are ordinary text. Lone surrogates become U+FFFD."""
+        """Encode text to ids, treating special-token strings as tiktoken does:
+        - those in `allowed_special` ("all", or a set of strings) become their special token's id;
+        - finding one of those in `disallowed_special` is an error, so that user text cannot smuggle in
+          control tokens; "all" (the default) means every special token that is not allowed;
+        - any other special-token string (disallowed_special=() for all of them) is ordinary text.
+        Lone surrogates (not encodable as UTF-8) become U+FFFD, the replacement character."""
         all_specials = set(self.special_tokens)
-        allowed = all_specials if allowed_special == "all" else set(allowed_special)
+        if allowed_special == "all":
+            allowed = all_specials
+        else:
+            allowed = set(allowed_special)
         unknown = allowed - all_specials
         if unknown:
             raise ValueError(f"allowed_special has strings that are not special tokens of this "
                              f"tokenizer: {sorted(unknown)}")
-        disallowed = all_specials - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed_special == "all":
+            disallowed = all_specials - allowed
+        else:
+            disallowed = set(disallowed_special)
         if disallowed:
             m = special_regex(disallowed).search(text)
             if m:
@@ -471,7 +614,8 @@ class Tokenizer:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         if not allowed:
             return self.encode_ordinary(text)
-        ids, start = [], 0
+        ids = []
+        start = 0  # where the ordinary text after the last special token begins
         for m in special_regex(allowed).finditer(text):
             ids.extend(self.encode_ordinary(text[start:m.start()]))
             ids.append(self.special_tokens[m.group()])
@@ -511,221 +655,206 @@ class Tokenizer:
         return self.to_tiktoken().encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
                                                disallowed_special=disallowed_special)
 
-    # ---- Hugging Face's format
-
-    def hf_files(self, model_max_length=None) -> dict:
-        """{"tokenizer.json": ..., "tokenizer_config.json": ...}: this tokenizer in Hugging Face's
-        format, so that transformers.AutoTokenizer gives the same ids as encode_ordinary. A
-        special-token string written in text stays ordinary text there too (split_special_tokens)."""
-        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-        b2c = gpt2_byte_to_char()  # GPT-2's printable spelling of bytes, as in its vocab.json
-        spell = lambda t: "".join(b2c[b] for b in t)  # noqa: E731
-        # merge k makes token 256 + k, so merge order is rank order (tiktoken's priority); ignore_merges:
-        # a chunk that is itself a token is that token, without merging (tiktoken's shortcut too)
-        merges = [(spell(self.vocab[a]), spell(self.vocab[b])) for a, b, _ in sorted(self.merges, key=lambda m: m[2])]
-        hf = HFTokenizer(models.BPE({spell(t): i for t, i in self.ranks.items()}, merges, ignore_merges=True))
-        # HF's regex engine (Oniguruma) reads X{1,3}+ as (X{1,3})+, not as a possessive interval, so
-        # GPT-4's \p{N}{1,3}+ would keep "12345678" whole: an atomic group means the same
-        pattern = regex.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", self.pattern)
-        # no normalizer; split with our regex, then spell each chunk's bytes (use_regex=False: no 2nd split)
-        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        hf.decoder = decoders.ByteLevel()  # alphabet -> bytes -> UTF-8, bad bytes as U+FFFD, like decode()
-        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
-            hf.add_special_tokens([AddedToken(s, special=True, normalized=False)])  # takes the next id
-            if hf.token_to_id(s) != i:
-                raise ValueError(f"special token {s!r} has id {i}; Hugging Face needs ids right after the ranks")
-        eos = "<|endoftext|>" if "<|endoftext|>" in self.special_tokens else None
-        # <|endoftext|> separates documents: the EOS, and (as in GPT-2) BOS; nothing is added around ids
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos, "unk_token": eos,
-                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                  "split_special_tokens": True, **({"model_max_length": model_max_length} if model_max_length else {})}
-        return {"tokenizer.json": hf.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
-
-    # ---- saving and loading
+    # ---- files: each format is read and written in section 6, apart from the algorithm
 
     def save(self, path):
-        """Save to `path`. A directory (an existing one, or a new name without a suffix, created) gets both formats
-        (tokenizer.bpe and tokenizer.tiktoken); a name ending in .tiktoken gets tiktoken's rank format (ranks only: no
-        pattern, no special tokens); any other name gets the readable format. Files are written atomically."""
-        path = Path(path)
-        if path.is_dir() or not path.suffix:
-            path.mkdir(parents=True, exist_ok=True)
-            self.save(path / "tokenizer.bpe")
-            self.save(path / "tokenizer.tiktoken")
-        elif path.suffix == ".tiktoken":
-            lines = [f"{base64.b64encode(t).decode('ascii')} {i}"
-                     for t, i in sorted(self.ranks.items(), key=lambda kv: kv[1])]
-            _write_atomically(path, "\n".join(lines) + "\n")
-        else:
-            _write_atomically(path, self._readable())
-
-    def _readable(self):
-        lines = [FORMAT_HEADER, f"pattern {json.dumps(self.pattern)}",
-                 "# one token per line: id, then 'byte VALUE', 'merge LEFT RIGHT' or 'special', then",
-                 "# the token in quotes (\\xNN = a byte that is not UTF-8 on its own). load() rebuilds",
-                 "# every token from the first columns and checks it against the quoted text."]
-        recipe = {new_id: (left, right) for left, right, new_id in self.merges}
-        for i in range(len(self.ranks)):
-            t = self.vocab[i]
-            how = f"byte {t[0]}" if len(t) == 1 else "merge {} {}".format(*recipe[i])
-            lines.append(f"{i} {how} {render(t)}")
-        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
-            lines.append(f"{i} special {json.dumps(s)}")
-        return "\n".join(lines) + "\n"
+        """Save to `path`: a directory gets both tokenizer.bpe and tokenizer.tiktoken (see save_tokenizer)."""
+        save_tokenizer(self, path)
 
     @classmethod
     def load(cls, path, trust_pattern=False):
-        """Load the readable format of save() (a file, or a directory with tokenizer.bpe), checking every line.
-        The pattern must be built in (gpt2, gpt4, none) unless trust_pattern: a regex can take exponential time."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.bpe"
-        if path.suffix == ".tiktoken":
-            raise ValueError(f"{path}: a tiktoken rank file has no pattern or special tokens; "
-                             f"use Tokenizer.from_tiktoken_file(path, pattern, special_tokens)")
-        lines = _read_text(path).split("\n")
-
-        def fail(lineno, msg):
-            raise ValueError(f"{path}, line {lineno}: {msg}")
-
-        if lines[0] != FORMAT_HEADER:
-            fail(1, f"expected the header {FORMAT_HEADER!r}; is this a tokenizer saved by bpe.py?")
-        if len(lines) < 2 or not lines[1].startswith("pattern "):
-            fail(2, "expected 'pattern \"<regex as a JSON string>\"'")
-        try:
-            pattern = resolve_pattern(json.loads(lines[1][len("pattern "):]))
-        except (ValueError, json.JSONDecodeError) as e:
-            fail(2, f"bad pattern: {e}")
-        if pattern not in PATTERNS.values() and not trust_pattern:
-            fail(2, "the split pattern is not a built-in one (gpt2, gpt4, none); if you wrote it, load with "
-                    "trust_pattern=True (bpe.py: --trust_pattern)")
-        vocab, merges, specials = [], [], {}
-        for lineno, line in enumerate(lines[2:], start=3):
-            if not line or line.startswith("#"):
-                continue
-            fields = line.split(" ", 2)
-            if len(fields) < 3 or not fields[0].isdigit():
-                fail(lineno, f"expected '<id> byte|merge|special ...', got {line!r}")
-            i, kind, rest = int(fields[0]), fields[1], fields[2]
-            if kind == "special":
-                try:
-                    s = json.loads(rest)
-                except json.JSONDecodeError:
-                    s = None
-                if not isinstance(s, str):
-                    fail(lineno, f"expected '<id> special \"<token as a JSON string>\"', got {line!r}")
-                specials[s] = i
-                continue
-            if specials:
-                fail(lineno, "ordinary tokens must come before the special tokens")
-            if i != len(vocab):
-                fail(lineno, f"expected token id {len(vocab)} (ids count up from 0), got {i}")
-            if kind == "byte":
-                value, _, shown = rest.partition(" ")
-                if not value.isdigit() or int(value) > 255:
-                    fail(lineno, f"expected '{i} byte <0..255> \"<token>\"', got {line!r}")
-                token = bytes([int(value)])
-            elif kind == "merge":
-                parts = rest.split(" ", 2)
-                if len(parts) < 3 or not (parts[0].isdigit() and parts[1].isdigit()):
-                    fail(lineno, f"expected '{i} merge <left id> <right id> \"<token>\"', got {line!r}")
-                left, right, shown = int(parts[0]), int(parts[1]), parts[2]
-                if left >= i or right >= i:
-                    fail(lineno, f"merge {left} {right}: a token can only be built from earlier ids")
-                token = vocab[left] + vocab[right]
-                merges.append((left, right, i))
-            else:
-                fail(lineno, f"expected 'byte', 'merge' or 'special' after the id, got {kind!r}")
-            if shown != render(token):
-                fail(lineno, f"the token text {shown} does not match what the line builds, "
-                             f"{render(token)}: the file is corrupted")
-            vocab.append(token)
-        ranks = {t: i for i, t in enumerate(vocab)}
-        if len(ranks) != len(vocab):
-            raise ValueError(f"{path}: the same token appears on two lines")
-        try:
-            return cls(ranks, pattern, specials, merges, name=path.stem)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        """A tokenizer saved by save(): a .bpe file, or a directory with tokenizer.bpe (see read_bpe_file)."""
+        return read_bpe_file(path, trust_pattern)
 
     @classmethod
     def from_tiktoken_file(cls, path, pattern="gpt2", special_tokens=GPT2_SPECIAL_TOKENS, name=None):
-        """Load a tiktoken rank file: one 'base64(token bytes) rank' per line. The defaults give
-        GPT-2 (whose rank file does not hold the pattern or <|endoftext|>)."""
-        path = Path(path)
-        ranks = {}
-        for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-            if not line:
-                continue
-            fields = line.split()
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
-            except ValueError:
-                raise ValueError(f"{path}, line {lineno}: expected '<base64 token> <rank>', "
-                                 f"got {line[:80]!r}") from None
-            if token in ranks:
-                raise ValueError(f"{path}, line {lineno}: token {render(token)} appears twice")
-            ranks[token] = rank
-        try:
-            return cls(ranks, pattern, special_tokens, name=name or path.stem)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        """A tiktoken rank file; the defaults give GPT-2 (see read_tiktoken_file)."""
+        return read_tiktoken_file(path, pattern, special_tokens, name)
 
     @classmethod
     def from_gpt2_files(cls, encoder_json, vocab_bpe, special_tokens=GPT2_SPECIAL_TOKENS):
-        """Load GPT-2's original release files: encoder.json (token -> id) and vocab.bpe (the
-        merges, in order). Both spell bytes as printable characters (see gpt2_byte_to_char)."""
-        char_to_byte = {c: b for b, c in gpt2_byte_to_char().items()}
-        try:
-            encoder = json.loads(_read_text(encoder_json))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{encoder_json}: not valid JSON ({e})") from None
-        if not isinstance(encoder, dict):
-            raise ValueError(f"{encoder_json}: expected a JSON object {{token: id}}")
-        ranks = {}
-        for s, i in encoder.items():
-            if s in special_tokens:
-                if i != special_tokens[s]:
-                    raise ValueError(f"{encoder_json}: {s!r} has id {i}, expected {special_tokens[s]}")
-                continue
-            try:
-                ranks[bytes(char_to_byte[c] for c in s)] = i
-            except KeyError:
-                raise ValueError(f"{encoder_json}: token {s!r} has a character outside GPT-2's byte "
-                                 f"alphabet (a special token? pass it in special_tokens)") from None
-        lines = _read_text(vocab_bpe).split("\n")
-        if not lines[0].startswith("#version"):
-            raise ValueError(f"{vocab_bpe}, line 1: expected '#version: ...'")
-        merges = []
-        for lineno, line in enumerate(lines[1:], start=2):
-            if not line:
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{vocab_bpe}, line {lineno}: expected two tokens separated by one "
-                                 f"space, got {line!r}")
-            try:
-                left, right = (bytes(char_to_byte[c] for c in p) for p in parts)
-            except KeyError:
-                raise ValueError(f"{vocab_bpe}, line {lineno}: character outside GPT-2's byte "
-                                 f"alphabet in {line!r}") from None
-            expected = 256 + len(merges)
-            got = ranks.get(left + right)
-            if got != expected or left not in ranks or right not in ranks:
-                raise ValueError(f"{vocab_bpe}, line {lineno}: merge {line!r} should make token id "
-                                 f"{expected}, but encoder.json has {got} for it")
-            merges.append((ranks[left], ranks[right], expected))
-        if len(merges) + 256 != len(ranks):
-            raise ValueError(f"{vocab_bpe}: {len(merges)} merges, but encoder.json has "
-                             f"{len(ranks) - 256} tokens above the bytes")
-        return cls(ranks, "gpt2", special_tokens, merges, name="gpt2")
+        """GPT-2's original release files, encoder.json and vocab.bpe (see read_gpt2_files)."""
+        return read_gpt2_files(encoder_json, vocab_bpe, special_tokens)
+
+    def hf_files(self, model_max_length=None) -> dict:
+        """{"tokenizer.json": ..., "tokenizer_config.json": ...}: this tokenizer in Hugging Face's format
+        (see hf_tokenizer_files)."""
+        return hf_tokenizer_files(self, model_max_length)
 
 
+# -----------------------------------------------------------------------------------------------
+# 6. File formats (skip on a first read): how a tokenizer is saved and read back. Nothing here is part of
+#    the algorithm: our readable .bpe (every merge spelled out), tiktoken's rank file, GPT-2's original
+#    encoder.json + vocab.bpe, Hugging Face's tokenizer.json; load_bpe picks the reader.
+
+def _read_text(path):
+    """The text of a UTF-8 file; a missing file or a byte that is not UTF-8 is one error naming the file
+    (and the line)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a directory, expected a file") from None
+    return _decode_utf8(data, path)
+
+
+def _decode_utf8(data, where):
+    """`data` (bytes) decoded as UTF-8, or one error naming `where` it came from and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{where}, line {line}: not valid UTF-8 ({e.reason})") from None
+
+
+def _write_atomically(path, text):
+    """Write `text` as UTF-8 with \\n line ends, via a temporary file renamed into place: a reader never
+    sees half a file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
+
+
+# Our readable format, tokenizer.bpe: a header, the pattern, then one line per token saying how it is built,
+#   0 byte 0 "\u0000"   ...   256 merge 32 116 " t"   ...   4095 special "<|endoftext|>"
+# so that the file is the merge list itself, and can be read (and checked) without this code.
 FORMAT_HEADER = "bpe.py tokenizer v1"
+
+
+def bpe_file_text(tok):
+    """The text of tok's tokenizer.bpe (the format above)."""
+    lines = [FORMAT_HEADER, f"pattern {json.dumps(tok.pattern)}",
+             "# one token per line: id, then 'byte VALUE', 'merge LEFT RIGHT' or 'special', then",
+             "# the token in quotes (\\xNN = a byte that is not UTF-8 on its own). load() rebuilds",
+             "# every token from the first columns and checks it against the quoted text."]
+    recipe = {new_id: (left, right) for left, right, new_id in tok.merges}
+    for i in range(len(tok.ranks)):
+        t = tok.vocab[i]
+        how = f"byte {t[0]}" if len(t) == 1 else "merge {} {}".format(*recipe[i])
+        lines.append(f"{i} {how} {render(t)}")
+    for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]):
+        lines.append(f"{i} special {json.dumps(s)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_tokenizer(tok, path):
+    """Save to `path`. A directory (an existing one, or a new name without a suffix, created) gets both formats
+    (tokenizer.bpe and tokenizer.tiktoken); a name ending in .tiktoken gets tiktoken's rank format (ranks only: no
+    pattern, no special tokens); any other name gets the readable format. Files are written atomically."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tok, path / "tokenizer.bpe")
+        save_tokenizer(tok, path / "tokenizer.tiktoken")
+    elif path.suffix == ".tiktoken":
+        lines = [f"{base64.b64encode(t).decode('ascii')} {i}"
+                 for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])]
+        _write_atomically(path, "\n".join(lines) + "\n")
+    else:
+        _write_atomically(path, bpe_file_text(tok))
+
+
+def read_bpe_file(path, trust_pattern=False):
+    """Read the readable format of save() (a file, or a directory with tokenizer.bpe), checking every line.
+    The pattern must be built in (gpt2, gpt4, none) unless trust_pattern: a regex can take exponential time."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.bpe"
+    if path.suffix == ".tiktoken":
+        raise ValueError(f"{path}: a tiktoken rank file has no pattern or special tokens; "
+                         f"use Tokenizer.from_tiktoken_file(path, pattern, special_tokens)")
+    lines = _read_text(path).split("\n")
+
+    def fail(lineno, msg):
+        raise ValueError(f"{path}, line {lineno}: {msg}")
+
+    if lines[0] != FORMAT_HEADER:
+        fail(1, f"expected the header {FORMAT_HEADER!r}; is this a tokenizer saved by bpe.py?")
+    if len(lines) < 2 or not lines[1].startswith("pattern "):
+        fail(2, "expected 'pattern \"<regex as a JSON string>\"'")
+    try:
+        pattern = resolve_pattern(json.loads(lines[1][len("pattern "):]))
+    except (ValueError, json.JSONDecodeError) as e:
+        fail(2, f"bad pattern: {e}")
+    if pattern not in PATTERNS.values() and not trust_pattern:
+        fail(2, "the split pattern is not a built-in one (gpt2, gpt4, none); if you wrote it, load with "
+                "trust_pattern=True (bpe.py: --trust_pattern)")
+    vocab = []
+    merges = []
+    specials = {}
+    for lineno, line in enumerate(lines[2:], start=3):
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(" ", 2)
+        if len(fields) < 3 or not fields[0].isdigit():
+            fail(lineno, f"expected '<id> byte|merge|special ...', got {line!r}")
+        i, kind, rest = int(fields[0]), fields[1], fields[2]
+        if kind == "special":
+            try:
+                s = json.loads(rest)
+            except json.JSONDecodeError:
+                s = None
+            if not isinstance(s, str):
+                fail(lineno, f"expected '<id> special \"<token as a JSON string>\"', got {line!r}")
+            specials[s] = i
+            continue
+        if specials:
+            fail(lineno, "ordinary tokens must come before the special tokens")
+        if i != len(vocab):
+            fail(lineno, f"expected token id {len(vocab)} (ids count up from 0), got {i}")
+        if kind == "byte":
+            value, _, shown = rest.partition(" ")
+            if not value.isdigit() or int(value) > 255:
+                fail(lineno, f"expected '{i} byte <0..255> \"<token>\"', got {line!r}")
+            token = bytes([int(value)])
+        elif kind == "merge":
+            parts = rest.split(" ", 2)
+            if len(parts) < 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+                fail(lineno, f"expected '{i} merge <left id> <right id> \"<token>\"', got {line!r}")
+            left, right, shown = int(parts[0]), int(parts[1]), parts[2]
+            if left >= i or right >= i:
+                fail(lineno, f"merge {left} {right}: a token can only be built from earlier ids")
+            token = vocab[left] + vocab[right]
+            merges.append((left, right, i))
+        else:
+            fail(lineno, f"expected 'byte', 'merge' or 'special' after the id, got {kind!r}")
+        if shown != render(token):
+            fail(lineno, f"the token text {shown} does not match what the line builds, "
+                         f"{render(token)}: the file is corrupted")
+        vocab.append(token)
+    ranks = {t: i for i, t in enumerate(vocab)}
+    if len(ranks) != len(vocab):
+        raise ValueError(f"{path}: the same token appears on two lines")
+    try:
+        return Tokenizer(ranks, pattern, specials, merges, name=path.stem)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_tiktoken_file(path, pattern="gpt2", special_tokens=GPT2_SPECIAL_TOKENS, name=None):
+    """Load a tiktoken rank file: one 'base64(token bytes) rank' per line. The defaults give
+    GPT-2 (whose rank file does not hold the pattern or <|endoftext|>)."""
+    path = Path(path)
+    ranks = {}
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line:
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            token = base64.b64decode(fields[0], validate=True)
+            rank = int(fields[1])
+        except ValueError:
+            raise ValueError(f"{path}, line {lineno}: expected '<base64 token> <rank>', "
+                             f"got {line[:80]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{path}, line {lineno}: token {render(token)} appears twice")
+        ranks[token] = rank
+    try:
+        return Tokenizer(ranks, pattern, special_tokens, name=name or path.stem)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def gpt2_byte_to_char():
@@ -738,48 +867,131 @@ def gpt2_byte_to_char():
     return mapping
 
 
-def _read_text(path):
-    path = Path(path)
+def read_gpt2_files(encoder_json, vocab_bpe, special_tokens=GPT2_SPECIAL_TOKENS):
+    """Load GPT-2's original release files: encoder.json (token -> id) and vocab.bpe (the
+    merges, in order). Both spell bytes as printable characters (see gpt2_byte_to_char)."""
+    char_to_byte = {c: b for b, c in gpt2_byte_to_char().items()}
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{path}: is a directory, expected a file") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
+        encoder = json.loads(_read_text(encoder_json))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{encoder_json}: not valid JSON ({e})") from None
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{encoder_json}: expected a JSON object {{token: id}}")
+    ranks = {}
+    for s, i in encoder.items():
+        if s in special_tokens:
+            if i != special_tokens[s]:
+                raise ValueError(f"{encoder_json}: {s!r} has id {i}, expected {special_tokens[s]}")
+            continue
+        try:
+            ranks[bytes(char_to_byte[c] for c in s)] = i
+        except KeyError:
+            raise ValueError(f"{encoder_json}: token {s!r} has a character outside GPT-2's byte "
+                             f"alphabet (a special token? pass it in special_tokens)") from None
+    lines = _read_text(vocab_bpe).split("\n")
+    if not lines[0].startswith("#version"):
+        raise ValueError(f"{vocab_bpe}, line 1: expected '#version: ...'")
+    merges = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{vocab_bpe}, line {lineno}: expected two tokens separated by one "
+                             f"space, got {line!r}")
+        try:
+            left, right = (bytes(char_to_byte[c] for c in p) for p in parts)
+        except KeyError:
+            raise ValueError(f"{vocab_bpe}, line {lineno}: character outside GPT-2's byte "
+                             f"alphabet in {line!r}") from None
+        expected = 256 + len(merges)
+        got = ranks.get(left + right)
+        if got != expected or left not in ranks or right not in ranks:
+            raise ValueError(f"{vocab_bpe}, line {lineno}: merge {line!r} should make token id "
+                             f"{expected}, but encoder.json has {got} for it")
+        merges.append((ranks[left], ranks[right], expected))
+    if len(merges) + 256 != len(ranks):
+        raise ValueError(f"{vocab_bpe}: {len(merges)} merges, but encoder.json has "
+                         f"{len(ranks) - 256} tokens above the bytes")
+    return Tokenizer(ranks, "gpt2", special_tokens, merges, name="gpt2")
 
 
-def _write_atomically(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
+def hf_tokenizer_files(tok, model_max_length=None) -> dict:
+    """{"tokenizer.json": ..., "tokenizer_config.json": ...}: this tokenizer in Hugging Face's
+    format, so that transformers.AutoTokenizer gives the same ids as encode_ordinary. A
+    special-token string written in text stays ordinary text there too (split_special_tokens)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    b2c = gpt2_byte_to_char()  # GPT-2's printable spelling of bytes, as in its vocab.json
+
+    def spell(token):
+        return "".join(b2c[b] for b in token)
+
+    # merge k makes token 256 + k, so merge order is rank order (tiktoken's priority); ignore_merges:
+    # a chunk that is itself a token is that token, without merging (tiktoken's shortcut too)
+    merges = [(spell(tok.vocab[a]), spell(tok.vocab[b])) for a, b, _ in sorted(tok.merges, key=lambda m: m[2])]
+    hf = HFTokenizer(models.BPE({spell(t): i for t, i in tok.ranks.items()}, merges, ignore_merges=True))
+    # HF's regex engine (Oniguruma) reads X{1,3}+ as (X{1,3})+, not as a possessive interval, so
+    # GPT-4's \p{N}{1,3}+ would keep "12345678" whole: an atomic group means the same
+    pattern = regex.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", tok.pattern)
+    # no normalizer; split with our regex, then spell each chunk's bytes (use_regex=False: no 2nd split)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()  # alphabet -> bytes -> UTF-8, bad bytes as U+FFFD, like decode()
+    for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]):
+        hf.add_special_tokens([AddedToken(s, special=True, normalized=False)])  # takes the next id
+        if hf.token_to_id(s) != i:
+            raise ValueError(f"special token {s!r} has id {i}; Hugging Face needs ids right after the ranks")
+    eos = "<|endoftext|>" if "<|endoftext|>" in tok.special_tokens else None
+    # <|endoftext|> separates documents: the EOS, and (as in GPT-2) BOS; nothing is added around ids
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos, "unk_token": eos,
+              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "split_special_tokens": True, **({"model_max_length": model_max_length} if model_max_length else {})}
+    return {"tokenizer.json": hf.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+
+def gpt2_rank_files():
+    """Where 'gpt2' is looked for, in order: $GPT2_TIKTOKEN if set (then only there), else data/gpt2.tiktoken
+    in this checkout, then ../shared/data/gpt2.tiktoken beside it (the project's test data)."""
+    if os.environ.get("GPT2_TIKTOKEN"):
+        return [Path(os.environ["GPT2_TIKTOKEN"])]
+    here = Path(__file__).resolve().parent
+    return [here / "data" / "gpt2.tiktoken", here.parent / "shared" / "data" / "gpt2.tiktoken"]
 
 
 def load_bpe(spec, pattern="gpt2", trust_pattern=False):
-    """A Tokenizer from 'gpt2' (the rank file $GPT2_TIKTOKEN, else data/gpt2.tiktoken here, else tiktoken's
-    download), a directory or .bpe file saved by bpe.py, GPT-2's encoder.json directory, or a .tiktoken file."""
+    """A Tokenizer from:
+    - 'gpt2': GPT-2's rank file where gpt2_rank_files() says, else tiktoken's download;
+    - a directory or .bpe file saved by bpe.py;
+    - a directory with GPT-2's encoder.json + vocab.bpe;
+    - a .tiktoken rank file (split with `pattern`)."""
     if spec == "gpt2":
-        local = Path(os.environ.get("GPT2_TIKTOKEN") or Path(__file__).resolve().parent / "data" / "gpt2.tiktoken")
-        if local.is_file():
-            return Tokenizer.from_tiktoken_file(local)
+        candidates = gpt2_rank_files()
+        for local in candidates:
+            if local.is_file():
+                return read_tiktoken_file(local)
         import tiktoken
         try:
             enc = tiktoken.get_encoding("gpt2")
         except Exception:
-            raise ValueError(f"GPT-2's tokenizer is not on this machine ({local}) and tiktoken could not download "
-                             f"it; fetch it once: curl -L --create-dirs -o {local} {GPT2_RANKS_URL}") from None
-        return Tokenizer(enc._mergeable_ranks, "gpt2", enc._special_tokens, name="gpt2")
+            looked = ", ".join(str(c) for c in candidates)
+            raise ValueError(f"GPT-2's tokenizer is not on this machine ({looked}) and tiktoken could not download "
+                             f"it; fetch it once: curl -L --create-dirs -o {candidates[0]} {GPT2_RANKS_URL}") from None
+        # the same tokens, through tiktoken's public interface: each id's bytes, and the special tokens' ids
+        specials = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
+        special_ids = set(specials.values())
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in special_ids}
+        return Tokenizer(ranks, "gpt2", specials, name="gpt2")
     path = Path(spec)
     if path.is_dir() and (path / "encoder.json").is_file():
-        return Tokenizer.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
+        return read_gpt2_files(path / "encoder.json", path / "vocab.bpe")
     if path.suffix == ".tiktoken":
-        return Tokenizer.from_tiktoken_file(path, pattern=pattern)
-    return Tokenizer.load(path, trust_pattern)
+        return read_tiktoken_file(path, pattern=pattern)
+    return read_bpe_file(path, trust_pattern)
+
 
 # -----------------------------------------------------------------------------------------------
-# 5. One interface for every tokenizer the scripts meet: ours, GPT-2's, or a Hugging Face one
+# 7. One interface for every tokenizer the scripts meet: ours, GPT-2's, or a Hugging Face one
 
 TOKENIZER_FILES = ("tokenizer.bpe", "tokenizer.json", "tokenizer.model", "vocab.json", "encoder.json")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -800,23 +1012,37 @@ def tokenizer_files(spec) -> tuple[dict, int | None, int | None]:
     """({file name: contents}, EOS id, BOS id): the files that put a tokenizer beside a saved model.
     Our BPE (a Tokenizer, or what load_bpe reads) gets its own tokenizer.bpe and Hugging Face's
     tokenizer.json + tokenizer_config.json; a Hugging Face tokenizer directory is copied."""
-    if not isinstance(spec, Tokenizer):
+    if isinstance(spec, Tokenizer):
+        tok = spec
+    elif _is_hf_dir(Path(spec)):
         d = Path(spec)
-        if _is_hf_dir(d):
-            t = load_tokenizer(str(d))
-            return {f: (d / f).read_bytes() for f in HF_TOKENIZER_FILES if (d / f).is_file()}, t.eot_id, t.bos_id
-        spec = load_bpe(str(spec))
-    return {"tokenizer.bpe": spec._readable(), **spec.hf_files()}, spec.special_tokens.get("<|endoftext|>"), None
+        t = load_tokenizer(str(d))
+        files = {f: (d / f).read_bytes() for f in HF_TOKENIZER_FILES if (d / f).is_file()}
+        return files, t.eot_id, t.bos_id
+    else:
+        tok = load_bpe(str(spec))
+    files = {"tokenizer.bpe": bpe_file_text(tok), **hf_tokenizer_files(tok)}
+    return files, tok.special_tokens.get("<|endoftext|>"), None
 
 
 class TextTokenizer:
-    """What the scripts need from any tokenizer (made by load_tokenizer): encode (ordinary text: a written
-    "<|endoftext|>" stays characters; only the code inserts the control token), encode_batch, decode, eot_id,
-    bos_id (what LLaMA-style tokenizers put first, None for GPT-2's; encode never adds it) and n_vocab."""
+    """What the scripts need from any tokenizer (made by load_tokenizer):
+    - encode(text): ids of ordinary text: a written "<|endoftext|>" stays characters; only the code inserts
+      the control token; encode_batch(texts): the same for many texts;
+    - decode(ids): the text;
+    - eot_id: the end-of-text token's id; bos_id: what LLaMA-style tokenizers put first (None for GPT-2's;
+      encode never adds it); n_vocab: the number of ids;
+    - name, and source: our Tokenizer (or the HF tokenizer's directory), for export."""
 
     def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None, source=None):
-        self.name, self._encode, self._decode, self.eot_id, self.n_vocab = name, encode, decode, eot_id, n_vocab
-        self._encode_batch, self.bos_id, self.source = encode_batch, bos_id, source
+        self.name = name
+        self._encode = encode
+        self._decode = decode
+        self.eot_id = eot_id
+        self.n_vocab = n_vocab
+        self._encode_batch = encode_batch
+        self.bos_id = bos_id
+        self.source = source
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -866,18 +1092,27 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Command line
+# 8. Command line
 
 def _read_input_text(args):
-    if args.text is not None:
-        return args.text
-    return sys.stdin.read() if args.input is None else _read_text(args.input)
+    """The text to encode or show: --text, else the file --input, else standard input. Text that is not
+    valid UTF-8 is one error naming where it came from and the line, before anything is printed."""
+    if args.text is None and args.input is not None:
+        return _read_text(args.input)
+    if args.text is None:
+        return _decode_utf8(sys.stdin.buffer.read(), "standard input")
+    try:  # bytes of the command line that are not UTF-8 reach us as lone surrogates
+        args.text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        line = args.text.count("\n", 0, e.start) + 1
+        raise ValueError(f"--text, line {line}: not valid UTF-8 (character {e.start + 1})") from None
+    return args.text
 
 
 def cmd_train(args):
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+        raise ValueError(f"--out_dir {out}: exists and is not a directory")
     tok = Tokenizer.train([Path(p) for p in args.input], args.vocab_size, pattern=args.pattern,
                           special_tokens=args.special, verbose=not args.quiet)
     out.mkdir(parents=True, exist_ok=True)
@@ -887,11 +1122,16 @@ def cmd_train(args):
 
 def cmd_encode(args):
     tok = load_bpe(args.tokenizer, args.pattern, args.trust_pattern)
-    allowed = "all" if args.allow_special else set()
+    if args.allow_special:
+        allowed = "all"
+    else:
+        allowed = set()
     text = _read_input_text(args)
     try:
-        ids = tok.to_tiktoken().encode(text, allowed_special=allowed) if args.fast else \
-            tok.encode(text, allowed_special=allowed)
+        if args.fast:
+            ids = tok.to_tiktoken().encode(text, allowed_special=allowed)
+        else:
+            ids = tok.encode(text, allowed_special=allowed)
     except ValueError as e:
         raise ValueError(f"{e} On the command line: --allow_special.") from None
     print(" ".join(map(str, ids)))
@@ -899,12 +1139,20 @@ def cmd_encode(args):
 
 def cmd_decode(args):
     tok = load_bpe(args.tokenizer, args.pattern, args.trust_pattern)
-    raw = args.ids if args.ids is not None else (_read_text(args.input) if args.input else sys.stdin.read())
+    if args.ids is not None:
+        raw = args.ids
+    elif args.input is not None:
+        raw = _read_text(args.input)
+    else:
+        raw = _decode_utf8(sys.stdin.buffer.read(), "standard input")
     try:
         ids = [int(x) for x in raw.split()]
     except ValueError:
         raise ValueError("expected token ids: integers separated by spaces") from None
-    sys.stdout.write(tok.decode(ids) + ("\n" if args.ids is not None else ""))
+    text = tok.decode(ids)
+    if args.ids is not None:  # ids typed on the command line: end the line; from a file: the text exactly
+        text += "\n"
+    sys.stdout.write(text)
 
 
 def cmd_show(args):
@@ -931,12 +1179,12 @@ def main(argv=None):
     p = sub.add_parser("train", help="learn a tokenizer from text files")
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files (streamed)")
     p.add_argument("--vocab_size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
-    p.add_argument("--out", required=True, help="directory for tokenizer.bpe and tokenizer.tiktoken")
+    p.add_argument("--out_dir", "--out", required=True, help="directory for tokenizer.bpe and tokenizer.tiktoken")
     p.add_argument("--pattern", default="gpt4", choices=["gpt2", "gpt4", "none"],
                    help="pre-split regex (default: gpt4; none = no split)")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"],
                    help="special tokens, given the ids after the merges (default: <|endoftext|>)")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress messages")
     p.set_defaults(func=cmd_train)
 
     for name, helptext, func in [("encode", "print the token ids of a text", cmd_encode),
@@ -951,14 +1199,17 @@ def main(argv=None):
             p.add_argument("--text", help="the text (default: --input, else standard input)")
             p.add_argument("--input", help="a UTF-8 text file")
         p.add_argument("--pattern", default="gpt2", help="split pattern for a .tiktoken file (default gpt2)")
-        p.add_argument("--trust_pattern", action="store_true", help="accept a tokenizer file's custom split regex")
+        p.add_argument("--trust_pattern", action=argparse.BooleanOptionalAction, default=False,
+                       help="accept a tokenizer file's custom split regex")
         if name == "encode":
-            p.add_argument("--allow_special", action="store_true",
+            p.add_argument("--allow_special", action=argparse.BooleanOptionalAction, default=False,
                            help="encode special-token strings as special tokens (default: error)")
-            p.add_argument("--fast", action="store_true", help="encode with the tiktoken export")
+            p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
+                           help="encode with the tiktoken export")
         elif name == "show":
             p.add_argument("--sep", default="|", help="boundary marker (default: |)")
-            p.add_argument("--ids", action="store_true", help="list one token per line with its id")
+            p.add_argument("--ids", action=argparse.BooleanOptionalAction, default=False,
+                           help="list one token per line with its id")
         p.set_defaults(func=func)
 
     args = parser.parse_args(argv)

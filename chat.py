@@ -1,22 +1,25 @@
 """
 chat.py: talk to a model, or let it continue a prompt.
 
+    python chat.py                                                      # the last stage's model on this machine
     python chat.py --init_from out-finetune/best_model                  # Alpaca format, one question at a time
     python chat.py --init_from out-dialogue/best_model --template dialogue     # multi-turn (HH-RLHF format)
     python chat.py --init_from gpt2 --prompt "Hello, I'm a language model," --num_samples 3
     python chat.py --init_from gpt2 --prompt "The meaning of life is" --num_beams 4 --temperature 0
+    echo "Which module in: from pickle import PickleError" | python chat.py      # piped: one reply a line
     python chat.py --help
 
 Interactive (no --prompt): each line you type is a message; the reply streams as it is generated.
 In the dialogue template the whole conversation so far is the prompt (the oldest tokens are dropped
 when it outgrows the context), and a reply ends at the end-of-text token or where the model starts
 a new "Human:" turn. The Alpaca template answers each message alone, as Alpaca was trained.
-/reset clears the history, /quit ends.
+/reset clears the history, /quit ends. Piped (stdin not a terminal), each message is echoed after
+"> ", so that the transcript shows whose turn is whose.
 
 With --prompt: sampling from the prompt as it is (no template), as nanoGPT's sample.py does:
 temperature, top-k, top-p (nucleus), beam search, with or without the KV cache (--no-cache).
 A reply or sample never runs past the model's context: --max_new_tokens is capped at what the
-prompt leaves (model.fit_to_context), and a note says so once.
+prompt leaves (housekeeping.fit_to_context), and a note says so once.
 """
 
 from __future__ import annotations
@@ -28,17 +31,26 @@ import torch
 
 from bpe import load_tokenizer
 from model import GPT
-from housekeeping import (DEVICE_HELP, flag, fit_to_context, fits_in_memory, parse_config, pick_device, previous_stage,
-                          resolve_init_from, run_main)
+from housekeeping import (DEVICE_HELP, auto_init_from, fit_to_context, fits_in_memory, flag, parse_config, pick_device,
+                          pick_precision, resolve_init_from, run_main)
 from prepare_data import TASK_QUESTIONS, format_dialogue, format_prompt
+
+# The life cycle's models, latest stage first: --init_from auto takes the first one on this machine.
+TUNED_MODELS = ("out-dpo/model", "out-finetune/best_model", "out-finetune/model")
+PRETRAINED_MODELS = ("out/cpu/model", "out/cpu/ckpt/model")  # train_gpt2.py's final model; older runs: its checkpoint
+STAGE_MODELS = TUNED_MODELS + PRETRAINED_MODELS
+
+# --precision: the weights' dtype. The old --dtype spellings are still accepted.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OLD_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
 class ChatConfig:
     init_from: str = flag("auto", "gpt2|gpt2-medium|..., a HF hub id, a model directory (HF format or ours) or a "
-                                 "run directory (its best or final model); "
-                                 "auto: the last stage's model on this machine (out-dpo/model, "
-                                 "out-finetune/best_model, out/cpu/ckpt/model), else gpt2")
+                                 "run directory (its best or final model); auto: the last stage's model on this "
+                                 "machine (out-dpo/model, out-finetune/best_model, out/cpu/model), else GPT-2 if "
+                                 "the hub or its cache has it")
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
     template: str = flag("instruction", "interactive prompt format: instruction (Alpaca), dialogue (HH-RLHF "
                                        "turns, multi-turn) or none (plain continuation)",
@@ -57,60 +69,97 @@ class ChatConfig:
     stop_at_eos: bool = flag(True, "--prompt: end a sample at the end-of-text token")
     seed: int = flag(1337, "random seed for reproducible samples")
     device: str = flag("auto", DEVICE_HELP)
-    dtype: str = flag("float32", "weight dtype", choices=["float32", "bfloat16", "float16"])
+    precision: str = flag("auto", "the weights' dtype: fp32, bf16, fp16, or auto (bf16 on a GPU with bf16 tensor "
+                                  "cores, else fp32); --dtype is its old name (float32|bfloat16|float16 accepted)",
+                          choices=["auto", *PRECISION_DTYPES, *OLD_DTYPE_NAMES], aliases=("--dtype",))
 
 
-STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
+def weights_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype the weights are loaded in. Inference keeps no fp32 master copy: auto is bf16 where the GPU
+    computes it natively, else fp32 (fp16 weights can overflow without the loss scaling training has)."""
+    if precision == "auto":
+        precision = "bf16" if pick_precision("auto", device) == "bf16" else "fp32"
+    return PRECISION_DTYPES[precision]
 
 
-def load(c: ChatConfig):
-    if c.init_from == "auto":
-        c.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
-    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
-    device = pick_device(c.device)
-    model = GPT.from_pretrained(c.init_from, dtype=getattr(torch, c.dtype), device=device).eval()
+def load(cfg: ChatConfig):
+    """(model, tokenizer, device) of cfg.init_from; `auto` becomes the model it stands for."""
+    if cfg.init_from == "auto":
+        cfg.init_from = auto_init_from(STAGE_MODELS, run_first="python train_gpt2.py")
+    cfg.init_from = resolve_init_from(cfg.init_from)  # a run directory: its best or final model
+    device = pick_device(cfg.device)
+    model = GPT.from_pretrained(cfg.init_from, dtype=weights_dtype(cfg.precision, device), device=device).eval()
     if device == "cpu":
         model.decode_layout_()  # inference only: the faster weight layout for one-token steps (model.py)
-    return model, load_tokenizer(c.tokenizer, c.init_from), device
+    return model, load_tokenizer(cfg.tokenizer, cfg.init_from), device
 
 
-def sample(c: ChatConfig, out=None) -> list[str]:
+def sample(cfg: ChatConfig, out=None) -> list[str]:
     """--prompt: num_samples continuations of the prompt, printed and returned."""
     out = out or sys.stdout
-    model, tok, device = load(c)
-    ids = tok.encode(c.prompt) or [tok.eot_id]  # an empty prompt: start from the document boundary
-    [ids], n_new = fit_to_context([ids], c.max_new_tokens, model.config.block_size)
-    seqs = model.generate(torch.tensor([ids] * c.num_samples, device=device), n_new,
-                          temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p, num_beams=c.num_beams,
-                          length_penalty=c.length_penalty, use_cache=c.cache, seed=c.seed,
-                          eos_token_id=tok.eot_id if c.stop_at_eos else None)
+    model, tok, device = load(cfg)
+    ids = tok.encode(cfg.prompt) or [tok.eot_id]  # an empty prompt: start from the document boundary
+    [ids], n_new = fit_to_context([ids], cfg.max_new_tokens, model.config.block_size)
+    eos_token_id = tok.eot_id if cfg.stop_at_eos else None
+    seqs = model.generate(torch.tensor([ids] * cfg.num_samples, device=device), n_new,
+                          temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                          num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, use_cache=cfg.cache,
+                          seed=cfg.seed, eos_token_id=eos_token_id)
     texts = []
     for row in seqs.tolist():
         new = row[len(ids):]
-        if c.stop_at_eos and tok.eot_id in new:
+        if cfg.stop_at_eos and tok.eot_id in new:
             new = new[: new.index(tok.eot_id)]
-        texts.append(c.prompt + tok.decode(new))
+        texts.append(cfg.prompt + tok.decode(new))
         out.write(texts[-1] + "\n" + "-" * 60 + "\n")
     return texts
 
 
 class _StopReply(Exception):
-    pass
+    """Raised from inside generate() when the model has finished its turn."""
 
 
-def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
+class StreamedReply:
+    """generate()'s stream callback for one reply: it collects the new tokens and writes the text as it
+    grows. A token can be part of a character (BPE works on bytes), so the whole reply is decoded each
+    time and only what is new is written. The reply ends at the end-of-text token, or where the model
+    starts the user's next turn ("\\n\\nHuman:"), which is then not shown."""
+
+    def __init__(self, tok, stdout):
+        self.tok = tok
+        self.stdout = stdout
+        self.ids: list[int] = []
+        self.shown = ""  # the text written so far
+
+    def __call__(self, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode([i for i in self.ids if i != self.tok.eot_id])
+        ended = self.tok.eot_id is not None and self.ids[-1] == self.tok.eot_id
+        if ended or "\n\nHuman:" in text:
+            raise _StopReply
+        self.stdout.write(text[len(self.shown):])
+        self.stdout.flush()
+        self.shown = text
+
+
+def chat(cfg: ChatConfig, stdin=None, stdout=None) -> list[str]:
     """Read messages line by line, stream the model's replies. Returns the prompts used."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok, device = load(c)
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    # piped input is not shown on the screen as typed input is: echo it, marked, so the turns read apart
+    echo = not stdin.isatty()
+    model, tok, device = load(cfg)
     turns, prompts = [], []
-    stdout.write(f"chatting with {c.init_from} ({c.template} format); /reset clears the history, /quit ends\n")
-    if c.init_from in STAGE_MODELS[:2] and c.template == "instruction":  # tuned on the built-in tasks
+    stdout.write(f"chatting with {cfg.init_from} ({cfg.template} format); /reset clears the history, /quit ends\n")
+    if cfg.init_from in TUNED_MODELS and cfg.template == "instruction":  # tuned on the built-in tasks
         examples = (TASK_QUESTIONS["module"].format(m="pickle", n="PickleError"),
                     TASK_QUESTIONS["kind"].format(m="enum", n="IntFlag"))
         stdout.write(f"(tuned on questions about the standard library's names; modules it never saw, e.g.: "
                      f"{' / '.join(examples)})\n")
     for n, line in enumerate(stdin):
         msg = line.strip()
+        if echo and msg:
+            stdout.write(f"> {msg}\n")
         if msg == "/quit":
             break
         if msg == "/reset":
@@ -119,49 +168,48 @@ def chat(c: ChatConfig, stdin=None, stdout=None) -> list[str]:
             continue
         if not msg:
             continue
-        if c.template == "dialogue":
+
+        # the prompt: the conversation so far (dialogue), the message in Alpaca's template, or as it is
+        if cfg.template == "dialogue":
             turns.append(("Human", " " + msg))
             prompt = format_dialogue(turns, add_assistant_prompt=True)
+        elif cfg.template == "instruction":
+            prompt = format_prompt({"instruction": msg, "input": ""})
         else:
-            prompt = msg if c.template == "none" else format_prompt({"instruction": msg, "input": ""})
+            prompt = msg
         prompts.append(prompt)
-        [ids], n_new = fit_to_context([tok.encode(prompt)], c.max_new_tokens, model.config.block_size)
-        new: list[int] = []
-        shown = ""
+        [ids], n_new = fit_to_context([tok.encode(prompt)], cfg.max_new_tokens, model.config.block_size)
 
-        def stream(t):
-            nonlocal shown
-            new.append(int(t[0]))
-            text = tok.decode([i for i in new if i != tok.eot_id])
-            if "\n\nHuman:" in text or (tok.eot_id is not None and new[-1] == tok.eot_id):
-                raise _StopReply  # the model has finished its turn
-            stdout.write(text[len(shown):])
-            stdout.flush()
-            shown = text
-
+        # the reply, streamed token by token until the model ends its turn
+        reply = StreamedReply(tok, stdout)
         stdout.write("Assistant:")
         try:
-            model.generate(torch.tensor([ids], device=device), n_new, temperature=c.temperature,
-                           top_k=c.top_k or None, top_p=c.top_p, seed=c.seed + n, stream=stream, use_cache=c.cache)
+            model.generate(torch.tensor([ids], device=device), n_new, temperature=cfg.temperature,
+                           top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + n, stream=reply,
+                           use_cache=cfg.cache)
         except _StopReply:
             pass
         stdout.write("\n")
-        if c.template == "dialogue":
-            turns.append(("Assistant", " " + shown.strip()))
+        if cfg.template == "dialogue":
+            turns.append(("Assistant", " " + reply.shown.strip()))
     return prompts
 
 
 def parse_args(argv=None) -> ChatConfig:
-    c = parse_config(ChatConfig, argv, __doc__.split("\n\n")[0].strip())[0]
+    cfg = parse_config(ChatConfig, argv, __doc__.split("\n\n")[0].strip())[0]
+    cfg.precision = OLD_DTYPE_NAMES.get(cfg.precision, cfg.precision)  # --dtype float32 -> fp32
     # the sequences generated at once (8 bytes a token id, at least): a size beyond the machine fails here
-    fits_in_memory(8 * c.num_samples * c.num_beams * c.max_new_tokens,
-                   f"--num_samples {c.num_samples} x --num_beams {c.num_beams} x --max_new_tokens {c.max_new_tokens}")
-    return c
+    fits_in_memory(8 * cfg.num_samples * cfg.num_beams * cfg.max_new_tokens,
+                   f"--num_samples {cfg.num_samples} x --num_beams {cfg.num_beams} x --max_new_tokens "
+                   f"{cfg.max_new_tokens}")
+    return cfg
 
 
 def main(argv=None):
-    c = parse_args(argv)
-    return sample(c) if c.prompt is not None else chat(c)
+    cfg = parse_args(argv)
+    if cfg.prompt is not None:
+        return sample(cfg)
+    return chat(cfg)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,17 @@ The reference model is what makes DPO hard to fit on one GPU. --reference choose
 Data (prepare_data.load_pairs): HH-RLHF (Anthropic/hh-rlhf via `datasets`, or a local jsonl with its
 chosen/rejected whole conversations) or a generic jsonl of {prompt, chosen, rejected}.
 
-out_dir gets: config.json, log.jsonl (per step: loss, reward_accuracy, reward_margin, chosen/rejected
-rewards, policy log-probs, lr; per eval the same with an eval_ prefix), dpo.png, model/ (the tuned
-model; merged, with LoRA) and adapter/ (LoRA, PEFT format), ref_logps.json (precomputed mode),
-samples.md (before / after), summary.json ({"before": {...}, "after": {...}}: held-out reward_accuracy and
-chosen_rate, the share of answers equal to the chosen one), ckpt/ (the state --resume continues from).
+out_dir gets:
+- config.json: the flags of the run;
+- log.jsonl: a row per optimizer step (loss, reward_accuracy, reward_margin, chosen/rejected rewards,
+  policy log-probs, lr, grad_norm, ms) and per evaluation the same with a val_ prefix (val_loss, ...);
+- loss.png: the loss and the reward accuracy, training and held out;
+- model/: the tuned model (merged, with LoRA); adapter/: the LoRA adapter alone (PEFT format);
+- ref_logps.json: the cached reference log-probs (precomputed mode);
+- samples.md: held-out prompts answered before and after;
+- summary.json: {"before": {...}, "after": {...}}: held-out reward_accuracy and chosen_rate (the share
+  of answers equal to the chosen one);
+- ckpt/: the state --resume continues from.
 """
 
 from __future__ import annotations
@@ -56,16 +62,14 @@ import torch
 import torch.nn.functional as F
 
 from bpe import load_tokenizer
-
-from housekeeping import atomic_write
+from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
+                          autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
+                          fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log, read_json,
+                          resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
+                          save_train_state, seed_everything, set_rng_state)
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
-from housekeeping import load_train_state, resumed_config, save_train_state
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
-from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
-                          close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
-                          init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
-                          previous_stage, resolve_init_from, rewrite_log, rng_state, run_main, seed_everything,
-                          set_rng_state)
 from prepare_data import builtin_tasks, exact_match, load_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -86,7 +90,7 @@ class DPOConfig:
     split: str = flag("train", "datasets split when no --data_file")
     val_file: str | None = flag(None, "held-out pairs (the --data_file format) for evaluation and the answers before "
                                      "and after, instead of a --val_frac split of the data")
-    n_samples: int = flag(0, "use only the first N pairs (0 = all)", min=0)
+    max_examples: int = flag(0, "use only the first N pairs (0 = all)", min=0, aliases=("--n_samples",))
     val_frac: float = flag(0.1, "fraction of pairs held out for evaluation", min=0.0, max=0.9)
     out_dir: str = flag("out-dpo", "where logs, plots and weights go")
     overwrite: bool = flag(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
@@ -131,21 +135,24 @@ class DPOConfig:
     device: str = flag("auto", DEVICE_HELP)
     optimizer: str = flag("adamw", "the optimizer (rmsprop: the DPO paper's)", choices=list(OPTIMIZER_STATES))
     lr: float = flag(0.0, "peak learning rate (0 = 5e-4 with LoRA, 1e-6 full)", min=0.0)
-    warmup_steps: int = flag(10, "linear warmup steps, then cosine decay to 0", min=0)
+    min_lr_ratio: float = flag(0.0, "the learning rate's floor at the end of the cosine decay, as a fraction of the "
+                                   "peak (0 = decay to 0)", min=0.0, max=1.0)
+    warmup_steps: int = flag(10, "linear warmup steps, then cosine decay to --min_lr_ratio of the peak (-1 = 5% of "
+                                 "the run; more than half the run is cut to a tenth)", min=-1)
     weight_decay: float = flag(0.0, "decoupled weight decay on 2-D weights", min=0.0)
     grad_clip: float = flag(1.0, "clip the global gradient norm (0 = off)", min=0.0)
     max_steps: int = flag(100, "optimizer steps", min=1)
     eval_interval: int = flag(25, "evaluate every N steps (and at 0 and the end)", min=1)
     eval_pairs: int = flag(200, "held-out pairs per evaluation (0 = all)", min=0)
     save_interval: int = flag(0, "also keep weights every N steps (0 = end only)", min=0)
-    n_generate: int = flag(3, "held-out prompts answered before and after", min=0)
+    num_samples: int = flag(3, "held-out prompts answered before and after", min=0, aliases=("--n_generate",))
     max_new_tokens: int = flag(64, "longest sample answer", min=1)
     log_interval: int = flag(10, "print metrics every N steps", min=1)
     seed: int = flag(1337, "seed for split, order and init")
 
 
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference")  # fixed once a run exists
-SFT_MODEL = "out-finetune/best_model"  # what `python finetune.py` leaves
+SFT_MODELS = ("out-finetune/best_model", "out-finetune/model")  # what `python finetune.py` leaves, best first
 # The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter
 # model on the built-in pairs (BENCHMARKS.md, the life cycle): LoRA (rank 16) on every projection, beta
 # 0.5 (at 0.1 the answers lost their end-of-text token), lr 3e-4 and RPO (--rpo_alpha 1: the chosen
@@ -156,43 +163,59 @@ SFT_MODEL = "out-finetune/best_model"  # what `python finetune.py` leaves
 # of right answers (chosen_rate 0.665 -> 0.645); made-up names raise it (0.665 -> 0.700). Faster is
 # worse: lr 2e-3 left it at 0.665. Answers are a few tokens: 24 new ones are plenty, and 200 held-out
 # answers measure chosen_rate to +-0.035.
-LAPTOP = dict(lr=3e-4, rpo_alpha=1.0, beta=0.5, lora_targets="all", max_steps=200, eval_interval=100, n_generate=200,
-              max_new_tokens=24)
+LAPTOP = dict(lr=3e-4, rpo_alpha=1.0, beta=0.5, lora_targets="all", max_steps=200, eval_interval=100,
+              num_samples=200, max_new_tokens=24)
 
 
 def parse_args(argv=None) -> DPOConfig:
-    c, given = parse_config(DPOConfig, argv, __doc__.split("\n\n")[0].strip(),
-                            alt_defaults={"offline life cycle": LAPTOP})
-    if c.resume:
-        c = resumed_config(DPOConfig, c, given, c.out_dir, FIXED)
-    if c.init_from == "auto":
-        c.init_from = previous_stage(SFT_MODEL) or "gpt2"
-        if c.init_from == SFT_MODEL and c.data_file is None:
-            c.data_file = str(builtin_tasks()["pairs"])
-            c.val_file = c.val_file or str(builtin_tasks()["pairs_test"])  # pairs about held-out modules
-            for k, v in LAPTOP.items():
-                setattr(c, k, given.get(k, v))
-            print(f"offline default: {SFT_MODEL} (from finetune.py) on the built-in preference pairs {c.data_file}; "
-                  f"the real recipe names them: --init_from gpt2 (HH-RLHF from the hub)")
-    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
-    if c.max_prompt_length >= c.max_length:
-        raise ValueError(f"--max_prompt_length {c.max_prompt_length} must be < --max_length {c.max_length}")
-    if c.reference == "adapter_off" and c.lora_rank == 0:
+    cfg, given = parse_config(DPOConfig, argv, __doc__.split("\n\n")[0].strip(),
+                              alt_defaults={"offline life cycle": LAPTOP})
+    if cfg.resume:
+        cfg = resumed_config(DPOConfig, cfg, given, cfg.out_dir, FIXED)
+    if cfg.init_from == "auto":
+        cfg.init_from = auto_init_from(SFT_MODELS, "python finetune.py")
+        if cfg.init_from in SFT_MODELS and cfg.data_file is None:
+            cfg.data_file = str(builtin_tasks()["pairs"])
+            if cfg.val_file is None:  # pairs about held-out modules
+                cfg.val_file = str(builtin_tasks()["pairs_test"])
+            for name, value in LAPTOP.items():
+                setattr(cfg, name, given.get(name, value))
+            print(f"offline default: {cfg.init_from} (from finetune.py) on the built-in preference pairs "
+                  f"{cfg.data_file}; the real recipe names them: --init_from gpt2 (HH-RLHF from the hub)")
+    cfg.init_from = resolve_init_from(cfg.init_from)  # a run directory: its best or final model
+    check_not_an_adapter(cfg.init_from)
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ValueError(f"--max_prompt_length {cfg.max_prompt_length} must be < --max_length {cfg.max_length}")
+    if cfg.reference == "adapter_off" and cfg.lora_rank == 0:
         if "reference" in given:
             raise ValueError("--reference adapter_off needs a LoRA policy (--lora_rank > 0); use copy or precomputed")
-        if c.fsdp:
+        if cfg.fsdp:
             raise ValueError("--fsdp with --lora_rank 0 (full fine-tuning): use --reference precomputed")
         print("note: with --lora_rank 0 (full fine-tuning) the reference is a frozen copy (--reference copy)")
-        c.reference = "copy"
-    if c.fsdp and c.reference == "copy":
+        cfg.reference = "copy"
+    if cfg.fsdp and cfg.reference == "copy":
         raise ValueError("--fsdp: use --reference adapter_off (LoRA) or precomputed; a frozen copy would need a "
                          "second sharded model")
     # sizes beyond the machine fail here, before a file is written (lower bounds, as in finetune.py)
-    for need, what in ((32 * c.batch_size * c.grad_accum, f"--batch_size {c.batch_size} x --grad_accum {c.grad_accum}"),
-                       (8 * c.max_new_tokens, f"--max_new_tokens {c.max_new_tokens}"),
-                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}")):
-        fits_in_memory(need, what)
-    return c
+    fits_in_memory(32 * cfg.batch_size * cfg.grad_accum,
+                   f"--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum}")
+    fits_in_memory(8 * cfg.max_new_tokens, f"--max_new_tokens {cfg.max_new_tokens}")
+    fits_in_memory(8 * cfg.lora_rank, f"--lora_rank {cfg.lora_rank}")
+    return cfg
+
+
+def check_not_an_adapter(init_from: str):
+    """A LoRA adapter directory (PEFT's adapter_config.json, no model of its own) is no starting model:
+    say so, and how to make one of it, instead of "not a model directory"."""
+    path = Path(init_from).expanduser()
+    has_model = (path / "config.json").is_file() or (path / "gpt_config.json").is_file()
+    if not (path / "adapter_config.json").is_file() or has_model:
+        return
+    base = read_json(path / "adapter_config.json").get("base_model_name_or_path") or "<its base model>"
+    raise ValueError(f"--init_from {init_from} is a LoRA adapter, not a model: dpo.py starts from a whole model. "
+                     f"Merge the adapter into its base first: python lora.py merge --base {base} --adapter "
+                     f"{init_from} --out_dir merged, then --init_from merged (a run directory of finetune.py also "
+                     f"holds the merged model, best_model/, unless --no-save_merged)")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -205,19 +228,22 @@ def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_pro
     answer, matters most), then response tokens from the end. Pairs whose responses are identical
     carry no preference signal (their loss gradient is zero): they are dropped and counted. An empty
     prompt is read as the end-of-text token alone, so that the first response token has a context."""
-    out, n_same, n_cut = [], 0, 0
+    out = []
+    n_same = 0
+    n_cut = 0
     for pair in pairs:
         if pair["chosen"] == pair["rejected"]:
             n_same += 1
             continue
-        p = tok.encode(pair["prompt"]) or [eos_id]
-        c = tok.encode(pair["chosen"]) + [eos_id]
-        r = tok.encode(pair["rejected"]) + [eos_id]
-        if len(p) + max(len(c), len(r)) > max_length:
+        prompt = tok.encode(pair["prompt"]) or [eos_id]
+        chosen = tok.encode(pair["chosen"]) + [eos_id]
+        rejected = tok.encode(pair["rejected"]) + [eos_id]
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             n_cut += 1
-            p = p[-max_prompt_length:] if len(p) > max_prompt_length else p
-            c, r = c[: max_length - len(p)], r[: max_length - len(p)]
-        out.append({"prompt": p, "chosen": c, "rejected": r})
+            prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
+            chosen = chosen[: max_length - len(prompt)]
+            rejected = rejected[: max_length - len(prompt)]
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if n_same:
         print(f"warning: {n_same} pair(s) with identical chosen and rejected responses were skipped")
     if n_cut:
@@ -317,7 +343,10 @@ class Reference:
     """reference.logps(idx, labels, keys) -> (chosen, rejected) log-probs under the starting model."""
 
     def __init__(self, mode: str, policy, autocast=contextlib.nullcontext, copy_dtype=None, copy_device=None):
-        self.mode, self.policy, self.autocast, self.cache = mode, policy, autocast, {}
+        self.mode = mode
+        self.policy = policy
+        self.autocast = autocast
+        self.cache = {}  # precomputed: pair key -> (chosen, rejected) log-probs
         self.model = None
         if mode == "copy":  # a frozen twin; a cheaper dtype or another device are the usual savings
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -328,8 +357,8 @@ class Reference:
     def compute(self, idx, labels):
         if self.model is not None:
             dev = next(self.model.parameters()).device
-            c, r = concatenated_logps(self.model, idx.to(dev), labels.to(dev), self.autocast)
-            return c.to(idx.device), r.to(idx.device)
+            chosen_logps, rejected_logps = concatenated_logps(self.model, idx.to(dev), labels.to(dev), self.autocast)
+            return chosen_logps.to(idx.device), rejected_logps.to(idx.device)
         with adapters_off(self.policy):  # precomputed with full fine-tuning: before any update, as it is
             return concatenated_logps(self.policy, idx, labels, self.autocast)
 
@@ -347,8 +376,13 @@ class Reference:
 def weights_fingerprint(name_or_dir) -> list:
     """What a cache of a model's outputs depends on, cheaply: the path and each file's name, size and
     mtime (a new save changes them); a name that is no local path (a hub id) stands for itself."""
-    p = Path(name_or_dir).expanduser()
-    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) if p.exists() else []
+    path = Path(name_or_dir).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.exists():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+    else:
+        files = []
     return [str(name_or_dir)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
@@ -376,9 +410,9 @@ def precompute_reference(ref: Reference, tokenized: list[dict], keys: list[str],
     for n, s in enumerate(range(0, len(todo), batch_size)):
         chunk = todo[s: s + batch_size]
         idx, labels = collate_pairs([tokenized[i] for i in chunk], pad_id, device)
-        c, r = ref.compute(idx, labels)
-        for i, a, b in zip(chunk, c.tolist(), r.tolist()):
-            ref.cache[keys[i]] = (a, b)
+        chosen_logps, rejected_logps = ref.compute(idx, labels)
+        for i, chosen, rejected in zip(chunk, chosen_logps.tolist(), rejected_logps.tolist()):
+            ref.cache[keys[i]] = (chosen, rejected)
         if n % 20 == 19:
             write()
     write()
@@ -389,49 +423,49 @@ def precompute_reference(ref: Reference, tokenized: list[dict], keys: list[str],
 # 5. Training
 
 
-def dpo_step(policy, ref: Reference, micro, c: DPOConfig, autocast, scaler) -> dict:
-    """Forward + backward over the micro-batches [(idx, labels, keys)] of one optimizer step. Each
-    micro-batch's mean loss is divided by the number of micro-batches, so the accumulated gradient
-    is the gradient of the mean over all pairs of the step. Metrics stay on the device."""
-    sums = {}
-    for k, (idx, labels, keys) in enumerate(micro):
-        ref_c, ref_r = ref.logps(idx, labels, keys)  # no grad: computed before the policy's graph
-        with grad_sync(policy, k == len(micro) - 1):  # ranks average their gradients after the last one
-            pol_c, pol_r = concatenated_logps(policy, idx, labels, autocast)
-            losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, c.beta, c.loss, c.label_smoothing)
-            loss = losses.mean()
-            if c.rpo_alpha:  # RPO (Pang et al. 2024): DPO alone may lower both responses' likelihood, the
-                # chosen one less; the NLL of the chosen tokens keeps the policy writing them
-                loss = loss + c.rpo_alpha * -pol_c.sum() / (labels[: len(pol_c)] != -100).sum().clamp(min=1)
-            loss = loss / len(micro)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        for k, v in pair_metrics(losses, cr, rr, pol_c, pol_r).items():
-            sums[k] = sums.get(k, 0) + v / len(micro)
-    return sums
+def micro_batch_loss(policy, ref: Reference, idx, labels, keys, cfg: DPOConfig, autocast=contextlib.nullcontext):
+    """The DPO loss of one micro-batch of pairs (the mean over its pairs, plus the RPO term), and its
+    metrics (pair_metrics: device tensors, read once per step). The forward runs under autocast (in
+    concatenated_logps); the reference's log-probs come first, without a graph."""
+    ref_chosen, ref_rejected = ref.logps(idx, labels, keys)
+    policy_chosen, policy_rejected = concatenated_logps(policy, idx, labels, autocast)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                        cfg.beta, cfg.loss, cfg.label_smoothing)
+    loss = losses.mean()
+    if cfg.rpo_alpha:  # RPO (Pang et al. 2024): DPO alone may lower both responses' likelihood, the chosen
+        # one less; the mean NLL of the chosen tokens keeps the policy writing them
+        n_chosen_tokens = (labels[: len(policy_chosen)] != -100).sum().clamp(min=1)
+        loss = loss + cfg.rpo_alpha * -policy_chosen.sum() / n_chosen_tokens
+    metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+    return loss, metrics
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batch_size, autocast,
                    loss_args=()) -> dict:
-    """The metrics of training (loss_args: beta, loss type, label smoothing, as in training) on held-out pairs."""
-    sums, n = {}, 0
-    was = policy.training
+    """The metrics of training (loss_args: beta, loss type, label smoothing, as in training) on held-out
+    pairs, under the names val_loss, val_reward_accuracy, ..."""
+    sums = {}
+    n = 0
+    was_training = policy.training
     policy.eval()
     for s in range(0, len(tokenized), batch_size):
         idx, labels = collate_pairs(tokenized[s: s + batch_size], pad_id, device)
-        ref_c, ref_r = ref.logps(idx, labels, keys[s: s + batch_size])
-        pol_c, pol_r = concatenated_logps(policy, idx, labels, autocast)
+        ref_chosen, ref_rejected = ref.logps(idx, labels, keys[s: s + batch_size])
+        policy_chosen, policy_rejected = concatenated_logps(policy, idx, labels, autocast)
+        losses_and_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *loss_args)
         b = idx.size(0) // 2
-        for k, v in pair_metrics(*dpo_loss(pol_c, pol_r, ref_c, ref_r, *loss_args), pol_c, pol_r).items():
+        for k, v in pair_metrics(*losses_and_rewards, policy_chosen, policy_rejected).items():
             sums[k] = sums.get(k, 0) + v * b
         n += b
-    policy.train(was)
-    return {f"eval_{k}": (v / n).item() for k, v in sums.items()}
+    policy.train(was_training)
+    return {f"val_{k}": (v / n).item() for k, v in sums.items()}
 
 
 def _samples(model, tok, prompts, max_new_tokens, eos_id) -> list[str]:
     """Greedy answers, one prompt at a time; a progress line every 10 s."""
-    out, shown = [], time.time()
+    out = []
+    shown = time.time()
     for i, p in enumerate(prompts):
         if time.time() - shown > 10:
             print(f"generating: {i}/{len(prompts)} answers", flush=True)
@@ -443,207 +477,57 @@ def _samples(model, tok, prompts, max_new_tokens, eos_id) -> list[str]:
     return out
 
 
-def train(c: DPOConfig) -> dict:
-    device = pick_device(c.device)
-    device_type = device.split(":")[0]
-    precision = pick_precision(c.precision, device)
-    rank, _, world = init_distributed(device)  # torchrun: one process per device; plain python: 1 of 1
-    master = rank == 0  # only rank 0 prints, logs and writes files
-
-    def say(*a):
-        if master:
-            print(*a, flush=True)
-
-    torch.manual_seed(c.seed)
-    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
-    lora = c.lora_rank > 0
-    lr = c.lr or (5e-4 if lora else 1e-6)
-    # the model before its tokenizer: a wrong --init_from is then the error, not a tokenizer it lacks
-    policy = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
-    tok = load_tokenizer(c.tokenizer, c.init_from)
-    if tok.eot_id is None:
-        raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    max_length = min(c.max_length, policy.config.block_size)
-    pairs = load_pairs(c.data_file, c.split)
-    pairs = pairs[: c.n_samples] if c.n_samples else pairs
-    random.Random(c.seed).shuffle(pairs)
-    n_val = 0 if c.val_file else max(1, round(len(pairs) * c.val_frac)) if c.val_frac > 0 else 0
-    val_pairs, train_pairs = load_pairs(c.val_file) if c.val_file else pairs[:n_val], pairs[n_val:]
-    tk = lambda ps: tokenize_pairs(ps, tok, tok.eot_id, max_length, min(c.max_prompt_length, max_length - 1))  # noqa
-    train_t, val_t = tk(train_pairs), tk(val_pairs)[: c.eval_pairs or None]
+def split_pairs(cfg: DPOConfig, tok, max_length: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training pairs, held-out pairs, tokenized; the held-out pairs as text, for the answers before and
+    after): --val_file, else a --val_frac share of the shuffled --data_file; --eval_pairs of them evaluated."""
+    pairs = load_pairs(cfg.data_file, cfg.split)
+    if cfg.max_examples:
+        pairs = pairs[: cfg.max_examples]
+    random.Random(cfg.seed).shuffle(pairs)
+    if cfg.val_file:
+        n_val = 0
+        val_pairs = load_pairs(cfg.val_file)
+    else:
+        n_val = max(1, round(len(pairs) * cfg.val_frac)) if cfg.val_frac > 0 else 0
+        val_pairs = pairs[:n_val]
+    max_prompt_length = min(cfg.max_prompt_length, max_length - 1)
+    train_t = tokenize_pairs(pairs[n_val:], tok, tok.eot_id, max_length, max_prompt_length)
+    val_t = tokenize_pairs(val_pairs, tok, tok.eot_id, max_length, max_prompt_length)[: cfg.eval_pairs or None]
     if not train_t:
         raise ValueError("no training pairs left")
-    train_k, val_k = [pair_key(t) for t in train_t], [pair_key(t) for t in val_t]
-    say(f"{len(train_t)} training pairs, {len(val_t)} held out")
+    return train_t, val_t, val_pairs
 
-    autocast, scaler = autocast_and_scaler(precision, device_type)
-    prompts = [p["prompt"] for p in val_pairs[: c.n_generate]]
-    before = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id)
 
-    def build(g: GPT):  # the policy around a GPT (also around an empty one, to gather FSDP shards into)
-        return apply_lora(g, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets) if lora else g
+def lora_policy(gpt: GPT, cfg: DPOConfig) -> GPT:
+    """The policy around a GPT: its LoRA adapters (none with --lora_rank 0). Also used on an empty GPT,
+    to gather FSDP's shards into."""
+    if cfg.lora_rank > 0:
+        apply_lora(gpt, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return gpt
 
-    build(policy)
-    policy.grad_checkpointing = c.grad_checkpointing
-    dtypes = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    ref = Reference(c.reference, policy, autocast, dtypes[c.ref_dtype],
-                    None if c.ref_device == "same" else c.ref_device)
-    train_module = distribute(policy, device, c.fsdp, precision, block_type=Block)  # DDP wraps the policy; FSDP shards it in place
-    seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
-    if c.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
-        # the cache holds for these weights (each file's size and mtime: a new save changes them), in this
-        # precision and quantization, on these pairs as tokenized: anything else is recomputed
-        tag = hashlib.sha1(json.dumps([c.init_from, weights_fingerprint(c.init_from), precision, c.quantize,
-                                       train_k, val_k]).encode()).hexdigest()
-        n = precompute_reference(ref, train_t + val_t, train_k + val_k, tok.eot_id, device, c.batch_size,
-                                 out / "ref_logps.json" if master else None, tag)
-        say(f"reference log-probs: {n} computed, {len(train_t) + len(val_t) - n} from {out / 'ref_logps.json'}")
-    policy.train()
-    optimizer = make_optimizer(policy, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda")
-    say(f"precision {precision}, {c.max_steps} steps of {c.batch_size} x {c.grad_accum} x {world} rank(s) = "
-        f"{c.batch_size * c.grad_accum * world} pairs on {device}"
-        + (" (FSDP)" if c.fsdp and world > 1 else " (DDP)" if world > 1 else ""))
 
-    # the run exists from here on (a run that failed while loading leaves nothing behind)
-    if master:
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
-    rng, order, log, start = random.Random(c.seed), [], [], 0  # the same order on every rank: each takes its share
-    if c.resume:  # the weights, optimizer, data order and RNG of the last saved step
-        start, extra = load_train_state(out, policy, optimizer)
-        rng.setstate(extra["shuffle"])
-        order = extra["order"]
-        set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
-        if master:
-            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= start if "loss" in r else r["step"] < start)
-        say(f"resuming at step {start}")
-    log_f = open(out / "log.jsonl", "a") if master else None
+def save_weights(policy, cfg: DPOConfig, tok, where: Path, master: bool, merged: bool = False):
+    """LoRA: the PEFT adapter (merged: the model, W + scaling B A, and the policy loses its adapters);
+    full: the model. Under FSDP every rank gathers, rank 0 writes."""
+    lora = cfg.lora_rank > 0
+    model = gathered(policy, lambda: lora_policy(GPT(policy.config), cfg), master)
+    if model is None:  # another rank under FSDP: it helped gather, rank 0 writes
+        return
+    if lora and merged:
+        unload_lora(model, merge=True)
+    if lora and not merged:
+        save_adapter(model, where, cfg.init_from)
+    else:
+        model.save_pretrained(where, "native", tok.source)
 
-    def save_state(step: int):
-        extra = dict(shuffle=rng.getstate(), order=order, rng=all_ranks(rng_state(device)))
-        save_train_state(out, policy, optimizer, step, extra, master)
-        say(f"resumable state: step {step} in {out / 'ckpt'}")
 
-    def record(row):
-        if master:
-            log.append(row)
-            log_f.write(json.dumps(row) + "\n")
-            log_f.flush()
-
-    def save(where: Path, merged: bool = False):
-        """LoRA: the PEFT adapter (merged: the model, W + scaling B A); full: the model. Under FSDP every
-        rank gathers, rank 0 writes."""
-        m = gathered(policy, lambda: build(GPT(policy.config)), master)
-        if m is not None and lora and merged:
-            unload_lora(m, merge=True)
-        if m is not None:
-            if lora and not merged:
-                save_adapter(m, where, c.init_from)
-            else:
-                m.save_pretrained(where, "native", tok.source)
-
-    t0 = time.time()
-    stop = GracefulStop()  # Ctrl-C / SIGTERM: the state at the next step boundary, then exit
-    for step in range(start, c.max_steps + 1):
-        if val_t and (step % c.eval_interval == 0 or step == c.max_steps):
-            ev = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, c.batch_size, autocast,
-                                (c.beta, c.loss, c.label_smoothing))
-            check_finite(step, eval_loss=ev["eval_loss"])
-            record(dict(step=step, **ev))
-            say(f"step {step}: eval loss {ev['eval_loss']:.4f}, reward accuracy {ev['eval_reward_accuracy']:.3f}, "
-                f"margin {ev['eval_reward_margin']:.4f}")
-        if step == c.max_steps:
-            break
-        micro = []
-        for k in range(c.grad_accum * world):  # every rank draws the global batch and keeps its share
-            picked = []
-            for _ in range(c.batch_size):
-                if not order:
-                    order = list(range(len(train_t)))
-                    rng.shuffle(order)
-                picked.append(order.pop())
-            if k // c.grad_accum == rank:
-                idx, labels = collate_pairs([train_t[i] for i in picked], tok.eot_id, device)
-                micro.append((idx, labels, [train_k[i] for i in picked]))
-        this_lr = lr * lr_schedule(step, c.max_steps, c.warmup_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = this_lr
-        m = dpo_step(train_module, ref, micro, c, autocast, scaler)
-        # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
-        # bounded distance instead of wrecking them; the norm before clipping is what gets logged
-        params = [p for p in policy.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over every rank's shard
-            gnorm = gnorm.full_tensor()
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
-        mean = all_ranks_mean(m)
-        *vals, gnorm = torch.stack([v.float() for v in (*mean.values(), gnorm)]).tolist()  # the step's one read
-        m = dict(zip(mean, vals))
-        check_finite(step + 1, scaler, loss=m["loss"], grad_norm=gnorm)
-        record(dict(step=step + 1, lr=this_lr, grad_norm=gnorm, **m))
-        if (step + 1) % c.log_interval == 0 or step == 0:
-            say(f"step {step + 1}/{c.max_steps}: loss {m['loss']:.4f}, reward accuracy "
-                f"{m['reward_accuracy']:.3f}, margin {m['reward_margin']:.4f}, lr {this_lr:.2e}")
-        if c.save_interval and (step + 1) % c.save_interval == 0:
-            save(out / f"ckpt_step{step + 1}")
-        if c.ckpt_interval and (step + 1) % c.ckpt_interval == 0 and step + 1 < c.max_steps:
-            save_state(step + 1)
-        if step + 1 == c.stop_at_step:
-            say(f"stopping at step {step + 1} (--stop_at_step), as if killed")
-            end_distributed()
-            return dict(log=log)
-        if stop.requested(device) and step + 1 < c.max_steps:
-            save_state(step + 1)
-            if master:
-                log_f.close()
-                close_run(out)
-            stop.exit(step + 1, out / "ckpt")
-    stop.restore()
-    if log_f:
-        log_f.close()
-    save_state(c.max_steps)  # the end, too: --resume with a larger --max_steps continues from here
-    save(out / ("adapter" if lora else "model"))
-    after = _samples(policy, tok, prompts, c.max_new_tokens, tok.eot_id)
-    # before -> after on the held-out pairs: reward accuracy (0 before: policy = reference, every reward 0,
-    # a tie counts as wrong; 0.5 is chance), and chosen_rate, the share of greedy answers that pass the
-    # task's check (equal to the chosen answer: the built-in tasks' exact match)
-    evals = [r for r in log if "eval_reward_accuracy" in r]
-    summary = {"before": {}, "after": {}}
-    if evals:
-        for k, r in (("before", evals[0]), ("after", evals[-1])):
-            summary[k].update(reward_accuracy=r["eval_reward_accuracy"], reward_margin=r["eval_reward_margin"])
-    if prompts:
-        chosen = [p["chosen"] for p in val_pairs[: len(prompts)]]
-        summary["before"]["chosen_rate"], summary["after"]["chosen_rate"] = (
-            exact_match(before, chosen), exact_match(after, chosen))
-    if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
-        save(out / "model", merged=True)
-    if master:
-        plot_log(log, out / "dpo.png", [["loss", "eval_loss"], ["reward_accuracy", "eval_reward_accuracy"]],
-                 titles=["loss", "reward accuracy"])
-        md = ["# Samples before and after DPO\n"]
-        for p, b, a in zip(prompts, before, after):
-            md += [f"## Prompt\n```\n{p[-500:]}\n```\n", f"**Before:** {b}\n", f"**After:** {a}\n"]
-        atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
-        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-        close_run(out)
-    say(f"done in {time.time() - t0:.0f} s")
-    if prompts:
-        question = prompts[0].rsplit("### Instruction:", 1)[-1].split("### Response:")[0].strip()[-150:]
-        say(f"a held-out answer: {question!r} -> before {before[0].strip()!r}, after "
-            f"{after[0].strip()!r} (chosen {val_pairs[0]['chosen']!r}, rejected {val_pairs[0]['rejected']!r})")
-    say(before_after(summary, f"{len(val_t)} held-out pairs, {len(prompts)} answers; reward_accuracy chance 0.5"))
-    written = ("summary.json", "log.jsonl", "dpo.png", "samples.md", "adapter", "model")
-    say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
-    end_distributed()
-    return dict(log=log)
+def save_state(out: Path, policy, optimizer, step: int, data_rng: random.Random, order: list[int], device: str,
+               log: RunLog):
+    """out/ckpt/: what --resume needs to continue exactly as if never stopped: the trained weights, the
+    optimizer, the step, the data order (its generator and the rest of this epoch) and every rank's RNGs."""
+    extra = dict(shuffle=data_rng.getstate(), order=order, rng=all_ranks(rng_state(device)))
+    save_train_state(out, policy, optimizer, step, extra, log.master)
+    log.say(f"resumable state: step {step} in {out / 'ckpt'}")
 
 
 def all_ranks_mean(metrics: dict) -> dict:
@@ -655,6 +539,270 @@ def all_ranks_mean(metrics: dict) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
         metrics = dict(zip(metrics, t))
     return metrics
+
+
+ESTIMATE_AFTER = 5  # steps timed before the run's length is estimated (the first warms up)
+
+
+def evaluation_note(answers_s: float, pairs_s: float, training_s: float, cfg: DPOConfig) -> str:
+    """'' or a note when evaluating costs more than training: the answers before and after (greedy
+    generation, a token at a time: the slow part of a short run) and the held-out pairs' evaluations.
+    Nothing is cut on its own; the note names the flags that shrink them."""
+    if answers_s + pairs_s <= training_s:
+        return ""
+    return (f"note: evaluation takes about {answers_s + pairs_s:.0f} s of this run ({answers_s:.0f} s answering "
+            f"{cfg.num_samples} held-out prompts before and after, {pairs_s:.0f} s evaluating the held-out pairs), "
+            f"more than training ({training_s:.0f} s): --num_samples N and --eval_pairs N (or a larger "
+            f"--eval_interval) make it smaller")
+
+
+def summarize(rows: list[dict], prompts: list[str], before: list[str], after: list[str], val_pairs) -> dict:
+    """before -> after on the held-out pairs: reward accuracy (0 before: policy = reference, every
+    reward 0, a tie counts as wrong; 0.5 is chance), and chosen_rate, the share of greedy answers that
+    pass the task's check (equal to the chosen answer: the built-in tasks' exact match)."""
+    summary = {"before": {}, "after": {}}
+    evals = [r for r in rows if "val_reward_accuracy" in r]
+    if evals:
+        for when, row in (("before", evals[0]), ("after", evals[-1])):
+            summary[when].update(reward_accuracy=row["val_reward_accuracy"], reward_margin=row["val_reward_margin"])
+    if prompts:
+        chosen = [p["chosen"] for p in val_pairs[: len(prompts)]]
+        summary["before"]["chosen_rate"] = exact_match(before, chosen)
+        summary["after"]["chosen_rate"] = exact_match(after, chosen)
+    return summary
+
+
+def write_outputs(out: Path, rows: list[dict], summary: dict, prompts, before, after):
+    """Rank 0's files at the end: the plot, the answers before and after, the summary."""
+    plot_log(rows, out / "loss.png", [["loss", "val_loss"], ["reward_accuracy", "val_reward_accuracy"]],
+             titles=["loss", "reward accuracy"])
+    md = ["# Samples before and after DPO\n"]
+    for prompt, answer_before, answer_after in zip(prompts, before, after):
+        md += [f"## Prompt\n```\n{prompt[-500:]}\n```\n", f"**Before:** {answer_before}\n",
+               f"**After:** {answer_after}\n"]
+    atomic_write(out / "samples.md", lambda p: Path(p).write_text("\n".join(md)))
+    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+
+
+def train(cfg: DPOConfig) -> dict:
+    """Set-up (device, policy, pairs, answers before, reference, optimizer, the run's files), the loop,
+    then the end (weights, answers after, summary)."""
+    device = pick_device(cfg.device)
+    device_type = device.split(":")[0]
+    precision = pick_precision(cfg.precision, device)
+    rank, _, world = init_distributed(device)  # torchrun: one process per device; plain python: 1 of 1
+    master = rank == 0  # only rank 0 prints, logs and writes files
+    torch.manual_seed(cfg.seed)
+    out = open_run(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank: rank 0 decides
+    lora = cfg.lora_rank > 0
+    lr = cfg.lr or (5e-4 if lora else 1e-6)  # the peak; LoRA's few fresh weights take far larger steps
+    warmup, warmup_note = resolve_warmup(cfg.warmup_steps, cfg.max_steps)
+
+    # the policy and the pairs; the model before its tokenizer: a wrong --init_from is then the error
+    policy = load_base(cfg.init_from, precision, lora, cfg.quantize, device, cfg.fsdp)
+    tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
+    if tok.eot_id is None:
+        raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
+    train_t, val_t, val_pairs = split_pairs(cfg, tok, min(cfg.max_length, policy.config.block_size))
+    train_k = [pair_key(t) for t in train_t]
+    val_k = [pair_key(t) for t in val_t]
+    if master:
+        print(f"{len(train_t)} training pairs, {len(val_t)} held out", flush=True)
+
+    # the answers before training (timed: evaluation_note compares them with the training)
+    autocast, scaler = autocast_and_scaler(precision, device_type)
+    prompts = [p["prompt"] for p in val_pairs[: cfg.num_samples]]
+    answers_start = time.perf_counter()
+    before = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id)
+    answers_s = time.perf_counter() - answers_start
+
+    # the trained policy (LoRA or whole), the reference it is measured against, then DDP or FSDP
+    lora_policy(policy, cfg)
+    policy.grad_checkpointing = cfg.grad_checkpointing
+    dtypes = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    ref_device = None if cfg.ref_device == "same" else cfg.ref_device
+    ref = Reference(cfg.reference, policy, autocast, dtypes[cfg.ref_dtype], ref_device)
+    train_module = distribute(policy, device, cfg.fsdp, precision, block_type=Block)  # DDP wraps; FSDP shards in place
+    seed_everything(cfg.seed + rank)  # the same init on every rank above; from here each rank its own dropout
+    if cfg.reference == "precomputed":  # every rank computes every pair (under FSDP each forward needs them all)
+        # the cache holds for these weights (each file's size and mtime: a new save changes them), in this
+        # precision and quantization, on these pairs as tokenized: anything else is recomputed
+        tag = hashlib.sha1(json.dumps([cfg.init_from, weights_fingerprint(cfg.init_from), precision, cfg.quantize,
+                                       train_k, val_k]).encode()).hexdigest()
+        cache = out / "ref_logps.json" if master else None
+        n = precompute_reference(ref, train_t + val_t, train_k + val_k, tok.eot_id, device, cfg.batch_size, cache, tag)
+        if master:
+            print(f"reference log-probs: {n} computed, {len(train_t) + len(val_t) - n} from {cache}", flush=True)
+    policy.train()
+    optimizer = make_optimizer(policy, cfg.optimizer, lr, cfg.weight_decay, fused=device_type == "cuda")
+    if master:
+        how = ""
+        if world > 1:
+            how = " (FSDP)" if cfg.fsdp else " (DDP)"
+        print(f"precision {precision}, {cfg.max_steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {world} "
+              f"rank(s) = {cfg.batch_size * cfg.grad_accum * world} pairs on {device}{how}", flush=True)
+        if warmup_note:
+            print(f"note: {warmup_note}", flush=True)
+
+    # the run exists from here on (a run that failed while loading leaves nothing behind)
+    if master:
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+    data_rng = random.Random(cfg.seed)  # the same order on every rank: each takes its share
+    order = []  # the rest of this epoch's pair indices, taken from the end
+    start = 0
+    rows = []
+    if cfg.resume:  # the weights, optimizer, data order and RNG of the last saved step
+        start, extra = load_train_state(out, policy, optimizer)
+        data_rng.setstate(extra["shuffle"])
+        order = extra["order"]
+        set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
+        if master:  # what the killed run logged after that step is about to be redone
+            rows = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= start if "loss" in r else r["step"] < start)
+            print(f"resuming at step {start}", flush=True)
+    log = RunLog(out, master, rows)
+    clock = StepClock(cfg.max_steps)
+    eval_seconds = []  # each evaluation of the held-out pairs in this process
+    n_evals = sum(1 for s in range(start, cfg.max_steps + 1) if s % cfg.eval_interval == 0 or s == cfg.max_steps)
+    run_start = time.time()
+
+    stop = GracefulStop()  # Ctrl-C / SIGTERM: the state at the next step boundary, then exit
+    for step in range(start, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps
+
+        # checkpoints and stops come first, before this step's evaluation: a resumed run evaluates `step` again
+        if cfg.ckpt_interval and step > start and step % cfg.ckpt_interval == 0 and not last_step:
+            save_state(out, policy, optimizer, step, data_rng, order, device, log)
+        if cfg.save_interval and step > start and step % cfg.save_interval == 0:
+            save_weights(policy, cfg, tok, out / f"ckpt_step{step}", master)
+        if cfg.stop_at_step and step == cfg.stop_at_step:
+            log.say(f"stopping at step {step} (--stop_at_step), as if killed")
+            end_distributed()
+            return dict(log=log.rows)
+        if stop.requested(device) and not last_step:
+            save_state(out, policy, optimizer, step, data_rng, order, device, log)
+            log.close()
+            if master:
+                close_run(out)
+            stop.exit(step, out / "ckpt")
+
+        # evaluate on the held-out pairs at 0, every --eval_interval steps and at the end: the training
+        # metrics without updates (the row at step 0 is the model before training: policy = reference)
+        if val_t and (step % cfg.eval_interval == 0 or last_step):
+            eval_start = time.perf_counter()
+            metrics = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, cfg.batch_size, autocast,
+                                     (cfg.beta, cfg.loss, cfg.label_smoothing))
+            eval_seconds.append(time.perf_counter() - eval_start)
+            check_finite(step, val_loss=metrics["val_loss"])
+            log.record(dict(step=step, **metrics))
+            log.say(f"step {step}: val loss {metrics['val_loss']:.4f}, reward accuracy "
+                    f"{metrics['val_reward_accuracy']:.3f}, margin {metrics['val_reward_margin']:.4f}")
+        if last_step:
+            break
+
+        # this step's pairs: every rank draws the whole global batch (batch_size x grad_accum x world) from
+        # the one shared order, so that no two ranks take the same pair, and keeps its own micro-batches
+        step_start = time.perf_counter()
+        micro = []
+        for k in range(cfg.grad_accum * world):
+            picked = []
+            for _ in range(cfg.batch_size):
+                if not order:  # a new epoch: the pairs in a new order
+                    order = list(range(len(train_t)))
+                    data_rng.shuffle(order)
+                picked.append(order.pop())
+            if k // cfg.grad_accum == rank:
+                idx, labels = collate_pairs([train_t[i] for i in picked], tok.eot_id, device)
+                micro.append((idx, labels, [train_k[i] for i in picked]))
+
+        # the learning rate: a linear warmup (Adam's moments start empty), then a cosine decay to
+        # --min_lr_ratio of the peak; every group's peak is --lr
+        lr_scale = lr_schedule(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_scale * lr
+
+        # forward and backward, a micro-batch at a time: each one's loss is divided by their number, so
+        # that the gradients add up to the gradient of the step's mean loss over all its pairs
+        step_metrics = {}
+        for micro_step, (idx, labels, keys) in enumerate(micro):
+            # DDP/FSDP: the ranks average their gradients in the last micro-batch's backward only
+            with grad_sync(train_module, micro_step == len(micro) - 1):
+                loss, metrics = micro_batch_loss(train_module, ref, idx, labels, keys, cfg, autocast)
+                loss = loss / len(micro)
+                if scaler is not None:  # fp16: scaled up, so that small gradients do not underflow to 0
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for name, value in metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0) + value / len(micro)
+
+        # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
+        # bounded distance instead of wrecking them; the norm before clipping is what gets logged
+        params = [p for p in policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shard
+            grad_norm = grad_norm.full_tensor()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
+
+        # the step's numbers, averaged over the ranks and read to the host at once (the step's one sync),
+        # then logged as step + 1: the model after step + 1 optimizer steps
+        step_metrics = all_ranks_mean(step_metrics)
+        *values, grad_norm = torch.stack([v.float() for v in (*step_metrics.values(), grad_norm)]).tolist()
+        metrics = dict(zip(step_metrics, values))
+        step_s = time.perf_counter() - step_start
+        clock.add(step_s)
+        check_finite(step + 1, scaler, loss=metrics["loss"], grad_norm=grad_norm)
+        log.record(dict(step=step + 1, lr=lr_scale * lr, grad_norm=grad_norm, ms=1000 * step_s, **metrics))
+        if (step + 1) % cfg.log_interval == 0 or step == start:
+            log.say(f"step {step + 1}/{cfg.max_steps}: loss {metrics['loss']:.4f}, reward accuracy "
+                    f"{metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.4f}, lr "
+                    f"{lr_scale * lr:.2e} | {clock.left(step + 1)}")
+        if len(clock.seconds) == ESTIMATE_AFTER:  # once: how long the whole run takes, and its evaluation
+            log.say(f"this run: {clock.estimate()}")
+            per_eval = sum(eval_seconds) / len(eval_seconds) if eval_seconds else 0.0
+            note = evaluation_note(2 * answers_s, n_evals * per_eval, clock.per_step() * (cfg.max_steps - start), cfg)
+            if note:
+                log.say(note)
+    stop.restore()
+
+    # the end: the state (--resume with a larger --max_steps continues from here), the weights, the answers
+    # after (before the merge, which takes the adapters out of the policy), the merged model, the summary
+    log.close()
+    save_state(out, policy, optimizer, cfg.max_steps, data_rng, order, device, log)
+    save_weights(policy, cfg, tok, out / ("adapter" if lora else "model"), master)
+    answers_start = time.perf_counter()
+    after = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id)
+    answers_s += time.perf_counter() - answers_start
+    summary = summarize(log.rows, prompts, before, after, val_pairs)
+    if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
+        save_weights(policy, cfg, tok, out / "model", master, merged=True)
+    if master:
+        write_outputs(out, log.rows, summary, prompts, before, after)
+        close_run(out)
+    training_s = sum(clock.seconds)
+    pairs_s = sum(eval_seconds)
+    log.say(f"done in {time.time() - run_start:.0f} s: training {training_s:.0f} s, answers before and after "
+            f"{answers_s:.0f} s, held-out pairs {pairs_s:.0f} s")
+    if len(clock.seconds) < ESTIMATE_AFTER:  # too short for the estimate's note: the measured one
+        note = evaluation_note(answers_s, pairs_s, training_s, cfg)
+        if note:
+            log.say(note)
+    if prompts:
+        question = prompts[0].rsplit("### Instruction:", 1)[-1].split("### Response:")[0].strip()[-150:]
+        log.say(f"a held-out answer: {question!r} -> before {before[0].strip()!r}, after "
+                f"{after[0].strip()!r} (chosen {val_pairs[0]['chosen']!r}, rejected {val_pairs[0]['rejected']!r})")
+    log.say(before_after(summary, f"{len(val_t)} held-out pairs, {len(prompts)} answers; reward_accuracy chance 0.5"))
+    written = ("summary.json", "log.jsonl", "loss.png", "samples.md", "adapter", "model")
+    log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
+    end_distributed()
+    return dict(log=log.rows)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ with --fsdp).
 Run it:
     python finetune.py --init_from gpt2 --lora_rank 16 --grad_accum 8                 # LoRA on q,v
     python finetune.py --init_from gpt2-medium --lora_rank 0 --lr 1e-5                # full fine-tuning
-    python finetune.py --init_from gpt2 --data_file alpaca.json --n_samples 200 --max_response_chars 512
+    python finetune.py --init_from gpt2 --data_file alpaca.json --max_examples 200 --max_response_chars 512
     python finetune.py --init_from gpt2-medium --task dialogue --batch_size 1 --grad_accum 8     # HH-RLHF
     python finetune.py --task classify --dataset sst2 --num_classes 2 --lora_rank 16           # sentiment
     python finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 16 --precision bf16 \\
@@ -24,13 +24,14 @@ Read it top to bottom:
   1. Config: one dataclass, every field a command-line flag.
   2. Data: tokenization with the prompt masked out of the loss, truncation, the train/val/test
      split, padding into batches. (The records themselves come from prepare_data.py.)
-  3. The training step: gradient accumulation weighted by tokens, clipping, evaluation, and the
-     memory estimate printed at the start.
+  3. Weighting and measuring: each micro-batch's loss weighted by its trained tokens, evaluation,
+     and the memory estimate printed at the start.
   4. The model: LoRA or full fine-tuning; for classification, a head on the last real token.
-  5. The run: one loop for every task, with evaluation, early stopping, the best checkpoint and
-     responses before and after tuning.
+  5. The run: the set-up, then one loop for every task that writes its optimizer step out
+     (accumulation, clipping, the schedule), with evaluation, early stopping, the best checkpoint
+     and responses before and after tuning.
 
-out_dir gets: config.json, log.jsonl (one JSON object per optimizer step: step, loss, lr, ...; one
+out_dir gets: config.json, log.jsonl (one JSON object per optimizer step: step, loss, lr, ms, ...; one
 per evaluation: step, val_loss, val_ppl, ...), loss.png, best_adapter/ (LoRA, PEFT format),
 best_model/ (merged full model), responses.jsonl and responses.md (instruction and dialogue),
 classifier_head.safetensors beside the best weights (classify), summary.json (the best
@@ -53,19 +54,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from bpe import load_tokenizer
-
-from housekeeping import atomic_write
+from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
+                          autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
+                          fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          load_train_state, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
+                          plot_log, resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
+                          save_train_state, seed_everything, set_rng_state, write_jsonl)
 from lora import NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report, unload_lora
-from housekeeping import load_train_state, resumed_config, save_train_state
 from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_schedule, make_optimizer, save_safetensors
-from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, before_after, flag, check_finite,
-                          close_run, distribute, end_distributed, fit_to_context, fits_in_memory, gathered, grad_sync,
-                          init_distributed, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
-                          plot_log, previous_stage, resolve_init_from, rewrite_log, rng_state, run_main,
-                          seed_everything, set_rng_state, write_jsonl)
 from prepare_data import (builtin_tasks, exact_match, format_prompt, load_alpaca, load_classification, load_dialogues,
                           parse_dialogue)
 
@@ -79,8 +79,10 @@ TASKS = ("instruction", "dialogue", "classify")
 class FinetuneConfig:
     # model and data
     init_from: str = flag("auto", "gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF model dir (gpt2 or llama), or our "
-                                 "checkpoint dir; auto: train_gpt2.py's CPU checkpoint if there is one (then, with no "
-                                 "data flag, on the built-in task set: the offline life cycle), else gpt2")
+                                 "checkpoint dir; auto: train_gpt2.py's CPU model (out/cpu/model, else "
+                                 "out/cpu/ckpt/model) if there is one (then, with no data flag, on the built-in task "
+                                 "set: the offline life cycle), else gpt2 where the hub or its cache has it, else an "
+                                 "error naming the stage to run first")
     tokenizer: str | None = flag(None, "tokenizer spec for bpe.load_tokenizer (default: the model dir's own, "
                                       "else GPT-2's)")
     task: str = flag("instruction", "instruction: Alpaca records; dialogue: HH-RLHF conversations, loss on the "
@@ -89,7 +91,7 @@ class FinetuneConfig:
     data_file: str | None = flag(None, "instruction: Alpaca .json (a list) or .jsonl with instruction/input/output; "
                                       "dialogue: .jsonl with `chosen` conversations; classify: .jsonl/.csv with text, "
                                       "text_pair?, label; default: the task's built-in set (offline) when --init_from "
-                                      "auto finds train_gpt2.py's CPU checkpoint, else from the hub tatsu-lab/alpaca, "
+                                      "auto finds train_gpt2.py's CPU model, else from the hub tatsu-lab/alpaca, "
                                       "Anthropic/hh-rlhf or --dataset")
     dataset: str | None = flag(None, "classify without --data_file: sst2 (sentiment) | sms_spam | mnli (entailment)")
     num_classes: int = flag(2, "classify: number of classes (labels 0..N-1)", min=2)
@@ -108,7 +110,8 @@ class FinetuneConfig:
     fsdp: bool = flag(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
                             "(FSDP2, per transformer block), for models whose training state fits no single device; "
                             "without it each rank holds a whole copy (DDP)")
-    n_samples: int = flag(0, "use only the first N examples after filtering (0 = all)", min=0)
+    max_examples: int = flag(0, "use only the first N examples after filtering (0 = all)", min=0,
+                             aliases=("--n_samples",))
     max_response_chars: int = flag(0, "drop examples whose output is longer than this (0 = keep all)", min=0)
     test_file: str | None = flag(None, "held-out records (the --data_file format) to answer before and after tuning "
                                       "and for the test metrics, instead of a --test_frac split of the data")
@@ -140,8 +143,10 @@ class FinetuneConfig:
                          choices=[o for o in OPTIMIZER_STATES if o != "rmsprop"] + ["muon"])
     lr: float = flag(0.0, "peak learning rate (0 = 3e-4 with LoRA, 1e-5 full)", min=0.0)
     matrix_lr: float = flag(0.005, "--optimizer muon: peak learning rate of Muon's matrices", min=0.0)
-    min_lr: float = flag(0.0, "learning rate at the end of the cosine decay", min=0.0)
-    warmup_steps: int = flag(-1, "steps of linear warmup (-1 = 5% of the steps)", min=-1)
+    min_lr_ratio: float = flag(0.0, "the cosine decay ends at lr * min_lr_ratio (matrix_lr * min_lr_ratio)",
+                               min=0.0, max=1.0)
+    warmup_steps: int = flag(-1, "steps of linear warmup (-1 = 5% of the steps; more than half the run is cut to a "
+                                 "tenth of it)", min=-1)
     weight_decay: float = flag(0.0, "decoupled weight decay on 2-D weights", min=0.0)
     grad_clip: float = flag(1.0, "clip the global gradient norm (0 = off)", min=0.0)
     epochs: int = flag(1, "passes over the training set (unless --max_steps)", min=1)
@@ -153,7 +158,7 @@ class FinetuneConfig:
     save_merged: bool = flag(True, "LoRA: also write the merged full model to best_model/")
     save_interval: int = flag(0, "also keep the weights every N steps in out_dir/ckpt_step<N>/ (0 = only the best)",
                              min=0)
-    n_generate: int = flag(20, "test prompts to answer before and after tuning", min=0)
+    num_samples: int = flag(20, "test prompts to answer before and after tuning", min=0, aliases=("--n_generate",))
     max_new_tokens: int = flag(128, "longest generated response", min=1)
     log_interval: int = flag(10, "print the training loss every N steps", min=1)
     # answers scored at every evaluation, by score.py in a fresh process
@@ -169,7 +174,9 @@ FIXED = ("init_from", "tokenizer", "task", "num_classes", "lora_rank", "lora_alp
          "train_last_n_blocks")  # what a resumed run may not change
 
 
-PRETRAINED = "out/cpu/ckpt/model"  # what `python train_gpt2.py` leaves on a laptop
+# what `python train_gpt2.py` leaves on a laptop: its final model (model/), or, from an older run, the
+# checkpoint's (ckpt/model/)
+PRETRAINED = ("out/cpu/model", "out/cpu/ckpt/model")
 BUILTIN = {"instruction": "instructions", "dialogue": "dialogues", "classify": "classes"}
 # The offline life cycle's defaults (the flags given win), measured with train_gpt2.py's 2.6M-parameter
 # model on the built-in tasks (the figures: BENCHMARKS.md, the life cycle):
@@ -183,41 +190,45 @@ BUILTIN = {"instruction": "instructions", "dialogue": "dialogues", "classify": "
 # - 1800 steps, 1.3 passes over the ~22,000 questions: the copying questions are learned slowly. Answers
 #   are a few tokens (24 new ones are plenty), and 200 held-out answers measure exact_match to +-0.035.
 LAPTOP = dict(lora_rank=0, optimizer="muon", matrix_lr=5e-3, lr=2e-3, batch_size=16, grad_accum=1, max_steps=1800,
-              eval_interval=600, n_generate=200, max_new_tokens=24)
+              eval_interval=600, num_samples=200, max_new_tokens=24)
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    c, given = parse_config(FinetuneConfig, argv, __doc__.split("\n\n")[0].strip(),
-                            alt_defaults={"offline life cycle": LAPTOP})
-    if c.resume:
-        c = resumed_config(FinetuneConfig, c, given, c.out_dir, FIXED)
-    if c.init_from == "auto":
-        c.init_from = previous_stage(PRETRAINED) or "gpt2"
-        if c.init_from == PRETRAINED and c.data_file is None and c.dataset is None:
-            c.data_file = str(builtin_tasks()[BUILTIN[c.task]])
-            for k, v in LAPTOP.items():
-                setattr(c, k, given.get(k, v))
-            if c.lora_rank and "optimizer" not in given:  # LoRA's thin A and B: AdamW (Muon is for whole matrices)
-                c.optimizer = "adamw"
-            if c.task == "instruction":  # the answers before and after: questions about held-out modules
-                c.test_file = c.test_file or str(builtin_tasks()["instructions_test"])
-            print(f"offline default: {PRETRAINED} (from train_gpt2.py) on the built-in {c.task} set {c.data_file}; "
-                  f"the real recipe names them: --init_from gpt2 (Alpaca, HH-RLHF or GLUE from the hub)")
-    c.init_from = resolve_init_from(c.init_from)  # a run directory: its best or final model
-    if c.val_frac + c.test_frac >= 1:
-        raise ValueError(f"--val_frac {c.val_frac} + --test_frac {c.test_frac} must be below 1")
-    if c.score_every_eval and c.task == "classify":
+    cfg, given = parse_config(FinetuneConfig, argv, __doc__.split("\n\n")[0].strip(),
+                              alt_defaults={"offline life cycle": LAPTOP})
+    if cfg.resume:
+        cfg = resumed_config(FinetuneConfig, cfg, given, cfg.out_dir, FIXED)
+    if cfg.val_frac + cfg.test_frac >= 1:
+        raise ValueError(f"--val_frac {cfg.val_frac} + --test_frac {cfg.test_frac} must be below 1")
+    if cfg.score_every_eval and cfg.task == "classify":
         raise ValueError("--score_every_eval rates generated answers: not with --task classify")
-    if c.score_every_eval and c.reward_model == "none" and not c.judge_url:
+    if cfg.score_every_eval and cfg.reward_model == "none" and not cfg.judge_url:
         raise ValueError("--score_every_eval needs --reward_model or --judge_url")
     # sizes beyond the machine fail here, before a file is written: a step's token ids (input and label,
     # 8 bytes each, one token an example at least), an answer, LoRA's A and B and the head (at width 1)
-    for need, what in ((16 * c.batch_size * c.grad_accum, f"--batch_size {c.batch_size} x --grad_accum {c.grad_accum}"),
-                       (8 * c.max_new_tokens, f"--max_new_tokens {c.max_new_tokens}"),
-                       (8 * c.lora_rank, f"--lora_rank {c.lora_rank}"),
-                       (4 * c.num_classes, f"--num_classes {c.num_classes}")):
+    for need, what in ((16 * cfg.batch_size * cfg.grad_accum,
+                        f"--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum}"),
+                       (8 * cfg.max_new_tokens, f"--max_new_tokens {cfg.max_new_tokens}"),
+                       (8 * cfg.lora_rank, f"--lora_rank {cfg.lora_rank}"),
+                       (4 * cfg.num_classes, f"--num_classes {cfg.num_classes}")):
         fits_in_memory(need, what)
-    return c
+    if cfg.init_from == "auto":
+        # train_gpt2.py's model on this machine, else GPT-2 (cached, or a reachable hub), else one error line
+        # naming the stage to run first
+        cfg.init_from = auto_init_from(PRETRAINED, "python train_gpt2.py")
+        if cfg.init_from in PRETRAINED and cfg.data_file is None and cfg.dataset is None:
+            cfg.data_file = str(builtin_tasks()[BUILTIN[cfg.task]])
+            for k, v in LAPTOP.items():
+                setattr(cfg, k, given.get(k, v))
+            if cfg.lora_rank and "optimizer" not in given:  # LoRA's thin A and B: AdamW (Muon is for whole matrices)
+                cfg.optimizer = "adamw"
+            if cfg.task == "instruction":  # the answers before and after: questions about held-out modules
+                cfg.test_file = cfg.test_file or str(builtin_tasks()["instructions_test"])
+            print(f"offline default: {cfg.init_from} (from train_gpt2.py) on the built-in {cfg.task} set "
+                  f"{cfg.data_file}; the real recipe names them: --init_from gpt2 (Alpaca, HH-RLHF or GLUE from "
+                  f"the hub)")
+    cfg.init_from = resolve_init_from(cfg.init_from)  # a run directory: its best or final model
+    return cfg
 
 
 # -----------------------------------------------------------------------------------------------
@@ -233,8 +244,10 @@ def split_examples(examples: list, val_frac: float = 0.05, test_frac: float = 0.
     n_val = max(1, round(len(order) * val_frac)) if val_frac > 0 else 0
     if n_test + n_val >= len(order):
         raise ValueError(f"{len(order)} examples are too few for a train/val/test split ({n_val} val, {n_test} test)")
-    pick = lambda ids: [examples[i] for i in ids]  # noqa: E731
-    return pick(order[n_test + n_val:]), pick(order[n_test:n_test + n_val]), pick(order[:n_test])
+    test = [examples[i] for i in order[:n_test]]
+    val = [examples[i] for i in order[n_test:n_test + n_val]]
+    train = [examples[i] for i in order[n_test + n_val:]]
+    return train, val, test
 
 
 def tokenize_example(example: dict, tok, eos_id: int, max_length: int, mask_prompt: bool = True) -> dict:
@@ -324,66 +337,15 @@ def collate(batch: list[dict], pad_id: int = 0, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. The training step
+# 3. Weighting and measuring: the token-weighted loss, evaluation, the memory estimate
 
 
-def accumulate_gradients(model, micro_batches, scaler=None, autocast=contextlib.nullcontext, n_total=None):
-    """Forward + backward over the micro-batches [(idx, targets), ...] of one optimizer step.
-    Returns (mean loss per trained token, number of trained tokens), both tensors on the device:
-    reading them (.item()) would make the host wait for the device at every micro-step.
-
-    Why each micro-batch's loss is weighted by n_i / N (N = trained tokens in ALL micro-batches):
-    the model returns the mean over its own n_i tokens, so summing the backward passes of
-    mean_i * n_i / N gives the gradient of the mean over all N tokens of the accumulated batch.
-    Batch 4 x accumulation 1 and batch 1 x accumulation 4 then take the same step, and every
-    response token counts the same (a plain mean of micro-batch means would over-weight the
-    tokens of short responses). Under torchrun N counts every rank's micro-batches (n_total), and
-    the weights are multiplied by the number of ranks: DDP and FSDP average the ranks' gradients."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    counts = [(t != -100).sum() for _, t in micro_batches]
-    n_total = torch.stack(counts).sum() if n_total is None else torch.tensor(n_total, device=counts[0].device)
-    total = torch.zeros((), device=n_total.device)
-    for k, ((idx, targets), n) in enumerate(zip(micro_batches, counts)):
-        with grad_sync(model, k == len(micro_batches) - 1):
-            with autocast():
-                _, loss = model(idx, targets)
-            # a micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing
-            # (where, not nan_to_num: a NaN of a diverged model must stay NaN and stop the run)
-            loss = torch.where(n > 0, loss, 0.0) * (n / n_total.clamp(min=1))
-            (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
-        total += loss.detach().float()
-    if world > 1:
-        dist.all_reduce(total)  # this rank's share of the mean: the sum is the step's mean loss
-    return total, n_total
-
-
-def train_step(model, optimizer, micro_batches, scaler=None, autocast=contextlib.nullcontext,
-               grad_clip: float = 0.0, n_total=None) -> dict:
-    """One optimizer step over accumulated micro-batches: {loss, n_tokens, grad_norm}, read from the
-    device once, at the end of the step."""
-    loss, n = accumulate_gradients(model, micro_batches, scaler, autocast, n_total)
-    n_tokens = n_total if n_total is not None else int(n)  # finetune.py counts on the host: no wait here
-    if n_tokens == 0:
-        raise ValueError("no trained tokens in this batch (every label is -100)")
-    # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
-    # bounded distance instead of wrecking them; the norm before clipping is what gets logged
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shard
-        norm = norm.full_tensor()
-    if scaler is not None:
-        scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
-    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
-    return dict(loss=loss, n_tokens=n_tokens, grad_norm=norm)
+def token_weighted(loss, n_trained, n_total):
+    """One micro-batch's mean loss over its own n_trained tokens, as its share of the mean over the n_total
+    trained tokens of the whole optimizer step: loss * n_trained / n_total (the loop says why). A
+    micro-batch without trained tokens has a 0/0 = NaN mean: it contributes exactly nothing (where, not
+    nan_to_num: a NaN of a diverged model must stay NaN and stop the run)."""
+    return torch.where(n_trained > 0, loss, 0.0) * (n_trained / n_total.clamp(min=1))
 
 
 @torch.no_grad()
@@ -421,14 +383,21 @@ def activation_bytes_per_token(gpt: GPT, ab: int) -> int:
       already kept; c_fc, and mlp.c_proj: the MLP's hidden values)
       the MLP: GELU keeps its input (F values); SwiGLU its gate|up output (2F) and silu(gate) (F)
       LoRA: the rank-r product A x of each adapted block."""
-    c, blk = gpt.config, gpt.transformer.h[0]
-    C, F = c.n_embd, c.ffn_hidden
-    norm = lambda n: C + (C if isinstance(n, RMSNorm) and n.weight.requires_grad else 0)  # noqa: E731
-    n = (c.n_head * 2 + 2 * c.n_kv_head) * c.head_dim
+    mc, blk = gpt.config, gpt.transformer.h[0]
+    C, F = mc.n_embd, mc.ffn_hidden
+    n = (mc.n_head * 2 + 2 * mc.n_kv_head) * mc.head_dim
     n += C * (_trains(blk.attn.c_attn) + _trains(blk.mlp.c_fc))
-    n += (3 * F if c.mlp == "swiglu" else F) + F * _trains(blk.mlp.c_proj)
+    n += (3 * F if mc.mlp == "swiglu" else F) + F * _trains(blk.mlp.c_proj)
     n += sum(m.lora_A.shape[0] for m in blk.modules() if isinstance(m, LoRALinear))
-    return n * ab + (norm(blk.ln_1) + norm(blk.ln_2)) * 4
+    return n * ab + (norm_values(blk.ln_1, C) + norm_values(blk.ln_2, C)) * 4
+
+
+def norm_values(norm, width: int) -> int:
+    """Values a norm keeps for backward per token: its input; an RMSNorm whose gain learns also its
+    normalised input."""
+    if isinstance(norm, RMSNorm) and norm.weight.requires_grad:
+        return 2 * width
+    return width
 
 
 def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: bool, tokens: int,
@@ -443,7 +412,7 @@ def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: b
     state, all of its own micro-batch's activations, and two whole blocks (the one running and the next,
     prefetched) with one block's unreduced gradients; in 16 bits under mixed precision, so no autocast copies."""
     gpt = model.gpt if hasattr(model, "gpt") else model
-    c = gpt.config
+    mc = gpt.config
     params = list(model.parameters())
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # a 4-bit base: its codes are buffers
     weights = sum(p.numel() * p.element_size() for p in params) + sum(
@@ -456,20 +425,23 @@ def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: b
     per_block = activation_bytes_per_token(gpt, ab)
     head = gpt.lm_head.weight
     # the final norm's input (fp32), the output layer's if it learns, and the logits, kept by the loss
-    top = c.n_embd * 4 + (c.n_embd * _trains(gpt.lm_head) + c.padded_vocab_size) * ab
+    top = mc.n_embd * 4 + (mc.n_embd * _trains(gpt.lm_head) + mc.padded_vocab_size) * ab
     # checkpointing keeps each block's input (the residual stream, in the embeddings' dtype); one block's
     # activations exist again while it is recomputed, in backward, when the logits are gone already
     residual = gpt.transformer.wte.weight.element_size()
-    kept = c.n_layer * c.n_embd * residual + max(top, per_block) if grad_checkpointing else c.n_layer * per_block + top
+    if grad_checkpointing:
+        kept = mc.n_layer * mc.n_embd * residual + max(top, per_block)
+    else:
+        kept = mc.n_layer * per_block + top
     # autocast's 16-bit copies of the fp32 weights that train: cached until the forward ends, and kept
     # for backward too (so: activations) unless checkpointing discards what the forward saved
     copies = 0
     if ab == 2 and trainable and shards == 1 and not any(isinstance(m, LoRALinear) for m in model.modules()):
         copies = sum(p.numel() for p in trainable if p.dim() == 2) * 2
     acts = tokens * kept + (0 if grad_checkpointing else copies)
-    logits_grad = tokens * c.padded_vocab_size * ab
+    logits_grad = tokens * mc.padded_vocab_size * ab
     head_grad = head.numel() * 4 if head.requires_grad else 0
-    tied = 2 * head.numel() * 4 if c.tie_embeddings and head.requires_grad else 0
+    tied = 2 * head.numel() * 4 if mc.tie_embeddings and head.requires_grad else 0
     if shards > 1:  # FSDP gathers 16-bit weights under mixed precision: no autocast copies (above)
         block = sum(p.numel() for p in gpt.transformer.h[0].parameters()) * (ab if ab == 2 else 4)
         weights, opt = weights / shards + 2 * block, opt / shards
@@ -485,24 +457,28 @@ def estimate_memory(model, precision: str, optimizer: str, grad_checkpointing: b
                 activations_per_token=kept, peak=max(forward_end, start, end, dequant))
 
 
+def gib(n_bytes) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
 def format_memory(est: dict, tokens: int) -> str:
-    gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    copies = f", autocast's weight copies {gb(est['autocast_copies'])}" if est["autocast_copies"] else ""
-    return (f"memory estimate: weights {gb(est['weights'])}, gradients {gb(est['gradients'])}, optimizer states "
-            f"{gb(est['optimizer'])}, activations {est['activations_per_token'] / 2**10:.0f} KiB/token x {tokens} "
-            f"tokens{copies}; peak ~{gb(est['peak'])}")
+    copies = f", autocast's weight copies {gib(est['autocast_copies'])}" if est["autocast_copies"] else ""
+    return (f"memory estimate: weights {gib(est['weights'])}, gradients {gib(est['gradients'])}, optimizer states "
+            f"{gib(est['optimizer'])}, activations {est['activations_per_token'] / 2**10:.0f} KiB/token x {tokens} "
+            f"tokens{copies}; peak ~{gib(est['peak'])}")
 
 
 # -----------------------------------------------------------------------------------------------
 # 4. The model: LoRA or full fine-tuning; a classification head
 
 
-def prepare_model(model: GPT, c: FinetuneConfig) -> GPT:
+def prepare_model(model: GPT, cfg: FinetuneConfig) -> GPT:
     """LoRA (rank > 0): adapters on the targets, everything else frozen. Full fine-tuning: every
     weight trains, or only the last N blocks and the final norm."""
-    n_last = c.train_last_n_blocks or None
-    if c.lora_rank > 0:
-        apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets, layers=n_last, rslora=c.rslora)
+    n_last = cfg.train_last_n_blocks or None
+    if cfg.lora_rank > 0:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, layers=n_last,
+                   rslora=cfg.rslora)
     elif n_last:
         if not 1 <= n_last <= model.config.n_layer:
             raise ValueError(f"--train_last_n_blocks {n_last}: expected 1..{model.config.n_layer}")
@@ -554,10 +530,10 @@ def classification_metrics(clf: Classifier, examples: list[dict], batch_size: in
         gold += [e["labels"][-1] for e in examples[i:i + batch_size]]
     clf.train(was)
     f1s = []
-    for c in range(num_classes):
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+    for k in range(num_classes):
+        tp = sum(p == k and g == k for p, g in zip(pred, gold))
+        fp = sum(p == k and g != k for p, g in zip(pred, gold))
+        fn = sum(p != k and g == k for p, g in zip(pred, gold))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return dict(accuracy=sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold)), macro_f1=sum(f1s) / num_classes)
 
@@ -596,38 +572,44 @@ def answer_metrics(answers: list[str], ended: list[bool], examples: list[dict]) 
 # 5. The run
 
 
-def load_data(c: FinetuneConfig, tok, block_size: int):
+def load_data(cfg: FinetuneConfig, tok, block_size: int):
     """(train, val, test) tokenized examples and the raw test examples (prompts for generation)."""
-    if c.task == "classify":
-        examples = load_classification(c.data_file, c.dataset, c.num_classes, c.n_samples, c.balance, c.seed)
-    elif c.task == "dialogue":
-        examples = load_dialogues(c.data_file, c.n_samples)
+    if cfg.task == "classify":
+        examples = load_classification(cfg.data_file, cfg.dataset, cfg.num_classes, cfg.max_examples, cfg.balance,
+                                       cfg.seed)
+    elif cfg.task == "dialogue":
+        examples = load_dialogues(cfg.data_file, cfg.max_examples)
     else:
-        examples = load_alpaca(c.data_file, c.max_response_chars, c.n_samples)
-    train_ex, val_ex, test_ex = split_examples(examples, c.val_frac, 0 if c.test_file else c.test_frac, c.seed)
-    if c.test_file:  # disjoint from the training data by construction (the built-in tasks: other modules)
-        test_ex = (load_classification(c.test_file, None, c.num_classes) if c.task == "classify" else
-                   load_dialogues(c.test_file) if c.task == "dialogue" else load_alpaca(c.test_file))
-    max_length = min(c.max_length or block_size, block_size)
-    tk = lambda xs, name: tokenize_examples(xs, tok, tok.eot_id, max_length, c.mask_prompt, name, c.task)  # noqa: E731
-    train_t, val_t, test_t = tk(train_ex, "train"), tk(val_ex, "val"), tk(test_ex, "test")
+        examples = load_alpaca(cfg.data_file, cfg.max_response_chars, cfg.max_examples)
+    train_ex, val_ex, test_ex = split_examples(examples, cfg.val_frac, 0 if cfg.test_file else cfg.test_frac, cfg.seed)
+    # a --test_file is disjoint from the training data by construction (the built-in tasks: other modules)
+    if cfg.test_file and cfg.task == "classify":
+        test_ex = load_classification(cfg.test_file, None, cfg.num_classes)
+    elif cfg.test_file and cfg.task == "dialogue":
+        test_ex = load_dialogues(cfg.test_file)
+    elif cfg.test_file:
+        test_ex = load_alpaca(cfg.test_file)
+    max_length = min(cfg.max_length or block_size, block_size)
+    train_t = tokenize_examples(train_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "train", cfg.task)
+    val_t = tokenize_examples(val_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "val", cfg.task)
+    test_t = tokenize_examples(test_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "test", cfg.task)
     if not train_t:
         raise ValueError("no training examples left after tokenization")
     print(f"{len(examples)} examples: {len(train_t)} train, {len(val_t)} val, {len(test_ex)} test")
-    if c.task == "classify":
-        counts = [sum(e["label"] == k for e in train_ex) for k in range(c.num_classes)]
+    if cfg.task == "classify":
+        counts = [sum(e["label"] == k for e in train_ex) for k in range(cfg.num_classes)]
         print(f"train classes {counts}; majority-class accuracy {max(counts) / len(train_ex):.3f}")
-    return train_t, val_t[: c.eval_examples or None], test_t, test_ex
+    return train_t, val_t[: cfg.eval_examples or None], test_t, test_ex
 
 
-def score_answers(c: FinetuneConfig, tok, step: int, out: Path) -> dict:
+def score_answers(cfg: FinetuneConfig, tok, step: int, out: Path) -> dict:
     """--score_every_eval: the weights as they are now (saved to out/scoring/), rated by score.py in a
     fresh process (its command line is the interface, so the scoring code lives in one place)."""
     d = out / "scoring"
-    cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", c.init_from,
-           "--task", c.task, "--reward_model", c.reward_model, "--judge_model", c.judge_model,
-           "--max_new_tokens", str(c.max_new_tokens), "--device", pick_device(c.device)]
-    for name, value in (("--tokenizer", c.tokenizer), ("--judge_url", c.judge_url), ("--prompts", c.prompts)):
+    cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", cfg.init_from,
+           "--task", cfg.task, "--reward_model", cfg.reward_model, "--judge_model", cfg.judge_model,
+           "--max_new_tokens", str(cfg.max_new_tokens), "--device", pick_device(cfg.device)]
+    for name, value in (("--tokenizer", cfg.tokenizer), ("--judge_url", cfg.judge_url), ("--prompts", cfg.prompts)):
         cmd += [name, value] if value else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -636,241 +618,333 @@ def score_answers(c: FinetuneConfig, tok, step: int, out: Path) -> dict:
     return {k: v for k, v in row.items() if k.endswith(("_mean", "_stderr"))}
 
 
-def finetune(c: FinetuneConfig) -> dict:
-    device = pick_device(c.device)
+class DataOrder:
+    """Which training example comes next: each one once per pass over the set, in a fresh seeded shuffle
+    every pass. Every rank holds the same order and takes its own share of each step. The shuffle's
+    RNG and what is left of this pass go into the resumable state: a resumed run sees the same examples."""
+
+    def __init__(self, n_examples: int, seed: int):
+        self.n_examples = n_examples
+        self.rng = random.Random(seed)
+        self.left = []  # this pass's indices still to come, taken from the end
+
+    def next(self) -> int:
+        if not self.left:
+            self.left = list(range(self.n_examples))
+            self.rng.shuffle(self.left)
+        return self.left.pop()
+
+
+def build_model(gpt: GPT, cfg: FinetuneConfig) -> torch.nn.Module:
+    """The model to train around a GPT: LoRA or full fine-tuning (prepare_model), and for classify a head
+    on top, made after LoRA froze the body (so the head trains). Also builds the empty copy that FSDP's
+    shards are gathered into to be saved."""
+    prepare_model(gpt, cfg)
+    if cfg.task == "classify":
+        return Classifier(gpt, cfg.num_classes)
+    return gpt
+
+
+def save_weights(model, where: Path, cfg: FinetuneConfig, tok, master: bool, merged: bool = False):
+    """The weights as the next stage loads them:
+    - LoRA: the PEFT adapter; merged: the model with W + scaling B A (a plain model again);
+    - full fine-tuning: the model;
+    - classify: also the head, beside them (classifier_head.safetensors).
+    Under FSDP every rank helps gather the shards; rank 0 writes."""
+    m = gathered(model, lambda: build_model(GPT(model.config), cfg), master)
+    if m is None:  # FSDP, a rank other than 0: its part is done
+        return
+    classify = cfg.task == "classify"
+    gpt = m.gpt if classify else m
+    lora = cfg.lora_rank > 0
+    if lora and merged:
+        unload_lora(gpt, merge=True)  # W + (alpha/r) B A, in fp32
+    if lora and not merged:
+        save_adapter(gpt, where, cfg.init_from)
+    else:
+        gpt.save_pretrained(where, "native", tok.source)
+    if classify:
+        head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
+        save_safetensors(head, where / "classifier_head.safetensors")
+
+
+def load_best_weights(model, best_dir: Path, classify: bool):
+    """A full fine-tuning's best weights back from best_model/ (and the head), into every rank's model
+    (under FSDP: each rank its shard)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    best = load_file(str(best_dir / "model.safetensors"))
+    if classify:
+        best = {f"gpt.{k}": v for k, v in best.items()}
+        best.update({f"head.{k}": v for k, v in load_file(str(best_dir / "classifier_head.safetensors")).items()})
+    set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    # ---- set-up: the device(s), the model and its tokenizer, the data, the optimizer
+    device = pick_device(cfg.device)
     device_type = device.split(":")[0]
-    precision = pick_precision(c.precision, device)
+    precision = pick_precision(cfg.precision, device)
     rank, _, world = init_distributed(device)  # torchrun: one process per device; plain python: 1 of 1
     master = rank == 0  # only rank 0 prints, logs and writes files
-
-    def say(*a):
-        if master:
-            print(*a, flush=True)
-
-    torch.manual_seed(c.seed)
-    out = open_run(c.out_dir, resume=c.resume, overwrite=c.overwrite) if master else Path(c.out_dir)
-    lora, classify = c.lora_rank > 0, c.task == "classify"
-    lr = c.lr or (3e-4 if lora else 1e-5)
+    torch.manual_seed(cfg.seed)
+    out = open_run(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank: rank 0 decides
+    lora = cfg.lora_rank > 0
+    classify = cfg.task == "classify"
+    lr = cfg.lr or (3e-4 if lora else 1e-5)
     # the model before its tokenizer: a wrong --init_from is then the error, not a tokenizer it lacks
-    gpt = load_base(c.init_from, precision, lora, c.quantize, device, c.fsdp)
-    tok = load_tokenizer(c.tokenizer, c.init_from)
+    gpt = load_base(cfg.init_from, precision, lora, cfg.quantize, device, cfg.fsdp)
+    tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
-    train_t, val_t, test_t, test_ex = load_data(c, tok, gpt.config.block_size)
+    train_t, val_t, test_t, test_ex = load_data(cfg, tok, gpt.config.block_size)
     autocast, scaler = autocast_and_scaler(precision, device_type)
-    gen_ex = [] if classify else test_ex[: c.n_generate]
-    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, c.max_new_tokens, autocast)
-
-    def build(g: GPT):  # the model to train around a GPT (also around an empty one, to gather FSDP shards into)
-        prepare_model(g, c)
-        return Classifier(g, c.num_classes) if classify else g  # the head is made after LoRA froze the body
-
-    model = build(gpt)
-    gpt.grad_checkpointing = c.grad_checkpointing  # non-reentrant: works with frozen embeddings + LoRA
+    gen_ex = [] if classify else test_ex[: cfg.num_samples]  # the held-out answers, before tuning and after
+    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast)
+    model = build_model(gpt, cfg)
+    gpt.grad_checkpointing = cfg.grad_checkpointing  # non-reentrant: works with frozen embeddings + LoRA
     model.train()
-    say(trainable_report(model))
-    tokens = c.batch_size * max(len(t["input_ids"]) for t in train_t)
-    say(format_memory(estimate_memory(gpt, precision, c.optimizer, c.grad_checkpointing, tokens), tokens)
-        + " (longest micro-batch, one device)")
-    train_module = distribute(model, device, c.fsdp, precision, block_type=Block)  # DDP wraps `model`; FSDP shards it in place
-    seed_everything(c.seed + rank)  # the same init on every rank above; from here each rank its own dropout
-    optimizer = make_optimizer(model, c.optimizer, lr, c.weight_decay, fused=device_type == "cuda",
-                               matrix_lr=c.matrix_lr)
-    total_steps = c.max_steps or c.epochs * math.ceil(len(train_t) / (c.batch_size * c.grad_accum * world))
-    warmup = c.warmup_steps if c.warmup_steps >= 0 else int(0.05 * total_steps)
-    say(f"precision {precision}, {c.optimizer} lr {lr:g}, {total_steps} steps of {c.batch_size} x {c.grad_accum} x "
-        f"{world} rank(s) = {c.batch_size * c.grad_accum * world} examples on {device}"
-        + (" (FSDP)" if c.fsdp and world > 1 else " (DDP)" if world > 1 else ""))
+    trainable = trainable_report(model)
+    tokens = cfg.batch_size * max(len(t["input_ids"]) for t in train_t)  # the longest micro-batch
+    memory = format_memory(estimate_memory(gpt, precision, cfg.optimizer, cfg.grad_checkpointing, tokens), tokens)
+    train_module = distribute(model, device, cfg.fsdp, precision, block_type=Block)  # DDP wraps; FSDP shards in place
+    seed_everything(cfg.seed + rank)  # the same init on every rank above; from here each rank its own dropout
+    optimizer = make_optimizer(model, cfg.optimizer, lr, cfg.weight_decay, fused=device_type == "cuda",
+                               matrix_lr=cfg.matrix_lr)
+    examples_per_step = cfg.batch_size * cfg.grad_accum * world
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_t) / examples_per_step)
+    warmup, warmup_note = resolve_warmup(cfg.warmup_steps, total_steps)
 
     # the run exists from here on (a run that failed while loading leaves nothing behind)
     if master:
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(c), indent=2)))
-    rng, order, log = random.Random(c.seed), [], []  # the same order on every rank: each takes its share
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+    order = DataOrder(len(train_t), cfg.seed)
     best_dir = out / ("best_adapter" if lora else "best_model")
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
     evaluated = -1  # the last step evaluated: a resumed run must not evaluate (and count) that step again
-    n_real_tokens, train_time, step = 0, 0.0, 0
-    if c.resume:  # the weights, optimizer, data order, RNG and best-so-far of the last saved step
-        step, extra = load_train_state(out, model, optimizer)
-        rng.setstate(extra["shuffle"])
-        order, n_real_tokens, train_time = extra["order"], extra["tokens"], extra["seconds"]
-        best_val, best_step, bad_evals, best_state = extra["best"] + [extra["best_state"]]
-        evaluated = step if extra.get("evaluated") else -1
+    n_real_tokens, train_time, start_step, rows = 0, 0.0, 0, []
+    if cfg.resume:  # the weights, optimizer, data order, RNG and best-so-far of the last saved step
+        start_step, extra = load_train_state(out, model, optimizer)
+        order.rng.setstate(extra["shuffle"])
+        order.left = extra["order"]
+        n_real_tokens, train_time = extra["tokens"], extra["seconds"]
+        best_val, best_step, bad_evals = extra["best"]
+        best_state = extra["best_state"]
+        evaluated = start_step if extra.get("evaluated") else -1
         set_rng_state(extra["rng"][rank if len(extra["rng"]) == world else 0], device)
-        if master:  # what the killed run logged after that step is about to be redone
-            log = rewrite_log(out / "log.jsonl", lambda r: r["step"] <= step if "loss" in r or evaluated == step
-                              else r["step"] < step)
-        say(f"resuming at step {step}")
-    log_f = open(out / "log.jsonl", "a") if master else None
+        if master:  # what the killed run logged after that step is redone: its train rows up to that step
+            last_eval_kept = start_step if evaluated == start_step else start_step - 1  # and the saved evaluations
+            rows = rewrite_log(out / "log.jsonl",
+                               lambda row: row["step"] <= (start_step if "loss" in row else last_eval_kept))
+    if start_step > total_steps:
+        raise ValueError(f"--resume: the run is at step {start_step}, past --max_steps {total_steps}")
+    log = RunLog(out, master, rows)  # log.jsonl, and say(): both rank 0 only
+    log.say(trainable)
+    log.say(memory + " (longest micro-batch, one device)")
+    parallel = ""
+    if world > 1:
+        parallel = " (FSDP)" if cfg.fsdp else " (DDP)"
+    mean_length = sum(len(t["input_ids"]) for t in train_t) / len(train_t)
+    log.say(f"precision {precision}, {cfg.optimizer} lr {lr:g}, warmup {warmup} steps, on {device}{parallel}")
+    log.say(f"the run: {total_steps} steps x {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} rank(s) = "
+            f"{total_steps * examples_per_step:,} examples ({total_steps * examples_per_step / len(train_t):.2f} "
+            f"passes over {len(train_t):,}), about {total_steps * examples_per_step * mean_length:,.0f} tokens")
+    if warmup_note:
+        log.say(warmup_note)
+    if cfg.resume:
+        log.say(f"resuming at step {start_step}")
 
-    def save_state():
-        extra = dict(shuffle=rng.getstate(), order=order, tokens=n_real_tokens, seconds=train_time,
-                     best=[best_val, best_step, bad_evals], best_state=best_state, rng=all_ranks(rng_state(device)),
-                     evaluated=evaluated == step)
-        save_train_state(out, model, optimizer, step, extra, master)
-        say(f"resumable state: step {step} in {out / 'ckpt'}")
-
-    def record(row):
-        if master:
-            log.append(row)
-            log_f.write(json.dumps(row) + "\n")
-            log_f.flush()
-
-    def next_example():
-        nonlocal order
-        if not order:
-            order = list(range(len(train_t)))
-            rng.shuffle(order)
-        return train_t[order.pop()]
-
-    def save(where: Path, merged: bool = False):
-        """LoRA: the PEFT adapter (merged: the model, W + scaling B A); full: the model; classify: also
-        the head. Under FSDP every rank gathers, rank 0 writes."""
-        m = gathered(model, lambda: build(GPT(gpt.config)), master)
-        if m is None:
-            return
-        g = m.gpt if classify else m
-        if lora and merged:
-            unload_lora(g, merge=True)  # W + (alpha/r) B A, in fp32: a plain model again
-        save_adapter(g, where, c.init_from) if lora and not merged else g.save_pretrained(where, "native", tok.source)
-        if classify:
-            head = {k: v.detach().contiguous().cpu() for k, v in m.head.state_dict().items()}
-            save_safetensors(head, where / "classifier_head.safetensors")
-
-    # every rank evaluates (the whole set: under FSDP each forward needs every rank) and takes part in
-    # each step with its share of the global batch; rank 0 records
+    # ---- the loop. At the top of iteration `step`, `step` optimizer steps are done. Every rank evaluates
+    # (the whole set: under FSDP each forward needs every rank) and takes part in each step with its share
+    # of the global batch; rank 0 alone logs and writes.
+    clock = StepClock(total_steps)
     stop = GracefulStop()  # Ctrl-C / SIGTERM: the state at the next step boundary, then exit
-    while True:
-        if (step % c.eval_interval == 0 or step == total_steps) and evaluated != step:
+    for step in range(start_step, total_steps + 1):
+        last_step = step == total_steps
+        # a Ctrl-C / SIGTERM asked to stop: the state of this step is saved below, then the run exits
+        stopping = not last_step and stop.requested(device)
+        # evaluate at 0 (the model before tuning), every eval_interval steps and at the end: the val loss
+        # decides the best weights and early stopping
+        early_stop = False
+        if (step % cfg.eval_interval == 0 or last_step) and step != evaluated and not stopping:
             evaluated = step
-            val = evaluate(model, val_t, c.batch_size, device, autocast, tok.eot_id) if val_t else float("nan")
+            val = evaluate(model, val_t, cfg.batch_size, device, autocast, tok.eot_id) if val_t else float("nan")
             check_finite(step, val_loss=val if val_t else None)  # a NaN is never a score, nor the best
             row = dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)))
-            if classify:
-                for name, xs in (("val", val_t), ("test", test_t)):
-                    if xs:
-                        m = classification_metrics(model, xs, c.batch_size, device, tok.eot_id, c.num_classes, autocast)
-                        row.update({f"{name}_{k}": v for k, v in m.items()})
-            if c.score_every_eval:
-                save(out / "scoring")
+            for name, examples in (("val", val_t), ("test", test_t)):
+                if classify and examples:
+                    metrics = classification_metrics(model, examples, cfg.batch_size, device, tok.eot_id,
+                                                      cfg.num_classes, autocast)
+                    row.update({f"{name}_{k}": v for k, v in metrics.items()})
+            if cfg.score_every_eval:  # answers rated by score.py, from the weights saved to scoring/
+                save_weights(model, out / "scoring", cfg, tok, master)
                 if master:
-                    row.update(score_answers(c, tok, step, out))
-            record(row)
-            say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
+                    row.update(score_answers(cfg, tok, step, out))
+            log.record(row)
+            log.say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
             if val < best_val or not val_t:  # without a val set, the latest weights are kept
                 best_val, best_step, bad_evals = val, step, 0
                 if lora:  # small: kept in memory too (a full model's best is read back from disk)
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                save(best_dir)
+                save_weights(model, best_dir, cfg, tok, master)
             else:
                 bad_evals += 1
-                if c.patience and bad_evals >= c.patience:
-                    say(f"early stop: no better val loss in {bad_evals} evaluations")
-                    break
-        if step == total_steps:
-            break
-        t0 = time.perf_counter()
-        picked = [[next_example() for _ in range(c.batch_size)] for _ in range(c.grad_accum * world)]
-        mine = picked[rank * c.grad_accum:(rank + 1) * c.grad_accum]
-        n_trained = sum(lab != -100 for b in picked for e in b for lab in e["labels"])  # over every rank's share
-        n_real_tokens += sum(len(e["input_ids"]) for b in picked for e in b)  # padding not counted
-        scale = lr_schedule(step, total_steps, warmup, c.min_lr / lr)
-        for g in optimizer.param_groups:  # Muon's matrices on the same schedule, scaled to their own peak
-            g["lr"] = scale * (c.matrix_lr if g.get("muon") else lr)
-        this_lr = scale * lr
-        r = train_step(train_module, optimizer, [collate(b, tok.eot_id, device) for b in mine], scaler, autocast,
-                       c.grad_clip, n_trained)
-        train_time += time.perf_counter() - t0
-        step += 1
-        check_finite(step, scaler, loss=r["loss"], grad_norm=r["grad_norm"])
-        record(dict(step=step, loss=r["loss"], lr=this_lr, n_tokens=r["n_tokens"], grad_norm=r["grad_norm"]))
-        if step % c.log_interval == 0 or step == 1:
-            say(f"step {step}/{total_steps}: loss {r['loss']:.4f}, lr {this_lr:.2e}")
-        if c.save_interval and step % c.save_interval == 0:
-            save(out / f"ckpt_step{step}")
-        if c.ckpt_interval and step % c.ckpt_interval == 0 and step < total_steps:
-            save_state()
-        if step == c.stop_at_step:
-            say(f"stopping at step {step} (--stop_at_step), as if killed")
-            end_distributed()
-            return dict(log=log)
-        if stop.requested(device) and step < total_steps:
-            save_state()
+                early_stop = cfg.patience > 0 and bad_evals >= cfg.patience
+                if early_stop:
+                    log.say(f"early stop: no better val loss in {bad_evals} evaluations")
+        # the resumable state (weights, optimizer, data order, RNG, best so far): every ckpt_interval steps,
+        # at the end (--resume with a larger --max_steps continues from there) and before a stop
+        periodic = cfg.ckpt_interval and step > start_step and step % cfg.ckpt_interval == 0
+        if periodic or last_step or early_stop or stopping:
+            extra = dict(shuffle=order.rng.getstate(), order=order.left, tokens=n_real_tokens, seconds=train_time,
+                         best=[best_val, best_step, bad_evals], best_state=best_state,
+                         rng=all_ranks(rng_state(device)), evaluated=evaluated == step)
+            save_train_state(out, model, optimizer, step, extra, master)
+            log.say(f"resumable state: step {step} in {out / 'ckpt'}")
+        if cfg.save_interval and step > start_step and step % cfg.save_interval == 0:
+            save_weights(model, out / f"ckpt_step{step}", cfg, tok, master)  # kept, unlike ckpt/
+        if stopping:
+            log.close()
             if master:
-                log_f.close()
                 close_run(out)
             stop.exit(step, out / "ckpt")
-    stop.restore()
-    if log_f:
-        log_f.close()
-    save_state()  # the end, too: --resume with a larger --max_steps continues from here
+        if step == cfg.stop_at_step and step > start_step:  # for the tests of --resume: as if killed here
+            log.say(f"stopping at step {step} (--stop_at_step), as if killed")
+            log.close()
+            end_distributed()
+            return dict(log=log.rows)
+        if last_step or early_stop:
+            break
 
-    # the best weights back in the model; responses after tuning; the merged model; plot and summary
+        # ---- one optimizer step. The global batch: drawn in the same order on every rank, which each
+        # takes its own grad_accum micro-batches of
+        t0 = time.perf_counter()
+        picked = [[train_t[order.next()] for _ in range(cfg.batch_size)] for _ in range(cfg.grad_accum * world)]
+        mine = picked[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+        # N, the tokens this step trains on, over every rank's micro-batches: counted on the host, from the
+        # labels, so that no rank waits for the device or for the others to know it
+        n_trained = sum(label != -100 for batch in picked for ex in batch for label in ex["labels"])
+        n_real_tokens += sum(len(ex["input_ids"]) for batch in picked for ex in batch)  # padding not counted
+        n_total = torch.tensor(n_trained, device=device)
+        loss_accum = torch.zeros((), device=device)
+        for micro, batch in enumerate(mine):
+            idx, targets = collate(batch, tok.eot_id, device)
+            n = (targets != -100).sum()  # this micro-batch's trained tokens, n_i
+            # DDP all-reduces gradients in every backward; during accumulation only the last one's result
+            # is needed, so the communication of the others is skipped
+            with grad_sync(train_module, micro == len(mine) - 1):
+                with autocast():
+                    _, loss = train_module(idx, targets)
+                # The model returns the mean loss over this micro-batch's own n_i trained tokens. Weighted
+                # by n_i / N, the backward passes add up to the gradient of the mean over all N tokens of
+                # the step: batch 4 x accumulation 1 and batch 1 x accumulation 4 take the same step, and
+                # every response token counts the same (a plain mean of the micro-batches' means would
+                # over-weight the tokens of short responses). Under torchrun N counts every rank's tokens,
+                # and the loss is multiplied by the number of ranks: DDP and FSDP average the ranks'
+                # gradients, and the sum of the shares is wanted.
+                loss = token_weighted(loss, n, n_total)
+                (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
+            loss_accum += loss.detach().float()  # a tensor: reading it now would make the host wait
+        if world > 1:
+            dist.all_reduce(loss_accum)  # each rank holds its share of the mean: the sum is the step's loss
+        # the schedule as a multiplier of each group's peak: Muon's matrices have their own (--matrix_lr)
+        scale = lr_schedule(step, total_steps, warmup, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = scale * (cfg.matrix_lr if group.get("muon") else lr)
+        # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
+        # bounded distance instead of wrecking them; the norm before clipping is what gets logged
+        params = [p for p in train_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shard
+            norm = norm.full_tensor()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
+        # the loss and the norm read from the device once, at the end of the step: the step's time is real
+        loss, grad_norm = torch.stack([loss_accum.float(), norm.float()]).tolist()
+        seconds = time.perf_counter() - t0
+        train_time += seconds
+        clock.add(seconds)
+        # the row of the step just taken: "after step + 1 optimizer steps"; a NaN stops the run here, before
+        # anything of this step is saved
+        check_finite(step + 1, scaler, loss=loss, grad_norm=grad_norm)
+        log.record(dict(step=step + 1, loss=loss, lr=scale * lr, n_tokens=n_trained, grad_norm=grad_norm,
+                        ms=1000 * seconds))
+        if (step + 1) % cfg.log_interval == 0 or step == 0:
+            log.say(f"step {step + 1}/{total_steps}: loss {loss:.4f}, lr {scale * lr:.2e}, {clock.left(step + 1)}")
+        if len(clock.seconds) == 5:  # a few steps timed: what the whole run takes
+            log.say(f"this run: {clock.estimate()}")
+    stop.restore()
+    log.close()
+
+    # ---- the end: the best weights back in the model, the test metrics and the answers after tuning, the
+    # merged model, the plot and the summary
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
-    elif 0 <= best_step != step:
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        best = {k: v for k, v in load_file(str(best_dir / "model.safetensors")).items()}
-        if classify:
-            best = {f"gpt.{k}": v for k, v in best.items()}
-            best.update({f"head.{k}": v for k, v in load_file(str(best_dir / "classifier_head.safetensors")).items()})
-        set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True, strict=False))
+    elif best_step >= 0 and best_step != step:
+        load_best_weights(model, best_dir, classify)
     summary = dict(best_step=best_step, val_loss=best_val, val_ppl=math.exp(min(best_val, 50)),
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if test_t and not classify:
-        summary["test_loss"] = evaluate(model, test_t, c.batch_size, device, autocast, tok.eot_id)
+        summary["test_loss"] = evaluate(model, test_t, cfg.batch_size, device, autocast, tok.eot_id)
         summary["test_ppl"] = math.exp(min(summary["test_loss"], 50))
     elif test_t:
-        summary.update({f"test_{k}": v for k, v in classification_metrics(
-            model, test_t, c.batch_size, device, tok.eot_id, c.num_classes, autocast).items()})
-    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, c.max_new_tokens, autocast)
+        metrics = classification_metrics(model, test_t, cfg.batch_size, device, tok.eot_id, cfg.num_classes, autocast)
+        summary.update({f"test_{k}": v for k, v in metrics.items()})
+    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast)
     if gen_ex and master:
-        write_responses(out, c, gen_ex, before, after, best_step)
+        write_responses(out, cfg, gen_ex, before, after, best_step)
     # before -> after, under the same names, so that a script can compare runs: the held-out answers'
     # metrics (instruction, dialogue) or the test accuracy (classify; "before" is the untrained head's)
-    first = next((r for r in log if "val_loss" in r), {})
-    summary["before"], summary["after"] = {"val_loss": first.get("val_loss")}, {"val_loss": best_val}
+    first = next((r for r in log.rows if "val_loss" in r), {})
+    summary["before"] = {"val_loss": first.get("val_loss")}
+    summary["after"] = {"val_loss": best_val}
     if gen_ex:
         summary["before"].update(answer_metrics(before, before_eos, gen_ex))
         summary["after"].update(answer_metrics(after, after_eos, gen_ex))
     if classify and "test_accuracy" in first:
-        summary["before"]["test_accuracy"], summary["after"]["test_accuracy"] = first["test_accuracy"], summary[
-            "test_accuracy"]
-    if lora and not classify and c.save_merged and best_state is not None:
+        summary["before"]["test_accuracy"] = first["test_accuracy"]
+        summary["after"]["test_accuracy"] = summary["test_accuracy"]
+    if lora and not classify and cfg.save_merged and best_state is not None:
         try:
-            save(out / "best_model", merged=True)
+            save_weights(model, out / "best_model", cfg, tok, master, merged=True)
         except ValueError as e:  # e.g. a LoRA on a tied lm_head cannot be merged
-            say(f"merged model not written: {e}")
+            log.say(f"merged model not written: {e}")
     tps = n_real_tokens / train_time if train_time else float("nan")
     if master:
         panels = [["loss", "val_loss"]] + [[k for k in ("val_accuracy", "test_accuracy", "reward_mean", "judge_mean")
-                                            if any(k in r for r in log)]]
-        plot_log(log, out / "loss.png", [p for p in panels if p])
+                                            if any(k in r for r in log.rows)]]
+        plot_log(log.rows, out / "loss.png", [p for p in panels if p])
         summary.update(peak_memory_mb=peak_memory_mb(device), seconds=train_time, tokens_per_s=tps)
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
         close_run(out)
-    say(f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f}) at step {best_step}; "
-        f"peak memory {peak_memory_mb(device) / 1024:.2f} GiB "
-        f"({'max allocated' if device_type == 'cuda' else 'process peak RSS'}){' on rank 0' if world > 1 else ''}; "
-        f"{tps:.0f} tokens/s (non-padding, training steps only)")
+    peak_kind = "max allocated" if device_type == "cuda" else "process peak RSS"
+    log.say(f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f}) at step {best_step}; "
+            f"peak memory {peak_memory_mb(device) / 1024:.2f} GiB ({peak_kind}){' on rank 0' if world > 1 else ''}; "
+            f"{tps:.0f} tokens/s (non-padding, training steps only)")
     if gen_ex:
-        say(f"a held-out answer: {gen_ex[0]['instruction']!r} -> before {before[0]!r}, after {after[0]!r} "
-            f"(reference {gen_ex[0]['output']!r})")
-    say(before_after(summary, f"{len(gen_ex)} held-out answers" if gen_ex else f"{len(test_t)} test examples"))
+        log.say(f"a held-out answer: {gen_ex[0]['instruction']!r} -> before {before[0]!r}, after {after[0]!r} "
+                f"(reference {gen_ex[0]['output']!r})")
+    log.say(before_after(summary, f"{len(gen_ex)} held-out answers" if gen_ex else f"{len(test_t)} test examples"))
     written = ("summary.json", "log.jsonl", "loss.png", "responses.md", "best_adapter", "best_model", "ckpt")
-    say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
+    log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
     end_distributed()
-    return dict(summary, best_val=best_val, log=log, model=model)
+    return dict(summary, best_val=best_val, log=log.rows, model=model)
 
 
-def write_responses(out: Path, c: FinetuneConfig, examples, before, after, best_step: int):
+def write_responses(out: Path, cfg: FinetuneConfig, examples, before, after, best_step: int):
     rows = [dict(ex, response_before=b, response_after=a) for ex, b, a in zip(examples, before, after)]
     write_jsonl(out / "responses.jsonl", rows)
-    md = [f"# Responses before and after tuning ({c.init_from}, best step {best_step})\n"]
+    md = [f"# Responses before and after tuning ({cfg.init_from}, best step {best_step})\n"]
     for i, r in enumerate(rows):
         md.append(f"## {i + 1}. {r['instruction']}\n")
         if r["input"]:

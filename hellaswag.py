@@ -17,7 +17,7 @@ Run it:
     python prepare_data.py hellaswag                       # fetch hellaswag_val.jsonl (10,042 items)
     python hellaswag.py --init_from gpt2                   # harness scoring, OpenAI's GPT-2 124M
     python hellaswag.py --init_from gpt2 --scoring nanogpt
-    python hellaswag.py                                    # offline: the life cycle's models, each stage's
+    python hellaswag.py                                    # offline: each stage's model on this machine
     python hellaswag.py --init_from out/cpu                # a model here, offline: the built-in items
     python hellaswag.py --init_from out/ckpt/model --data_file data/hellaswag/hellaswag_val.jsonl --limit 1000
     python hellaswag.py --init_from path/to/any_hf_causal_lm --data_file data/hellaswag/hellaswag_val.jsonl
@@ -38,6 +38,7 @@ Reading order: 1. turning an item into four (context tokens, continuation tokens
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import re
@@ -49,15 +50,25 @@ import torch
 import torch.nn.functional as F
 
 from bpe import load_tokenizer
-
-from housekeeping import atomic_write
 from model import GPT, KVCache
-from housekeeping import (DEVICE_HELP, ArgumentParser, DefaultsHelp, bounded, end_distributed, init_distributed,
-                          mean_stderr, pick_device, pick_precision, previous_stage, resolve_init_from, run_main,
-                          write_jsonl)
+from housekeeping import (DEVICE_HELP, ArgumentParser, DefaultsHelp, atomic_write, auto_init_from, bounded,
+                          end_distributed, init_distributed, mean_stderr, pick_device, pick_precision, previous_stage,
+                          resolve_init_from, run_main, write_jsonl)
 from prepare_data import HELLASWAG_VAL_URL, builtin_tasks, download_hellaswag, load_hellaswag
+
 SCORINGS = ("harness", "nanogpt")
-STAGE_MODELS = ("out-dpo/model", "out-finetune/best_model", "out/cpu/ckpt/model")  # the life cycle's, latest first
+
+# The life cycle's stages, in their order, and where each leaves its model (the first path found stands for
+# the stage). --init_from auto scores the last stage's model and, beside it, each earlier stage's.
+STAGES = {"pretrained": ("out/cpu/model", "out/cpu/ckpt/model"),  # ckpt/model: train_gpt2.py's older runs
+          "instruction-tuned": ("out-finetune/best_model", "out-finetune/model"),
+          "DPO-tuned": ("out-dpo/model",)}
+STAGE_MODELS = tuple(m for paths in reversed(STAGES.values()) for m in paths)  # latest stage first
+DEFAULT_JSON = "out-hellaswag/summary.json"  # the offline life cycle's result
+
+# --precision: the weights' dtype. The old --dtype spellings are still accepted.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OLD_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 # -----------------------------------------------------------------------------------------------
 # 1. From an item to four (context tokens, continuation tokens) requests
@@ -152,10 +163,10 @@ def context_length(model) -> int:
     """How many positions the model can attend over (GPT: block_size; HF: n_positions & co)."""
     if isinstance(model, GPT):
         return model.config.block_size
-    c = model.config
+    config = model.config
     for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(c, name, None):
-            return int(getattr(c, name))
+        if getattr(config, name, None):
+            return int(getattr(config, name))
     return 2048  # the harness's default when the config says nothing
 
 
@@ -249,8 +260,10 @@ def _context_groups(requests, max_len):
         while j < len(requests) and requests[j][0] == requests[i][0]:
             j += 1
         g = list(range(i, j))
-        fits = all(len(requests[r][0]) + len(requests[r][1]) <= max_len for r in g)
-        (groups.append(g) if fits else rest.extend(g))
+        if all(len(requests[r][0]) + len(requests[r][1]) <= max_len for r in g):
+            groups.append(g)
+        else:
+            rest.extend(g)
         i = j
     return groups, rest
 
@@ -261,7 +274,6 @@ def _score_shared(model: GPT, requests, groups, batch_size, max_len, device, sco
     continuation; the continuations, right-padded, run with the cache. Continuation token 0 is
     predicted by the context's last position, token j > 0 by continuation position j - 1."""
     order = sorted(groups, key=lambda g: -len(requests[g[0]][0]))
-    c = model.config
     w = model.transformer.wte.weight
     dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
     k = 0
@@ -289,9 +301,12 @@ def _score_shared(model: GPT, requests, groups, batch_size, max_len, device, sco
             cont = requests[r][1]
             cont_idx[row, :len(cont)] = torch.tensor(cont)
             cont_mask[row, :len(cont)] = 1
-        ctx_idx, ctx_mask, cont_idx, cont_mask, owner = (t.to(device) for t in
-                                                         (ctx_idx, ctx_mask, cont_idx, cont_mask, owner))
-        cache = KVCache(c, G, Lc + Le, device, dtype)
+        ctx_idx = ctx_idx.to(device)
+        ctx_mask = ctx_mask.to(device)
+        cont_idx = cont_idx.to(device)
+        cont_mask = cont_mask.to(device)
+        owner = owner.to(device)
+        cache = KVCache(model.config, G, Lc + Le, device, dtype)
         h_ctx = model.hidden_states(ctx_idx, ctx_mask, cache)[:, -1]  # (G, C); left padding: -1 is real
         cache.reorder(owner)  # now one cache row per continuation
         h_cont = model.hidden_states(cont_idx, torch.cat([ctx_mask[owner], cont_mask], 1), cache)  # (R, Le, C)
@@ -310,6 +325,13 @@ def _score_shared(model: GPT, requests, groups, batch_size, max_len, device, sco
 # 3. evaluate: items -> acc, acc_norm, their standard errors
 
 
+def _stderr(k: int, n: int) -> float | None:
+    """The standard error of a share k/n of 0/1 outcomes, from sums (for 0/1 outcomes the sum of squares
+    is the sum): the harness's mean_stderr; sharded runs reduce three numbers instead of gathering every
+    outcome. None for one item: no spread."""
+    return mean_stderr(k, k, n)[1] if n > 1 else None
+
+
 def _argmax(xs) -> int:
     return max(range(len(xs)), key=lambda i: xs[i])  # the first of equal maxima, like np.argmax
 
@@ -320,6 +342,27 @@ def default_batch_size(device) -> int:
     tensors that fall out of the cache: 8 rows (two items) measured ~1.3x faster than 64 on the
     2-core development CPU (GPT-2 124M shape)."""
     return 8 if torch.device(device).type == "cpu" else 64
+
+
+class ItemProgress:
+    """score_requests' progress callback, shown as a bar of items on stderr. An item is done when all
+    four of its endings are: requests finish out of order (they are sorted by length)."""
+
+    def __init__(self, n_items: int, desc: str):
+        from tqdm import tqdm
+
+        self.left = [4] * n_items  # endings not yet scored, per item
+        self.bar = tqdm(total=n_items, unit="item", desc=desc, file=sys.stderr)
+
+    def __call__(self, finished_requests):
+        done = 0
+        for r in finished_requests:
+            self.left[r // 4] -= 1
+            done += self.left[r // 4] == 0
+        self.bar.update(done)
+
+    def close(self):
+        self.bar.close()
 
 
 def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", batch_size: int | None = None,
@@ -353,22 +396,9 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
         raise ValueError(f"the tokenizer ({getattr(tokenizer, 'name', type(tokenizer).__name__)}) gives token id "
                          f"{top} but the model's vocabulary has {vocab} ids: wrong tokenizer for this model?")
 
-    bar, tick = None, None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        # an item is done when all four of its endings are (rows finish out of order: length-sorted)
-        left = [4] * len(mine)
-        bar = tqdm(total=len(mine), unit="item", desc=f"hellaswag {scoring}", file=sys.stderr)
-
-        def tick(chunk):
-            done = 0
-            for r in chunk:
-                left[r // 4] -= 1
-                done += left[r // 4] == 0
-            bar.update(done)
+    bar = ItemProgress(len(mine), f"hellaswag {scoring}") if progress and rank == 0 else None
     try:
-        lls = score_requests(inner, requests, batch_size, device, tick, share_context)
+        lls = score_requests(inner, requests, batch_size, device, bar, share_context)
     finally:
         if bar is not None:
             bar.close()
@@ -394,23 +424,59 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
             dist.all_gather_object(gathered, items)
             items = sorted((it for part in gathered for it in part), key=lambda it: it["idx"])
     n, k, k_norm = counts
-    # standard errors from sums (for 0/1 outcomes the sum of squares is the sum): the harness's
-    # mean_stderr, and sharded runs reduce three numbers instead of gathering every outcome
-    se = lambda k: mean_stderr(k, k, n)[1] if n > 1 else None  # noqa: E731  (no spread from one item)
-    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=se(k), acc_norm_stderr=se(k_norm), n=n,
-                  scoring=scoring,
-                  seconds=round(time.time() - t0, 3))
+    result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=_stderr(k, n),
+                  acc_norm_stderr=_stderr(k_norm, n), n=n, scoring=scoring, seconds=round(time.time() - t0, 3))
     if return_items:
         result["items"] = items
     return result
 
 
+def _format_stderr(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def summary_line(r: dict) -> str:
     rate = r["n"] / r["seconds"] if r.get("seconds") else float("nan")
-    se = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    return (f"hellaswag scoring={r['scoring']} n={r['n']} acc={r['acc']:.4f} ± {se(r['acc_stderr'])} "
-            f"acc_norm={r['acc_norm']:.4f} ± {se(r['acc_norm_stderr'])} seconds={r['seconds']:.1f} "
+    return (f"hellaswag scoring={r['scoring']} n={r['n']} acc={r['acc']:.4f} ± {_format_stderr(r['acc_stderr'])} "
+            f"acc_norm={r['acc_norm']:.4f} ± {_format_stderr(r['acc_norm_stderr'])} seconds={r['seconds']:.1f} "
             f"({rate:.1f} items/s)")
+
+
+def stage_of(model_path: str) -> str | None:
+    """The life-cycle stage whose model this is ("pretrained", ...), or None for any other model."""
+    for stage, paths in STAGES.items():
+        if model_path in paths:
+            return stage
+    return None
+
+
+def headline(by_stage: dict, n: int, chance: float, random_acc_norm: float | None) -> list[str]:
+    """The lines to read first: acc_norm of each model scored (the earliest stage first), next to chance
+    and a random model of the same shape; and, when tuning lowered the score, why."""
+    named = [f"{stage_of(m)} ({m}) {a:.3f}" if stage_of(m) else f"{m} {a:.3f}" for m, a in by_stage.items()]
+    against = f"chance {chance:.3f}" + ("" if random_acc_norm is None else f", a random model {random_acc_norm:.3f}")
+    lines = [f"acc_norm{' by stage' if len(by_stage) > 1 else ''}, {n} items ({against}): {', '.join(named)}"]
+    pretrained = [a for m, a in by_stage.items() if stage_of(m) == "pretrained"]
+    tuned = [a for m, a in by_stage.items() if stage_of(m) not in (None, "pretrained")]
+    if pretrained and tuned and min(tuned) < pretrained[0]:
+        lines.append("(tuning lowers this score, as expected: HellaSwag asks which continuation of a text is most "
+                     "likely, and the tuned models were taught to answer questions; they no longer continue text)")
+    return lines
+
+
+def keep_earlier_result(path: Path) -> Path | None:
+    """The offline default's result file is the same on every run: an earlier result there is renamed
+    (summary.<when it was written>.json, beside it), never overwritten. Returns the new name, if any."""
+    if not path.exists():
+        return None
+    when = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{path.stem}.{when}{path.suffix}")
+    n = 1
+    while kept.exists():  # two runs within one second
+        n += 1
+        kept = path.with_name(f"{path.stem}.{when}-{n}{path.suffix}")
+    path.rename(kept)
+    return kept
 
 
 # -----------------------------------------------------------------------------------------------
@@ -470,7 +536,20 @@ def bos_token_id(tokenizer, *dirs) -> int | None:
 # 5. CLI
 
 
-def main(argv=None):
+def precision_name(text: str) -> str:
+    """--precision's type: the old --dtype spellings (float32, bfloat16, float16) as fp32, bf16, fp16."""
+    return OLD_DTYPE_NAMES.get(text, text)
+
+
+def weights_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype the weights are loaded in. auto: bf16 on a GPU with bf16 tensor cores, else fp32 (an
+    evaluation keeps no fp32 master copy, and fp16 weights can overflow without loss scaling)."""
+    if precision == "auto":
+        precision = "bf16" if pick_precision("auto", device) == "bf16" else "fp32"
+    return PRECISION_DTYPES[precision]
+
+
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(description="HellaSwag evaluation (lm-evaluation-harness or build-nanogpt "
                                     "scoring) of our checkpoints and Hugging Face causal LMs.",
                         formatter_class=DefaultsHelp)
@@ -478,7 +557,8 @@ def main(argv=None):
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, our "
                          "checkpoint directory (e.g. out/ckpt/model), or a run directory (its best or final model); "
                          "auto: the last stage's model on this machine (out-dpo/model, out-finetune/best_model, "
-                         "out/cpu/ckpt/model), the earlier stages' scored beside it, else gpt2")
+                         "out/cpu/model), each earlier stage's scored beside it, else GPT-2 if the hub or its "
+                         "cache has it")
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
                          "default: for a model on this machine, the built-in multiple-choice set (offline); for a "
@@ -496,46 +576,59 @@ def main(argv=None):
                          "model directory's own tokenizer, else GPT-2's)")
     ap.add_argument("--backend", default="auto", choices=["auto", "ours", "hf"],
                     help="auto: model.py for our format and HF gpt2/llama, transformers for other types")
-    ap.add_argument("--add_bos", action="store_true",
+    ap.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=False,
                     help="put the tokenizer's BOS token (else end-of-text) before every context, like the "
                          "harness's add_bos_token=True (off by default, as the harness does for causal LMs)")
     ap.add_argument("--device", default="auto", help=DEVICE_HELP)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weight dtype; auto = bfloat16 on a GPU with bf16 tensor cores, else float32 "
-                         "(log-softmax is always float32)")
-    ap.add_argument("--json", default=None, help="write the result dict to this file (offline life cycle: "
-                                                 "out-hellaswag/summary.json)")
-    ap.add_argument("--baseline", action="store_true",
+    ap.add_argument("--precision", "--dtype", default="auto", type=precision_name, choices=["auto", *PRECISION_DTYPES],
+                    help="the weights' dtype; auto = bf16 on a GPU with bf16 tensor cores, else fp32 (log-softmax "
+                         "is always fp32). --dtype is its old name, and float32|bfloat16|float16 its old values")
+    ap.add_argument("--json", default=None,
+                    help=f"write the result dict to this file (default: none; the offline life cycle: {DEFAULT_JSON}, "
+                         f"where an earlier result is renamed summary.<its date>.json, never overwritten)")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="also score a randomly initialised model of the same shape: the 'before' of --json, chance "
-                         "made visible (on in the offline life cycle)")
+                         "made visible (default: on for a model on this machine with no --data_file, the offline "
+                         "life cycle; else off)")
     ap.add_argument("--per_item", default=None,
                     help="write one jsonl line per item (idx, label, ll, norm, pred, pred_norm)")
-    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a progress bar on stderr (--no_progress: the old spelling of --no-progress)")
+    ap.add_argument("--no_progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    return ap
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     rank, _, world_size = init_distributed(device)
-    stages = []  # the life cycle's other models, scored beside the one evaluated: what each stage did to it
+
+    # which model: --init_from auto is the last stage's; each earlier stage's model is scored beside it
+    stages = []
     if args.init_from == "auto":
-        args.init_from = previous_stage(*STAGE_MODELS) or "gpt2"
-        stages = [m for m in reversed(STAGE_MODELS) if m != args.init_from and previous_stage(m)]
+        args.init_from = auto_init_from(STAGE_MODELS, run_first="python train_gpt2.py")
+        found = [previous_stage(*paths) for paths in STAGES.values()]
+        stages = [m for m in found if m is not None and m != args.init_from]
     args.init_from = resolve_init_from(args.init_from)  # a run directory: its best or final model
-    if Path(args.init_from).expanduser().is_dir() and args.data_file is None:  # a model on this machine: offline
+    local = Path(args.init_from).expanduser().is_dir()
+    if local and args.data_file is None:  # a model on this machine: offline, with the random baseline
         args.data_file = str(builtin_tasks()["hellaswag"]) if rank == 0 else "data/builtin_tasks/hellaswag.jsonl"
         if rank == 0:
             print(f"offline default: {args.init_from} on the built-in multiple-choice set {args.data_file} "
                   f"(HellaSwag's schema); the real benchmark: `python prepare_data.py hellaswag`, then "
                   f"--data_file data/hellaswag/hellaswag_val.jsonl")
-        args.baseline, args.json = True, args.json or "out-hellaswag/summary.json"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if pick_precision("auto", device) == "bf16" else "float32"
-    model, tokenizer = load_model(args.init_from, args.tokenizer, args.backend, device, getattr(torch, dtype))
+        if args.baseline is None:
+            args.baseline = True
+        args.json = args.json or DEFAULT_JSON
+    dtype = weights_dtype(args.precision, device)
+    model, tokenizer = load_model(args.init_from, args.tokenizer, args.backend, device, dtype)
     bos_id = None
     if args.add_bos:
         bos_id = bos_token_id(tokenizer, args.tokenizer, args.init_from)
         if bos_id is None:
             raise ValueError("--add_bos: this tokenizer has no BOS / end-of-text token")
+
+    # the items
     if args.data_file:
         data_file = Path(args.data_file)
     elif rank == 0:
@@ -546,46 +639,62 @@ def main(argv=None):
         torch.distributed.barrier()  # rank 0 may have been downloading
     examples = load_hellaswag(data_file)[: args.limit]
 
+    # the scores: a random model of the same shape (chance made visible), the model, the earlier stages'
     before = None
-    if args.baseline:  # the same shape, never trained: what the scoring gives by chance
+    if args.baseline:
         if not isinstance(model, GPT):
             raise ValueError("--baseline needs a model of model.py's GPT (--backend ours)")
         torch.manual_seed(0)
-        before = evaluate(GPT(model.config).to(device=device, dtype=next(model.parameters()).dtype), tokenizer,
-                          examples, args.scoring, args.batch_size, device, rank, world_size,
-                          progress=not args.no_progress, bos_id=bos_id)
+        random_model = GPT(model.config).to(device=device, dtype=next(model.parameters()).dtype)
+        before = evaluate(random_model, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
+                          progress=args.progress, bos_id=bos_id)
     result = evaluate(model, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
-                      progress=not args.no_progress, return_items=bool(args.per_item), bos_id=bos_id)
+                      progress=args.progress, return_items=bool(args.per_item), bos_id=bos_id)
     items = result.pop("items", None)
-    by_stage = {}
-    for m in stages if Path(args.init_from).expanduser().is_dir() else []:
-        other, _ = load_model(m, args.tokenizer, args.backend, device, getattr(torch, dtype))
+    by_stage = {}  # model -> acc_norm, the earliest stage first
+    for m in stages:
+        other, _ = load_model(m, args.tokenizer, args.backend, device, dtype)
         by_stage[m] = evaluate(other, tokenizer, examples, args.scoring, args.batch_size, device, rank, world_size,
-                               progress=not args.no_progress, bos_id=bos_id)["acc_norm"]
+                               progress=args.progress, bos_id=bos_id)["acc_norm"]
     by_stage[args.init_from] = result["acc_norm"]
+
     if rank == 0:
         # chance: one over the number of endings, averaged over the items (0.25 with HellaSwag's four)
         chance = sum(1 / len(ex["endings"]) for ex in examples) / max(len(examples), 1)
+        random_acc_norm = before["acc_norm"] if before else None
+        for line in headline(by_stage, result["n"], chance, random_acc_norm):
+            print(line)
         if before:
             print(summary_line(before) + " model=(randomly initialised, the same shape)")
         print(summary_line(result) + f" model={args.init_from} data={data_file}")
-        if before:
-            print(f"before -> after (a random model -> {args.init_from}, {result['n']} items): acc_norm "
-                  f"{before['acc_norm']:.3f} -> {result['acc_norm']:.3f} (chance {chance:.3f})")
-        if len(by_stage) > 1:
-            print("acc_norm by stage: " + ", ".join(f"{m} {a:.3f}" for m, a in by_stage.items()))
         if args.json:
-            metrics = lambda r: {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}  # noqa: E731
-            extra = {"before": metrics(before), "after": metrics(result)} if before else {}
-            extra.update({"by_stage": by_stage} if len(by_stage) > 1 else {})
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(Path(args.json), lambda p: Path(p).write_text(json.dumps(
-                {**result, "chance": chance, **extra, "model": args.init_from, "data_file": str(data_file)},
-                indent=2) + "\n"))
-            print(f"written: {args.json}")
+            write_result(Path(args.json), result, before, by_stage, chance, args.init_from, data_file)
         if args.per_item:
             write_jsonl(args.per_item, items)
     end_distributed()  # every rank waits for rank 0's writing
+
+
+def _metrics(r: dict) -> dict:
+    return {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+
+
+def write_result(path: Path, result: dict, before: dict | None, by_stage: dict, chance: float, model: str,
+                 data_file: Path):
+    """The result dict as JSON: the metrics, chance, and with a baseline {"before": the random model's,
+    "after": the model's}, with more than one model by_stage {model: acc_norm}. The offline default's
+    file keeps an earlier run's result under another name (keep_earlier_result)."""
+    summary = {**result, "chance": chance}
+    if before:
+        summary["before"] = _metrics(before)
+        summary["after"] = _metrics(result)
+    if len(by_stage) > 1:
+        summary["by_stage"] = by_stage
+    summary["model"] = model
+    summary["data_file"] = str(data_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = keep_earlier_result(path) if str(path) == DEFAULT_JSON else None
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    print(f"written: {path}" + (f" (the earlier result kept as {kept})" if kept else ""))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import fnmatch
+import functools
 import inspect
 import json
 import math
@@ -26,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import field, fields
 from pathlib import Path
@@ -117,7 +120,12 @@ def bounded(kind=int, lo=None, hi=None):
         if not math.isfinite(value):  # NaN passes every range check (nan < lo is False), inf is no setting
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            if hi is None:
+                bounds = f">= {lo}"
+            elif lo is None:
+                bounds = f"<= {hi}"
+            else:
+                bounds = f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__
@@ -125,12 +133,35 @@ def bounded(kind=int, lo=None, hi=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` and exit status 2, like every user error; no abbreviations."""
+    """argparse, but:
+    - a bad flag is one line `error: ...` and exit status 2, like every user error;
+    - no abbreviations (`--max` is not taken for `--max_steps`);
+    - a misspelt flag gets a suggestion: `--max-steps` -> did you mean --max_steps?"""
+
     def __init__(self, *args, **kwargs):
+        self.flag_names = []  # every --flag and alias, for the suggestions (argparse adds --help first)
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
+    def add_argument(self, *names, **kwargs):
+        self.flag_names += [n for n in names if n.startswith("--")]
+        return super().add_argument(*names, **kwargs)
+
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
+
+    def suggestion(self, message: str) -> str:
+        """'; did you mean --max_steps?' for the first unrecognized flag close to a real one, else ''."""
+        if "unrecognized arguments:" not in message:
+            return ""
+        for word in message.split("unrecognized arguments:", 1)[1].split():
+            given = word.split("=", 1)[0]
+            if not given.startswith("--"):
+                continue
+            spelt = "--" + given[2:].replace("-", "_")  # --max-steps: the flags are spelt with underscores
+            candidates = [spelt] if spelt in self.flag_names else difflib.get_close_matches(given, self.flag_names, 1)
+            if candidates:
+                return f"; did you mean {candidates[0]}?"
+        return ""
 
 
 class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -166,22 +197,65 @@ def parse_config(cls, argv, description: str, defaults: dict | None = None, alt_
     return cls(**{**(defaults or {}), **given}), given
 
 
+def one_line(e: Exception) -> str:
+    """A user error as its `error:` line says it: an OSError by its file and reason, else its message."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def run_main(main, argv=None):
     """Run a script's main: a user error (bad file, value or flag, missing data, no hub, full disk) is one
-    line `error: ...` (rank 0's) and exit status 2, no traceback. Anything else is a bug: its traceback."""
+    line `error: ...` (rank 0's) and exit status 2, no traceback. Anything else is a bug: its traceback.
+    Under torchrun the line also goes to torchrun's error file, so that its failure summary names it."""
     try:
         return main(argv)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, preparing data): nothing to save
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except (ValueError, OSError) as e:
+        msg = one_line(e)
         if os.environ.get("RANK", "0") == "0":
-            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
+            _torchrun_error_file(msg)
         raise SystemExit(2) from None
     finally:  # a rank leaving early: its gloo group goes now, not at interpreter exit, where gloo can abort
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
+
+
+def _torchrun_error_file(msg: str):
+    """torchrun names each child's error file in $TORCHELASTIC_ERROR_FILE and prints its message in its
+    failure summary (else `error_file: <N/A>`). The format is torch.distributed.elastic's: the message,
+    and a "call stack" that is here the one error line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"error: {msg}",
+                        "extraInfo": {"py_callstack": f"error: {msg}", "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(data))
+
+
+def rank0_decides(decide, *args, **kwargs):
+    """decide(*args, **kwargs) on rank 0 alone, its result (or its one-line refusal) sent to every rank.
+    Under torchrun, a check that only rank 0 can make (a run directory's lock, what it holds) must reach
+    the others before any collective: else they wait at the next one until rank 0's exit breaks it, and
+    each prints a traceback. Here every rank raises the same ValueError, and exits 2 with one line.
+    Without a process group: decide(...) itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return decide(*args, **kwargs)
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", decide(*args, **kwargs))]
+        except (ValueError, OSError) as e:
+            outcome = [("refused", one_line(e))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "refused":
+        raise ValueError(value)
+    return value
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,7 +267,12 @@ def pick_device(name: str = "auto") -> str:
     """'auto': a CUDA GPU, else Apple's MPS, else the CPU. Under torchrun 'cuda' is cuda:LOCAL_RANK (else
     every rank would use GPU 0)."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     try:
@@ -226,7 +305,7 @@ def autocast_and_scaler(precision: str, device_type: str):
         raise ValueError(f"precision {precision!r}: expected fp32, fp16 or bf16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
-    return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
+    return functools.partial(torch.autocast, device_type, dtype=dtype), scaler
 
 
 def fits_in_memory(need_bytes: float, what: str):
@@ -391,24 +470,35 @@ RUN_MODELS = {"best_model": "its best model", "model": "its final model", "ckpt/
 _held_locks = {}  # out_dir -> the open, locked run.lock of this process
 
 def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make out_dir ready for a run (see claim_run_dir). Every rank calls it: under torchrun rank 0 decides
+    and the others learn its answer before any collective, so that a refusal is one line and every rank
+    exits 2."""
+    return rank0_decides(claim_run_dir, out_dir, resume, overwrite)
+
+
+def claim_run_dir(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     """Make out_dir ready for a run, before any work; nothing already written is lost.
     - run.lock (holding the pid, which shows the directory writable) is locked first: a second live run on
       it stops here. The kernel releases the lock when the process ends, even by SIGKILL.
-    - An out_dir holding a run needs --resume (continue it) or --overwrite, which removes only what our
-      runs write (RUN_OUTPUTS) where a run.lock marks a run; anything else stops it, named, untouched."""
+    - An out_dir holding a run needs --resume (continue it) or --overwrite.
+    - --overwrite removes only a run of ours: a directory whose every entry is something our runs write
+      (RUN_OUTPUTS) and which holds a run's own record (RUN_FILES: its log, config or checkpoint), or a
+      run.lock. A finished run (its run.lock removed at the end) is ours by that record. Anything else
+      stops it, named, untouched.
+    - A refusal leaves nothing behind: no lone run.lock."""
     out = Path(out_dir)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     key = str(out.resolve())
     if key in _held_locks:  # an earlier run of this same process (tests, notebooks): not a rival
         os.close(_held_locks.pop(key))
-    marked = (out / "run.lock").exists()
+    marked = (out / "run.lock").exists() or any((out / f).exists() for f in RUN_FILES)
     if overwrite and out.is_dir():
         present = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != "run.lock")
         foreign = [n for n in present if not any(fnmatch.fnmatch(n.rstrip("/"), pat) for pat in RUN_OUTPUTS)]
         if present and (foreign or not marked):
             raise ValueError(f"--overwrite: {out} holds {', '.join((foreign or present)[:5])}, " + (
-                "which no run of ours wrote" if foreign else "but no run of ours (no run.lock)")
+                "which no run of ours wrote" if foreign else "but no run of ours (no log, config or checkpoint)")
                 + "; nothing was removed: move that away or choose another --out_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -429,12 +519,16 @@ def open_run(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     _held_locks[key] = fd  # kept open (and locked) until this process exits
     held = [f for f in RUN_FILES if (out / f).exists()]
     if held and not resume and not overwrite:
+        close_run(out)  # refused: the lock goes with this process's claim
         raise ValueError(f"--out_dir {out} holds a run ({', '.join(held)}); pass --resume to continue it or "
                          f"--overwrite to replace it")
     if overwrite:
         for p in out.iterdir():
             if p.name != "run.lock":
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()  # a file, or a link (never followed: what it points to is not ours)
     return out
 
 
@@ -594,6 +688,7 @@ def resumed_config(cls, c, given: dict, out_dir, fixed=()):
         raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
     saved.pop("stop_at_step", None)  # a one-off of the run that stopped
+    saved.pop("overwrite", None)  # how that run began, not what it is: resuming it never replaces it
     changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
                for k in fixed if k in given and given[k] != saved.get(k)]
     if changed:
@@ -672,12 +767,20 @@ def plot_log(rows: list[dict], path, panels: list[list[str]], titles=None, hline
     plt.close(fig)
 
 
+def _figure(x) -> str:
+    """A metric as a summary line shows it: 3 decimals, 'n/a' where there was none."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
 def before_after(summary: dict, what: str = "") -> str:
     """A stage's closing line from its summary.json: each metric before -> after (what: on which data)."""
     b, a = summary["before"], summary["after"]
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
     return f"before -> after{f' ({what})' if what else ''}: " + ", ".join(
-        f"{k} {fmt(b.get(k))} -> {fmt(v)}" for k, v in a.items())
+        f"{k} {_figure(b.get(k))} -> {_figure(v)}" for k, v in a.items())
 
 
 def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:

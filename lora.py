@@ -18,9 +18,7 @@ Read it top to bottom:
   5. QLoRA's 4-bit frozen base: the NF4 codebook, block-wise quantisation (double quantisation of
      the scales too), NF4Linear, quantize_nf4 / dequantize_nf4, and load_base (what finetune.py
      and dpo.py start from).
-  6. The resumable state of a fine-tuning run (finetune.py and dpo.py): the trained weights, the
-     optimizer, the step; resumed_config for --resume.
-  7. A small CLI: merge an adapter into a model.
+  6. A small CLI: merge an adapter into a model.
 
 Target names and how they map (our GPT fuses projections; see README "lora.py"):
   q, k, v   attention query/key/value. Ours: rows of the fused attn.c_attn, each with its OWN A and B
@@ -42,12 +40,13 @@ Use it:
     merge_lora(model)                      # W += (alpha/r) B A, computed in fp32
 
 Run it:
-    python lora.py merge --base gpt2 --adapter out/adapter --out out/merged
+    python lora.py merge --base gpt2 --adapter out/adapter --out_dir out/merged
 (LoRA against full fine-tuning, in memory and time: bench_memory.py.)
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -60,10 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from housekeeping import atomic_write
-from model import GPT, hf_config_for
-from housekeeping import ArgumentParser, DefaultsHelp, run_main
-from model import load_safetensors, load_torch_weights, save_safetensors
+from housekeeping import ArgumentParser, DefaultsHelp, atomic_write, run_main
+from model import GPT, hf_config_for, load_safetensors, load_torch_weights, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -77,14 +74,16 @@ def _is_conv1d(module) -> bool:
 class LoRALinear(nn.Module):
     """y = base(x) + scaling * dropout(x) A^T B^T, with base frozen and A, B trained.
 
-    segments / adapted: for a fused projection whose output is [q | k | v] (or [gate | up]),
-    `segments` lists (name, size) of its output blocks and `adapted` the names that get LoRA.
-    Each adapted block j has its own A_j (r x in) and B_j (size_j x r); they are stored stacked,
-    lora_A = [A_1; A_2; ...] (S*r x in) and lora_B = [B_1; B_2; ...] (sum of sizes x r), and the
-    update is x A^T B_full^T where B_full (out x S*r) puts B_j in block j's rows and columns
-    j*r..(j+1)*r, zeros elsewhere: a rank-S*r LoRA over the whole output whose un-adapted rows
-    stay exactly zero. That block form is also how a q,v adapter is written for HF GPT-2's fused
-    c_attn in PEFT's format. With adapted=None the whole output is one block (plain LoRA)."""
+    A fused projection, whose output is [q | k | v] (or [gate | up]), can be adapted in parts:
+      - `segments` lists (name, size) of its output blocks, `adapted` the names that get LoRA;
+      - each adapted block j has its own A_j (r x in) and B_j (size_j x r), stored stacked:
+        lora_A = [A_1; A_2; ...] (S*r x in), lora_B = [B_1; B_2; ...] (sum of sizes x r);
+      - the update is x A^T B_full^T, where B_full (out x S*r) puts B_j in block j's rows and in
+        columns j*r..(j+1)*r, zeros elsewhere: a rank-S*r LoRA over the whole output whose
+        un-adapted rows stay exactly zero;
+      - that block form is also how a q,v adapter is written for HF GPT-2's fused c_attn in
+        PEFT's format.
+    With adapted=None the whole output is one block (plain LoRA)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  segments: list[tuple[str, int]] | None = None, adapted: list[str] | None = None,
@@ -165,8 +164,8 @@ class LoRALinear(nn.Module):
             return
         if isinstance(self.base, NF4Linear):
             raise ValueError("a LoRA on a 4-bit base is merged into the dequantised base, on its own: python "
-                             "lora.py merge --nf4 --base <base model> --adapter <adapter dir> --out <dir> (add "
-                             "--dtype bfloat16 after a --precision bf16 run)")
+                             "lora.py merge --nf4 --base <base model> --adapter <adapter dir> --out_dir <dir> (add "
+                             "--precision bf16 after a --precision bf16 run)")
         w, d = self.base.weight, self.delta_weight()
         w.copy_((w.float() + (d.t() if self.conv1d else d)).to(w.dtype))
         self.merged = True
@@ -664,9 +663,15 @@ def _normal_float_codebook(offset: float = 0.9677083) -> torch.Tensor:
     # bitsandbytes' create_normal_map(offset=0.9677083, use_extra_value=True), numerically
     # ((1 - 1/30) + (1 - 1/32)) / 2: the outermost quantile centre 1 - 1/(2k) of 15 and 16 levels, averaged.
     # linspace in fp32, ndtri in fp64, division in fp32 (as bitsandbytes did): its table bit for bit.
-    def quantiles(k): return torch.special.ndtri(torch.linspace(offset, 0.5, k)[:-1].double()).float()
-    v = torch.cat([quantiles(9), -quantiles(8), torch.zeros(1)]).sort().values
+    positive = _normal_quantiles(offset, 9)  # 8 values: linspace's last point, 0.5, is left out
+    negative = -_normal_quantiles(offset, 8)  # 7 values
+    v = torch.cat([positive, negative, torch.zeros(1)]).sort().values
     return v / v.max()
+
+
+def _normal_quantiles(offset: float, k: int) -> torch.Tensor:
+    """ndtri(p), N(0, 1)'s quantile function, at k - 1 points p from `offset` down to 0.5 (excluded)."""
+    return torch.special.ndtri(torch.linspace(offset, 0.5, k)[:-1].double()).float()
 
 
 NF4_CODEBOOK = _normal_float_codebook()
@@ -774,11 +779,13 @@ class _DequantLinear(torch.autograd.Function):
 
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight is stored in NF4 and dequantised at every forward, in the compute dtype
-    (autocast's if on, else the input's). Why: only the layer running now has a 16-bit copy of its weight
-    (and, while rebuilding it, int32/fp32 temporaries of one NF4_SLICE), so stored weights take ~0.52
-    byte/param instead of 2 (QLoRA: 65B in 48 GB). Cost: a dequantisation (unpack, table lookup, multiply
-    per weight) every forward and again in backward: slower than a bf16 nn.Linear. The weight gets no
-    gradient; the input does, so LoRA trains."""
+    (autocast's if on, else the input's).
+      - Why: only the layer running now has a 16-bit copy of its weight (and, while rebuilding it,
+        int32/fp32 temporaries of one NF4_SLICE), so stored weights take ~0.52 byte/param instead of 2
+        (QLoRA: 65B in 48 GB).
+      - Cost: a dequantisation (unpack, table lookup, multiply per weight) every forward and again in
+        backward: slower than a bf16 nn.Linear.
+      - Gradients: the weight gets none; the input does, so LoRA trains."""
 
     _STATS = ("absmax", "absmax_scale", "absmax_offset")
 
@@ -870,17 +877,26 @@ def load_base(init_from: str, precision: str, lora: bool, quantize: str, device:
 # 6. CLI: merge an adapter into a model
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # what the former --dtype took
+
+
+def precision_name(text: str) -> str:
+    """--precision's value: fp32, bf16 or fp16, or the torch dtype name that --dtype took (float32, ...)."""
+    return DTYPE_NAMES.get(text, text)
+
+
 def cmd_merge(args):
-    model = GPT.from_pretrained(args.base, dtype=getattr(torch, args.dtype))
+    model = GPT.from_pretrained(args.base, dtype=PRECISION_DTYPES[args.precision])
     if args.nf4:  # the base as the QLoRA run saw it: rounded to 4 bits
         dequantize_nf4(quantize_nf4(model))
     load_adapter(model, args.adapter)
     unload_lora(model, merge=True)
-    model.save_pretrained(args.out, format=args.format)
-    print(f"merged {args.adapter} into {args.base} -> {args.out} ({args.format} format)")
+    model.save_pretrained(args.out_dir, format=args.format)
+    print(f"merged {args.adapter} into {args.base} -> {args.out_dir} ({args.format} format)")
 
 
-def main(argv=None):
+def build_parser():
     ap = ArgumentParser(description="LoRA tools: merge an adapter into a model.",
                         formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -888,15 +904,21 @@ def main(argv=None):
                        formatter_class=DefaultsHelp)
     m.add_argument("--base", required=True, help="gpt2 name, HF model dir (gpt2/llama) or our checkpoint dir")
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
-    m.add_argument("--out", required=True, help="output model directory")
+    m.add_argument("--out_dir", "--out", required=True, help="output model directory")
     m.add_argument("--format", default="native", choices=["native", "hf"], help="output format")
-    m.add_argument("--nf4", action="store_true", help="the adapter was trained on a 4-bit base (--quantize nf4): "
-                   "merge into that base, dequantised, which is the model the run trained")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="load the base in this dtype: with --nf4 give the one the run quantised from "
-                        "(bfloat16 for a --precision bf16 run), so that the 4-bit base is the same")
+    m.add_argument("--nf4", action=argparse.BooleanOptionalAction, default=False,
+                   help="the adapter was trained on a 4-bit base (--quantize nf4): merge into that base, "
+                        "dequantised, which is the model the run trained")
+    m.add_argument("--precision", "--dtype", type=precision_name, default="fp32", choices=list(PRECISION_DTYPES),
+                   help="load the base in this precision (--dtype's float32, bfloat16, float16 are taken too): "
+                        "with --nf4 give the one the run quantised from (bf16 for a --precision bf16 run), so "
+                        "that the 4-bit base is the same")
     m.set_defaults(fn=cmd_merge)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.fn(args)
 
 

@@ -554,7 +554,12 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         device = self.transformer.wte.weight.device
-        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if eos_token_id is None:
+            eos = []
+        elif isinstance(eos_token_id, int):
+            eos = [eos_token_id]
+        else:
+            eos = list(eos_token_id)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         idx, attention_mask = _as_batch(idx, attention_mask, pad_token_id, device)
@@ -832,10 +837,12 @@ class MuonAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
-        self.muon.step(), self.adamw.step()
+        self.muon.step()
+        self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none), self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
@@ -1126,8 +1133,10 @@ def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device,
     move one tensor at a time. A 50257-row vocabulary gets zero rows up to the model's padded size."""
     exp, V = dict(expected), config.vocab_size
     tied = config.tie_embeddings and "lm_head.weight" not in tensors
-    padded = lambda k: k in ("transformer.wte.weight", "lm_head.weight") and tuple(tensors[k].shape) == (  # noqa
-        V, exp[k].shape[1])
+
+    def padded(k):  # a vocabulary-sized embedding of a model whose rows are padded up (filled with zeros below)
+        return k in ("transformer.wte.weight", "lm_head.weight") and tuple(tensors[k].shape) == (V, exp[k].shape[1])
+
     missing = [k for k in exp if k not in tensors and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in tensors if k not in exp]
     bad_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(exp[k].shape)}" for k in exp

@@ -4,11 +4,11 @@ and written to data/<name>/ (change with --out_dir and --name).
 
     python prepare_data.py builtin          # no network: stdlib docstrings -> token shards, own BPE
     python prepare_data.py shakespeare      # tiny Shakespeare (1 MB, downloaded with requests)
-    python prepare_data.py text --input "books/*.txt" --name books     # your own corpus
+    python prepare_data.py text --input "books/*.txt" --name books     # your own corpus, own BPE
     python prepare_data.py fineweb          # FineWeb-Edu sample-10BT: ~100 shards of 100M tokens
     python prepare_data.py builtin_tasks    # no network: instructions, pairs, classes, multiple choice
     python prepare_data.py hellaswag        # HellaSwag validation set, for hellaswag.py
-    python prepare_data.py alpaca --n_samples 200 --max_response_chars 512   # jsonl for finetune.py
+    python prepare_data.py alpaca --max_examples 200 --max_response_chars 512   # jsonl for finetune.py
     python prepare_data.py hh --split train          # HH-RLHF dialogues for finetune.py --task dialogue
     python prepare_data.py hh_pairs --split train    # HH-RLHF preference pairs for dpo.py
     python prepare_data.py SUBCOMMAND --help         # every flag, documented
@@ -20,8 +20,12 @@ closed), so a reader can check that a file is ours, whole, and made with the tok
 Shard 0 is the validation split (<name>_val_000000.bin), shards 1, 2, ... the training split. Every
 document is preceded by <|endoftext|>, so the model learns where documents start. Shards are written
 to a temporary name and renamed; a re-run skips the finished ones and goes on from the document
-where the last one stopped. Tokenizer: GPT-2's (tiktoken), or --tokenizer DIR for one trained with
-bpe.py (copied to data/<name>/tokenizer/ so the trainer decodes with the same one).
+where the last one stopped.
+
+Tokenizer (--tokenizer): `builtin` and `text` train a BPE of their own on their corpus by default
+(bpe.py, no network: cached in data/<name>/tokenizer/); `shakespeare` and `fineweb`, which download
+anyway, use GPT-2's (tiktoken). Any of them takes 'gpt2' or a directory written by bpe.py, which is
+copied to data/<name>/tokenizer/ so that the trainer decodes with the same one.
 
 The built-in corpus (`builtin`), what `python train_gpt2.py` trains on when nothing else was
 prepared, comes from text every Python installation carries: the docstrings of the standard
@@ -58,9 +62,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bpe import Tokenizer, load_tokenizer
-
-from housekeeping import atomic_write
-from housekeeping import ArgumentParser, DefaultsHelp, bounded, run_main, write_jsonl
+from housekeeping import ArgumentParser, DefaultsHelp, atomic_write, bounded, run_main, write_jsonl
 
 # -----------------------------------------------------------------------------------------------
 # 1. The shard format
@@ -119,8 +121,9 @@ def read_header(path) -> dict:
                          f"(re-run prepare_data.py)")
     try:
         meta = json.loads(head[_FIXED.size:].rstrip(b"\0").decode("utf-8"))
-        vocab_size, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
-        meta["tokenizer"]
+        vocab_size = int(meta["vocab_size"])
+        dtype = np.dtype(meta["dtype"])
+        meta["tokenizer"]  # present, or a KeyError: every reader checks the tokenizer
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: corrupt shard header metadata ({type(e).__name__}: {e}); expected JSON "
                          f"with tokenizer, vocab_size and dtype") from None
@@ -183,8 +186,8 @@ def load_text_tokenizer(spec: str):
             raise
         raise ValueError(f"GPT-2's tokenizer is not available ({e}). tiktoken downloads it on first use: run once "
                          f"with network access (it is cached in TIKTOKEN_CACHE_DIR), or train your own with "
-                         f"`python bpe.py train --input FILES --vocab_size 8192 --out tok/` and pass --tokenizer "
-                         f"tok/ (the builtin corpus does this for you)") from None
+                         f"`python bpe.py train --input FILES --vocab_size 8192 --out_dir tok/` and pass --tokenizer "
+                         f"tok/ (builtin and text do this for you when --tokenizer is left out)") from None
 
 
 _worker_tok = None
@@ -203,8 +206,9 @@ def _encode_docs(texts: list[str]) -> list[np.ndarray]:
 
 
 def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
+    """The documents in lists of n (the last may be shorter): one task for a tokenizer process."""
     it = iter(docs)
-    while batch := list(itertools.islice(it, n)):
+    while batch := list(itertools.islice(it, n)):  # islice takes the next n, or fewer at the end
         yield batch
 
 
@@ -254,6 +258,7 @@ def write_shards(docs: Iterable[str], out_dir, name: str, tokenizer: str = "gpt2
         print(f"{out_dir}: {index} finished shard(s) kept; resuming at document {skip_docs:,}", file=sys.stderr)
 
     encoded: Iterable[list[np.ndarray]]
+    # the documents from skip_docs on (the ones before are in finished shards), in tasks of docs_per_task
     batches = _batched(itertools.islice(docs, skip_docs, None), docs_per_task)
     pool = None
     if num_workers > 0:
@@ -300,13 +305,15 @@ def write_shards(docs: Iterable[str], out_dir, name: str, tokenizer: str = "gpt2
         raise ValueError(f"{name}: no text: the input produced no documents")
     if index == 0:
         raise ValueError(f"{name}: the corpus has only {fill:,} tokens, all taken by the validation split "
-                         f"(val_tokens={val_tokens:,}); lower --val_tokens / --val_fraction or add text")
+                         f"(val_tokens={val_tokens:,}); lower --val_tokens / --val_frac or add text")
     # the last, shorter shard; marked final so that a re-run knows the folder is complete
     write_shard(shard_path(out_dir, name, index), buf[:fill],
                 dict(base_meta, split="train", shard=index, next_doc=doc_i, next_doc_offset=0, final=True))
     index += 1
     dt = time.time() - t0
-    print(f"{chr(10) if last_print else ''}{name}: {index} shards, {n_written:,} tokens in {dt:.1f}s "
+    if last_print:  # end the progress line that \r kept rewriting
+        print(file=sys.stderr)
+    print(f"{name}: {index} shards, {n_written:,} tokens in {dt:.1f}s "
           f"({n_written / max(dt, 1e-9) / 1e6:.2f}M tokens/s) -> {out_dir}", file=sys.stderr)
     return {"shards": index, "resumed": bool(skip_docs), "written": n_written}
 
@@ -335,8 +342,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return files
 
 
-def estimate_val_tokens(files: list[Path], tokenizer: str, val_fraction: float) -> int:
-    """About val_fraction of the corpus's tokens, from its size in bytes and the bytes per token of
+def estimate_val_tokens(files: list[Path], tokenizer: str, val_frac: float) -> int:
+    """About val_frac of the corpus's tokens, from its size in bytes and the bytes per token of
     a 1 MB sample (so the corpus is read only once)."""
     total = sum(f.stat().st_size for f in files)
     with open(files[0], "rb") as f:
@@ -344,7 +351,7 @@ def estimate_val_tokens(files: list[Path], tokenizer: str, val_fraction: float) 
     n = len(load_text_tokenizer(tokenizer).encode(sample)) if sample else 0
     if not n:
         raise ValueError(f"{files[0]}: empty file")
-    return max(1, int(val_fraction * total * n / len(sample.encode("utf-8"))))
+    return max(1, int(val_frac * total * n / len(sample.encode("utf-8"))))
 
 
 def _source_trees(packages: Iterable[str] = ()):
@@ -392,16 +399,38 @@ def is_val_document(path: str) -> bool:
     return zlib.crc32(path.encode("utf-8")) % 10 == 0
 
 
+def train_corpus_bpe(text_or_paths, vocab_size: int, out_dir: Path, what: str) -> Path:
+    """A BPE of vocab_size tokens (GPT-4's split pattern, <|endoftext|> last) trained on a text or on
+    files (streamed), saved in out_dir/tokenizer/; returns that folder. Written to a temporary name
+    and renamed: an interrupted training leaves no half tokenizer. what: the text, for the message."""
+    tok_dir = Path(out_dir) / "tokenizer"
+    t0 = time.time()
+    bpe_tok = Tokenizer.train(text_or_paths, vocab_size, pattern="gpt4", special_tokens=["<|endoftext|>"])
+    tmp = Path(out_dir) / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bpe_tok.save(tmp)
+    os.replace(tmp, tok_dir)
+    print(f"trained a {vocab_size}-token BPE on {what} in {time.time() - t0:.1f}s -> {tok_dir}", file=sys.stderr)
+    return tok_dir
+
+
+def builtin_ready(out_dir) -> bool:
+    """Is the built-in corpus in out_dir complete (its summary written, its last shard final)?"""
+    out_dir = Path(out_dir)
+    if not (out_dir / "corpus.json").exists() or not list_shards(out_dir, "train"):
+        return False
+    return bool(read_header(list_shards(out_dir, "train")[-1]).get("final"))
+
+
 def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(), num_workers: int = 0,
                     tokenizer: str | None = None) -> Path:
     """Build the built-in corpus (see the module docstring) into out_dir; returns out_dir. Cached:
     a finished folder is kept as it is."""
     out_dir = Path(out_dir)
     name = out_dir.name
-    if (out_dir / "corpus.json").exists() and list_shards(out_dir, "train"):
-        last = list_shards(out_dir, "train")[-1]
-        if read_header(last).get("final"):
-            return out_dir
+    if builtin_ready(out_dir):
+        return out_dir
     docs = stdlib_documents(packages)
     val = [t for p, t in docs if is_val_document(p)]
     train = [t for p, t in docs if not is_val_document(p)]
@@ -412,16 +441,7 @@ def prepare_builtin(out_dir="data/builtin", vocab_size: int = 4096, packages=(),
     if tokenizer is None:  # train our own small BPE on the training split (held-out modules unseen)
         tok_dir = out_dir / "tokenizer"
         if not (tok_dir / "tokenizer.bpe").exists():
-            t0 = time.time()
-            bpe_tok = Tokenizer.train("\n\n".join(train), vocab_size, pattern="gpt4",
-                                      special_tokens=["<|endoftext|>"])
-            tmp = out_dir / "tokenizer.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            bpe_tok.save(tmp)
-            os.replace(tmp, tok_dir)
-            print(f"trained a {vocab_size}-token BPE on the training split in {time.time() - t0:.1f}s "
-                  f"-> {tok_dir}", file=sys.stderr)
+            train_corpus_bpe("\n\n".join(train), vocab_size, out_dir, "the training split")
         tokenizer = str(tok_dir)
     # the validation split is the held-out modules, so val_tokens is their exact token count
     tok = load_text_tokenizer(tokenizer)
@@ -446,72 +466,132 @@ def exact_match(answers: list[str], references: list[str]) -> float:
 
 
 def near_miss(name: str, longer: bool = False) -> str:
-    """A wrong copy of a name, as a half-trained model writes it: its last part (of a dotted, snake_case
-    or CamelCase name; else its second half) dropped (xml.sax.saxutils -> xml.sax, TimerHandle -> Timer)
-    or, longer, repeated (TimerHandleHandle, timezonezone)."""
-    sep = next((c for c in "._" if c in name.strip(c)), None)
-    parts = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
-    short = (name.rsplit(sep, 1)[0] if sep else name[: len(name) - len(parts[-1])] if len(parts) > 1
-             else name[: len(name) // 2])
-    return (name + name[len(short):] if longer else short) or name * 2
+    """A wrong copy of a name, as a half-trained model writes it:
+      - its last part dropped: of a dotted, snake_case or CamelCase name (xml.sax.saxutils -> xml.sax,
+        TimerHandle -> Timer), else its first half kept (timezone -> time);
+      - or, longer, that last part repeated (TimerHandleHandle, timezonezone)."""
+    short = name
+    for sep in ".", "_":
+        if sep in name.strip(sep):  # a separator inside the name, not only at its ends
+            short = name.rsplit(sep, 1)[0]
+            break
+    else:
+        parts = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)  # CamelCase words (an acronym is one)
+        if len(parts) > 1:
+            short = name[: len(name) - len(parts[-1])]
+        else:
+            short = name[: len(name) // 2]
+    if longer:
+        return name + name[len(short):]
+    return short or name * 2  # a one-letter name has no shorter copy: a doubled one is as wrong
+
+
+def _first_sentence(node) -> str:
+    """The first sentence of a definition's docstring, on one line, when it has 24 to 160 characters and
+    ends with a period (the multiple-choice items are made of these); else ""."""
+    first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
+    if 24 <= len(first) <= 160 and first.endswith("."):
+        return " ".join(first.split())
+    return ""
+
+
+BUILTIN_TASK_FILES = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
 
 
 def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 0) -> dict[str, Path]:
-    """The offline life cycle's task data: TASK_QUESTIONS about the stdlib's names (read with `ast`),
-    each answer following from its question by a rule (copying, a name's case) that a 2.6M-parameter
-    model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do in
-    the question, so it copies their very tokens. Whole modules are held out (is_val_document, as in
-    pretraining): no held-out record occurs in training. Writes once: instructions[_test].jsonl (Alpaca),
-    dialogues.jsonl (as HH-RLHF turns), pairs[_test].jsonl (the right answer over a wrong one: see
-    pair; the training pairs are about made-up names, see made_up), classes.jsonl (a class's qualified
-    name 1, a function's 0), hellaswag.jsonl (held out: a docstring sentence's start; its rest against
-    its words reordered)."""
-    names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
+    """The offline life cycle's task data: TASK_QUESTIONS about the stdlib's names (read with `ast`).
+
+    Each answer follows from its question by a rule (copying, a name's case) that a 2.6M-parameter
+    model learns in minutes (reciting docs it cannot); an answer starts with a space, as its names do
+    in the question, so that it copies their very tokens. Whole modules are held out (is_val_document,
+    as in pretraining): no held-out record occurs in training. Writes once, into out_dir:
+      - instructions.jsonl, instructions_test.jsonl: Alpaca records (the test one on held-out modules);
+      - dialogues.jsonl: the training instructions as HH-RLHF turns;
+      - pairs.jsonl, pairs_test.jsonl: the right answer over a wrong one (see pair); the training
+        pairs ask about made-up names (see made_up), the test pairs about held-out modules;
+      - classes.jsonl: a class's qualified name labelled 1, a function's 0;
+      - hellaswag.jsonl (held out): a docstring sentence's start; its rest against its words reordered.
+    Returns {name: path} of these files."""
+    names = BUILTIN_TASK_FILES
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
     if all(f.exists() for f in files.values()):
         return files
-    rng, found = random.Random(seed), {False: [], True: []}  # held out? -> [(m, n, {task: answer}, sentence)]
-    prng, mrng = random.Random(seed + 1), random.Random(seed + 2)  # pair's, made_up's: rng's draws stay as they are
+    rng = random.Random(seed)  # which records, in which order; the multiple-choice endings
+    # pair's and made_up's draws come from generators of their own, so that rng's stay what they were
+    prng = random.Random(seed + 1)
+    mrng = random.Random(seed + 2)
+    found = {False: [], True: []}  # held out? -> [(module, name, {task: answer}, first docstring sentence)]
     constants = []  # training only: module-level names, more to copy (their kind is neither class nor function)
-    parts, modules = {"module": [], " class": [], " function": []}, set(sys.stdlib_module_names)  # for made_up
+    # made_up's material: the pieces of the training modules' names and of their classes' and functions' names
+    parts = {"module": [], " class": [], " function": []}
+    modules = set(sys.stdlib_module_names)  # and every module found: a made-up name is never a real one
     for path, tree in _source_trees():
-        m, held = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__"), is_val_document(path)
+        m = path[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")  # stdlib/a/b.py -> a.b
+        held = is_val_document(path)
         modules.add(m)
-        parts["module"] += [] if held else [w for w in re.split(r"[._]", m) if w.isidentifier()]
+        if not held:
+            parts["module"] += [w for w in re.split(r"[._]", m) if w.isidentifier()]
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
-                tasks = {"module": f" {m}", "name": f" {(n := node.name)}", "import": f" from {m} import {n}",
-                         "kind": " function" if isinstance(node, ast.FunctionDef) else " class"}
-                first = re.split(r"(?<=\.)\s|\n\s*\n", (ast.get_docstring(node) or "").strip(), maxsplit=1)[0]
-                first = " ".join(first.split()) if 24 <= len(first) <= 160 and first.endswith(".") else ""
-                found[held].append((m, n, tasks, first))
-                parts[tasks["kind"]] += [] if held else [w for w in re.split(
-                    r"_|(?<=[a-z0-9])(?=[A-Z])" if tasks["kind"] == " class" else "_", n) if w]
+                n = node.name
+                kind = " function" if isinstance(node, ast.FunctionDef) else " class"
+                tasks = {"module": f" {m}", "name": f" {n}", "import": f" from {m} import {n}", "kind": kind}
+                found[held].append((m, n, tasks, _first_sentence(node)))
+                if not held:  # a class's name in its CamelCase words, a function's at its underscores
+                    split_at = r"_|(?<=[a-z0-9])(?=[A-Z])" if kind == " class" else "_"
+                    parts[kind] += [w for w in re.split(split_at, n) if w]
             elif isinstance(node, ast.Assign) and not held:
-                constants += [(m, t.id, {"module": f" {m}", "name": f" {t.id}", "import": f" from {m} import {t.id}"},
-                               "") for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and not target.id.startswith("_"):
+                        const = target.id
+                        tasks = {"module": f" {m}", "name": f" {const}", "import": f" from {m} import {const}"}
+                        constants.append((m, const, tasks, ""))
 
-    def pair(question, task, tasks):  # rejected: another question's answer (the wrong format), or a near
-        if prng.random() < 0.5:       # miss in the right one (cut short or overrun, the other kind)
+    def pair(question, task, tasks):
+        """A preference pair: chosen, the right answer; rejected, an error a small model makes:
+          - half the time the answer to another question about the same name (the wrong format);
+          - else a near miss in the right format: a name cut short or overrun (near_miss), or for
+            "kind" the other kind."""
+        if prng.random() < 0.5:
             wrong = prng.choice([v for v in tasks.values() if v != tasks[task]])
         else:
-            (m, n), longer, cut_m = (tasks["module"][1:], tasks["name"][1:]), prng.random() < 0.5, prng.random() < 0.5
+            m, n = tasks["module"][1:], tasks["name"][1:]  # without their leading space
+            longer = prng.random() < 0.5  # overrun, else cut short
+            cut_module = prng.random() < 0.5  # the import statement: its module's name is wrong, else the name
             wrong_m, wrong_n = near_miss(m, longer), near_miss(n, longer)
-            wrong = {"module": f" {wrong_m}", "name": f" {wrong_n}",
-                     "import": f" from {wrong_m} import {n}" if cut_m else f" from {m} import {wrong_n}",
-                     "kind": " class" if tasks[task] == " function" else " function"}[task]
+            if task == "module":
+                wrong = f" {wrong_m}"
+            elif task == "name":
+                wrong = f" {wrong_n}"
+            elif task == "import":
+                wrong = f" from {wrong_m} import {n}" if cut_module else f" from {m} import {wrong_n}"
+            else:
+                wrong = " class" if tasks[task] == " function" else " function"
         return dict(prompt=format_prompt({"instruction": question}), chosen=tasks[task], rejected=wrong)
 
-    def made_up():  # a question about a made-up name, of the training names' parts
-        pick = lambda k, n: [mrng.choice(parts[k]) for _ in range(mrng.choice(n))]  # noqa: E731
-        while (m := ".".join("".join(pick("module", [1, 1, 2])) for _ in range(mrng.choice([1, 1, 2])))) in modules:
-            pass  # never a real module's name
-        kind = mrng.choice([" class", " function"])  # a class's name CamelCase, a function's snake_case
-        n = ("" if kind == " class" else "_").join(pick(kind, [1, 2, 2, 3]))
+    def pick(kind, counts):
+        """A made-up name's pieces: mrng.choice(counts) random pieces of that kind."""
+        how_many = mrng.choice(counts)
+        return [mrng.choice(parts[kind]) for _ in range(how_many)]
+
+    def made_up_module():
+        """A dotted name of one or two parts (one more often), each of one or two pieces."""
+        n_parts = mrng.choice([1, 1, 2])
+        return ".".join("".join(pick("module", [1, 1, 2])) for _ in range(n_parts))
+
+    def made_up():
+        """A question about a made-up name of the training names' pieces: (question, task, tasks)."""
+        m = made_up_module()
+        while m in modules:  # never a real module's name
+            m = made_up_module()
+        kind = mrng.choice([" class", " function"])
+        n = ("" if kind == " class" else "_").join(pick(kind, [1, 2, 2, 3]))  # CamelCase, snake_case
         tasks = {"module": f" {m}", "name": f" {n}", "import": f" from {m} import {n}", "kind": kind}
-        return TASK_QUESTIONS[task := mrng.choice(list(tasks))].format(m=m, n=n), task, tasks
+        task = mrng.choice(list(tasks))
+        return TASK_QUESTIONS[task].format(m=m, n=n), task, tasks
 
     rows = {"hellaswag": []}
+    questions = {}  # "" (training) or "_test" (held out) -> [(question, task, {task: answer})]
     for key, held in (("", False), ("_test", True)):  # one question per (name, task), shuffled
         if held:  # at most 40 names a top-level package: encodings' 100 codecs would crowd out the rest
             package = {}
@@ -521,21 +601,31 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
         else:  # every name: copying is learned from many names (from a few thousand, recalling them is easier)
             pool = found[False] + constants
         recs = [(TASK_QUESTIONS[t].format(m=m, n=n), t, ts) for m, n, ts, _ in pool for t in ts]
-        recs = rng.sample(recs, min(len(recs), 500 if held else n_max))
-        rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]} for qn, t, ts in recs]
-    rows["pairs_test"] = [pair(qn, t, ts) for qn, t, ts in recs]
+        questions[key] = rng.sample(recs, min(len(recs), 500 if held else n_max))
+        rows["instructions" + key] = [{"instruction": qn, "input": "", "output": ts[t]}
+                                      for qn, t, ts in questions[key]]
+    rows["pairs_test"] = [pair(qn, t, ts) for qn, t, ts in questions["_test"]]
     # DPO's pairs ask about made-up names. Fine-tuning learns to copy the names that pretraining read, and
     # copies the held-out modules' names, new to the model, worse; made-up names are new in the same way
     rows["pairs"] = [pair(*made_up()) for _ in range(min(n_max, 5000))]
     rows["dialogues"] = [{"chosen": format_dialogue([("Human", " " + r["instruction"]),
                                                      ("Assistant", r["output"])])} for r in rows["instructions"]]
     rows["classes"] = [{"text": f"{m}.{n}", "label": int(ts["kind"] == " class")} for m, n, ts, _ in found[False]]
-    held = [(m, n, w[: len(w) // 2], r) for m, n, _, f in found[True]
-            if len(set(r := (w := f.split())[len(w) // 2:])) > 2]
-    for i, (m, n, ctx, rest) in enumerate(held[:500]):  # the true rest against its own words in 3 other orders
-        endings = rng.sample(sorted({" ".join(rng.sample(rest, len(rest))) for _ in range(50)} - {" ".join(rest)}), 3)
-        endings.insert(label := rng.randrange(4), " ".join(rest))
-        rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(ctx), "ctx_b": "", "endings": endings,
+    # multiple choice on the held-out modules: a docstring sentence's first half is the context, and
+    # its true second half is one of four endings; the other three are the same words reordered
+    sentences = []
+    for m, n, _, first in found[True]:
+        words = first.split()
+        rest = words[len(words) // 2:]
+        if len(set(rest)) > 2:  # enough different words for three other orders
+            sentences.append((m, n, words[: len(words) // 2], rest))
+    for i, (m, n, context, rest) in enumerate(sentences[:500]):
+        true_ending = " ".join(rest)
+        reordered = {" ".join(rng.sample(rest, len(rest))) for _ in range(50)} - {true_ending}
+        endings = rng.sample(sorted(reordered), 3)
+        label = rng.randrange(4)  # where the true ending goes
+        endings.insert(label, true_ending)
+        rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(context), "ctx_b": "", "endings": endings,
                                   "label": label, "ind": i, "split": "val", "source_id": f"{m}.{n}"})
     for key in names:
         _write_jsonl(files[key], rows[key], quiet=True)
@@ -569,8 +659,9 @@ def download(url: str, dest: Path, flag: str | None = "--input") -> Path:
         r = requests.get(url, timeout=60)
         r.raise_for_status()
     except requests.RequestException as e:
+        local_copy = f", or pass its path with {flag}" if flag else ""
         raise ValueError(f"could not download {url} ({type(e).__name__}). Offline? Fetch it on a machine with "
-                         f"internet and put it at {dest}{f', or pass its path with {flag}' if flag else ''}.") from None
+                         f"internet and put it at {dest}{local_copy}.") from None
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(r.content))
     return dest
 
@@ -638,7 +729,8 @@ PROMPT_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
 
@@ -653,10 +745,10 @@ def format_prompt(example: dict) -> str:
     return PROMPT_NO_INPUT.format(instruction=example["instruction"])
 
 
-def load_alpaca(data_file=None, max_response_chars: int = 0, n_samples: int = 0) -> list[dict]:
+def load_alpaca(data_file=None, max_response_chars: int = 0, max_examples: int = 0) -> list[dict]:
     """Alpaca examples {instruction, input, output} from a .json file (a list) or a .jsonl file, or
     tatsu-lab/alpaca from the hub. Filters as in the reports: drop outputs longer than
-    max_response_chars, then keep the first n_samples (0 = no limit)."""
+    max_response_chars, then keep the first max_examples (0 = no limit)."""
     if data_file is None:
         rows = hub_rows("tatsu-lab/alpaca", offline_hint=_offline_hint("alpaca"))
     elif Path(data_file).suffix == ".jsonl" or not Path(data_file).is_file():
@@ -677,9 +769,10 @@ def load_alpaca(data_file=None, max_response_chars: int = 0, n_samples: int = 0)
     examples = [string_fields(r, where, ("instruction", "output"), ("input",)) for where, r in rows]
     if max_response_chars:
         examples = [e for e in examples if len(e["output"]) <= max_response_chars]
-    examples = examples[:n_samples] if n_samples else examples
+    if max_examples:
+        examples = examples[:max_examples]
     if not examples:
-        raise ValueError("no examples left after filtering (--max_response_chars / --n_samples)")
+        raise ValueError("no examples left after filtering (--max_response_chars / --max_examples)")
     return examples
 
 
@@ -716,12 +809,13 @@ def dialogue_example(text: str, where: str) -> dict:
             "output": turns[last][1].strip()}
 
 
-def load_dialogues(data_file=None, n_samples: int = 0, split: str = "train") -> list[dict]:
-    """HH-RLHF conversations (the `chosen` one of each pair) from a jsonl file or Anthropic/hh-rlhf."""
+def load_dialogues(data_file=None, max_examples: int = 0, split: str = "train") -> list[dict]:
+    """HH-RLHF conversations (the `chosen` one of each pair) from a jsonl file or Anthropic/hh-rlhf; the
+    first max_examples (0 = all)."""
     rows = (read_jsonl(data_file) if data_file is not None else
             hub_rows("Anthropic/hh-rlhf", split=split, offline_hint=_offline_hint("hh")))
     out = []
-    for where, rec in rows[:n_samples or None]:
+    for where, rec in rows[:max_examples or None]:
         out.append(dialogue_example(string_fields(rec, where, ("chosen",))["chosen"], where))
     if not out:
         raise ValueError(f"{data_file or 'Anthropic/hh-rlhf'}: no conversations")
@@ -770,10 +864,10 @@ HUB_CLASSIFICATION = {
 }
 
 
-def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_samples: int = 0,
+def load_classification(data_file=None, dataset=None, num_classes: int = 2, max_examples: int = 0,
                         balance: bool = False, seed: int = 1337) -> list[dict]:
     """[{text, text_pair, label}] from a .jsonl/.csv file (fields text, text_pair?, label) or a hub
-    dataset; every label is checked against num_classes."""
+    dataset; every label is checked against num_classes; the first max_examples (0 = all)."""
     import csv
 
     fields_ = ("text", "text_pair")
@@ -806,7 +900,8 @@ def load_classification(data_file=None, dataset=None, num_classes: int = 2, n_sa
         rng = random.Random(seed)
         out = [ex for v in by.values() for ex in rng.sample(v, n)]
         rng.shuffle(out)
-    out = out[:n_samples] if n_samples else out
+    if max_examples:
+        out = out[:max_examples]
     if not out:
         raise ValueError("no classification examples")
     return out
@@ -864,11 +959,27 @@ def hellaswag_item(row, where: str) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. The command line
+# 6. The command line: one subcommand per data set, each run by its cmd_ function
 
 def cmd_builtin(args):
-    prepare_builtin(Path(args.out_dir) / (args.name or "builtin"), args.vocab_size, args.packages,
-                    args.num_workers, args.tokenizer)
+    out = Path(args.out_dir) / (args.name or "builtin")
+    if builtin_ready(out):  # a re-run: say so, rather than print nothing
+        n_shards = len(list_shards(out, "val")) + len(list_shards(out, "train"))
+        print(f"{out}: the built-in corpus is already there ({n_shards} shards, summary in {out / 'corpus.json'}); "
+              f"nothing to do (delete the folder to build it again)", file=sys.stderr)
+        return
+    prepare_builtin(out, args.vocab_size, args.packages, args.num_workers, args.tokenizer)
+
+
+def cmd_builtin_tasks(args):
+    out = Path(args.out_dir) / args.name
+    files = [out / f"{name}.jsonl" for name in BUILTIN_TASK_FILES]
+    if all(f.exists() for f in files):  # a re-run: builtin_tasks keeps the files as they are
+        print(f"{out}: the built-in task data is already there ({len(files)} files: "
+              f"{', '.join(f.name for f in files)}); nothing to do (delete the folder to build it again)",
+              file=sys.stderr)
+        return
+    builtin_tasks(out)
 
 
 def cmd_text(args):
@@ -876,17 +987,26 @@ def cmd_text(args):
     empty = [str(f) for f in files if f.stat().st_size == 0]
     if empty:
         raise ValueError(f"empty input file(s): {', '.join(empty)}")
-    val_tokens = args.val_tokens or estimate_val_tokens(files, args.tokenizer, args.val_fraction)
+    out = Path(args.out_dir) / args.name
+    tokenizer = args.tokenizer
+    if tokenizer is None:  # no network needed: a BPE of the corpus's own, as builtin trains (cached)
+        tok_dir = out / "tokenizer"
+        if (tok_dir / "tokenizer.bpe").exists():
+            print(f"using the BPE trained before, in {tok_dir} (delete it to train another)", file=sys.stderr)
+        else:
+            train_corpus_bpe([str(f) for f in files], args.vocab_size, out, "the input files")
+        tokenizer = str(tok_dir)
+    val_tokens = args.val_tokens or estimate_val_tokens(files, tokenizer, args.val_frac)
     docs = (read_text_file(f) for f in files)  # one file = one document
-    write_shards(docs, Path(args.out_dir) / args.name, args.name, args.tokenizer, args.shard_tokens,
-                 val_tokens, args.num_workers, docs_per_task=1, extra_meta={"source": "text"})
+    write_shards(docs, out, args.name, tokenizer, args.shard_tokens, val_tokens, args.num_workers,
+                 docs_per_task=1, extra_meta={"source": "text"})
 
 
 def cmd_shakespeare(args):
     out = Path(args.out_dir) / (args.name or "shakespeare")
     path = Path(args.input) if args.input else download(args.url, out / "input.txt")
     text = read_text_file(path)
-    n_val = len(load_text_tokenizer(args.tokenizer).encode(text)) * args.val_fraction
+    n_val = len(load_text_tokenizer(args.tokenizer).encode(text)) * args.val_frac
     write_shards([text], out, out.name, args.tokenizer, 10 ** 8, max(1, int(n_val)), 0,
                  extra_meta={"source": "shakespeare"})
 
@@ -898,6 +1018,10 @@ def cmd_fineweb(args):
                  extra_meta={"source": f"{args.dataset}:{args.remote_name}"})
 
 
+def cmd_hellaswag(args):
+    print(download_hellaswag(Path(args.out_dir) / args.name))
+
+
 def _write_jsonl(path: Path, rows: list[dict], quiet: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows, ensure_ascii=False)
@@ -907,13 +1031,13 @@ def _write_jsonl(path: Path, rows: list[dict], quiet: bool = False):
 
 def cmd_alpaca(args):
     """Alpaca (tatsu-lab/alpaca, or --data_file) filtered as finetune.py would, as one jsonl file."""
-    examples = load_alpaca(args.data_file, args.max_response_chars, args.n_samples)
+    examples = load_alpaca(args.data_file, args.max_response_chars, args.max_examples)
     _write_jsonl(Path(args.out_dir) / (args.name or "alpaca") / "alpaca.jsonl", examples)
 
 
 def cmd_hh(args):
     """HH-RLHF conversations (the `chosen` side) as jsonl for `finetune.py --task dialogue`."""
-    examples = load_dialogues(args.data_file, args.n_samples, split=args.split)
+    examples = load_dialogues(args.data_file, args.max_examples, split=args.split)
     _write_jsonl(Path(args.out_dir) / (args.name or "hh") / f"{args.split}.jsonl",
                  [{"chosen": e["text"]} for e in examples])
 
@@ -922,75 +1046,91 @@ def cmd_hh_pairs(args):
     """HH-RLHF preference pairs as jsonl of {prompt, chosen, rejected} for `dpo.py --data_file`."""
     pairs = load_pairs(args.data_file, split=args.split)
     _write_jsonl(Path(args.out_dir) / (args.name or "hh_pairs") / f"{args.split}.jsonl",
-                 pairs[: args.n_samples or None])
+                 pairs[: args.max_examples or None])
+
+
+GPT2_OR_DIR = "'gpt2' (tiktoken) or a directory written by bpe.py"
+OWN_BPE = "default: train a BPE of --vocab_size on the corpus, cached in OUT_DIR/NAME/tokenizer/; or " + GPT2_OR_DIR
 
 
 def build_parser():
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=DefaultsHelp)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
-    def command(name, help, fn, tokenizer=True, out_name=None):  # a subcommand, with the flags every one has
+    def command(name, help, fn, shards=True, tokenizer="gpt2", tokenizer_help=GPT2_OR_DIR, num_workers=None,
+                out_name=None):
+        """A subcommand run by fn, with the flags every one has: --out_dir and --name; and for those that
+        write token shards, --tokenizer (default: `tokenizer`) and --num_workers."""
         p = sub.add_parser(name, help=help, formatter_class=DefaultsHelp)
         p.set_defaults(fn=fn)
         p.add_argument("--out_dir", default="data",
                        help="parent folder; the output (shards or .jsonl) goes to OUT_DIR/NAME/")
         p.add_argument("--name", default=out_name or name,
                        help="dataset name: the folder, and the prefix of the files in it")
-        if tokenizer:
-            p.add_argument("--tokenizer", default="gpt2",
-                           help="'gpt2' (tiktoken) or a directory written by bpe.py")
-            p.add_argument("--num_workers", type=bounded(int, 0), default=max(1, (os.cpu_count() or 2) - 1),
+        if shards:
+            p.add_argument("--tokenizer", default=tokenizer, help=tokenizer_help)
+            if num_workers is None:
+                num_workers = max(1, (os.cpu_count() or 2) - 1)
+            p.add_argument("--num_workers", type=bounded(int, 0), default=num_workers,
                            help="tokenizer processes (0 = tokenize in this process)")
         return p
 
-    p = command("builtin", "no-network corpus: stdlib docstrings + pydoc topics, own BPE", cmd_builtin)
-    for action in p._actions:  # builtin trains its own tokenizer unless told otherwise
-        if action.dest == "tokenizer":
-            action.default, action.help = None, "default: train a BPE of --vocab_size on the corpus; or a bpe.py dir"
-    p.set_defaults(num_workers=0)
+    # builtin trains its own tokenizer unless told otherwise, and tokenizes in this process
+    p = command("builtin", "no-network corpus: stdlib docstrings + pydoc topics, own BPE", cmd_builtin,
+                tokenizer=None, tokenizer_help=OWN_BPE, num_workers=0)
     p.add_argument("--vocab_size", type=bounded(int, 257), default=4096, help="size of the BPE trained on the corpus")
     p.add_argument("--packages", nargs="*", default=[], help="installed packages whose docstrings to add")
 
     command("builtin_tasks", "no-network task data from the stdlib's documentation: instructions, preference pairs, "
-            "classification, multiple choice (HellaSwag schema)",
-            lambda args: builtin_tasks(Path(args.out_dir) / args.name), tokenizer=False)
+            "classification, multiple choice (HellaSwag schema)", cmd_builtin_tasks, shards=False)
 
-    p = command("text", "local text files or globs (one file = one document)", cmd_text)
+    p = command("text", "local text files or globs (one file = one document), own BPE", cmd_text,
+                tokenizer=None, tokenizer_help=OWN_BPE)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote globs)")
+    p.add_argument("--vocab_size", type=bounded(int, 257), default=4096,
+                   help="size of the BPE trained on the input files (without --tokenizer)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per training shard")
-    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
+    p.add_argument("--val_frac", "--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of the tokens (from the start of the corpus) held out as validation")
-    p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="exact validation size (over val_fraction)")
+    p.add_argument("--val_tokens", type=bounded(int, 0), default=0,
+                   help="exact validation size (overrides val_frac)")
 
     p = command("shakespeare", "tiny Shakespeare (downloaded with requests)", cmd_shakespeare)
     p.add_argument("--url", default=SHAKESPEARE_URL, help="where to download it from")
     p.add_argument("--input", default=None, help="use this local copy instead of downloading")
-    p.add_argument("--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
+    p.add_argument("--val_frac", "--val_fraction", type=bounded(float, 0.0, 0.9), default=0.1,
                    help="share of tokens held out (the start)")
 
     p = command("fineweb", "FineWeb-Edu through `datasets` (streaming)", cmd_fineweb, out_name="fineweb_edu")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset id")
-    p.add_argument("--remote_name", default="sample-10BT", help="configuration (sample-10BT, sample-100BT, ...)")
+    p.add_argument("--remote_name", default="sample-10BT",
+                   help="dataset configuration (sample-10BT, sample-100BT, ...)")
     p.add_argument("--shard_tokens", type=bounded(int, 1), default=10 ** 8, help="tokens per shard")
     p.add_argument("--val_tokens", type=bounded(int, 0), default=0, help="validation shard size (0 = shard_tokens)")
 
-    command("hellaswag", "HellaSwag validation set (downloaded with requests)",
-            lambda args: print(download_hellaswag(Path(args.out_dir) / args.name)), tokenizer=False)
+    command("hellaswag", "HellaSwag validation set (downloaded with requests)", cmd_hellaswag, shards=False)
 
-    p = command("alpaca", "Alpaca instructions as jsonl for finetune.py", cmd_alpaca, tokenizer=False)
+    p = command("alpaca", "Alpaca instructions as jsonl for finetune.py", cmd_alpaca, shards=False)
     p.add_argument("--data_file", default=None, help="local .json/.jsonl instead of tatsu-lab/alpaca from the hub")
     p.add_argument("--max_response_chars", type=bounded(int, 0), default=0,
                    help="drop examples with longer outputs (0 = keep all)")
-    p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="then keep the first N (0 = all)")
+    p.add_argument("--max_examples", "--n_samples", type=bounded(int, 0), default=0,
+                   help="then keep the first N (0 = all)")
 
-    for name, what, fn in (("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh),
-                           ("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py",
-                            cmd_hh_pairs)):
-        p = command(name, what, fn, tokenizer=False)
-        p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
-        p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
-        p.add_argument("--n_samples", type=bounded(int, 0), default=0, help="keep the first N (0 = all)")
+    p = command("hh", "HH-RLHF conversations as jsonl for finetune.py --task dialogue", cmd_hh, shards=False)
+    add_hh_flags(p)
+    p = command("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py", cmd_hh_pairs,
+                shards=False)
+    add_hh_flags(p)
     return ap
+
+
+def add_hh_flags(p):
+    """The flags hh and hh_pairs share."""
+    p.add_argument("--data_file", default=None, help="local HH-RLHF-style jsonl instead of Anthropic/hh-rlhf")
+    p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
+    p.add_argument("--max_examples", "--n_samples", type=bounded(int, 0), default=0,
+                   help="keep the first N (0 = all)")
 
 
 def main(argv=None):

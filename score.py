@@ -1,24 +1,38 @@
 """
-score.py: rate a model's answers, to compare checkpoints and pick the best one: a reward model (a
-Hugging Face sequence classifier, e.g. OpenAssistant's DeBERTa) and/or an LLM judge (any
-OpenAI-compatible chat-completions API) score the greedy answers to a prompt set.
+score.py: rate a model's answers, to compare checkpoints and pick the best one. The greedy answers to
+a prompt set are scored by one or more of:
+  - exact match against the prompts' reference answers: the offline default, on the built-in tasks'
+    held-out questions (prepare_data.builtin_tasks, the check finetune.py reports);
+  - a reward model: a Hugging Face sequence classifier, e.g. OpenAssistant's DeBERTa;
+  - an LLM judge: any OpenAI-compatible chat-completions API.
 
 Run it:
+    python score.py                        # offline: the last stage's run on this machine, by exact match
     python score.py --init_from out-finetune --reward_model OpenAssistant/reward-model-deberta-v3-large-v2
     python score.py --init_from out-finetune --reward_model none --judge_url https://api.openai.com/v1
     python score.py --init_from out-finetune/best_adapter --base gpt2 --prompts my_prompts.jsonl
     python score.py --help
 
---init_from is one model (our or HF format), one LoRA adapter (on --base), or a run directory,
-whose ckpt_step*/, best_model/ and best_adapter/ are scored in turn. For each: the mean ± standard
-error of each score over the prompts; the best checkpoint is named. Results go to scores.jsonl (one
-row per checkpoint: answers, scores, means, stderrs, unjudged items) and scores.md in that directory.
-finetune.py --score_every_eval runs this script at every evaluation.
+What is scored (--init_from):
+  - one model (our format or HF's), or one LoRA adapter (on --base: by default the base its
+    adapter_config.json names);
+  - or a run directory: its ckpt_step*/, best_model/ and best_adapter/ in turn (else its final model);
+  - auto (default): the run of the last stage on this machine (out-dpo, out-finetune, out/cpu).
+The prompt set: --prompts; else, with a reward model or a judge, 40 built-in everyday questions; else
+the built-in tasks' held-out questions. The reward model is loaded before any answer is generated: a
+name that cannot be loaded stops the run at once.
+
+For each checkpoint: the mean ± standard error of each score over the prompts; the best checkpoint is
+named. Results go to scores.jsonl (one row per checkpoint: answers, scores, means, stderrs, unjudged
+items) and scores.md in that directory. finetune.py --score_every_eval runs this script at every
+evaluation.
 
 The judge is asked, per answer, for an integer 0-100 given the instruction and a reference answer
-(the rubric below). Requests are retried on timeouts, 429 and 5xx with exponential backoff; every
-judged item goes to judge_cache.jsonl at once, so a re-run never pays twice and a failure midway
-loses nothing. A reply that is not a bare integer 0-100 leaves the item unjudged (reported).
+(the rubric below).
+  - Requests are retried on timeouts, 429 and 5xx with exponential backoff.
+  - Every judged item goes to judge_cache.jsonl at once: a re-run never pays twice, and a failure
+    midway loses nothing.
+  - A reply that is not a bare integer 0-100 leaves the item unjudged (reported).
 """
 
 from __future__ import annotations
@@ -37,33 +51,45 @@ from pathlib import Path
 import torch
 
 from bpe import load_tokenizer
-
-from housekeeping import atomic_write
 from lora import load_adapter
 from model import GPT
-from housekeeping import (DEVICE_HELP, flag, fit_to_context, mean_stderr, parse_config, pick_device, resolve_init_from,
-                          run_main, write_jsonl)
-from prepare_data import format_dialogue, format_prompt, read_jsonl, read_text_file, string_fields
+from housekeeping import (DEVICE_HELP, atomic_write, auto_init_from, fit_to_context, flag, mean_stderr, parse_config,
+                          pick_device, resolve_init_from, run_main, write_jsonl)
+from prepare_data import (builtin_tasks, exact_match, format_dialogue, format_prompt, read_jsonl, read_text_file,
+                          string_fields)
+
+# The life cycle's models, latest stage first, and the run directory each belongs to: --init_from auto
+# scores the run of the first one on this machine (a fine-tuning run: its checkpoints and its best model).
+STAGE_RUNS = {"out-dpo/model": "out-dpo",
+              "out-finetune/best_model": "out-finetune",
+              "out-finetune/model": "out-finetune",
+              "out/cpu/model": "out/cpu",
+              "out/cpu/ckpt/model": "out/cpu"}  # ckpt/model: where train_gpt2.py's older runs left their model
 
 
 @dataclass
 class ScoreConfig:
-    init_from: str = flag("out-finetune", "a run dir (its ckpt_step*/, best_model/, best_adapter/), a model dir, or "
-                                         "an adapter dir")
-    base: str = flag("gpt2", "the base model of adapter checkpoints (gpt2 name, HF dir or our dir)")
+    init_from: str = flag("auto", "a run dir (its ckpt_step*/, best_model/, best_adapter/), a model dir, or an "
+                                 "adapter dir; auto: the last stage's run on this machine (out-dpo, out-finetune, "
+                                 "out/cpu)")
+    base: str = flag("auto", "the base model of adapter checkpoints (gpt2 name, HF dir or our dir); auto: the one "
+                             "the adapter's adapter_config.json names")
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own, else GPT-2's)")
     task: str = flag("instruction", "prompt format: instruction (Alpaca template) or dialogue (HH-RLHF turns)",
                     choices=["instruction", "dialogue"])
     prompts: str | None = flag(None, "jsonl of {instruction, input?, output? (reference)} or text, one prompt a line "
-                                    "(default: the 40 built-in everyday questions)")
-    reward_model: str = flag("OpenAssistant/reward-model-deberta-v3-large-v2", "HF sequence-classification reward "
-                                                                            "model (hub id or dir), or none")
+                                    "(default: with --reward_model or --judge_url, the 40 built-in everyday "
+                                    "questions; else the built-in tasks' held-out questions, by exact match)")
+    max_examples: int = flag(0, "score the answers to the first N prompts only (0: all)", min=0)
+    reward_model: str = flag("none", "HF sequence-classification reward model (hub id or dir), e.g. "
+                                     "OpenAssistant/reward-model-deberta-v3-large-v2, or none")
     judge_url: str | None = flag(None, "OpenAI-compatible API base URL; POSTs {url}/chat/completions")
     judge_model: str = flag("gpt-4o-mini", "the judge's model name")
     judge_key_env: str = flag("OPENAI_API_KEY", "environment variable holding the judge's API key (none sent if unset)")
     judge_timeout: float = flag(60.0, "seconds per judge request", min=0.001)
     judge_retries: int = flag(4, "retries on timeouts, 429 and 5xx", min=0)
-    max_new_tokens: int = flag(128, "longest answer", min=1)
+    max_new_tokens: int | None = flag(None, "longest answer (default: 128; 24 on the offline default's built-in "
+                                            "tasks, whose answers are a few tokens)", min=1)
     device: str = flag("auto", DEVICE_HELP)
 
 
@@ -170,7 +196,10 @@ class Judge:
     def __init__(self, url: str, model: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 4, backoff: float = 1.0, cache_path=None):
         self.url = url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
+        self.model = model
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
         self.key = os.environ.get(key_env)
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache = {}
@@ -236,9 +265,18 @@ def judge_answers(judge: Judge, prompts: list[dict], answers: list[str]) -> tupl
     return scores, unjudged
 
 
+def exact_matches(prompts: list[dict], answers: list[str]) -> list[float]:
+    """1.0 where an answer equals its prompt's reference answer (outer spaces aside), else 0.0: the
+    built-in tasks' check (prepare_data.exact_match), one answer at a time."""
+    return [exact_match([a], [p["output"]]) for p, a in zip(prompts, answers, strict=True)]
+
+
 def _stats(name: str, xs: list[float]) -> dict:
     m, se = mean_stderr(sum(xs), sum(x * x for x in xs), len(xs))
     return {f"{name}_mean": m, f"{name}_stderr": se}
+
+
+SCORES = ("reward", "judge", "exact_match")  # the kinds of score, in the order that picks the best checkpoint
 
 
 def checkpoints(path: Path) -> list[tuple[str, Path]]:
@@ -250,33 +288,89 @@ def checkpoints(path: Path) -> list[tuple[str, Path]]:
     found += [p for p in (path / "best_model", path / "best_adapter") if p.is_dir()]
     if not found:  # a run of dpo.py or train_gpt2.py: its final model or last checkpoint
         picked = Path(resolve_init_from(str(path)))
-        found = [picked] if picked != path else []
+        if picked != path:
+            found = [picked]
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (a model dir, or a run dir with ckpt_step*/ or best_model/)")
     return [(p.name, p) for p in found]
 
 
-def score(c: ScoreConfig) -> list[dict]:
-    reward_model = None if c.reward_model.lower() == "none" else c.reward_model
-    if not (reward_model or c.judge_url):
-        raise ValueError("scoring needs --reward_model and/or --judge_url")
-    device = pick_device(c.device)
-    root = Path(c.init_from)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--init_from {root}: no such directory")
-    prompts = load_prompts(c.prompts, c.task)
-    judge = Judge(c.judge_url, c.judge_model, c.judge_key_env, c.judge_timeout, c.judge_retries,
-                  cache_path=root / "judge_cache.jsonl") if c.judge_url else None
+def scored_dir(init_from: str) -> Path:
+    """The directory to score: --init_from, or for auto the run of the last stage on this machine."""
+    if init_from != "auto":
+        root = Path(init_from)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--init_from {root}: no such directory")
+        return root
+    found = auto_init_from(tuple(STAGE_RUNS), run_first="python train_gpt2.py")
+    if found not in STAGE_RUNS:  # GPT-2 from the hub: score.py scores what a run left on this machine
+        raise ValueError(f"--init_from auto: no stage's model on this machine yet ({', '.join(STAGE_RUNS)}): run "
+                         f"`python train_gpt2.py` (then `python finetune.py`) first, or pass --init_from a model "
+                         f"or run directory")
+    root = Path(STAGE_RUNS[found])
+    print(f"--init_from auto: the run in {root} (the last stage's on this machine)")
+    return root
+
+
+def adapter_base(base: str, adapter_dir: Path) -> str:
+    """--base, or for auto the base model an adapter names (finetune.py writes its --init_from there)."""
+    if base != "auto":
+        return base
+    named = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not named:
+        raise ValueError(f"{adapter_dir}: its adapter_config.json names no base model; pass --base")
+    return named
+
+
+def load_checkpoint(cfg: ScoreConfig, ckpt: Path, device):
+    """(model in eval mode, tokenizer) of a model dir, or of a LoRA adapter on its base model."""
+    if (ckpt / "adapter_config.json").exists():
+        base = adapter_base(cfg.base, ckpt)
+        model = load_adapter(GPT.from_pretrained(base, device=device), ckpt)
+        return model.eval(), load_tokenizer(cfg.tokenizer, base)
+    model = GPT.from_pretrained(str(ckpt), device=device)
+    return model.eval(), load_tokenizer(cfg.tokenizer, str(ckpt))
+
+
+def _cell(row: dict, key: str) -> str:
+    """A scores.md cell: mean ± stderr, or a dash where that score was not taken."""
+    if key not in row:
+        return "–"
+    return f"{row[key]:.3f} ± {row[key[:-len('_mean')] + '_stderr']:.3f}"
+
+
+def score(cfg: ScoreConfig) -> list[dict]:
+    reward_model = None if cfg.reward_model.lower() == "none" else cfg.reward_model
+    device = pick_device(cfg.device)
+    root = scored_dir(cfg.init_from)
+
+    # the prompt set, and which scores it can take
+    prompts_file = cfg.prompts
+    if prompts_file is None and not (reward_model or cfg.judge_url):  # the offline default
+        prompts_file = str(builtin_tasks()["instructions_test"])
+        print(f"offline default: the built-in tasks' held-out questions ({prompts_file}), each answer scored by "
+              f"exact match against its reference; a reward model or an LLM judge: --reward_model, --judge_url")
+    prompts = load_prompts(prompts_file, cfg.task)[: cfg.max_examples or None]
+    with_references = all(p["output"] for p in prompts)
+    if not (reward_model or cfg.judge_url or with_references):
+        raise ValueError(f"scoring needs --reward_model, --judge_url, or prompts with a reference answer each "
+                         f"(output); {cfg.prompts} has none")
+    max_new_tokens = cfg.max_new_tokens or (24 if cfg.prompts is None and with_references else 128)
+
+    # load the reward model now: a name that cannot be loaded stops here, before any answer is generated
+    if reward_model:
+        _reward_model(reward_model, device)
+    judge = None
+    if cfg.judge_url:
+        judge = Judge(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cfg.judge_timeout, cfg.judge_retries,
+                      cache_path=root / "judge_cache.jsonl")
+
     rows = []
     for name, ckpt in checkpoints(root):
-        if (ckpt / "adapter_config.json").exists():  # a LoRA adapter: on top of --base
-            model = load_adapter(GPT.from_pretrained(c.base, device=device), ckpt)
-            tok = load_tokenizer(c.tokenizer, c.base)
-        else:
-            model = GPT.from_pretrained(str(ckpt), device=device)
-            tok = load_tokenizer(c.tokenizer, str(ckpt))
-        answers = answer(model.eval(), tok, prompts, c.max_new_tokens)
-        row = {"checkpoint": name, "step": int(name[9:]) if name.startswith("ckpt_step") else None, "answers": answers}
+        model, tok = load_checkpoint(cfg, ckpt, device)
+        answers = answer(model, tok, prompts, max_new_tokens)
+        step = int(name[len("ckpt_step"):]) if name.startswith("ckpt_step") else None
+        row = {"checkpoint": name, "step": step, "answers": answers}
         if reward_model:
             row["reward"] = reward_scores(reward_model, [p["instruction"] for p in prompts], answers, device=device)
             row.update(_stats("reward", row["reward"]))
@@ -285,24 +379,29 @@ def score(c: ScoreConfig) -> list[dict]:
             row.update(_stats("judge", [x for x in row["judge"] if x is not None]))
             if row["unjudged"]:
                 print(f"{name}: {len(row['unjudged'])} item(s) not judged: {row['unjudged'][:5]}")
+        if with_references:
+            row["exact_match"] = exact_matches(prompts, answers)
+            row.update(_stats("exact_match", row["exact_match"]))
         rows.append(row)
-        # after each checkpoint: nothing scored is lost
-        write_jsonl(root / "scores.jsonl", rows)
-        print(f"{name}: " + ", ".join(f"{k[:-5]} {row[k]:.3f} ± {row[k[:-5] + '_stderr']:.3f}"
-                                      for k in ("reward_mean", "judge_mean") if k in row))
-    metric = "reward_mean" if reward_model else "judge_mean"
-    best = max(rows, key=lambda r: r[metric] if r[metric] == r[metric] else -math.inf)
-    md = [f"# Scores of {root} ({len(prompts)} prompts)\n", "| checkpoint | reward | judge |", "| --- | --- | --- |"]
-    fmt = lambda r, k: f"{r[k]:.3f} ± {r[k[:-5] + '_stderr']:.3f}" if k in r else "–"  # noqa: E731
-    md += [f"| {r['checkpoint']} | {fmt(r, 'reward_mean')} | {fmt(r, 'judge_mean')} |" for r in rows]
-    md.append(f"\nbest by {metric[:-5]}: **{best['checkpoint']}**")
+        write_jsonl(root / "scores.jsonl", rows)  # after each checkpoint: nothing scored is lost
+        print(f"{name}: " + ", ".join(f"{k} {_cell(row, k + '_mean')}" for k in SCORES if k + "_mean" in row))
+
+    # the table, and the best checkpoint by the first score taken (reward, else judge, else exact match)
+    taken = [k for k in SCORES if k + "_mean" in rows[0]]
+    metric = taken[0] + "_mean"
+    best = max(rows, key=lambda r: -math.inf if math.isnan(r[metric]) else r[metric])  # NaN: nothing judged
+    md = [f"# Scores of {root} ({len(prompts)} prompts)\n", "| checkpoint | " + " | ".join(taken) + " |",
+          "| --- |" + " --- |" * len(taken)]
+    md += [f"| {r['checkpoint']} | " + " | ".join(_cell(r, k + "_mean") for k in taken) + " |" for r in rows]
+    md.append(f"\nbest by {taken[0]}: **{best['checkpoint']}**")
     atomic_write(root / "scores.md", lambda p: Path(p).write_text("\n".join(md) + "\n"))
-    print(f"best by {metric[:-5]}: {best['checkpoint']}; scores in {root / 'scores.md'}")
+    print(f"best by {taken[0]}: {best['checkpoint']}; scores in {root / 'scores.md'}")
     return rows
 
 
 def main(argv=None):
-    return score(parse_config(ScoreConfig, argv, __doc__.split("\n\n")[0].strip())[0])
+    cfg = parse_config(ScoreConfig, argv, __doc__.split("\n\n")[0].strip())[0]
+    return score(cfg)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ lora_rank=4,lora_alpha=16. With --score_every_eval --reward_model X (or --judge_
 each row also gets the last evaluation's reward_mean / judge_mean.
 
 The two studies. (1) GPT-2 on Alpaca, LoRA ranks 1-32 against full fine-tuning:
-    python sweep.py --init_from gpt2 --set lora_rank=0,1,2,4,8,16,32 --grad_accum 8 --n_samples 200 \\
+    python sweep.py --init_from gpt2 --set lora_rank=0,1,2,4,8,16,32 --grad_accum 8 --max_examples 200 \\
         --max_response_chars 512 --out_dir sweeps/gpt2-alpaca
 (2) GPT-2 medium, LoRA against full fine-tuning on instruction tuning and three classification tasks,
 varying rank, alpha, the trained blocks and the optimizer, one axis a sweep:
     python sweep.py --init_from gpt2-medium --set lora_rank=0,4,16,64 --set lora_alpha=16,32 --grad_accum 8 \\
-        --n_samples 200 --max_response_chars 512 --out_dir sweeps/medium-alpaca
-    C="--init_from gpt2-medium --task classify --dataset sst2 --balance --n_samples 4000 --max_steps 300"
+        --max_examples 200 --max_response_chars 512 --out_dir sweeps/medium-alpaca
+    C="--init_from gpt2-medium --task classify --dataset sst2 --balance --max_examples 4000 --max_steps 300"
     python sweep.py $C --set lora_rank=0,4,16,64 --out_dir sweeps/medium-sst2-rank
     python sweep.py $C --lora_rank 16 --set lora_alpha=8,16,32,64 --out_dir sweeps/medium-sst2-alpha
     python sweep.py $C --set lora_rank=0,16 --set train_last_n_blocks=0,6,12 --out_dir sweeps/medium-sst2-layers
@@ -35,6 +35,7 @@ memory against trainable parameters), config.json (the sweep), runs/<name>/ and 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -45,8 +46,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from housekeeping import atomic_write
-from housekeeping import ArgumentParser, open_run, run_main, write_jsonl
+from housekeeping import ArgumentParser, atomic_write, open_run, run_main, write_jsonl
 
 FINETUNE = Path(__file__).resolve().with_name("finetune.py")
 DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU
@@ -70,10 +70,11 @@ def parse_args(argv=None):
     ap.add_argument("--task", default="instruction", choices=("instruction", "dialogue", "classify"),
                     help="finetune.py's --task, passed on; classify: rows ranked and plotted by test accuracy "
                          "(default: instruction)")
-    ap.add_argument("--resume", action="store_true", help="continue the sweep in out_dir: rows already done "
-                    "(status ok, same flags) are kept, the rest (failed ones too) run; alone, it repeats the "
-                    "saved sweep")
-    ap.add_argument("--overwrite", action="store_true", help="replace a sweep already in out_dir")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                    help="continue the sweep in out_dir: rows already done (status ok, same flags) are kept, the "
+                         "rest (failed ones too) run; alone, it repeats the saved sweep (default: off)")
+    ap.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace a sweep already in out_dir (default: off)")
     return ap.parse_known_args(argv)
 
 
@@ -88,9 +89,10 @@ def grid(specs: list[str]) -> list[dict]:
         name, eq, values = spec.partition("=")
         if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or not values.strip(" ,;"):
             raise ValueError(f"--set {spec!r}: expected NAME=V1,V2,... with NAME a finetune.py flag without dashes")
-        if name in OWN or name in axes:
-            raise ValueError(f"--set {name}: " + ("given twice; list all its values in one --set" if name in axes
-                                                   else "the sweep's own flag, the same for every run"))
+        if name in axes:
+            raise ValueError(f"--set {name}: given twice; list all its values in one --set")
+        if name in OWN:
+            raise ValueError(f"--set {name}: the sweep's own flag, the same for every run")
         values = [v.strip() for v in values.split(";" if ";" in values else ",") if v.strip()]
         axes[name] = list(dict.fromkeys(values))  # a value given twice runs once
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
@@ -99,7 +101,7 @@ def grid(specs: list[str]) -> list[dict]:
 def check_finite_values(configs: list[dict], passed: list[str]):
     """NaN or +-inf given to any flag (in --set or passed on) is refused here, before anything is
     written, naming the flag: finetune.py refuses them too, but only after the sweep has begun."""
-    given = [(f"--set {k}", v) for c in configs for k, v in c.items()]
+    given = [(f"--set {k}", v) for config in configs for k, v in config.items()]
     for i, arg in enumerate(passed):
         flag, eq, value = arg.partition("=")
         if eq:
@@ -255,9 +257,11 @@ def main(argv=None) -> list[dict]:
     saved = out / "config.json"
     if args.resume and not saved.exists():
         raise ValueError(f"--resume: {out} holds no sweep to continue (no {saved.name})")
-    if args.resume and not args.set and not passed:  # `--resume --out_dir D` alone
-        s = json.loads(saved.read_text())
-        args.set, passed, args.task = s["set"], s["flags"], s["task"]
+    if args.resume and not args.set and not passed:  # `--resume --out_dir D` alone: the saved sweep
+        saved_sweep = json.loads(saved.read_text())
+        args.set = saved_sweep["set"]
+        passed = saved_sweep["flags"]
+        args.task = saved_sweep["task"]
     if not args.set:
         args.set = [DEFAULT_SET]
         print(f"no --set: the default sweep {DEFAULT_SET} (full fine-tuning against LoRA ranks 2 and 8), on "
@@ -271,7 +275,7 @@ def main(argv=None) -> list[dict]:
     ok_before = {json.dumps(r["flags"]): r for r in before if r["status"] == "ok"}  # failed rows run again
     atomic_write(saved, lambda p: Path(p).write_text(json.dumps(dict(set=args.set, flags=passed, task=args.task))))
     (out / "runs").mkdir(exist_ok=True)
-    keys = [json.dumps(shared + as_flags(c)) for c in configs]
+    keys = [json.dumps(shared + as_flags(config)) for config in configs]
     done = {k: ok_before[k] for k in keys if k in ok_before}  # in every write below: a second kill loses none of them
     for i, (config, key) in enumerate(zip(configs, keys), 1):
         head = f"[{i}/{len(configs)}] {run_name(config)}"
@@ -279,9 +283,13 @@ def main(argv=None) -> list[dict]:
             print(f"{head}: done before, kept")
             continue
         print(f"{head}: running (progress: {out / 'runs' / dir_name(config)}.log)", flush=True)
-        r = done[key] = run_one(config, json.loads(key), out / "runs")
-        print(f"{head}: " + (f"val loss {r.get('val_loss', math.nan):.4f}, {r['trainable']:,d} trainable, "
-                             f"{r['seconds']:.0f} s" if r["status"] == "ok" else f"failed: {r['reason']}"), flush=True)
+        row = run_one(config, json.loads(key), out / "runs")
+        done[key] = row
+        if row["status"] == "ok":
+            print(f"{head}: val loss {row.get('val_loss', math.nan):.4f}, {row['trainable']:,d} trainable, "
+                  f"{row['seconds']:.0f} s", flush=True)
+        else:
+            print(f"{head}: failed: {row['reason']}", flush=True)
         write_jsonl(results, [done[k] for k in keys if k in done])
     rows = [done[k] for k in keys]
     report(rows, out, args.task == "classify", shared)

@@ -398,7 +398,10 @@ def bpe_gpt2_files(tmp_path_factory):
             cs.append(256 + n)
             n += 1
     byte_to_char = dict(zip(bs, map(chr, cs)))
-    spell = lambda t: "".join(byte_to_char[b] for b in t)  # noqa: E731
+
+    def spell(token):  # GPT-2's files spell each byte as a printable character
+        return "".join(byte_to_char[b] for b in token)
+
     d = tmp_path_factory.mktemp("gpt2files")
     encoder = {spell(t): r for t, r in ranks.items()}
     encoder["<|endoftext|>"] = 50256
@@ -508,6 +511,49 @@ def test_bpe_train_matches_naive_on_random_texts():
         assert tok.merges == _bpe_naive_train(text, vocab_size, bpe.PATTERNS[pattern] if pattern else None)
         assert tok.decode(tok.encode(text)) == text
     check()
+
+
+BPE_TRICKY = ("aaaa aaa aa a aaaaaaa bbbb abab ab ba baba aaabdaaabac abcabcabc\n\n\n   \t\t x  xx  xxx "
+              "1111 11 111111 1,1.1 é é éé ééé 中中中 中 👍👍 'll'll '' \r\n\r\n zzzz") * 3
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
+def test_bpe_naive_and_fast_give_the_same_merges_and_ids(pattern):
+    """bpe.py's two algorithms: train_naive (recount everything each merge) and the fast trainer give the
+    same merges, ties included; encode_naive and the fast encoders give the same ids."""
+    english = _bpe_data_file("english_pd.txt").read_text(encoding="utf-8")
+    for text, n_tokens in [(english[:4000], 256 + 200), (BPE_TRICKY, 256 + 120), (BPE_TRICKY, 1000)]:
+        vocab, merges = bpe.train_naive(text, n_tokens, pattern)
+        tok = Tokenizer.train(text, n_tokens, pattern=pattern)  # runs out of pairs at 1000: both stop there
+        assert tok.merges == merges and [tok.vocab[i] for i in range(len(vocab))] == vocab
+        assert (vocab, merges) == bpe.learn_merges(bpe.count_chunks(text, pattern), n_tokens)
+        ranks = {t: i for i, t in enumerate(vocab)}
+        for sample in (text, english[4000:6000], BPE_TRICKY[::-1], BPE_CODE, BPE_EMOJI):
+            ids = bpe.encode_naive(sample, ranks, pattern)
+            assert ids == tok.encode_ordinary(sample) == tok.to_tiktoken().encode_ordinary(sample)
+            assert tok.decode(ids) == sample
+
+
+def test_bpe_naive_worked_example():
+    """The worked example in bpe.py's section 2, as written there."""
+    vocab, merges = bpe.train_naive("low lower lowest", 262)
+    assert merges == [(108, 111, 256), (256, 119, 257), (32, 257, 258), (258, 101, 259), (115, 116, 260),
+                      (259, 114, 261)]
+    assert vocab[256:] == [b"lo", b"low", b" low", b" lowe", b"st", b" lower"]
+    ranks = {t: i for i, t in enumerate(vocab)}
+    assert bpe.encode_chunk_naive(b" lowest", ranks) == [b" lowe", b"st"] == bpe.bpe_merge(b" lowest", ranks)
+    assert bpe.encode_naive(" lowest", ranks) == [259, 260]
+    assert bpe.get_stats([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    assert bpe.merge([1, 1, 1, 2], (1, 1), 9) == [9, 1, 2]
+
+
+def test_bpe_naive_encoder_matches_tiktoken_gpt2(bpe_gpt2_ref):
+    import tiktoken.load
+    ranks = tiktoken.load.load_tiktoken_bpe(str(_bpe_data_file("gpt2.tiktoken")))
+    english = _bpe_data_file("english_pd.txt").read_text(encoding="utf-8")
+    sample = english[10_000:14_000] + BPE_CODE + BPE_EMOJI + BPE_CHINESE + BPE_TRICKY
+    assert bpe.encode_naive(sample, ranks, "gpt2") == bpe_gpt2_ref.encode_ordinary(sample)
+    assert bpe.encode_naive("Hello world", ranks, "gpt2") == [15496, 995]
 
 
 def test_bpe_train_streams_files_like_one_text(tmp_path, monkeypatch):
@@ -707,7 +753,7 @@ def _bpe_cli(*args, cwd):
 def test_bpe_cli(tmp_path):
     (tmp_path / "en.txt").write_text(BPE_ENGLISH * 5, encoding="utf-8")
     (tmp_path / "zh.txt").write_text(BPE_CHINESE * 5, encoding="utf-8")
-    r = _bpe_cli("train", "--input", "en.txt", "zh.txt", "--vocab_size", 400, "--out", "tok",
+    r = _bpe_cli("train", "--input", "en.txt", "zh.txt", "--vocab_size", 400, "--out_dir", "tok",
                  "--pattern", "gpt2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tok" / "tokenizer.bpe").is_file()
@@ -734,8 +780,12 @@ def test_bpe_cli(tmp_path):
         assert f"{len(tok.encode(BPE_CHINESE * 5)):,}" in zh_row.split()
         assert "first 10 learned tokens" in r.stdout and "last 10 learned tokens" in r.stdout
 
-    for args, message in [(["train", "--input", "nope.txt", "--vocab_size", 300, "--out", "t2"], "nope.txt"),
-                          (["train", "--input", "en.txt", "--vocab_size", 100, "--out", "t2"], "too small"),
+    r = _bpe_cli("train", "--input", "en.txt", "--vocab_size", 300, "--out", "t3", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "t3" / "tokenizer.bpe").is_file(), r.stderr  # the old --out
+    for args, message in [(["train", "--input", "nope.txt", "--vocab_size", 300, "--out_dir", "t2"], "nope.txt"),
+                          (["train", "--input", "en.txt", "--vocab_size", 100, "--out_dir", "t2"], "too small"),
+                          (["train", "--input", "en.txt", "--vocab_size", 300, "--out_dir", "en.txt"],
+                           "--out_dir en.txt: exists and is not a directory"),
                           (["encode", "--tokenizer", "en.txt", "--text", "x"], "en.txt, line 1: expected"),
                           (["decode", "--tokenizer", "tok", "--ids", "1 two"], "expected token ids")]:
         r = _bpe_cli(*args, cwd=tmp_path)
@@ -743,6 +793,45 @@ def test_bpe_cli(tmp_path):
     # the benchmark lives in bench_speed.py
     r = subprocess.run([sys.executable, str(ROOT / "bench_speed.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--vocab_sizes" in r.stdout and "--naive_merges" in r.stdout
+
+
+def test_bpe_cli_invalid_utf8_is_one_error_line(tmp_path):
+    """`show` (and `encode`) of text that is not UTF-8: one `error:` line naming where, nothing printed before."""
+    Tokenizer.train(BPE_ENGLISH, 300).save(tmp_path / "tok")
+    (tmp_path / "bad.txt").write_bytes(b"fine\nhello \xff world\n")
+    for command, how, stdin, message in [
+            ("show", ["--input", "bad.txt"], None, "bad.txt, line 2: not valid UTF-8"),
+            ("show", [], b"fine\nhello \xff world\n", "standard input, line 2: not valid UTF-8"),
+            ("show", ["--text", "ok\nab\udcffc"], None, "--text, line 2: not valid UTF-8"),  # argv bytes, not UTF-8
+            ("encode", [], b"\xff", "standard input, line 1: not valid UTF-8")]:
+        r = subprocess.run([sys.executable, str(BPE_SCRIPT), command, "--tokenizer", "tok", *how], cwd=tmp_path,
+                           input=stdin, capture_output=True, timeout=120)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and r.stdout == b"", (command, how, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (command, how, err)
+
+
+def test_bpe_load_bpe_gpt2_looks_beside_the_checkout(monkeypatch, tmp_path):
+    """'gpt2': $GPT2_TIKTOKEN if set, else data/gpt2.tiktoken, then ../shared/data/gpt2.tiktoken; else tiktoken's
+    own (here a stand-in, as there is no network), converted through its public interface."""
+    import tiktoken
+    monkeypatch.delenv("GPT2_TIKTOKEN", raising=False)
+    assert bpe.gpt2_rank_files() == [ROOT / "data" / "gpt2.tiktoken", SHARED / "gpt2.tiktoken"]
+    rank_file = _bpe_data_file("gpt2.tiktoken")
+    if not (ROOT / "data" / "gpt2.tiktoken").is_file():  # then it is found beside the checkout
+        assert bpe.load_bpe("gpt2").encode("Hello world") == [15496, 995]
+    monkeypatch.setenv("GPT2_TIKTOKEN", str(tmp_path / "absent.tiktoken"))
+    assert bpe.gpt2_rank_files() == [tmp_path / "absent.tiktoken"]
+    ref = _bpe_tiktoken_gpt2(rank_file)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ref)
+    tok = bpe.load_bpe("gpt2")
+    assert tok.ranks == Tokenizer.from_tiktoken_file(rank_file).ranks and tok.special_tokens == {"<|endoftext|>": 50256}
+
+    def offline(name):
+        raise OSError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError, match="absent.tiktoken.*could not download"):
+        bpe.load_bpe("gpt2")
 
 
 def test_bpe_import_has_no_side_effects():
@@ -1269,10 +1358,36 @@ def test_data_text_command_end_to_end(train_corpus, tmp_path):
     got = np.concatenate([prepare_data.load_shard(p) for p in shards]).tolist()
     assert got == expected
     n_val = prepare_data.read_header(shards[0])["n_tokens"]
-    assert 0.07 < n_val / len(expected) < 0.13  # --val_fraction 0.1, estimated from a sample
+    assert 0.07 < n_val / len(expected) < 0.13  # --val_frac 0.1, estimated from a sample
 
 
-def test_data_builtin_corpus_is_stdlib_docstrings_with_held_out_modules(tmp_path, monkeypatch):
+def test_data_text_command_trains_its_own_bpe_offline(train_corpus, tmp_path, monkeypatch, capsys):
+    """Without --tokenizer, `text` needs no network: it trains a BPE on the input files (cached in
+    OUT_DIR/NAME/tokenizer/, as builtin does), and GPT-2's tokenizer is never asked for."""
+    docs, _, _, _ = train_corpus
+    for i in range(2):
+        (tmp_path / f"book{i}.txt").write_text("\n\n".join(docs[i::2]))
+    monkeypatch.setenv("GPT2_TIKTOKEN", str(tmp_path / "no-such-gpt2.tiktoken"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    argv = ["text", "--input", str(tmp_path / "book*.txt"), "--out_dir", str(tmp_path / "d"), "--name", "books",
+            "--vocab_size", "400", "--val_fraction", "0.2", "--num_workers", "0"]  # the former flag: an alias
+    prepare_data.main(argv)
+    d = tmp_path / "d" / "books"
+    tok = load_tokenizer(str(d / "tokenizer"))
+    assert tok.n_vocab == 400 and "trained a 400-token BPE on the input files" in capsys.readouterr().err
+    shards = prepare_data.list_shards(d, "val") + prepare_data.list_shards(d, "train")
+    assert prepare_data.read_header(shards[0])["tokenizer"] == prepare_data.tokenizer_name(str(d / "tokenizer"))
+    got = np.concatenate([prepare_data.load_shard(p) for p in shards]).tolist()
+    texts = [(tmp_path / f"book{i}.txt").read_text() for i in range(2)]
+    assert tok.decode(got) == "".join("<|endoftext|>" + t for t in texts)
+    n_val = prepare_data.read_header(shards[0])["n_tokens"]
+    assert 0.15 < n_val / len(got) < 0.25  # --val_fraction 0.2
+    prepare_data.main(argv[:-4] + ["--val_frac", "0.2", "--num_workers", "0"])  # a re-run: nothing to do
+    err = capsys.readouterr().err
+    assert "using the BPE trained before" in err and "complete already" in err
+
+
+def test_data_builtin_corpus_is_stdlib_docstrings_with_held_out_modules(tmp_path, monkeypatch, capsys):
     docs = prepare_data.stdlib_documents()
     paths = [p for p, _ in docs]
     assert paths == sorted(paths) and len(docs) > 300
@@ -1289,6 +1404,34 @@ def test_data_builtin_corpus_is_stdlib_docstrings_with_held_out_modules(tmp_path
     assert tok.n_vocab == 600
     val_text = tok.decode(prepare_data.load_shard(prepare_data.list_shards(out, "val")[0]))
     assert val_text == "".join("<|endoftext|>" + t for p, t in docs if prepare_data.is_val_document(p))
+    # a re-run says that the data is already there, and where
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+    capsys.readouterr()
+    prepare_data.main(["builtin", "--out_dir", str(tmp_path)])
+    assert f"{out}: the built-in corpus is already there" in capsys.readouterr().err
+    assert before == {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+
+
+def test_data_builtin_tasks_rerun_says_the_data_is_there(tmp_path, capsys):
+    out = tmp_path / "builtin_tasks"
+    out.mkdir()
+    names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
+    for name in names:
+        (out / f"{name}.jsonl").write_text("{}\n")
+    prepare_data.main(["builtin_tasks", "--out_dir", str(tmp_path)])
+    assert f"{out}: the built-in task data is already there" in capsys.readouterr().err
+    assert all((out / f"{name}.jsonl").read_text() == "{}\n" for name in names)  # kept as they are
+
+
+def test_data_flag_aliases_keep_the_former_names():
+    parser = prepare_data.build_parser()
+    for new, old, value in (("--val_frac", "--val_fraction", "0.2"), ("--max_examples", "--n_samples", "7")):
+        subcommands = ("text", "shakespeare") if new == "--val_frac" else ("alpaca", "hh", "hh_pairs")
+        for sub in subcommands:
+            extra = ["--input", "x.txt"] if sub == "text" else []
+            a = parser.parse_args([sub, new, value] + extra)
+            b = parser.parse_args([sub, old, value] + extra)
+            assert vars(a) == vars(b) and str(getattr(a, new[2:])) == value, (sub, new)
 
 
 def test_data_fineweb_and_hellaswag_commands_with_stand_ins(train_corpus, tmp_path, monkeypatch):
@@ -1325,7 +1468,7 @@ def test_data_alpaca_subcommand_writes_filtered_jsonl(tmp_path):
     src = tmp_path / "alpaca.json"
     src.write_text(json.dumps(rows))
     prepare_data.main(["alpaca", "--data_file", str(src), "--out_dir", str(tmp_path / "data"),
-                       "--max_response_chars", "35", "--n_samples", "3"])
+                       "--max_response_chars", "35", "--max_examples", "3"])
     out = [json.loads(line) for line in (tmp_path / "data" / "alpaca" / "alpaca.jsonl").read_text().splitlines()]
     assert out == [r for r in rows if len(r["output"]) <= 35][:3]
     assert prepare_data.load_alpaca(tmp_path / "data" / "alpaca" / "alpaca.jsonl") == out
@@ -1404,7 +1547,10 @@ def test_data_hellaswag_download_atomic_skip_and_offline(tmp_path, monkeypatch):
 
 def test_train_lr_schedule_matches_formula():
     cfg = train_gpt2.TrainConfig()  # GPT-3 small: 6e-4, 715 warmup, 19073 steps, floor 10%
-    lr = lambda s: model_py.lr_at(s, cfg.max_steps, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps)
+
+    def lr(step):  # the schedule is a multiplier of each group's peak
+        return cfg.lr * model_py.lr_schedule(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
     assert lr(0) == pytest.approx(6e-4 / 715)
     assert lr(99) == pytest.approx(6e-4 * 100 / 715)
     assert lr(714) == pytest.approx(6e-4)
@@ -1466,7 +1612,7 @@ def test_train_ddp_two_processes_equal_one_process_with_twice_the_accumulation(t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 ranks x 2 accumulation" in r.stdout and "1 ranks x 4 accumulation" not in r.stdout
     ddp_train, ddp_eval = _log(tmp_path / "two")
-    assert [e["step"] for e in ddp_train] == list(range(6))
+    assert [e["step"] for e in ddp_train] == list(range(1, 7))  # a train row: after `step` optimizer steps
     for a, b in zip(single_train, ddp_train, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and a["lr"] == b["lr"]
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
@@ -1477,29 +1623,39 @@ def test_train_ddp_two_processes_equal_one_process_with_twice_the_accumulation(t
     for out in ("one", "two"):
         train_gpt2.main(["--out_dir", str(tmp_path / out), "--resume", "--max_steps", "8"])
     more_one, more_two = _log(tmp_path / "one")[0][6:], _log(tmp_path / "two")[0][6:]
-    assert [r["step"] for r in more_two] == [6, 7]
+    assert [r["step"] for r in more_two] == [7, 8]
     for a, b in zip(more_one, more_two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
 
 
-def test_train_stop_and_resume_equals_uninterrupted_run(train_corpus, tmp_path):
+def test_train_stop_and_resume_equals_uninterrupted_run(train_corpus, tmp_path, capsys):
     _, _, data_dir, _ = train_corpus
     common = ["--max_steps", "8", "--eval_interval", "4", "--dropout", "0.1"]  # dropout: RNG state matters
     full_train, full_eval = _train(data_dir, tmp_path / "full", *common, "--ckpt_interval", "0")
+    # every step line says the time per step and the time left; after 5 timed steps, the whole run's
+    out = capsys.readouterr().out
+    assert regex.search(r"step     8/8 \| loss .* \| [\d.]+ s/step, \d+ s left", out), out
+    assert out.count("the whole run: about ") == 1
     # run 1 checkpoints at step 3 and "dies" at step 5; run 2 resumes from step 3
     _train(data_dir, tmp_path / "cut", *common, "--ckpt_interval", "3", "--stop_at_step", "5")
     state = torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=True)
     assert state["step"] == 3 and state["data"]["pos"] == 3 * 512
+    assert not (tmp_path / "cut" / "model").exists()  # the final model comes when the run completes
     train_gpt2.main(["--out_dir", str(tmp_path / "cut"), "--resume", "--ckpt_interval", "0"])
     cut_train, cut_eval = _log(tmp_path / "cut")
-    assert [r["step"] for r in cut_train] == list(range(8))  # steps 3, 4 logged once, by the resumed run
+    assert [r["step"] for r in cut_train] == list(range(1, 9))  # steps 4, 5 logged once, by the resumed run
+    assert [r["step"] for r in cut_eval] == [0, 4, 8]
     assert [r["loss"] for r in cut_train] == [r["loss"] for r in full_train]  # bit for bit on CPU
     assert [r["val_loss"] for r in cut_eval] == [r["val_loss"] for r in full_eval]
     # the final checkpoints hold the same weights; the model loads on its own with its tokenizer
     a = GPT.from_pretrained(str(tmp_path / "full" / "ckpt" / "model"))
     b = GPT.from_pretrained(str(tmp_path / "cut" / "ckpt" / "model"))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    tok = load_tokenizer(None, str(tmp_path / "cut" / "ckpt" / "model"))
+    # the final model/, as every stage leaves it: the last checkpoint's weights, with the tokenizer
+    final = GPT.from_pretrained(str(tmp_path / "cut" / "model"))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), final.state_dict().values()))
+    assert f"final model: {tmp_path / 'cut' / 'model'}" in capsys.readouterr().out
+    tok = load_tokenizer(None, str(tmp_path / "cut" / "model"))
     assert tok.n_vocab == 512 and (tmp_path / "full" / "loss.png").stat().st_size > 1000
 
 
@@ -1618,8 +1774,9 @@ def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(trai
     assert cfg.ckpt_interval == 50 and cfg.max_steps == 600  # a kill at step 185 keeps step 150
     _, _, data_dir, _ = train_corpus
     train, _ = _train(data_dir, tmp_path / "o", "--max_steps", 4, "--warmup_steps", 715)
-    assert "warmup 1 (capped at 10% of the 4 steps)" in capsys.readouterr().out
+    assert "warmup 1 (--warmup_steps 715 cut to 1, a tenth of the 4 steps)" in capsys.readouterr().out
     assert train[0]["lr"] == pytest.approx(3e-3)  # the peak at once: a 1-step warmup
+    assert train_gpt2.parse_args(["--recipe", "cpu", "--warmup_steps", "-1"])[0].warmup_steps == -1  # 5% of the run
 
 
 # --- issue 24: Muon, the modern block's switches, warmup-stable-decay, bits per byte --------------
@@ -1678,15 +1835,24 @@ def test_pretrain_muon_takes_every_block_matrix_and_adamw_the_rest_once(preset):
     scaler.scale(m(x, x)[1]).backward()
     m.transformer.wte.weight.grad[0, 0] = float("inf")
     before = [p.detach().clone() for p in m.parameters()]
-    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    scaler.unscale_(opt)  # the loop's fp16 step: unscale, clip, step (skipped on inf), update the scale
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before)) and scaler.get_scale() == 2.0 ** 9
     scaler.scale(m(x, x)[1]).backward()
-    model_py.optimizer_step(m, opt, scaler, grad_clip=1.0)
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
     assert not torch.equal(w, before[[id(p) for p in m.parameters()].index(id(w))])  # a finite step is taken
 
 
 def test_pretrain_wsd_and_cosine_schedules_match_their_formulas():
-    lr = lambda s, sched: model_py.lr_at(s, 300, 2e-3, 2e-4, 30, sched, 0.2)  # noqa: E731
+    def lr(step, schedule):  # peak 2e-3, floor 2e-4, 300 steps, 30 of warmup, the last 20% the warmdown
+        return 2e-3 * model_py.lr_schedule(step, 300, 30, 0.1, schedule, 0.2)
+
     for s in (0, 14, 29):
         assert lr(s, "wsd") == lr(s, "cosine") == pytest.approx(2e-3 * (s + 1) / 30)  # the same warmup
     assert [lr(s, "wsd") for s in (30, 100, 239, 240)] == [2e-3] * 4  # stable until the last 20% (60 steps)
@@ -1831,7 +1997,7 @@ def test_pretrain_muon_sigkill_then_resume_equals_uninterrupted_run(train_corpus
     state["config"]["max_lr"] = state["config"].pop("lr")
     torch.save(state, train_gpt2.find_checkpoint(out) / "state.pt")
     train_gpt2.main(["--out_dir", str(out), "--resume", "--max_steps", "25"])
-    assert _log(out)[0][-1]["lr"] == pytest.approx(model_py.lr_at(24, 25, 3e-3, 3e-4, 5, "wsd", 0.2))  # TINY's --max_lr
+    assert _log(out)[0][-1]["lr"] == pytest.approx(3e-3 * model_py.lr_schedule(24, 25, 5, 0.1, "wsd", 0.2))  # TINY's --max_lr
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2023,7 +2189,7 @@ def test_hellaswag_harness_scores_match_transformers_reference(tmp_path, kind, s
     hf_tok = _hs_save_tokenizer(d, style)
     hf = _hs_hf_model(kind, len(hf_tok), d)
     ref_tok = AutoTokenizer.from_pretrained(d)
-    encode = lambda s: ref_tok.encode(s, add_special_tokens=False)
+    encode = functools.partial(ref_tok.encode, add_special_tokens=False)
     ref = _hs_ref_harness(hf, encode, HS_ITEMS)
     assert len({tuple(r[0]) for r in ref}) == len(HS_ITEMS)  # scores differ between items: a real test
     if style == "merge":  # the case that makes the harness's split matter does occur here
@@ -2141,8 +2307,41 @@ def test_hellaswag_cli_help_documents_every_flag():
                        timeout=120, env=dict(os.environ, PYTHONPATH=str(HS_ROOT)))
     assert p.returncode == 0
     for flag in ("--init_from", "--data_file", "--scoring", "--limit", "--json", "--tokenizer", "--batch_size",
-                 "--device", "--dtype", "--per_item", "--backend", "--add_bos"):
+                 "--device", "--precision", "--dtype", "--per_item", "--backend", "--add_bos", "--no-progress"):
         assert flag in p.stdout, flag
+
+
+def test_hellaswag_flag_aliases_precision_and_progress():
+    parse = hellaswag.build_parser().parse_args
+    assert parse([]).precision == "auto" and parse([]).progress is True
+    for old, new in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        assert parse(["--dtype", old]).precision == new == parse(["--precision", new]).precision
+    assert parse(["--no_progress"]).progress is False and parse(["--no-progress"]).progress is False
+    assert hellaswag.weights_dtype("fp32", "cpu") == torch.float32 and hellaswag.weights_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(SystemExit):
+        parse(["--precision", "float64"])
+
+
+def test_hellaswag_headline_puts_the_stages_first_and_says_why_tuning_lowers_it():
+    by_stage = {"out/cpu/model": 0.479, "out-finetune/best_model": 0.3, "out-dpo/model": 0.232}
+    lines = hellaswag.headline(by_stage, 211, 0.25, 0.246)
+    assert lines[0] == ("acc_norm by stage, 211 items (chance 0.250, a random model 0.246): pretrained (out/cpu/model) "
+                        "0.479, instruction-tuned (out-finetune/best_model) 0.300, DPO-tuned (out-dpo/model) 0.232")
+    assert len(lines) == 2 and "no longer continue text" in lines[1]
+    assert hellaswag.headline({"some/model": 0.5}, 8, 0.25, None) == ["acc_norm, 8 items (chance 0.250): some/model 0.500"]
+
+
+def test_hellaswag_default_result_file_keeps_an_earlier_result(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = dict(acc=0.5, acc_norm=0.5, acc_stderr=None, acc_norm_stderr=None, n=2, scoring="harness", seconds=1.0)
+    path = Path(hellaswag.DEFAULT_JSON)
+    hellaswag.write_result(path, r, None, {"m": 0.5}, 0.25, "m", Path("d.jsonl"))
+    first = path.read_text()
+    hellaswag.write_result(path, dict(r, acc_norm=1.0), None, {"m": 1.0}, 0.25, "m", Path("d.jsonl"))
+    kept = [p for p in path.parent.iterdir() if p != path]
+    assert len(kept) == 1 and kept[0].read_text() == first and kept[0].name.startswith("summary.")
+    assert json.loads(path.read_text())["acc_norm"] == 1.0
+    assert all(housekeeping.fnmatch.fnmatch(p.name, "summary.*") for p in path.parent.iterdir())  # RUN_OUTPUTS'
 
 
 def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
@@ -2225,7 +2424,8 @@ def test_lora_optimizer_step_changes_only_lora_tensors(tmp_path):
     # embeddings, lm_head (tied) and norms are frozen: only lora_A / lora_B train
     opt = model_py.make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
     model.train()
-    finetune.train_step(model, opt, [(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])], grad_clip=1.0)
+    model(_LORA_IDX[:, :-1], _LORA_IDX[:, 1:])[1].backward()
+    opt.step()
     for k, v in model.state_dict().items():
         if ".lora_" in k:
             assert not torch.equal(v, before[k]), k
@@ -2648,12 +2848,24 @@ def test_nf4_merge_into_the_dequantised_base_gives_the_trained_model(tmp_path):
         merge_lora(m)
     x = torch.randint(0, 400, (2, 12))
     trained = m(x)[0]
-    for flag, out in (["--nf4"], tmp_path / "merged"), ([], tmp_path / "merged16"):
-        lora.main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                   "--out", str(out)] + flag)
+    for flags in (["--nf4", "--out_dir", str(tmp_path / "merged"), "--precision", "fp32"],
+                  ["--out", str(tmp_path / "merged16"), "--dtype", "float32"]):  # the former flags, aliases
+        lora.main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")] + flags)
     nf4_merge, plain_merge = (GPT.from_pretrained(tmp_path / d)(x)[0] for d in ("merged", "merged16"))
     torch.testing.assert_close(nf4_merge, trained, atol=1e-5, rtol=1e-5)
     assert (plain_merge - trained).abs().max() > 100 * (nf4_merge - trained).abs().max()
+
+
+def test_lora_merge_flags_and_their_former_names():
+    parse = lora.build_parser().parse_args
+    given = ["merge", "--base", "b", "--adapter", "a"]
+    for new, old in ((["--out_dir", "o"], ["--out", "o"]), (["--precision", "bf16"], ["--dtype", "bfloat16"]),
+                     (["--precision", "fp16"], ["--dtype", "float16"]), (["--precision", "fp32"], ["--dtype", "fp32"])):
+        rest = [] if new[0] == "--out_dir" else ["--out_dir", "o"]
+        assert vars(parse(given + new + rest)) == vars(parse(given + old + rest))
+    assert parse(given + ["--out_dir", "o"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        parse(given + ["--out_dir", "o", "--precision", "float64"])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2705,10 +2917,15 @@ def test_finetune_grad_accumulation_4x1_equals_1x4_and_per_token_mean():
     data = [finetune.tokenize_example(e, tok, tok.eot_id, 256) for e in exs]
     assert not any(d["truncated"] for d in data)
 
-    def grads(micro):
+    def grads(micro):  # finetune's micro-steps: each micro-batch's mean loss, token_weighted, backward
         model.zero_grad()
-        loss, n = finetune.accumulate_gradients(model, micro)
-        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+        n_total = sum((t != -100).sum() for _, t in micro)
+        loss = torch.zeros(())
+        for idx, targets in micro:
+            weighted = finetune.token_weighted(model(idx, targets)[1], (targets != -100).sum(), n_total)
+            weighted.backward()
+            loss += weighted.detach()
+        return loss, n_total, {k: p.grad.clone() for k, p in model.named_parameters()}
 
     l4, n4, g4 = grads([finetune.collate(data, pad_id=0)])
     l1, n1, g1 = grads([finetune.collate([d], pad_id=0) for d in data])
@@ -2726,27 +2943,30 @@ def test_finetune_grad_accumulation_4x1_equals_1x4_and_per_token_mean():
 
 
 @pytest.mark.parametrize("precision,lora_rank", [("fp16", 4), ("bf16", 4), ("fp16", 0)])
-def test_finetune_half_precision_steps_on_cpu(precision, lora_rank):
+def test_finetune_half_precision_steps_on_cpu(tmp_path, precision, lora_rank):
     torch.manual_seed(0)
     dtype = lora.weight_dtype(precision, lora_rank > 0)
     model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)).to(dtype)
     if lora_rank:
         assert dtype in (torch.float16, torch.bfloat16)  # frozen base in half precision
         apply_lora(model, lora_rank, 8, targets="all")
-        _lora_randomize_adapters(model, std=0.05)
     else:
         assert dtype == torch.float32  # full fine-tuning keeps fp32 master weights
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(p.dtype == torch.float32 for p in trainable.values())  # what GradScaler needs
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # what GradScaler needs
     autocast, scaler = housekeeping.autocast_and_scaler(precision, "cpu")
     assert (scaler is not None) == (precision == "fp16")
-    opt = model_py.make_optimizer(model, "adamw", lr=1e-2)
-    model.train()
-    idx = torch.randint(0, 127, (2, 16), generator=torch.Generator().manual_seed(0))
-    r = finetune.train_step(model, opt, [(idx[:, :-1], idx[:, 1:])], scaler, autocast, grad_clip=1.0)
-    assert torch.isfinite(torch.tensor(r["loss"])) and r["n_tokens"] == 30
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
-    assert changed, "the step updated nothing (skipped by the scaler?)"
+    # finetune's own loop under autocast (and fp16's loss scaling): finite losses, and the steps change the model
+    data = _ft_setup(tmp_path)
+    finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
+                   str(data), "--out_dir", str(tmp_path / "out"), "--precision", precision, "--device", "cpu",
+                   "--lora_rank", str(lora_rank), "--lora_targets", "all", "--lr", "1e-2", "--max_steps", "2",
+                   "--eval_interval", "2", "--batch_size", "2", "--grad_accum", "2", "--n_generate", "0",
+                   "--eval_examples", "4", "--no-save_merged"])
+    rows = housekeeping.read_log(tmp_path / "out" / "log.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and r["n_tokens"] > 0 for r in steps)
+    evals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(evals) == 2 and evals[1] != evals[0], "the steps updated nothing (skipped by the scaler?)"
 
 
 def _ft_setup(tmp_path):
@@ -2840,13 +3060,14 @@ def test_finetune_bad_data_and_flags_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--lora_rank", "-1"])
     with pytest.raises(ValueError, match="unknown LoRA target"):
-        finetune.prepare_model(GPT(GPTConfig.preset("tiny-gpt2")), finetune.parse_args(["--lora_targets", "q,w"]))
+        finetune.prepare_model(GPT(GPTConfig.preset("tiny-gpt2")),
+                               finetune.parse_args(["--init_from", "gpt2", "--lora_targets", "q,w"]))
 
 
 def test_finetune_split_is_deterministic_and_filters_apply(tmp_path):
     g = tmp_path / "d.json"
     g.write_text(json.dumps([{"instruction": str(i), "input": "", "output": "y" * (i % 7)} for i in range(100)]))
-    ex = prepare_data.load_alpaca(g, max_response_chars=5, n_samples=40)
+    ex = prepare_data.load_alpaca(g, max_response_chars=5, max_examples=40)
     assert len(ex) == 40 and all(len(e["output"]) <= 5 for e in ex)
     assert [e["instruction"] for e in ex[:3]] == ["0", "1", "2"]  # the first N after filtering
     a = finetune.split_examples(ex, 0.1, 0.2, seed=7)
@@ -2995,8 +3216,11 @@ def test_dpo_loss_hand_computed_values():
     rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -2.0])
     z = torch.tensor([(-1 + 3) - (-1.5 + 2), (-2 + 1.5) - (-2 + 2)])  # [1.5, -0.5]
     beta = 0.5
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     losses, cr, rw = dpo.dpo_loss(pc, pr, rc, rr, beta=beta)
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
     assert torch.allclose(losses, torch.tensor([-math.log(sig(beta * v)) for v in z.tolist()]), atol=1e-6)
     assert torch.allclose(cr, beta * (pc - rc)) and torch.allclose(rw, beta * (pr - rr))
     ls = 0.2
@@ -3061,8 +3285,10 @@ def test_dpo_masking_only_response_tokens_count():
     # direct log-softmax; prompt and padding positions count 0 whatever their logits
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 12)
-    logp = lambda lg: -model_py.ChunkedCrossEntropy.apply(lg.reshape(20, 12), labels.reshape(-1), -100,  # noqa
-                                                          "none").view(4, 5).sum(-1)
+
+    def logp(lg):  # each row's summed log-probability of its labels, through the chunked cross-entropy
+        return -model_py.ChunkedCrossEntropy.apply(lg.reshape(20, 12), labels.reshape(-1), -100, "none").view(4, 5).sum(-1)
+
     ref = torch.stack([F.log_softmax(logits[i], -1)[labels[i] != -100].gather(
         1, labels[i][labels[i] != -100][:, None]).sum() for i in range(4)])
     assert torch.allclose(logp(logits), ref)
@@ -3094,6 +3320,18 @@ def _dpo_tiny_pairs(n, seed):
     return out
 
 
+def _dpo_backward(policy, ref, micro, cfg):
+    """dpo.train's micro-batch loop: each micro-batch's loss divided by their number, backward; the
+    step's metrics (device tensors)."""
+    sums = {}
+    for idx, labels, keys in micro:
+        loss, metrics = dpo.micro_batch_loss(policy, ref, idx, labels, keys, cfg)
+        (loss / len(micro)).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0) + v / len(micro)
+    return sums
+
+
 def test_dpo_three_reference_modes_same_loss_and_gradients():
     pairs = _dpo_tiny_pairs(4, 0)
     keys = [dpo.pair_key(t) for t in pairs]
@@ -3110,7 +3348,7 @@ def test_dpo_three_reference_modes_same_loss_and_gradients():
         if mode == "precomputed":
             dpo.precompute_reference(ref, pairs, keys, 0, "cpu", 2, None, "t")
         policy.train()
-        m = dpo.dpo_step(policy, ref, [(idx, labels, keys)], cfg, __import__("contextlib").nullcontext, None)
+        m = _dpo_backward(policy, ref, [(idx, labels, keys)], cfg)
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         results[mode] = (m["loss"].item(), grads)
     loss0, g0 = results["copy"]
@@ -3128,13 +3366,11 @@ def test_dpo_rpo_alpha_adds_the_chosen_tokens_mean_nll():
     pairs[0]["chosen"], pairs[1]["rejected"] = pairs[0]["chosen"][1:], pairs[1]["rejected"] + [5, 1]
     keys = [dpo.pair_key(t) for t in pairs]
     idx, labels = dpo.collate_pairs(pairs, 0)
-    null = __import__("contextlib").nullcontext
-
     def grads(alpha, by_hand=0.0):
         policy = _dpo_tiny_policy()
         ref = dpo.Reference("copy", _dpo_tiny_policy(lora=False))
         policy.train()
-        dpo.dpo_step(policy, ref, [(idx, labels, keys)], dpo.DPOConfig(beta=0.1, rpo_alpha=alpha), null, None)
+        _dpo_backward(policy, ref, [(idx, labels, keys)], dpo.DPOConfig(beta=0.1, rpo_alpha=alpha))
         if by_hand:  # the SFT term by hand: token-mean cross-entropy of the chosen rows
             logits, _ = policy(idx[:4], labels[:4])
             (by_hand * F.cross_entropy(logits.flatten(0, 1), labels[:4].flatten(), ignore_index=-100)).backward()
@@ -3161,12 +3397,12 @@ def test_dpo_learns_a_preference_rule_on_held_out_pairs():
     for step in range(60):
         s = (step * 16) % 256
         idx, labels = dpo.collate_pairs(train_p[s:s + 16], 0)
-        dpo.dpo_step(policy, ref, [(idx, labels, tk[s:s + 16])], cfg, null, None)
+        _dpo_backward(policy, ref, [(idx, labels, tk[s:s + 16])], cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
     after = dpo.evaluate_pairs(policy, ref, test_p, vk, 0, "cpu", 32, null)
-    assert before["eval_reward_accuracy"] == 0.0  # policy == reference: all ties
-    assert after["eval_reward_accuracy"] >= 0.85 and after["eval_loss"] < math.log(2) - 0.1
+    assert before["val_reward_accuracy"] == 0.0  # policy == reference: all ties
+    assert after["val_reward_accuracy"] >= 0.85 and after["val_loss"] < math.log(2) - 0.1
 
 
 def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
@@ -3197,9 +3433,9 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "reward_accuracy", "reward_margin"} <= set(r) for r in steps)
-    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
-    assert rows[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: policy == reference
-    for f in ("dpo.png", "samples.md", "adapter/adapter_config.json", "ref_logps.json"):
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: policy == reference
+    for f in ("loss.png", "samples.md", "adapter/adapter_config.json", "ref_logps.json"):
         assert (tmp_path / "out" / f).exists(), f
     prepare_data.main(["hh_pairs", "--data_file", str(data), "--out_dir", str(tmp_path / "d")])
     written = prepare_data.load_pairs(tmp_path / "d" / "hh_pairs" / "train.jsonl")
@@ -3216,6 +3452,41 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------------------------
 # score.py
+
+
+def test_dpo_resume_after_a_stop_is_exact_and_lr_keeps_its_floor(tmp_path):
+    """A run stopped after step 3 (state saved at 2) and resumed logs the whole run's losses, bit for bit;
+    --min_lr_ratio 0.5 keeps the cosine at half the peak or above."""
+    args = _i26_dpo_args(tmp_path) + ["--max_steps", "4", "--lr", "1e-2", "--min_lr_ratio", "0.5",
+                                      "--eval_interval", "2"]
+    dpo.main(args + ["--out_dir", str(tmp_path / "whole")])
+    dpo.main(args + ["--out_dir", str(tmp_path / "cut"), "--ckpt_interval", "2", "--stop_at_step", "3"])
+    assert [r["step"] for r in housekeeping.read_log(tmp_path / "cut" / "log.jsonl") if "loss" in r] == [1, 2, 3]
+    dpo.main(args + ["--out_dir", str(tmp_path / "cut"), "--resume"])
+    whole, cut = (housekeeping.read_log(tmp_path / d / "log.jsonl") for d in ("whole", "cut"))
+    assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in cut] == [
+        (r["step"], r.get("loss"), r.get("val_loss")) for r in whole]
+    lrs = [r["lr"] for r in whole if "lr" in r]
+    assert lrs[0] == 1e-2 and all(lr >= 0.5e-2 for lr in lrs) and lrs[-1] < lrs[0]
+    assert all(r["ms"] > 0 for r in whole if "loss" in r)
+
+
+def test_dpo_flags_renamed_keep_their_old_spelling_and_an_adapter_is_named(tmp_path):
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = dpo.parse_args(["--init_from", str(tmp_path / "model"), "--n_generate", "2", "--n_samples", "5"])
+    assert (cfg.num_samples, cfg.max_examples) == (2, 5)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "gpt2", "r": 4}))
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a model.*python lora.py merge --base gpt2 --adapter"):
+        dpo.parse_args(["--init_from", str(adapter)])
+
+
+def test_dpo_evaluation_note_names_the_flags_when_evaluating_costs_more_than_training():
+    cfg = dpo.DPOConfig()
+    assert dpo.evaluation_note(1.0, 2.0, 10.0, cfg) == ""
+    note = dpo.evaluation_note(30.0, 2.0, 10.0, cfg)
+    assert note.startswith("note: evaluation takes about 32 s") and "--num_samples" in note and "--eval_pairs" in note
 
 
 def test_score_reward_model_equals_transformers(tmp_path):
@@ -3333,8 +3604,39 @@ def test_score_run_over_checkpoints(tmp_path, capsys):
     ref = score.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
     assert rows[0]["reward"] == pytest.approx(ref, abs=1e-6)
     assert "best by reward" in (run / "scores.md").read_text()
-    with pytest.raises(ValueError, match="needs --reward_model"):
-        score.main(["--init_from", str(run), "--reward_model", "none"])
+    with pytest.raises(ValueError, match="needs --reward_model, --judge_url, or prompts with a reference"):
+        score.main(["--init_from", str(run), "--reward_model", "none", "--prompts", str(tmp_path / "p.txt")])
+
+
+def test_score_offline_default_is_exact_match_on_the_builtin_tasks(tmp_path, monkeypatch, capsys):
+    import bpe
+
+    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "m", format="native")
+    questions = [{"instruction": f"Which module in: from m{i} import n", "input": "", "output": f" m{i}"}
+                 for i in range(4)]
+    tasks = tmp_path / "instructions_test.jsonl"
+    tasks.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    monkeypatch.setattr(score, "builtin_tasks", lambda: {"instructions_test": tasks})
+    cfg = score.ScoreConfig()
+    assert (cfg.init_from, cfg.base, cfg.reward_model) == ("auto", "auto", "none")
+    argv = ["--init_from", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"), "--max_new_tokens", "3"]
+    [row] = score.main(argv + ["--max_examples", "3"])
+    assert "offline default: the built-in tasks' held-out questions" in capsys.readouterr().out
+    assert len(row["answers"]) == 3 and row["exact_match"] == [0.0, 0.0, 0.0] and row["exact_match_mean"] == 0.0
+    assert "best by exact_match" in (tmp_path / "m" / "scores.md").read_text()
+    # references equal to the answers: every answer matches (outer spaces aside)
+    tasks.write_text("".join(json.dumps(dict(q, output=f" {a} ")) + "\n" for q, a in zip(questions, row["answers"])))
+    [row] = score.main(argv + ["--max_examples", "3"])
+    assert row["exact_match"] == [1.0, 1.0, 1.0] and row["exact_match_mean"] == 1.0
+
+
+def test_score_checks_the_reward_model_before_generating(tmp_path, monkeypatch):
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "m", format="native")
+    monkeypatch.setattr(score, "answer", lambda *a, **k: pytest.fail("answers generated before the check"))
+    with pytest.raises(ValueError, match="--reward_model .*absent: cannot be loaded"):
+        score.main(["--init_from", str(tmp_path / "m"), "--reward_model", str(tmp_path / "absent")])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3377,6 +3679,8 @@ def test_chat_two_turns_reset_quit(tmp_path):
     assert prompts[2] == "\n\nHuman: fresh start\n\nAssistant:"  # /reset: no history
     text = out.getvalue()
     assert text.count("Assistant:") == 3 and "(history cleared)" in text and "never read" not in text
+    # piped (not a terminal): each message is echoed after "> ", the reply on the next line
+    assert text.split("\n")[1] == "> hello there" and "> /reset\n(history cleared)" in text
     # the streamed reply is what greedy generation gives for the first prompt
     tok = load_tokenizer(str(tmp_path / "tok"))
     m = GPT.from_pretrained(tmp_path / "model")
@@ -3384,7 +3688,31 @@ def test_chat_two_turns_reset_quit(tmp_path):
     first = tok.decode([t for t in m.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
                         if t != tok.eot_id])
     first = first.split("\n\nHuman:")[0]
-    assert text.split("\n")[1].startswith("Assistant:" + first[:3])
+    assert text.split("\n")[2].startswith("Assistant:" + first[:3])
+
+
+def test_chat_precision_flag_and_its_old_dtype_spelling():
+    assert chat.parse_args([]).precision == "auto" and chat.parse_args([]).init_from == "auto"
+    for old, new in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        assert chat.parse_args(["--dtype", old]).precision == new == chat.parse_args(["--precision", new]).precision
+    assert chat.weights_dtype("bf16", "cpu") == torch.bfloat16 and chat.weights_dtype("auto", "cpu") == torch.float32
+
+
+def test_chat_echoes_nothing_from_a_terminal(tmp_path):
+    import bpe
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    bpe.Tokenizer.train(HH_TEXT * 5, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    cfg = chat.parse_args(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+                           "--max_new_tokens", "2", "--temperature", "0"])
+    out = io.StringIO()
+    chat.chat(cfg, Tty("hello\n/quit\n"), out)
+    assert "> " not in out.getvalue() and "Assistant:" in out.getvalue()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3480,6 +3808,13 @@ def test_sweep_failed_row_has_reason_and_resume_reruns_only_it(tmp_path):
     again = {row["name"]: row for row in _rows(out)}
     assert list(again) == list(rows) and [row["status"] for row in again.values()] == ["ok", "ok", "failed", "failed"]
     assert again["lora_targets=q,v,lora_alpha=8"] == rows["lora_targets=q,v,lora_alpha=8"]
+
+
+def test_sweep_boolean_flags_have_no_forms():
+    args, passed = sweep.parse_args(["--resume", "--no-resume", "--overwrite", "--max_examples", "8"])
+    assert args.resume is False and args.overwrite is True and passed == ["--max_examples", "8"]
+    args, _ = sweep.parse_args(["--no-overwrite"])
+    assert args.overwrite is False and args.resume is False and args.out_dir == "out-sweep"
 
 
 def test_sweep_grid_names_and_reasons():
@@ -3624,7 +3959,7 @@ end_distributed()
     _torchrun(2, "train_gpt2.py", *args, "--out_dir", tmp_path / "cut", "--stop_at_step", 3)
     _torchrun(2, "train_gpt2.py", "--out_dir", tmp_path / "cut", "--resume")
     whole, cut = _log(tmp_path / "whole")[0], _log(tmp_path / "cut")[0]
-    assert [r["step"] for r in cut] == [0, 1, 2, 3] and [r["loss"] for r in cut] == [r["loss"] for r in whole]
+    assert [r["step"] for r in cut] == [1, 2, 3, 4] and [r["loss"] for r in cut] == [r["loss"] for r in whole]
 
 
 def test_distributed_dpo_equal_one_process(tmp_path):
@@ -3716,19 +4051,26 @@ def test_gpu_no_host_sync_inside_a_micro_step():
             for k in (3, 5, 7, 9)]
     micro = [finetune.collate(data[:2]), finetune.collate(data[2:])]
     opt = model_py.make_optimizer(m, "adamw", 1e-3, fused=True)  # as on a GPU: no per-tensor step reads
-    with _ScalarReads() as reads:
-        finetune.accumulate_gradients(m, micro)
+    n_total = torch.tensor(sum(label != -100 for d in data for label in d["labels"]))  # finetune counts on the host
+    loss_accum = torch.zeros(())
+    with _ScalarReads() as reads:  # finetune's micro-steps: forward, token_weighted, backward
+        for idx, targets in micro:
+            loss = finetune.token_weighted(m(idx, targets)[1], (targets != -100).sum(), n_total)
+            loss.backward()
+            loss_accum += loss.detach().float()
     assert reads.n == 0
-    with _ScalarReads() as reads:
-        finetune.train_step(m, opt, micro, grad_clip=1.0)
-    assert reads.n <= 4  # the step's loss, token count and gradient norm, read once
+    with _ScalarReads() as reads:  # the rest of finetune's step: clip, step, zero_grad, one read of loss and norm
+        norm = torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.stack([loss_accum.float(), norm.float()]).tolist()
+    assert reads.n <= 4
     pairs = _dpo_tiny_pairs(4, 0)
     policy = _dpo_tiny_policy()
     ref = dpo.Reference("adapter_off", policy)
     idx, labels = dpo.collate_pairs(pairs, 0)
     with _ScalarReads() as reads:
-        dpo.dpo_step(policy, ref, [(idx, labels, ["a", "b", "c", "d"])] * 2, dpo.DPOConfig(),
-                     __import__("contextlib").nullcontext, None)
+        _dpo_backward(policy, ref, [(idx, labels, ["a", "b", "c", "d"])] * 2, dpo.DPOConfig())
     assert reads.n == 0
 
 
@@ -3807,7 +4149,7 @@ def test_robust_a_fresh_run_never_overwrites_a_run(train_corpus, tmp_path):
     _user_error(r, str(out), "--resume", "--overwrite")
     assert _hashes(out) == before  # nothing touched
     train, evals = _train(data_dir, out, "--max_steps", 2, "--overwrite")  # --overwrite: the old run is gone
-    assert [r["step"] for r in train] == [0, 1] and [e["step"] for e in evals] == [0, 2]
+    assert [r["step"] for r in train] == [1, 2] and [e["step"] for e in evals] == [0, 2]
     assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2
 
 
@@ -3858,7 +4200,7 @@ def test_robust_a_damaged_log_line_does_not_block_resume(train_corpus, tmp_path,
         f.write('{"type": "train", "step": 3, "lo')  # killed while writing
     train, evals = _train(data_dir, out, "--resume")
     assert "log.jsonl: skipped 1 damaged line(s)" in capsys.readouterr().err
-    assert [r["step"] for r in train] == [0, 1, 2, 3] and [e["step"] for e in evals] == [0, 4]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [0, 4]
     assert (out / "loss.png").stat().st_size > 0
 
 
@@ -3902,7 +4244,7 @@ def test_robust_odd_but_valid_input(tmp_path, capsys):
     policy = apply_lora(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)), 4, 8)
     idx, labels = dpo.collate_pairs(pairs, 0)
     ref = dpo.Reference("adapter_off", policy)
-    m = dpo.dpo_step(policy, ref, [(idx, labels, ["k"])], dpo.DPOConfig(), __import__("contextlib").nullcontext, None)
+    m = _dpo_backward(policy, ref, [(idx, labels, ["k"])], dpo.DPOConfig())
     assert math.isfinite(m["loss"].item())
     # HellaSwag: four empty endings, and a single item (no standard error from one outcome)
     d = tmp_path / "m"
@@ -4041,6 +4383,21 @@ def test_life_cycle_torchrun_default_recipe_on_cpu(fresh_clone, world):
     assert r.stdout.count("step     2/3") == 1  # rank 0 alone logs
 
 
+def test_a_stage_run_too_early_names_the_stage_to_run_first(tmp_path, fresh_clone):
+    """chat.py, hellaswag.py and score.py on a fresh clone (no stage's model, no GPT-2 in the cache, no
+    hub): one line naming the stage to run first, not a Hugging Face hub error."""
+    for f in fresh_clone.glob("*.py"):  # the scripts alone (the life-cycle test runs its stages in fresh_clone)
+        (tmp_path / f.name).write_text(f.read_text())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH="")
+    for cmd in (["chat.py"], ["chat.py", "--prompt", "hi"], ["hellaswag.py"], ["score.py"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (cmd, r.stderr[-2000:])
+        assert lines[0].startswith("error: ") and "run `python train_gpt2.py`" in lines[0], (cmd, lines[0])
+        assert "huggingface" not in lines[0].lower(), lines[0]
+
+
 def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fresh_clone):
     """No checkpoint of an earlier stage and no hub: each stage says what to do in one line."""
     for f in fresh_clone.glob("*.py"):
@@ -4050,7 +4407,9 @@ def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fre
         r = _run(tmp_path, *cmd, timeout=300)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (cmd, r.stderr[-2000:])
-        assert "hf download" in lines[0] or "tiktoken" in lines[0], lines[0]
+        # with no earlier stage here, each stage names the one to run first; with one, the hub's fix
+        told = ("hf download", "tiktoken", "`python finetune.py` first", "`python train_gpt2.py` first")
+        assert any(t in lines[0] for t in told), lines[0]
     r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", "train_gpt2.py", "--batch_size", 16,
              "--total_batch_size", 3072, "--max_steps", 1)
     ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
@@ -4096,7 +4455,10 @@ def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_row
     pairs_m = {_task_module(_instruction(p))[0] for p in t["pairs"]}  # made-up modules: none is real
     assert len(pairs_m) > 1000 and not pairs_m & (train_m | test_m | set(sys.stdlib_module_names))
     assert not {it["source_id"].rsplit(".", 1)[0] for it in t["hellaswag"]} & train_m
-    as_set = lambda rows, keys: {tuple(r[k] for k in keys) for r in rows}  # noqa: E731
+
+    def as_set(rows, keys):
+        return {tuple(r[k] for k in keys) for r in rows}
+
     assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
     assert not as_set(t["pairs"], ("prompt",)) & as_set(t["pairs_test"], ("prompt",))
     assert len(t["hellaswag"]) >= 100 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
@@ -4168,8 +4530,8 @@ def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, caps
               "--n_generate", "4", "--warmup_steps", "0"])
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in log if "eval_reward_accuracy" in r]
-    assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["eval_reward_accuracy"]
+    evals = [r for r in log if "val_reward_accuracy" in r]
+    assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["val_reward_accuracy"]
     assert s["before"]["chosen_rate"] == 0.75 and s["after"]["chosen_rate"] == 0.75
     out = capsys.readouterr().out
     assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out and "summary.json" in out.splitlines()[-1]
@@ -4202,7 +4564,7 @@ def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
     random_model = GPT(model.config)
     want = hellaswag.evaluate(random_model, t, prepare_data.load_hellaswag(tmp_path / "items.jsonl"), device="cpu")
     assert s["before"]["acc_norm"] == pytest.approx(want["acc_norm"])
-    assert "(chance 0.250)" in capsys.readouterr().out
+    assert "(chance 0.250, a random model " in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4309,7 +4671,7 @@ def test_memory_tracker_total_equals_pytorch_memtracker():
     assert totals[0] == totals[1]
 
 
-BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=2,n_embd=128,vocab_size=2048", "--samples", "8",
+BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=2,n_embd=128,vocab_size=2048", "--max_examples", "8",
            "--max_length", "128", "--batch_size", "8", "--repeats", "1"]
 
 
@@ -4317,9 +4679,10 @@ BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=2,n_embd=128,vocab_si
 def bench_memory_rows(tmp_path_factory):
     import bench_memory
 
-    out = tmp_path_factory.mktemp("bm") / "mem.md"
+    out_dir = tmp_path_factory.mktemp("bm")
     bench_memory.main(BM_ARGS + ["--axes", "ga,mp,lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
-                                 "--out", str(out)])
+                                 "--out_dir", str(out_dir)])
+    out = out_dir / "bench_memory.md"
     rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
     return out, rows
 
@@ -4357,12 +4720,37 @@ def test_bench_memory_estimate_within_10_percent_on_llama_135m(lora_rank, quant)
     full fine-tuning, LoRA, and LoRA on a 4-bit base (fp32 compute: this CPU's fast dtype)."""
     import bench_memory
 
-    args = bench_memory.parse_args(["--model", "llama-135m", "--samples", "2", "--batch_size", "2",
+    args = bench_memory.parse_args(["--model", "llama-135m", "--max_examples", "2", "--batch_size", "2",
                                     "--max_length", "128"])
     c = dict(bench_memory.BASE, lora=lora_rank, quant=quant)
     measured, est = bench_memory.run_config(c, args), bench_memory.estimate_config(c, args)
     for col in ("peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
         assert est[col] == pytest.approx(measured[col], rel=0.10), col
+
+
+def test_bench_memory_flags_and_their_former_names():
+    import bench_memory
+
+    for new, old in ((["--max_examples", "3"], ["--samples", "3"]), (["--out_dir", "x.md"], ["--out", "x.md"])):
+        assert vars(bench_memory.parse_args(new)) == vars(bench_memory.parse_args(old))
+    assert bench_memory.parse_args([]).out_dir == "out/bench"  # a folder: bench_memory.md, .jsonl, .png in it
+
+
+def test_bench_speed_flags_and_their_former_names():
+    parse = bench_speed.build_parser().parse_args
+    for new, old in ((["--limit", "3"], ["--items", "3"]), (["--out_dir", "x"], ["--out", "x"])):
+        assert vars(parse(["hellaswag"] + new)) == vars(parse(["hellaswag"] + old))
+
+
+def test_bench_speed_tokens_counts_a_text_at_hand_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_speed, "SHARED_DATA", tmp_path / "absent")
+    [(label, text)] = bench_speed.token_count_texts(None)  # no test data beside the checkout: Python's own docs
+    assert label == "pydoc_data topics" and len(text) > 100_000
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "english_pd.txt").write_text("Some English.")
+    assert bench_speed.token_count_texts(None) == [(str(tmp_path / "absent" / "english_pd.txt"), "Some English.")]
+    (tmp_path / "mine.txt").write_text("mine")
+    assert bench_speed.token_count_texts([str(tmp_path / "mine.txt")]) == [(str(tmp_path / "mine.txt"), "mine")]
 
 
 def test_bench_memory_estimate_llama2_7b_full_40gb_and_qlora_under_10gb(tmp_path):
@@ -4389,7 +4777,10 @@ def test_bench_memory_estimate_llama2_7b_full_40gb_and_qlora_under_10gb(tmp_path
 # the layout: who may import whom, and how long a file may be
 
 
-LIBRARIES = {"bpe": set(), "model": {"bpe"}, "lora": {"bpe", "model"}, "prepare_data": {"bpe", "model"}}
+# what each shared file may import of ours; a stage script may import all five (train_gpt2.py also
+# hellaswag.py, for its in-loop evaluation), and never another stage script
+LIBRARIES = {"housekeeping": set(), "bpe": {"housekeeping"}, "model": {"bpe", "housekeeping"},
+             "lora": {"bpe", "model", "housekeeping"}, "prepare_data": {"bpe", "model", "housekeeping"}}
 
 
 FREE = {"bench_speed", "bench_memory", "test_all"}  # measurements and tests may import anything
@@ -4397,21 +4788,27 @@ FREE = {"bench_speed", "bench_memory", "test_all"}  # measurements and tests may
 
 def import_violations(root: Path) -> list[str]:
     """Every import of one of our files, at any depth (inside functions too), that breaks the rules:
-    bpe.py imports none of ours; model.py only bpe.py; lora.py and prepare_data.py only those two;
-    a stage script only bpe, model, lora and prepare_data (train_gpt2.py also hellaswag.py, for its
-    in-loop evaluation); bench_*.py and test_all.py anything."""
+    housekeeping.py imports none of ours; bpe.py only housekeeping.py; model.py only bpe.py and
+    housekeeping.py; lora.py and prepare_data.py only those three; a stage script only the five shared
+    files (train_gpt2.py also hellaswag.py); bench_*.py and test_all.py anything."""
     import ast
 
-    ours = {p.stem for p in root.glob("*.py")}
+    ours = {p.stem for p in root.glob("*.py") if not p.stem.startswith("test_scratch")}
     bad = []
     for path in sorted(root.glob("*.py")):
         name = path.stem
-        if name in FREE:
+        if name in FREE or name not in ours:
             continue
-        allowed = LIBRARIES.get(name, set(LIBRARIES) | ({"hellaswag"} if name == "train_gpt2" else set()))
+        allowed = LIBRARIES.get(name)
+        if allowed is None:
+            allowed = set(LIBRARIES) | ({"hellaswag"} if name == "train_gpt2" else set())
         for node in ast.walk(ast.parse(path.read_text())):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods = [node.module]
+            else:
+                mods = []
             for mod in mods:
                 top = mod.split(".")[0]
                 if top in ours and top != name and top not in allowed:
@@ -4419,19 +4816,71 @@ def import_violations(root: Path) -> list[str]:
     return bad
 
 
+def code_lines(text: str) -> int:
+    """Lines of code: blank lines, comment lines and docstring lines are not counted (explanations are
+    free; only code counts against a file's size)."""
+    import ast
+
+    prose = set()
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            for stmt in body:  # a string that is a whole statement: a docstring (or a block of prose)
+                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(
+                        stmt.value.value, str):
+                    prose.update(range(stmt.lineno, stmt.end_lineno + 1))
+    n = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and number not in prose:
+            n += 1
+    return n
+
+
 def test_layout_imports_follow_the_rules(tmp_path):
     assert import_violations(ROOT) == []
-    # the check bites: a stage script importing another stage script, even inside a function
+    # the check bites: a stage script importing another stage script, even inside a function; a shared
+    # file importing a stage or a later shared file; housekeeping importing anything of ours
     for f in ROOT.glob("*.py"):
         (tmp_path / f.name).write_text(f.read_text())
+    dpo_lines = len((ROOT / "dpo.py").read_text().splitlines())
     (tmp_path / "dpo.py").write_text((ROOT / "dpo.py").read_text() + "\n\ndef _x():\n    import finetune\n")
     (tmp_path / "model.py").write_text("from lora import apply_lora\n" + (ROOT / "model.py").read_text())
-    assert sorted(import_violations(tmp_path)) == ["dpo.py:{}: imports finetune".format(
-        len((ROOT / "dpo.py").read_text().splitlines()) + 4), "model.py:1: imports lora"]
-    # one stage a file, each readable in one sitting: none over 1,000 lines, finetune.py under 900
-    sizes = {f.stem: len(f.read_text().splitlines()) for f in ROOT.glob("*.py") if f.stem not in LIBRARIES}
-    assert {n: k for n, k in sizes.items() if k > 1000 and n != "test_all"} == {}
-    assert sizes["finetune"] < 900
+    (tmp_path / "housekeeping.py").write_text("import bpe\n" + (ROOT / "housekeeping.py").read_text())
+    assert sorted(import_violations(tmp_path)) == [f"dpo.py:{dpo_lines + 4}: imports finetune",
+                                                   "housekeeping.py:1: imports bpe", "model.py:1: imports lora"]
+
+
+def test_layout_no_file_over_1000_lines_of_code_and_prose_is_free():
+    """No file over 1,000 lines of code, test_all.py aside (model.py is no exception): blank, comment and
+    docstring lines do not count, so that an explanation is never the thing cut to fit."""
+    assert code_lines('"""A docstring\n\nof three lines."""\n\n# a comment\nx = 1  # code\n\n\ndef f():\n'
+                      '    """Its docstring."""\n    return """a string that is code"""\n') == 3
+    sizes = {f.stem: code_lines(f.read_text()) for f in ROOT.glob("*.py") if not f.stem.startswith("test_")}
+    assert {name: n for name, n in sizes.items() if n > 1000} == {}
+    assert "model" in sizes and "housekeeping" in sizes
+
+
+def test_layout_model_py_is_the_model_and_housekeeping_says_skip_it():
+    """A learner who opens model.py meets the network first: no import of flags, signals, locks or run
+    directories; generation ends before about line 800; the Hugging Face plumbing is an appendix at the
+    end. housekeeping.py says in its docstring that it can be skipped on first read."""
+    import ast
+
+    text = (ROOT / "model.py").read_text()
+    tree = ast.parse(text)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"argparse", "signal", "fcntl", "shutil", "fnmatch", "random", "matplotlib"}
+    lines = text.splitlines()
+    end_of_generation = next(i for i, line in enumerate(lines, 1) if line.startswith("# 5. "))
+    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# 6. Appendix"))
+    assert end_of_generation < 800 < appendix
+    assert "skip it on first read" in ast.get_docstring(ast.parse((ROOT / "housekeeping.py").read_text())).lower()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4498,7 +4947,9 @@ _I26_SIZES = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batch
 def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # parsing must write nothing here
     scripts = {"train_gpt2": (train_gpt2.TrainConfig, lambda a: train_gpt2.parse_args(a)),
-               "finetune": (finetune.FinetuneConfig, finetune.parse_args), "dpo": (dpo.DPOConfig, dpo.parse_args),
+               # finetune's --init_from auto needs an earlier stage's model: none in this empty folder
+               "finetune": (finetune.FinetuneConfig, lambda a: finetune.parse_args(["--init_from", "gpt2"] + a)),
+               "dpo": (dpo.DPOConfig, dpo.parse_args),
                "chat": (chat.ChatConfig, chat.parse_args)}
     checked = 0
     for script, (cls, parse) in scripts.items():
@@ -4543,17 +4994,17 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     from safetensors.torch import load_file
 
     data = _ft_setup(tmp_path)
-    real, calls = finetune.optimizer_step, []
+    real, calls = torch.nn.utils.clip_grad_norm_, []
 
-    def poisoned_step(model, *a, **k):  # the 3rd step's gradients are NaN (a diverged backward)
+    def poisoned_clip(params, *a, **k):  # the 3rd step's gradients are NaN (a diverged backward)
         calls.append(1)
+        params = list(params)
         if len(calls) == 3:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-        return real(model, *a, **k)
+            for p in params:
+                p.grad.fill_(float("nan"))
+        return real(params, *a, **k)
 
-    monkeypatch.setattr(finetune, "optimizer_step", poisoned_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned_clip)
     out = tmp_path / "out"
     argv = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2",
@@ -4579,27 +5030,30 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     # a micro-batch without trained tokens still contributes exactly nothing (0/0 is not a divergence)
     m = GPT(GPTConfig.preset("tiny-gpt2"))
     idx = torch.randint(0, 512, (1, 8))
-    loss, n = finetune.accumulate_gradients(m, [(idx, torch.full((1, 8), -100)), (idx, idx)])
-    assert torch.isfinite(loss) and int(n) == 8 and loss.item() == pytest.approx(m(idx, idx)[1].item(), rel=1e-5)
+    empty, full = m(idx, torch.full((1, 8), -100))[1], m(idx, idx)[1]
+    assert math.isnan(empty.item())  # the mean over no token: 0/0
+    n_total = torch.tensor(8)
+    loss = finetune.token_weighted(empty, torch.tensor(0), n_total) + finetune.token_weighted(full, n_total, n_total)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_i26_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(train_corpus, tmp_path, capsys,
                                                                                monkeypatch):
     _, _, data_dir, _ = train_corpus
-    real, calls = train_gpt2.optimizer_step, []
+    real, calls = torch.nn.utils.clip_grad_norm_, []
 
-    def nan_at_step_2(*a, **k):
+    def nan_at_step_3(*a, **k):  # the loop's clipping: the 3rd optimizer step's gradient norm is NaN
         calls.append(1)
         norm = real(*a, **k)
         return norm * float("nan") if len(calls) == 3 else norm
 
-    monkeypatch.setattr(train_gpt2, "optimizer_step", nan_at_step_2)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_step_3)
     out = tmp_path / "o"
     _refused(capsys, train_gpt2.main, ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "5",
-                                       "--ckpt_interval", "2", "--eval_interval", "0"], "error: step 2: grad_norm nan")
+                                       "--ckpt_interval", "2", "--eval_interval", "0"], "error: step 3: grad_norm nan")
     assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 2
     train, _ = _log(out)
-    assert [r["step"] for r in train] == [0, 1]
+    assert [r["step"] for r in train] == [1, 2]
 
 
 def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tmp_path, capsys):
@@ -4609,7 +5063,7 @@ def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_ru
     flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
              "--eval_interval", "2", "--patience", "1", "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4",
              "--n_generate", "0", "--eval_examples", "4",
-             "--lr", "5e-3", "--min_lr", "5e-3", "--warmup_steps", "0", "--no-save_merged"]  # a constant LR
+             "--lr", "5e-3", "--min_lr_ratio", "1", "--warmup_steps", "0", "--no-save_merged"]  # a constant LR
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "4"])
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "6", "--resume"])
     finetune.main(flags + ["--out_dir", str(tmp_path / "whole"), "--max_steps", "6"])
@@ -4660,14 +5114,14 @@ def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys
 
 
 def test_i26_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
-    real, calls = dpo.optimizer_step, []
+    real, calls = torch.nn.utils.clip_grad_norm_, []
 
     def nan_at_step_2(*a, **k):
         calls.append(1)
         norm = real(*a, **k)
         return norm * float("nan") if len(calls) == 2 else norm
 
-    monkeypatch.setattr(dpo, "optimizer_step", nan_at_step_2)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_step_2)
     out = tmp_path / "o"
     _refused(capsys, dpo.main, _i26_dpo_args(tmp_path) + ["--out_dir", str(out), "--max_steps", "3",
                                                           "--ckpt_interval", "1"], "error: step 2: grad_norm nan")
@@ -4726,7 +5180,6 @@ def test_i26_bpe_encode_is_near_linear_on_long_runs_and_exact(tmp_path, capsys):
 
 
 def test_i26_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
-    import pickle
 
     # deeply nested JSON in data files and model configs
     deep = "[" * 100_000 + "]" * 100_000
@@ -4908,8 +5361,10 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     reply = out["chat.py"].split("Assistant:", 1)[1].strip()
     assert reply, out["chat.py"]  # the CPU model's answer, however clumsy
     assert "hellaswag scoring=harness n=8" in out["hellaswag.py --init_from out/cpu"]
-    assert regex.search(r"acc_norm by stage: out/cpu/ckpt/model [\d.]+, out-finetune/best_model [\d.]+, "
-                        r"out-dpo/model [\d.]+", out["hellaswag.py"]), out["hellaswag.py"]
+    headline = out["hellaswag.py"].split("\n", 2)[1]  # after the line naming the offline default
+    assert regex.fullmatch(r"acc_norm by stage, 8 items \(chance 0.250, a random model [\d.]+\): pretrained "
+                           r"\(out/cpu/(ckpt/)?model\) [\d.]+, instruction-tuned \(out-finetune/best_model\) [\d.]+, "
+                           r"DPO-tuned \(out-dpo/model\) [\d.]+", headline), out["hellaswag.py"]
     assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 400"]
     if gpt2_ranks:
         shown = out["bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345"]
@@ -4943,7 +5398,7 @@ def test_sigint_checkpoints_at_the_next_step_and_resume_gives_the_uninterrupted_
                                       tmp_path)
     assert code == 130 and "Traceback" not in err, err[-2000:]
     stopped = int(regex.search(r"SIGINT: stopped at step (\d+); resumable state in (\S+)", err)[1])
-    assert 3 < stopped < 40 and f"resumable state in {tmp_path / 'cut' / 'ckpt'}" in err
+    assert 3 <= stopped < 40 and f"resumable state in {tmp_path / 'cut' / 'ckpt'}" in err
     assert torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=True)["step"] == stopped
     assert not (tmp_path / "cut" / "run.lock").exists() and not (tmp_path / "whole" / "run.lock").exists()
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--out_dir", str(tmp_path / "cut"), "--resume"],
@@ -5119,3 +5574,50 @@ def test_adapter_config_rank_is_that_of_the_hf_module(tmp_path):
         save_adapter(m, tmp_path / preset)
         c = json.loads((tmp_path / preset / "adapter_config.json").read_text())
         assert (c["r"], c["lora_alpha"] / c["r"], c["rank_pattern"]) == (r, 2.0, {}), preset
+
+
+def test_torchrun_a_refusal_on_rank_0_is_one_line_and_every_rank_exits_2(tmp_path):
+    """A 2-rank run on a directory that holds a run: rank 0 refuses (no --resume or --overwrite) and tells
+    the other rank before any collective. The `error:` line is printed once, no rank prints a traceback
+    (torchrun's own summary follows, and names the error through its error file), and every rank exits 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n')
+    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt2.py"),
+             "--out_dir", out, "--device", "cpu", timeout=300)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    ours = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "holds a run (log.jsonl)" in ours[0], text[-3000:]
+    assert "train_gpt2.py\", line" not in text and "housekeeping.py\", line" not in text, text[-3000:]  # no rank's traceback
+    # every rank exits 2 (torchrun may stop the second one first, once the first has ended: SIGTERM)
+    codes = regex.findall(r"exitcode\s*: (-?\d+)", text)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, text[-3000:]
+    assert f"traceback : {ours[0]}" in text, text[-3000:]  # torchrun's summary names the error
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]  # nothing written, no lone run.lock
+
+
+def test_overwrite_replaces_a_finished_run_of_ours_and_a_refusal_leaves_no_lock(tmp_path):
+    """A run that ended normally has no run.lock (a clean exit removes it): it is ours by its own record
+    (its log, config or checkpoint, and nothing foreign beside them), so --overwrite replaces it. A
+    refused start leaves nothing behind: no lone run.lock."""
+    run = tmp_path / "run"
+    housekeeping.open_run(run)
+    for name in ("log.jsonl", "config.json", "summary.json", "loss.png"):
+        (run / name).write_text("x")
+    (run / "ckpt").mkdir()
+    housekeeping.close_run(run)
+    assert not (run / "run.lock").exists()
+    with pytest.raises(ValueError, match="holds a run .*--resume .*--overwrite"):
+        housekeeping.open_run(run)
+    assert not (run / "run.lock").exists()
+    housekeeping.open_run(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    housekeeping.close_run(run)
+    # names our runs use, but no run's record among them: not a run of ours, nothing removed
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "loss.png").write_text("x")
+    with pytest.raises(ValueError, match="no run of ours"):
+        housekeeping.open_run(d, overwrite=True)
+    assert sorted(p.name for p in d.iterdir()) == ["loss.png"]

@@ -35,15 +35,24 @@ What happens, in reading order of this file:
   2. data: token shards (prepare_data.py) read as one stream, rank-strided for DDP;
   3. checkpoints (atomic; model + optimizer + step + data position + every rank's RNG) and resume;
   4. evaluation: validation loss, HellaSwag (hellaswag.py, when its data is there), samples;
-  5. the loop: DDP setup, the batch arithmetic, model, optimizer, torch.compile, gradient
-     accumulation, clipping, logging to out_dir/log.jsonl and out_dir/loss.png.
+  5. training: setup() (torchrun, the run directory, the batch arithmetic, data, precision, model,
+     optimizer, resume, DDP and torch.compile), then train(), the loop: at the top of each iteration
+     the checkpoint, stop and evaluation of the model so far; then one optimizer step written out
+     (forward under autocast, backward with gradient accumulation, unscale, clipping, the learning
+     rate of each parameter group, the update), logged to out_dir/log.jsonl and drawn in loss.png.
 
-The log (out_dir/log.jsonl) has one JSON object per line: {"type": "train", "step", "loss", "lr"
-(AdamW's; Muon's is matrix_lr/lr times it), "grad_norm", "ms", "tokens_per_s", "mfu"} per optimizer
-step (step = its 0-based index), and {"type": "eval", "step", "val_loss", "val_bpb", "hellaswag", ...}
-per evaluation (step = the number of optimizer steps done before it: step 0 is the untrained model,
-step max_steps the final one). At the end, out_dir/summary.json: {"before": {"step", "val_loss",
-"val_bpb"}, "after": {...}, "samples": [...], "files": [...]}.
+Outputs in out_dir: model/ (the final model, written when the run completes; GPT.from_pretrained and
+the later stages load it), ckpt/ (the resumable checkpoint: ckpt/model/ + ckpt/state.pt), log.jsonl,
+loss.png and summary.json.
+
+The log (out_dir/log.jsonl) has one JSON object per line; "step" is always the number of optimizer
+steps done (step 0: the untrained model, step max_steps: the final one):
+  - {"type": "train", "step", "loss", "lr" (AdamW's; Muon's is matrix_lr/lr times it), "grad_norm",
+    "ms", "tokens_per_s", "mfu", "epoch"} after each optimizer step (steps 1 .. max_steps);
+  - {"type": "eval", "step", "val_loss", "val_bpb", "hellaswag", ...} per evaluation (of the model
+    after `step` steps).
+At the end, out_dir/summary.json: {"before": {"step", "val_loss", "val_bpb"}, "after": {...},
+"samples": [...], "files": [...]}.
 """
 
 from __future__ import annotations
@@ -63,12 +72,12 @@ import torch.distributed as dist
 
 import prepare_data
 from bpe import load_tokenizer
-from housekeeping import atomic_write
 from model import GPT, GPTConfig, lr_schedule, make_optimizer
-from housekeeping import (DEVICE_HELP, GracefulStop, all_ranks, autocast_and_scaler, flag, check_finite,
-                          check_model_size, close_run, distribute, end_distributed, fit_to_context, fits_in_memory,
-                          grad_sync, init_distributed, open_run, parse_config, pick_device, pick_precision, plot_log,
-                          read_log, rewrite_log, rng_state, run_main, seed_everything, set_rng_state)
+from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, autocast_and_scaler,
+                          check_finite, check_model_size, close_run, distribute, end_distributed, fit_to_context,
+                          fits_in_memory, flag, grad_sync, init_distributed, open_run, parse_config, pick_device,
+                          pick_precision, plot_log, read_log, resolve_warmup, rewrite_log, rng_state, run_main,
+                          seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -80,7 +89,8 @@ class TrainConfig:
                               "FineWeb shards, else cpu)", choices=["auto", "gpt2-124m", "gpt2-124m-muon", "cpu"])
     # data and output
     data_dir: str = flag("data/fineweb_edu", "folder of token shards written by prepare_data.py")
-    out_dir: str = flag("out", "checkpoints (out_dir/ckpt/), log.jsonl and loss.png go here")
+    out_dir: str = flag("out", "the final model (out_dir/model/), the resumable checkpoint (out_dir/ckpt/), "
+                              "log.jsonl, loss.png and summary.json go here")
     resume: bool = flag(False, "continue the run in out_dir from its checkpoint (flags given now override)")
     overwrite: bool = flag(False, "replace a run already in out_dir (otherwise a fresh run there stops)")
     # model
@@ -110,8 +120,8 @@ class TrainConfig:
     warmdown_frac: float = flag(0.2, "--schedule wsd: the fraction of the steps spent in the warmdown", min=0.0, max=1.0)
     min_lr_ratio: float = flag(0.1, "the schedule ends at lr * min_lr_ratio (matrix_lr * min_lr_ratio)", min=0.0,
                               max=1.0)
-    warmup_steps: int = flag(715, "steps of linear warmup from lr/warmup_steps to lr (capped at 10% of "
-                                 "the run when it would take more than half of it)", min=0)
+    warmup_steps: int = flag(715, "steps of linear warmup from lr/warmup_steps to lr (-1: 5% of the run; more "
+                                 "than half of the run is cut to a tenth of it)", min=-1)
     max_steps: int = flag(19073, "optimizer steps in the run (19073 * 524288 tokens = 10B)", min=1)
     weight_decay: float = flag(0.1, "AdamW weight decay, on 2-D weights only", min=0.0)
     beta1: float = flag(0.9, "AdamW beta1", min=0.0, max=1.0)
@@ -495,23 +505,56 @@ def batch_plan(cfg: TrainConfig, given: dict, world: int) -> tuple[int, int, str
         f"{world} rank(s) divide the step)"
 
 
-def train(cfg: TrainConfig, given: dict | None = None):
-    given = given or {}
+@dataclass
+class Run:
+    """What setup() makes and the loop uses. One model in three wrappings: raw_model holds the weights
+    (evaluation, sampling and checkpoints use it), ddp_module is DDP around it under torchrun (else
+    raw_model itself: its gradient sync is what accumulation switches off), train_module is ddp_module
+    compiled when --compile says so (what the training step runs)."""
+    cfg: TrainConfig          # on --resume: the checkpoint's config with the flags given now on top
+    out_dir: Path
+    device: str               # "cuda:0", "cpu", ...
+    device_type: str          # "cuda", "cpu", "mps": what autocast and pinned memory ask about
+    rank: int                 # this process among the torchrun processes (0 without torchrun)
+    world: int                # how many processes train together (1 without torchrun)
+    master: bool              # rank 0: the one that writes files and prints
+    grad_accum: int           # micro-batches per optimizer step on each rank
+    warmup: int               # the warmup the run uses (housekeeping.resolve_warmup)
+    start_step: int           # optimizer steps already done: 0, or the checkpoint's on --resume
+    raw_model: GPT
+    ddp_module: torch.nn.Module
+    train_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: object          # a context manager factory: the precision of forward passes
+    scaler: object            # fp16's torch.amp.GradScaler, else None
+    train_loader: DataLoader
+    val_stream: TokenStream
+    tok: object               # the data's tokenizer; None when GPT-2's is unavailable offline (no samples)
+    tokenizer_name: str       # as the shards name it, stored in checkpoints
+    hellaswag: object         # the hellaswag module, or None when it or its data is absent
+    hellaswag_items: list | None
+    baseline: float           # the unigram entropy of the training data, nats: the no-context loss
+    n_val_tokens: int         # the validation slice's predicted tokens and their bytes, for bits per byte
+    n_val_bytes: int | None
+    log: RunLog               # out_dir/log.jsonl and the printed lines (rank 0 only)
+
+
+def setup(cfg: TrainConfig, given: dict) -> Run:
+    """Everything before the first step, in this order: torchrun, the run directory (and the checkpoint's
+    config on --resume), the batch arithmetic, the data, the precision, the model, the optimizer, the
+    checkpoint's state, DDP and compile, what evaluation needs; then the start line. Every check that
+    can fail comes before anything is written to out_dir but its run.lock."""
     # ---- distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python is rank 0 of 1
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     rank, local_rank, world = init_distributed(device)
-    ddp, master = world > 1, rank == 0  # only rank 0 logs and writes files
+    master = rank == 0  # only rank 0 prints and writes files
     out_dir = Path(cfg.out_dir)
-
-    def say(*a):
-        if master:
-            print(*a, flush=True)
 
     # ---- the run directory: a fresh run never overwrites another; resume: the saved config, with the
     # flags given now on top (e.g. a longer --max_steps), but never a different architecture
-    if master:
-        open_run(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    # every rank calls it: rank 0 decides, and a refusal reaches the others before any collective
+    open_run(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     state = None
     if cfg.resume:
         ckpt = find_checkpoint(out_dir)
@@ -527,15 +570,19 @@ def train(cfg: TrainConfig, given: dict | None = None):
                              f"{', '.join(changed)}")
         saved["stop_at_step"] = 0  # a one-off of the run that wrote the checkpoint
         cfg = TrainConfig(**{**saved, **given, "resume": True, "overwrite": False})
-        say(f"resuming from {ckpt} at step {state['step']}")
+        if state["step"] > cfg.max_steps:
+            raise ValueError(f"--max_steps {cfg.max_steps}: the checkpoint in {ckpt} is at step {state['step']} "
+                             f"already; give a larger --max_steps to continue")
+        if master:
+            print(f"resuming from {ckpt} at step {state['step']}", flush=True)
 
     B, grad_accum, batch_note = batch_plan(cfg, given, world)  # before any work: a bad batch fails at once
 
     # ---- data: built-in corpus prepared on first use; shard headers checked against each other
     if master and cfg.data_dir == RECIPES["cpu"]["data_dir"] and not prepare_data.list_shards(cfg.data_dir, "train"):
-        say(f"preparing the built-in corpus in {cfg.data_dir} (once; see prepare_data.py builtin)")
+        print(f"preparing the built-in corpus in {cfg.data_dir} (once; see prepare_data.py builtin)", flush=True)
         prepare_data.prepare_builtin(cfg.data_dir)
-    if ddp:
+    if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's data
     train_stream, val_stream, meta = open_data(cfg.data_dir)
     tok = data_tokenizer(cfg.data_dir, meta)
@@ -544,8 +591,7 @@ def train(cfg: TrainConfig, given: dict | None = None):
         raise ValueError(f"the val split of {cfg.data_dir} has {len(val_stream)} tokens, fewer than one sequence "
                          f"of seq_len + 1 = {cfg.seq_len + 1}")
     T = cfg.seq_len
-    warmup = cfg.warmup_steps if cfg.warmup_steps <= cfg.max_steps // 2 else max(1, cfg.max_steps // 10)
-    warmup_note = f" (capped at 10% of the {cfg.max_steps} steps)" if warmup != cfg.warmup_steps else ""
+    warmup, warmup_note = resolve_warmup(cfg.warmup_steps, cfg.max_steps)
 
     # ---- numerics: TF32 = fp32 matmuls on tensor cores with a 10-bit mantissa (~8x faster, and the loss
     # does not notice); mixed precision runs the matmuls in 16 bits while keeping fp32 master weights
@@ -563,163 +609,265 @@ def train(cfg: TrainConfig, given: dict | None = None):
     else:
         over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
         raw_model = GPT(GPTConfig.preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, **over)).to(device)
-    mc = raw_model.config
-    if mc.vocab_size != vocab_size:
-        raise ValueError(f"the model's vocab_size is {mc.vocab_size} but the shards in {cfg.data_dir} have vocab_size "
-                         f"{vocab_size} (tokenizer {meta['tokenizer']!r}); prepare the data with the model's tokenizer")
-    if T > mc.block_size:
-        raise ValueError(f"--seq_len {T} exceeds the model's block_size {mc.block_size}")
+    model_config = raw_model.config
+    if model_config.vocab_size != vocab_size:
+        raise ValueError(f"the model's vocab_size is {model_config.vocab_size} but the shards in {cfg.data_dir} "
+                         f"have vocab_size {vocab_size} (tokenizer {meta['tokenizer']!r}); prepare the data with "
+                         f"the model's tokenizer")
+    if T > model_config.block_size:
+        raise ValueError(f"--seq_len {T} exceeds the model's block_size {model_config.block_size}")
     raw_model.train()
     seed_everything(cfg.seed + rank)  # each rank its own random streams from here on: its own dropout masks
 
+    # ---- optimizer and data position; on --resume both continue from the checkpoint
     optimizer = make_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                fused=device_type == "cuda", matrix_lr=cfg.matrix_lr)
     train_loader = DataLoader(train_stream, B, T, rank, world, cfg.total_batch_size)
     start_step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        train_loader.pos, train_loader.epoch = state["data"]["pos"], state["data"]["epoch"]
+        train_loader.pos = state["data"]["pos"]
+        train_loader.epoch = state["data"]["epoch"]
         start_step = state["step"]
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == world:
             set_rng_state(rngs[rank], device)
-        else:
+        elif master:
             # the data position is global and a step still takes total_batch_size tokens, so the run reads
             # exactly the tokens it would have; only how they are split (ranks x accumulation) changes, hence
             # the float summation order: losses agree to ~1e-6, not bit for bit (and dropout streams restart)
-            say(f"note: checkpoint written with world_size {len(rngs)}, resuming with {world}: same tokens per "
-                f"step, grad_accum now {grad_accum}")
-        if state["data"]["total_batch_size"] != cfg.total_batch_size:
-            say(f"note: total_batch_size changed from {state['data']['total_batch_size']} to "
-                f"{cfg.total_batch_size}: the data stream continues from the same token")
-        if master:  # drop what the killed run logged from start_step on: it is about to be redone
-            rewrite_log(out_dir / "log.jsonl", lambda r: r["step"] < start_step)
+            print(f"note: checkpoint written with world_size {len(rngs)}, resuming with {world}: same tokens per "
+                  f"step, grad_accum now {grad_accum}", flush=True)
+        if master and state["data"]["total_batch_size"] != cfg.total_batch_size:
+            print(f"note: total_batch_size changed from {state['data']['total_batch_size']} to "
+                  f"{cfg.total_batch_size}: the data stream continues from the same token", flush=True)
+        if master:
+            # drop what the killed run logged after its checkpoint, as it is about to be redone: the train
+            # rows after start_step, and the evaluation at start_step (the resumed loop begins with it)
+            rewrite_log(out_dir / "log.jsonl",
+                        lambda row: row["step"] < start_step or (row["type"] == "train" and row["step"] == start_step))
 
     # ---- the training module: DDP (gradients averaged across ranks in backward), then compile. Eval and
     # sampling use raw_model, the same weights uncompiled: their shapes change from call to call
     # (generation grows one token at a time), which would trigger recompiles or graph breaks.
-    train_module = ddp_module = distribute(raw_model, device)  # DDP under torchrun, else raw_model itself
+    ddp_module = distribute(raw_model, device)  # DDP under torchrun, else raw_model itself
+    train_module = ddp_module
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
     if use_compile:
-        train_module = torch.compile(train_module)
+        train_module = torch.compile(ddp_module)
 
-    hellaswag, hs_examples = hellaswag_examples(cfg, master) if tok is not None else (None, None)
+    # ---- what evaluation needs, computed once: the val slice is fixed, so its tokens and bytes are
+    hellaswag = None
+    hellaswag_items = None
+    if tok is not None:
+        hellaswag, hellaswag_items = hellaswag_examples(cfg, master)
     baseline = unigram_entropy(train_stream, vocab_size)
-    n_val_tokens, n_val_bytes = val_slice(val_stream, cfg)[1] * T, val_bytes(tok, val_stream, cfg)  # once: fixed
-    say(f"recipe {cfg.recipe} | device {device} x {world} | data {cfg.data_dir}: {len(train_stream):,} train / "
-        f"{len(val_stream):,} val tokens, tokenizer {meta['tokenizer']} | model {raw_model.get_num_params():,} "
-        f"params | {cfg.total_batch_size:,} tokens/step = {B} x {T} x {world} ranks x {grad_accum} accumulation"
-        f"{batch_note} | warmup {warmup}{warmup_note} | {precision} | compile {use_compile} | checkpoint every "
-        f"{cfg.ckpt_interval or cfg.max_steps} steps | unigram entropy {baseline:.3f} nats")
+    n_val_tokens = val_slice(val_stream, cfg)[1] * T
+    n_val_bytes = val_bytes(tok, val_stream, cfg)
 
-    def log_line(record: dict):
-        with open(out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    log = RunLog(out_dir, master)  # from here on, rank 0 appends to out_dir/log.jsonl
+    warmup_text = f"{warmup} ({warmup_note})" if warmup_note else f"{warmup}"
+    log.say(f"recipe {cfg.recipe} | device {device} x {world} | data {cfg.data_dir}: {len(train_stream):,} train / "
+            f"{len(val_stream):,} val tokens, tokenizer {meta['tokenizer']} | model {raw_model.get_num_params():,} "
+            f"params | {cfg.total_batch_size:,} tokens/step = {B} x {T} x {world} ranks x {grad_accum} accumulation"
+            f"{batch_note} | warmup {warmup_text} | {precision} | compile {use_compile} | checkpoint every "
+            f"{cfg.ckpt_interval or cfg.max_steps} steps | unigram entropy {baseline:.3f} nats")
+    return Run(cfg=cfg, out_dir=out_dir, device=device, device_type=device_type, rank=rank, world=world,
+               master=master, grad_accum=grad_accum, warmup=warmup, start_step=start_step, raw_model=raw_model,
+               ddp_module=ddp_module, train_module=train_module, optimizer=optimizer, autocast=autocast,
+               scaler=scaler, train_loader=train_loader, val_stream=val_stream, tok=tok,
+               tokenizer_name=meta["tokenizer"], hellaswag=hellaswag, hellaswag_items=hellaswag_items,
+               baseline=baseline, n_val_tokens=n_val_tokens, n_val_bytes=n_val_bytes, log=log)
 
-    # ---- the loop. At the top of iteration `step`, `step` optimizer steps are done.
+
+def checkpoint(run: Run, step: int):
+    """out_dir/ckpt/ after `step` optimizer steps. Every rank takes part: each one's random streams are
+    gathered, for an exact resume; rank 0 writes."""
+    rngs = all_ranks(rng_state(run.device))
+    if run.master:
+        source = run.tok.source if run.tok is not None else None
+        save_checkpoint(run.out_dir, run.raw_model, run.optimizer, step, run.train_loader, run.cfg,
+                        run.tokenizer_name, source, rngs)
+        run.log.say(f"checkpoint: step {step} in {run.out_dir / 'ckpt'}")
+
+
+def evaluate(run: Run, step: int) -> list[str]:
+    """The model after `step` optimizer steps: val loss and bits per byte, HellaSwag when its data is
+    there (every rank takes a share of both), samples; one eval row in the log, the plot redrawn.
+    Returns the samples (rank 0's; [] on the others)."""
+    cfg = run.cfg
+    t0 = time.time()
+    loss = val_loss(run.raw_model, run.val_stream, cfg, run.device, run.autocast, run.rank, run.world)
+    row = {"type": "eval", "step": step, "val_loss": loss,
+           "val_bpb": bits_per_byte(loss, run.n_val_tokens, run.n_val_bytes)}
+    if run.hellaswag is not None:
+        with run.autocast():
+            result = run.hellaswag.evaluate(run.raw_model, run.tok, run.hellaswag_items, device=run.device,
+                                            rank=run.rank, world_size=run.world, batch_size=cfg.batch_size)
+        run.raw_model.train()
+        row.update(hellaswag=result["acc_norm"], hellaswag_acc=result["acc"], hellaswag_n=result["n"])
+    if not run.master:
+        return []
+    hellaswag_text = f" | hellaswag {row['hellaswag']:.4f}" if "hellaswag" in row else ""
+    bpb_text = f" | val bpb {row['val_bpb']:.4f}" if row["val_bpb"] is not None else ""
+    run.log.say(f"eval step {step:5d} | val loss {row['val_loss']:.4f} (unigram {run.baseline:.3f}){bpb_text}"
+                f"{hellaswag_text} | {time.time() - t0:.1f}s")
+    samples = []
+    if run.tok is not None and cfg.num_samples:
+        samples = sample(run.raw_model, run.tok, cfg, step, run.device)
+    for text in samples:
+        run.log.say(f"  sample: {text!r}")
+    run.log.record(row)
+    plot(run.out_dir, run.baseline)
+    return samples
+
+
+def shown(value: float | None) -> str:
+    """A loss or bpb as the done line shows it: 4 decimals, n/a where there was none."""
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def finish(run: Run, samples: list[str]):
+    """The end of a completed run (rank 0): the final model in out_dir/model/ (what every stage leaves
+    there; ckpt/ stays the resumable checkpoint, with the same weights), summary.json, the done line."""
+    out_dir = run.out_dir
+    source = run.tok.source if run.tok is not None else None
+    run.raw_model.save_pretrained(out_dir / "model", format="native", tokenizer=source)
+    summary = write_summary(out_dir, samples)
+    before = summary["before"]
+    after = summary["after"]
+    run.log.say(f"done: val loss {shown(before['val_loss'])} -> {shown(after['val_loss'])} nats/token, val bpb "
+                f"{shown(before['val_bpb'])} -> {shown(after['val_bpb'])} bits per byte (step {before['step']} -> "
+                f"{after['step']}) | final model: {out_dir / 'model'} | written: {', '.join(summary['files'])} "
+                f"in {out_dir}")
+
+
+ESTIMATE_AFTER = 5  # timed steps before the one-time estimate of the whole run is printed
+
+
+def train(cfg: TrainConfig, given: dict | None = None) -> Path:
+    run = setup(cfg, given or {})
+    cfg = run.cfg  # on --resume: the checkpoint's config with the flags given now on top
+    model = run.train_module  # DDP and/or compiled around run.raw_model: what the step runs
+    optimizer = run.optimizer
+    scaler = run.scaler
+    log = run.log
+    clock = StepClock(cfg.max_steps)  # seconds per step, time left
     stop = GracefulStop()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary, then exit
-    for step in range(start_step, cfg.max_steps + 1):
-        last = step == cfg.max_steps
-        if cfg.stop_at_step and step == cfg.stop_at_step and not last:
-            say(f"stopping at step {step} (--stop_at_step), as if killed")
+    samples = []
+
+    # `step` counts the optimizer steps done: at the top of an iteration the model is the one after `step`
+    # steps, which is what gets checkpointed and evaluated; the last iteration only does that
+    for step in range(run.start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps
+
+        # ---- stop checks: --stop_at_step is a kill for testing (nothing saved); a signal is a polite stop
+        if cfg.stop_at_step and step == cfg.stop_at_step and not last_step:
+            log.say(f"stopping at step {step} (--stop_at_step), as if killed")
             break
-        stopping = stop.requested(device) and not last
-        if stopping or step > start_step and (last or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)):
-            rngs = all_ranks(rng_state(device))  # every rank's streams, for an exact resume
-            if master:
-                save_checkpoint(out_dir, raw_model, optimizer, step, train_loader, cfg, meta["tokenizer"],
-                                tok.source if tok is not None else None, rngs)
-                say(f"checkpoint: step {step} in {out_dir / 'ckpt'}")
+        stopping = stop.requested(run.device) and not last_step
+
+        # ---- checkpoint every ckpt_interval steps, at the end, and on a signal (not where the run began:
+        # that state is on disk already)
+        interval_due = cfg.ckpt_interval and step % cfg.ckpt_interval == 0
+        if stopping or (step > run.start_step and (last_step or interval_due)):
+            checkpoint(run, step)
         if stopping:
-            close_run(out_dir)
-            stop.exit(step, out_dir / "ckpt")
-        if last or step == 0 or (cfg.eval_interval and step % cfg.eval_interval == 0):
-            t0 = time.time()
-            loss_v = val_loss(raw_model, val_stream, cfg, device, autocast, rank, world)
-            rec = {"type": "eval", "step": step, "val_loss": loss_v,
-                   "val_bpb": bits_per_byte(loss_v, n_val_tokens, n_val_bytes)}
-            if hellaswag is not None:
-                with autocast():
-                    res = hellaswag.evaluate(raw_model, tok, hs_examples, device=device, rank=rank,
-                                             world_size=world, batch_size=cfg.batch_size)
-                raw_model.train()
-                rec.update(hellaswag=res["acc_norm"], hellaswag_acc=res["acc"], hellaswag_n=res["n"])
-            if master:
-                hs = f" | hellaswag {rec['hellaswag']:.4f}" if "hellaswag" in rec else ""
-                bpb = f" | val bpb {rec['val_bpb']:.4f}" if rec["val_bpb"] is not None else ""
-                say(f"eval step {step:5d} | val loss {rec['val_loss']:.4f} (unigram {baseline:.3f}){bpb}{hs} "
-                    f"| {time.time() - t0:.1f}s")
-                samples = sample(raw_model, tok, cfg, step, device) if tok is not None and cfg.num_samples else []
-                for text in samples:
-                    say(f"  sample: {text!r}")
-                log_line(rec)
-                plot(out_dir, baseline)
-        if last:
+            log.close()
+            close_run(run.out_dir)
+            stop.exit(step, run.out_dir / "ckpt")
+
+        # ---- evaluate before training (step 0), every eval_interval steps and at the end
+        if last_step or step == 0 or (cfg.eval_interval and step % cfg.eval_interval == 0):
+            samples = evaluate(run, step)
+        if last_step:
             break
 
-        # ---- one optimizer step
+        # ---- one optimizer step: total_batch_size tokens, as grad_accum micro-batches on each rank
         t0 = time.time()
-        loss_accum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
-            if device_type == "cuda":  # from pinned memory, the copy overlaps with the GPU's work
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        loss_accum = torch.zeros((), device=run.device)  # the step's mean loss, for the log
+        for micro_step in range(run.grad_accum):
+            x, y = run.train_loader.next_batch()
+            if run.device_type == "cuda":  # from pinned memory, the copy overlaps with the GPU's work
+                x = x.pin_memory().to(run.device, non_blocking=True)
+                y = y.pin_memory().to(run.device, non_blocking=True)
             else:
-                x, y = x.to(device), y.to(device)
+                x = x.to(run.device)
+                y = y.to(run.device)
             # DDP all-reduces gradients in every backward; during accumulation only the last one's
             # result is needed, so the communication of the others is skipped
-            with grad_sync(ddp_module, micro == grad_accum - 1):
-                with autocast():
-                    _, loss = train_module(x, y)
-                # backward *adds* into .grad: the sum of grad_accum mean-losses would be grad_accum
-                # times too big; dividing makes it the gradient of the mean over the whole batch
-                loss = loss / grad_accum
+            with grad_sync(run.ddp_module, micro_step == run.grad_accum - 1):
+                # forward under autocast: the matmuls in bf16/fp16 when --precision says so, weights in fp32
+                with run.autocast():
+                    _, loss = model(x, y)
+                # the loss divided for accumulation: backward *adds* into .grad, so the sum of grad_accum
+                # mean-losses would be grad_accum times too big; divided, it is the gradient of the mean
+                # over the whole batch
+                loss = loss / run.grad_accum
                 loss_accum += loss.detach()
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-        if ddp:
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # the logged loss is the global mean
-        # the schedule as a multiplier of each group's peak: Muon's matrices have their own (see MuonAdamW)
-        scale = lr_schedule(step, cfg.max_steps, warmup, cfg.min_lr_ratio, cfg.schedule, cfg.warmdown_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = scale * (cfg.matrix_lr if group.get("muon") else cfg.lr)
-        lr = scale * cfg.lr
+                # backward; fp16's GradScaler multiplies the loss first, so that small gradients do not
+                # underflow to zero in 16 bits (unscaled again before clipping)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+        if run.world > 1:
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # the logged loss is the mean over all ranks
+
         # fp16: the gradients carry the loss scale; unscale them first, so that clipping sees the true norm
         if scaler is not None:
             scaler.unscale_(optimizer)
         # clip the global norm: a rare batch with a huge gradient (a loss spike) then moves the weights a
         # bounded distance instead of wrecking them; the norm before clipping is what gets logged
-        params = [p for p in raw_model.parameters() if p.grad is not None]
+        params = [p for p in run.raw_model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shard
             norm = norm.full_tensor()
+
+        # the learning rate of this step: the schedule (warmup, then cosine or wsd decay) is a multiplier
+        # of each group's own peak: --matrix_lr for Muon's matrices, --lr for AdamW's parameters
+        scale = lr_schedule(step, cfg.max_steps, run.warmup, cfg.min_lr_ratio, cfg.schedule, cfg.warmdown_frac)
+        for group in optimizer.param_groups:
+            peak = cfg.matrix_lr if group.get("muon") else cfg.lr
+            group["lr"] = scale * peak
+
+        # the update; fp16: skipped if a gradient overflowed (inf/NaN), and the loss scale then shrinks
         if scaler is not None:
-            scaler.step(optimizer)  # skipped if a gradient overflowed (inf/NaN); the scale then shrinks
+            scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # the next step's backward adds into fresh gradients
-        loss_v, norm_v = loss_accum.item(), norm.item()  # waits for the device: the step's time is real
-        check_finite(step, scaler, loss=loss_v, grad_norm=norm_v)
+        # backward adds into .grad: the next step starts from none (set_to_none frees the memory too)
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log the step: the model is now the one after step + 1 optimizer steps
+        loss_value = loss_accum.item()  # .item() waits for the device: the step's time below is real
+        norm_value = norm.item()
+        check_finite(step + 1, scaler, loss=loss_value, grad_norm=norm_value)
         dt = time.time() - t0
-        tps = cfg.total_batch_size / dt
-        mfu = estimate_mfu(raw_model, tps / world, T, device) if device_type == "cuda" else None
-        if master:
-            mfu_s = f" | mfu {100 * mfu:4.1f}%" if mfu is not None else ""
-            say(f"step {step:5d}/{cfg.max_steps} | loss {loss_v:.4f} | lr {lr:.4e} | norm {norm_v:.4f} | "
-                f"{1000 * dt:7.1f} ms | {tps:10,.0f} tok/s{mfu_s}")
-            log_line({"type": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
-                      "ms": 1000 * dt, "tokens_per_s": tps, "mfu": mfu, "epoch": train_loader.epoch})
+        clock.add(dt)
+        tokens_per_s = cfg.total_batch_size / dt
+        mfu = None
+        if run.device_type == "cuda":  # the share of the GPU's peak FLOP/s that the step used
+            mfu = estimate_mfu(run.raw_model, tokens_per_s / run.world, cfg.seq_len, run.device)
+        lr = scale * cfg.lr  # AdamW's (Muon's is matrix_lr / lr times it)
+        mfu_text = f" | mfu {100 * mfu:4.1f}%" if mfu is not None else ""
+        log.say(f"step {step + 1:5d}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.4e} | norm {norm_value:.4f} | "
+                f"{1000 * dt:7.1f} ms | {tokens_per_s:10,.0f} tok/s{mfu_text} | {clock.left(step + 1)}")
+        log.record({"type": "train", "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                    "ms": 1000 * dt, "tokens_per_s": tokens_per_s, "mfu": mfu, "epoch": run.train_loader.epoch})
+        if len(clock.seconds) == clock.skip + ESTIMATE_AFTER:
+            log.say(f"the whole run: {clock.estimate()}")
+
     stop.restore()
-    if master and last:
-        s = write_summary(out_dir, samples)
-        b, a = ({k: "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("val_loss", "val_bpb")}
-                for r in (s["before"], s["after"]))
-        say(f"done: val loss {b['val_loss']} -> {a['val_loss']} nats/token, val bpb {b['val_bpb']} -> "
-            f"{a['val_bpb']} bits per byte (step {s['before']['step']} -> {s['after']['step']}) | model: "
-            f"{out_dir / 'ckpt' / 'model'} | {', '.join(s['files'])} in {out_dir}")
-    close_run(out_dir)
+    if run.master and last_step:
+        finish(run, samples)
+    log.close()
+    close_run(run.out_dir)
     end_distributed()  # tear down together
-    return out_dir
+    return run.out_dir
 
 
 def main(argv=None):
