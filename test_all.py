@@ -6,9 +6,12 @@ generate(), peft, tiktoken, a formula, or a straightforward re-implementation ke
 models are made by the tests with save_pretrained, so nothing is downloaded. Data the CEO provides
 lives in ../shared/data/ beside the checkout; tests that need it skip with the reason when it is absent.
 
-The sections follow the README's reading order: shared helpers, then bpe.py, model.py,
-prepare_data.py, train_gpt2.py, hellaswag.py, lora.py, finetune.py, dpo.py, score.py, chat.py, the
-benchmarks, and the layout rules.
+The sections follow the README's reading order: shared helpers and fixtures, then one section per
+file (bpe.py, model.py, prepare_data.py, train_gpt2.py, hellaswag.py, lora.py, finetune.py, dpo.py,
+score.py, chat.py, sweep.py, the benchmarks), then sections that cut across files, named by behaviour:
+past one device (torchrun on gloo), GPU paths checked on a CPU, nothing lost (run directories, bad
+input, one-line errors), the first hour (the README's commands as printed), the life cycle on a
+laptop, and the layout rules (who may import whom, how much code a file may hold).
 """
 
 import base64
@@ -1779,7 +1782,7 @@ def test_train_cpu_recipe_checkpoints_every_50_steps_and_caps_a_long_warmup(trai
     assert train_gpt2.parse_args(["--recipe", "cpu", "--warmup_steps", "-1"])[0].warmup_steps == -1  # 5% of the run
 
 
-# --- issue 24: Muon, the modern block's switches, warmup-stable-decay, bits per byte --------------
+# --- Muon, the modern block's switches, warmup-stable-decay, bits per byte -----------------------
 
 _BLOCK_MATRIX = regex.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 
@@ -3457,7 +3460,7 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
 def test_dpo_resume_after_a_stop_is_exact_and_lr_keeps_its_floor(tmp_path):
     """A run stopped after step 3 (state saved at 2) and resumed logs the whole run's losses, bit for bit;
     --min_lr_ratio 0.5 keeps the cosine at half the peak or above."""
-    args = _i26_dpo_args(tmp_path) + ["--max_steps", "4", "--lr", "1e-2", "--min_lr_ratio", "0.5",
+    args = _dpo_tiny_args(tmp_path) + ["--max_steps", "4", "--lr", "1e-2", "--min_lr_ratio", "0.5",
                                       "--eval_interval", "2"]
     dpo.main(args + ["--out_dir", str(tmp_path / "whole")])
     dpo.main(args + ["--out_dir", str(tmp_path / "cut"), "--ckpt_interval", "2", "--stop_at_step", "3"])
@@ -3862,6 +3865,212 @@ def test_sweep_default_grid_and_every_row_failed(tmp_path):
 
 
 # -----------------------------------------------------------------------------------------------
+# bench_speed.py and bench_memory.py
+
+
+def test_bench_speed_hellaswag_work_ratios_formula():
+    """The benchmark's arithmetic bound, against the count done by hand for one item."""
+    from model import GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400))
+    P = sum(p.numel() for p in model.transformer.h.parameters())
+    H = 400 * model.config.n_embd
+    ctx = list(range(10))
+    requests = [(ctx, list(range(n)), n) for n in (2, 3, 4, 5)]  # 14 ending tokens
+    shared = 10 * P + 14 * (P + H)
+    w = bench_speed.work_ratios(model, requests)
+    assert w["naive"] == pytest.approx((40 + 14) * (P + H) / shared)
+    assert w["one ending per forward"] == pytest.approx(((40 + 14) * P + 14 * H) / shared)
+
+
+def test_bench_speed_nf4_loss_and_step_time_on_a_trained_model(train_corpus, tmp_path, capsys):
+    _, _, data, _ = train_corpus
+    _train(data, tmp_path / "o", "--max_steps", "30")
+    losses = bench_speed.main(["nf4", "--init_from", str(tmp_path / "o" / "ckpt" / "model"), "--data_dir", str(data),
+                               "--nf4_tokens", "2048", "--rounds", "1", "--batch_size", "2", "--seq_len", "64"])
+    assert losses["fp32"] < math.log(512) - 0.5  # a trained model: the held-out loss is below uniform's
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.02 and abs(losses["NF4 (bf16 compute)"] - losses["fp32"]) < 0.3
+    out = capsys.readouterr().out
+    assert "NF4 / bfloat16:" in out and "NF4 / float32:" in out
+
+
+def _mlp(frozen=()):
+    """Linear(A,B) GELU Linear(B,C) GELU Linear(C,D), the stack of the hand-counted tests below."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 12), torch.nn.GELU(),
+                            torch.nn.Linear(12, 4))
+    for i in frozen:
+        m[i].requires_grad_(False)
+    return m
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}])
+def test_memory_tracker_parameters_gradients_adamw_state_by_hand(impl):
+    from bench_memory import MemoryTracker
+
+    model = _mlp(frozen=[0])  # a frozen layer: no gradient, no optimizer state
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, **impl)
+    with MemoryTracker(model, opt) as mt:
+        for _ in range(2):  # gradient accumulation: the second backward adds into the same .grad
+            model(torch.randn(32, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    params, grads = _nbytes(model.parameters()), _nbytes(trainable)
+    assert mt.peaks["parameters"] == params == 4 * (8 * 16 + 16 + 16 * 12 + 12 + 12 * 4 + 4)
+    assert mt.peaks["gradients"] == grads and mt.at_end["gradients"] == 0  # zero_grad frees them
+    # AdamW: exp_avg and exp_avg_sq (fp32) per trainable tensor, and a 0-dim fp32 step counter each
+    assert mt.peaks["optimizer"] == mt.at_end["optimizer"] == 2 * grads + 4 * len(trainable)
+
+
+@pytest.mark.parametrize("frozen, saved", [
+    # trainable: Linear1 saves x (N*A) to give its weight a gradient, GELU1 its input h1 (N*B), Linear2
+    # gelu(h1) (N*B), GELU2 h2 (N*C), Linear3 gelu(h2) (N*C); the weights they use are parameters
+    ((), 8 + 2 * 16 + 2 * 12),
+    # Linear2 and Linear3 frozen (what LoRA does to the base): a frozen linear needs no input for its
+    # weight's gradient, and the input's gradient needs only the weight: gelu(h1), gelu(h2) not saved
+    ((2, 4), 8 + 16 + 12)])
+def test_memory_tracker_activations_of_linear_gelu_stack_by_hand(frozen, saved):
+    from bench_memory import CATEGORIES, MemoryTracker
+
+    model = _mlp(frozen)
+    with MemoryTracker(model) as mt:
+        loss = model(torch.randn(32, 8)).sum()
+        assert mt.current["activations"] == 4 * 32 * saved  # fp32, N = 32
+        loss.backward()
+        assert mt.current["activations"] == 0  # backward freed the graph: the frees are seen
+    assert mt.peaks["activations"] == 4 * 32 * saved
+    assert mt.peaks["total"] == sum(mt.at_total_peak[c] for c in CATEGORIES)
+
+
+def test_memory_tracker_total_equals_pytorch_memtracker():
+    """An independent implementation (PyTorch's MemTracker) sees the same total at the step's peak."""
+    from bench_memory import MemoryTracker
+
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    totals = []
+    for theirs in (False, True):
+        model = _mlp()
+        opt = torch.optim.AdamW(model.parameters())
+        tracker = mem_tracker.MemTracker() if theirs else MemoryTracker(model, opt)
+        if theirs:
+            tracker.track_external(model, opt)
+        with tracker:
+            model(torch.randn(32, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        totals.append(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] if theirs
+                      else tracker.peaks["total"])
+    assert totals[0] == totals[1]
+
+
+BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=2,n_embd=128,vocab_size=2048", "--max_examples", "8",
+           "--max_length", "128", "--batch_size", "8", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench_memory_rows(tmp_path_factory):
+    import bench_memory
+
+    out_dir = tmp_path_factory.mktemp("bm")
+    bench_memory.main(BM_ARGS + ["--axes", "ga,mp,lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
+                                 "--out_dir", str(out_dir)])
+    out = out_dir / "bench_memory.md"
+    rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    return out, rows
+
+
+def test_bench_memory_derived_table_from_exact_columns(bench_memory_rows):
+    out, rows = bench_memory_rows
+    fields = {"config", "key", "status", "peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb",
+              "temporaries_mb", "process_peak_mb", "seconds", "seconds_spread", "tokens_per_s", "trainable"}
+    assert all(fields <= set(r) for r in rows.values() if r["status"] == "ok")
+    base = rows["ga=1 fp32 full no-gc adamw"]
+    assert base["process_peak_mb"] > 0 and base["method"].startswith("exact live tensor bytes")
+    n = sum(p.numel() for p in GPT(GPTConfig.preset("tiny-gpt2", n_layer=2, n_embd=128, vocab_size=2048,
+                                                    block_size=128)).parameters())
+    assert base["params_mb"] == pytest.approx(4 * n / 2 ** 20, abs=0.2)  # + the causal-mask buffer at most
+    assert base["grads_mb"] == pytest.approx(4 * n / 2 ** 20)
+    assert base["optimizer_mb"] == pytest.approx(8 * n / 2 ** 20, abs=0.01)
+    sgd, mom, adam = (rows[f"ga=1 fp32 full no-gc {o}"]["optimizer_mb"] for o in ("sgd", "sgd_momentum", "adam"))
+    assert sgd == 0 and mom == pytest.approx(4 * n / 2 ** 20) and adam == pytest.approx(8 * n / 2 ** 20, abs=0.01)
+    bad = rows["ga=1 fp32 full no-gc bogus"]
+    assert bad["status"] == "failed" and "optimizer 'bogus'" in bad["reason"]
+    md = out.read_text()
+    assert "× (error: optimizer 'bogus'" in md
+    arrows = {line.split(" | ")[0][2:]: line.split(" | ")[1:5] for line in md.splitlines()
+              if line.startswith(("| gradient acc", "| mixed", "| LoRA |", "| gradient check"))}
+    # parameters, activations, gradients, optimizer state. LoRA lowers activations: the frozen linears
+    # keep no inputs (the hand-counted test above), and the q,v adapters' saved tensors are small.
+    assert arrows == {"gradient accumulation": ["–", "↓", "–", "–"], "mixed precision (bf16)": ["–", "↓", "–", "–"],
+                      "LoRA": ["–", "↓", "↓", "↓"], "gradient checkpointing": ["–", "↓", "–", "–"]}
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("lora_rank, quant", [(0, "none"), (16, "none"), (16, "nf4")])
+def test_bench_memory_estimate_within_10_percent_on_llama_135m(lora_rank, quant):
+    """finetune.estimate_memory against the exact tracker, on a LLaMA-shaped model the CPU can train:
+    full fine-tuning, LoRA, and LoRA on a 4-bit base (fp32 compute: this CPU's fast dtype)."""
+    import bench_memory
+
+    args = bench_memory.parse_args(["--model", "llama-135m", "--max_examples", "2", "--batch_size", "2",
+                                    "--max_length", "128"])
+    c = dict(bench_memory.BASE, lora=lora_rank, quant=quant)
+    measured, est = bench_memory.run_config(c, args), bench_memory.estimate_config(c, args)
+    for col in ("peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
+        assert est[col] == pytest.approx(measured[col], rel=0.10), col
+
+
+def test_bench_memory_flags_and_their_former_names():
+    import bench_memory
+
+    for new, old in ((["--max_examples", "3"], ["--samples", "3"]), (["--out_dir", "x.md"], ["--out", "x.md"])):
+        assert vars(bench_memory.parse_args(new)) == vars(bench_memory.parse_args(old))
+    assert bench_memory.parse_args([]).out_dir == "out/bench"  # a folder: bench_memory.md, .jsonl, .png in it
+
+
+def test_bench_speed_flags_and_their_former_names():
+    parse = bench_speed.build_parser().parse_args
+    for new, old in ((["--limit", "3"], ["--items", "3"]), (["--out_dir", "x"], ["--out", "x"])):
+        assert vars(parse(["hellaswag"] + new)) == vars(parse(["hellaswag"] + old))
+
+
+def test_bench_speed_tokens_counts_a_text_at_hand_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_speed, "SHARED_DATA", tmp_path / "absent")
+    [(label, text)] = bench_speed.token_count_texts(None)  # no test data beside the checkout: Python's own docs
+    assert label == "pydoc_data topics" and len(text) > 100_000
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "english_pd.txt").write_text("Some English.")
+    assert bench_speed.token_count_texts(None) == [(str(tmp_path / "absent" / "english_pd.txt"), "Some English.")]
+    (tmp_path / "mine.txt").write_text("mine")
+    assert bench_speed.token_count_texts([str(tmp_path / "mine.txt")]) == [(str(tmp_path / "mine.txt"), "mine")]
+
+
+def test_bench_memory_estimate_llama2_7b_full_40gb_and_qlora_under_10gb(tmp_path):
+    import bench_memory
+
+    big = tmp_path / "7b.md"
+    bench_memory.main(["--model", "llama2-7b", "--samples", "8", "--axes", "lora", "--estimate",
+                       "--gpu_memory_gb", "40", "--out", str(big)])
+    r7 = {r["key"]: r for r in map(json.loads, big.with_suffix(".jsonl").read_text().splitlines())}
+    full = r7["ga=1 fp32 full no-gc adamw"]
+    assert full["status"] == "failed" and "> 40 GB" in full["reason"]  # fp32 AdamW: 7B x 16 bytes
+    assert full["peak_mb"] > 6.7e9 * 16 / 2 ** 20 and full["fsdp_mb"] < 40 * 1024  # FSDP/8 fits
+    assert r7["ga=1 fp32 lora r=16 no-gc adamw"]["status"] == "estimate"
+    # QLoRA: LoRA r=16 on q,v, batch 4 x 512 tokens, checkpointing, NF4 base
+    q = tmp_path / "q.md"
+    bench_memory.main(["--model", "llama2-7b", "--estimate", "--axes", "quant", "--gc_only", "--batch_size", "4",
+                       "--samples", "4", "--max_length", "512", "--full_length", "--out", str(q)])
+    rq = {r["config"]["quant"]: r for r in map(json.loads, q.with_suffix(".jsonl").read_text().splitlines())}
+    assert rq["nf4"]["peak_mb"] < 10 * 1024 < rq["none"]["peak_mb"]
+    assert rq["nf4"]["params_mb"] < 0.3 * rq["none"]["params_mb"] + 1024  # embeddings and head stay 16-bit
+
+
+# -----------------------------------------------------------------------------------------------
 # past one device: finetune.py and dpo.py under torchrun (DDP, FSDP2), on gloo CPU processes
 
 
@@ -3980,6 +4189,25 @@ def test_distributed_dpo_equal_one_process(tmp_path):
         one, two = _losses(tmp_path / f"one-{ref}"), _losses(tmp_path / f"two-{ref}")
         assert two == pytest.approx(one, rel=1e-5) and one[-1] < one[0], ref
         assert (tmp_path / f"two-{ref}" / "model" / "gpt_config.json").exists()
+def test_torchrun_a_refusal_on_rank_0_is_one_line_and_every_rank_exits_2(tmp_path):
+    """A 2-rank run on a directory that holds a run: rank 0 refuses (no --resume or --overwrite) and tells
+    the other rank before any collective. The `error:` line is printed once, no rank prints a traceback
+    (torchrun's own summary follows, and names the error through its error file), and every rank exits 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n')
+    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt2.py"),
+             "--out_dir", out, "--device", "cpu", timeout=300)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    ours = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "holds a run (log.jsonl)" in ours[0], text[-3000:]
+    assert "train_gpt2.py\", line" not in text and "housekeeping.py\", line" not in text, text[-3000:]  # no rank's traceback
+    # every rank exits 2 (torchrun may stop the second one first, once the first has ended: SIGTERM)
+    codes = regex.findall(r"exitcode\s*: (-?\d+)", text)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, text[-3000:]
+    assert f"traceback : {ours[0]}" in text, text[-3000:]  # torchrun's summary names the error
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]  # nothing written, no lone run.lock
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4328,564 +4556,8 @@ def test_robust_checkpoints_and_exports_get_the_usual_file_mode(train_corpus, tm
 
 
 # -----------------------------------------------------------------------------------------------
-# the whole life cycle on a laptop, offline (README "The whole life cycle on a laptop")
-
-
-def _run(cwd, *cmd, stdin=None, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
-    return subprocess.run([sys.executable, *map(str, cmd)] if cmd[0] != "torchrun" else list(map(str, cmd)), cwd=cwd,
-                          input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory):
-    """The project's scripts in an empty folder, no ../shared beside it: what a new user has."""
-    d = tmp_path_factory.mktemp("clone") / "nano-llm"
-    d.mkdir()
-    for f in ROOT.glob("*.py"):
-        (d / f.name).write_text(f.read_text())
-    return d
-
-
-def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
-    d = fresh_clone
-    steps = [("train_gpt2.py", "--max_steps", 6, "--eval_interval", 3, "--num_samples", 0),
-             ("finetune.py", "--lora_rank", 16, "--grad_accum", 8, "--max_steps", 3, "--eval_interval", 3,
-              "--n_generate", 2, "--max_new_tokens", 6, "--eval_examples", 16),
-             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--n_generate", 1, "--max_new_tokens", 4,
-              "--eval_pairs", 8),
-             ("hellaswag.py", "--limit", 20, "--no_progress")]
-    leaves = ["out/cpu/ckpt/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
-              "out-dpo/model/gpt_config.json",
-              None]
-    for cmd, left in zip(steps, leaves):
-        r = _run(d, *cmd)
-        assert r.returncode == 0, (cmd, r.stderr[-2000:])
-        assert left is None or (d / left).exists(), (cmd, left)
-    assert "out/cpu/ckpt/model (from train_gpt2.py) on the built-in instruction set" in _run(
-        d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--n_generate", 0, "--eval_examples", 4).stdout
-    assert "hellaswag scoring=harness n=20" in r.stdout and "out-dpo/model" in r.stdout
-    r = _run(d, "chat.py", "--max_new_tokens", 5, stdin="what does len do?\n/quit\n")
-    assert r.returncode == 0 and "chatting with out-dpo/model" in r.stdout and "Assistant:" in r.stdout
-
-
-@pytest.mark.parametrize("world", [2, 8])
-def test_life_cycle_torchrun_default_recipe_on_cpu(fresh_clone, world):
-    """The default CPU recipe under torchrun: the micro-batch adapts so that the step divides."""
-    d = fresh_clone
-    if not (d / "data" / "builtin" / "corpus.json").exists():
-        pytest.skip("needs the built-in corpus of the life-cycle test")
-    r = _run(d, "torchrun", "--standalone", f"--nproc_per_node={world}", "train_gpt2.py", "--max_steps", 3,
-             "--out_dir", f"out/torchrun{world}", "--num_samples", 0)
-    assert r.returncode == 0, r.stderr[-3000:]
-    b = {2: 8, 8: 2}[world]  # 2048 tokens = b x 128 x world
-    assert f"{b} x 128 x {world} ranks x 1 accumulation (batch_size 16 lowered to {b}" in r.stdout
-    assert r.stdout.count("step     2/3") == 1  # rank 0 alone logs
-
-
-def test_a_stage_run_too_early_names_the_stage_to_run_first(tmp_path, fresh_clone):
-    """chat.py, hellaswag.py and score.py on a fresh clone (no stage's model, no GPT-2 in the cache, no
-    hub): one line naming the stage to run first, not a Hugging Face hub error."""
-    for f in fresh_clone.glob("*.py"):  # the scripts alone (the life-cycle test runs its stages in fresh_clone)
-        (tmp_path / f.name).write_text(f.read_text())
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH="")
-    for cmd in (["chat.py"], ["chat.py", "--prompt", "hi"], ["hellaswag.py"], ["score.py"]):
-        r = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, env=env,
-                           timeout=300)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1, (cmd, r.stderr[-2000:])
-        assert lines[0].startswith("error: ") and "run `python train_gpt2.py`" in lines[0], (cmd, lines[0])
-        assert "huggingface" not in lines[0].lower(), lines[0]
-
-
-def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fresh_clone):
-    """No checkpoint of an earlier stage and no hub: each stage says what to do in one line."""
-    for f in fresh_clone.glob("*.py"):
-        (tmp_path / f.name).write_text(f.read_text())
-    for cmd in (["finetune.py", "--lora_rank", 16, "--grad_accum", 8], ["dpo.py"], ["hellaswag.py"],
-                ["chat.py", "--prompt", "hi"], ["finetune.py", "--init_from", "gpt2", "--tokenizer", "gpt2"]):
-        r = _run(tmp_path, *cmd, timeout=300)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (cmd, r.stderr[-2000:])
-        # with no earlier stage here, each stage names the one to run first; with one, the hub's fix
-        told = ("hf download", "tiktoken", "`python finetune.py` first", "`python train_gpt2.py` first")
-        assert any(t in lines[0] for t in told), lines[0]
-    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", "train_gpt2.py", "--batch_size", 16,
-             "--total_batch_size", 3072, "--max_steps", 1)
-    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
-    assert r.returncode != 0 and ours == ["error: --total_batch_size 3072 is not a multiple of batch_size * seq_len * "
-                                          "world_size = 16 * 128 * 2; --batch_size 12 divides it"]
-
-
-# -----------------------------------------------------------------------------------------------
-# issue 25: the life cycle visibly learns: built-in tasks with held-out modules, before -> after metrics
-
-
-@pytest.fixture(scope="module")
-def builtin_task_rows(tmp_path_factory):
-    files = prepare_data.builtin_tasks(tmp_path_factory.mktemp("tasks"))
-    return {k: [json.loads(line) for line in f.read_text().splitlines()] for k, f in files.items()}
-
-
-TASK_RULES = {  # the built-in tasks' questions and, by a plain rule, their answers (module m, name n)
-    r"Which module in: from (\S+) import (\S+)$": lambda m, n: [f" {m}"],
-    r"Which name in: from (\S+) import (\S+)$": lambda m, n: [f" {n}"],
-    r"Write the import statement for (\S+) of module (\S+)\.$": lambda n, m: [f" from {m} import {n}"],
-    r"Is (\S+) of module (\S+) a class or a function\?$": lambda n, m: [" class", " function"]}
-
-
-def _task_module(instruction: str) -> tuple[str, list[str]]:
-    """(the module asked about, the allowed answers) of a built-in task's question."""
-    for pattern, answers in TASK_RULES.items():
-        if found := regex.match(pattern, instruction):
-            x, y = found.groups()
-            return (x if "module in" in pattern or "name in" in pattern else y), answers(x, y)
-    raise AssertionError(f"not a built-in task question: {instruction!r}")
-
-
-def _instruction(pair: dict) -> str:
-    return regex.fullmatch(r"(?s).*### Instruction:\n(.*)\n\n### Response:", pair["prompt"]).group(1)
-
-
-def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_rows):
-    t = builtin_task_rows
-    train_m = {_task_module(r["instruction"])[0] for r in t["instructions"]}
-    test_m = {_task_module(r["instruction"])[0] for r in t["instructions_test"]}
-    assert len(train_m) > 100 and len(test_m) > 20 and not train_m & test_m  # whole modules held out
-    pairs_m = {_task_module(_instruction(p))[0] for p in t["pairs"]}  # made-up modules: none is real
-    assert len(pairs_m) > 1000 and not pairs_m & (train_m | test_m | set(sys.stdlib_module_names))
-    assert not {it["source_id"].rsplit(".", 1)[0] for it in t["hellaswag"]} & train_m
-
-    def as_set(rows, keys):
-        return {tuple(r[k] for k in keys) for r in rows}
-
-    assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
-    assert not as_set(t["pairs"], ("prompt",)) & as_set(t["pairs_test"], ("prompt",))
-    assert len(t["hellaswag"]) >= 100 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
-
-
-def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
-    """Each answer, re-derived from its question by a plain rule (the exact-match reference), and each
-    preference pair: the instruction's answer preferred to a different one."""
-    for r in builtin_task_rows["instructions"]:
-        assert r["output"] in _task_module(r["instruction"])[1], r
-    for r, p in zip(builtin_task_rows["instructions_test"], builtin_task_rows["pairs_test"], strict=True):
-        assert r["output"] in _task_module(r["instruction"])[1], r
-        assert p["prompt"] == prepare_data.format_prompt(r) and p["chosen"] == r["output"] != p["rejected"]
-    for p in builtin_task_rows["pairs"]:  # DPO's, about made-up names
-        assert p["chosen"] in _task_module(_instruction(p))[1] and p["chosen"] != p["rejected"], p
-    kinds = [r["output"] for r in builtin_task_rows["instructions"] if r["instruction"].startswith("Is ")]
-    assert 0.1 < kinds.count(" class") / len(kinds) < 0.9
-
-
-def test_exact_match_and_eos_rate_by_hand():
-    ex = [{"output": "a.b"}, {"output": "from a import b"}, {"output": "class"}, {"output": "x"}]
-    m = finetune.answer_metrics([" a.b\n", "from a import  b", "class", "y"], [True, True, False, False], ex)
-    assert m == {"exact_match": 0.5, "eos_rate": 0.5}
-    assert prepare_data.exact_match([], []) == 0.0
-    with pytest.raises(ValueError):
-        prepare_data.exact_match(["a"], ["a", "b"])
-
-
-def test_generate_responses_says_which_answers_ended_with_eos():
-    """A stand-in model whose continuations are known: one stops with EOS, one runs to the limit."""
-    eos = 0
-
-    class Model:
-        config = type("C", (), {"block_size": 512})
-
-        def generate(self, prompts, n, temperature, eos_token_id):
-            T = max(len(p) for p in prompts)
-            tails = [[ord("o"), ord("k"), eos, eos], [ord("n"), ord("o"), ord("p"), ord("e")]]
-            return torch.tensor([[1] * T + tails[i % 2][:n] for i in range(len(prompts))])
-
-    class Tok:
-        encode = staticmethod(lambda s: [ord(ch) for ch in s])
-        decode = staticmethod(lambda ids: "".join(map(chr, ids)))
-
-    ex = [{"instruction": "a", "input": "", "output": "ok"}, {"instruction": "bb", "input": "", "output": "ok"}]
-    answers, ended = finetune.generate_responses(Model(), Tok(), ex, eos, 4)
-    assert answers == ["ok", "nope"] and ended == [True, False]
-    assert finetune.answer_metrics(answers, ended, ex) == {"exact_match": 0.5, "eos_rate": 0.5}
-
-
-def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, capsys):
-    """dpo.py's summary.json: reward_accuracy of the held-out pairs (0 at step 0: policy = reference,
-    ties count as wrong) and chosen_rate, the share of answers equal to the chosen one, before and after."""
-    import bpe
-
-    pairs = [{"prompt": f"say {w}:", "chosen": f" {w}", "rejected": f" {v}"}
-             for w, v in [("red", "blue"), ("cat", "dog"), ("sun", "tree"), ("big", "small")] * 3]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:8]))
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[8:]))
-    bpe.Tokenizer.train(" ".join(p["prompt"] + p["chosen"] + p["rejected"] for p in pairs), 300,
-                        special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
-    answers = iter([[" red", "cat", " no", "big "], [" red", " cat", " sun", "x"]])  # before: 3 of 4; after: 3 of 4
-    monkeypatch.setattr(dpo, "_samples", lambda *a: next(answers))
-    dpo.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
-              str(tmp_path / "train.jsonl"), "--val_file", str(tmp_path / "val.jsonl"), "--out_dir",
-              str(tmp_path / "out"), "--lora_rank", "4", "--max_steps", "2", "--eval_interval", "2",
-              "--n_generate", "4", "--warmup_steps", "0"])
-    s = json.loads((tmp_path / "out" / "summary.json").read_text())
-    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in log if "val_reward_accuracy" in r]
-    assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["val_reward_accuracy"]
-    assert s["before"]["chosen_rate"] == 0.75 and s["after"]["chosen_rate"] == 0.75
-    out = capsys.readouterr().out
-    assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out and "summary.json" in out.splitlines()[-1]
-
-
-def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
-    """--baseline --json: "before" is a randomly initialised model of the same shape (scored here
-    directly), "after" the model given; acc_norm from the per-item scores by hand; chance 1/4."""
-    import bpe
-
-    words = "alpha beta gamma delta red green blue cat dog sun".split()
-    rnd = random.Random(0)
-    items = [{"activity_label": "x", "ctx_a": " ".join(rnd.sample(words, 3)), "ctx_b": "",
-              "endings": [" ".join(rnd.sample(words, rnd.randint(1, 3))) for _ in range(4)], "label": i % 4}
-             for i in range(12)]
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-    tok = bpe.Tokenizer.train(" ".join(words) * 3, 300, special_tokens=["<|endoftext|>"])
-    torch.manual_seed(1)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "m", "native")
-    tok.save(tmp_path / "m")
-    hellaswag.main(["--init_from", str(tmp_path / "m"), "--data_file", str(tmp_path / "items.jsonl"), "--baseline",
-                    "--json", str(tmp_path / "r" / "summary.json"), "--per_item", str(tmp_path / "items_out.jsonl"),
-                    "--no_progress", "--device", "cpu"])
-    s = json.loads((tmp_path / "r" / "summary.json").read_text())
-    per = [json.loads(line) for line in (tmp_path / "items_out.jsonl").read_text().splitlines()]
-    by_hand = sum(max(range(4), key=lambda j: p["ll"][j] / p["norm"][j]) == p["label"] for p in per) / 12
-    assert s["chance"] == 0.25 and s["after"]["acc_norm"] == pytest.approx(by_hand)
-    model, t = hellaswag.load_model(str(tmp_path / "m"))
-    torch.manual_seed(0)
-    random_model = GPT(model.config)
-    want = hellaswag.evaluate(random_model, t, prepare_data.load_hellaswag(tmp_path / "items.jsonl"), device="cpu")
-    assert s["before"]["acc_norm"] == pytest.approx(want["acc_norm"])
-    assert "(chance 0.250, a random model " in capsys.readouterr().out
-
-
-# -----------------------------------------------------------------------------------------------
-# bench_speed.py and bench_memory.py
-
-
-def test_bench_speed_hellaswag_work_ratios_formula():
-    """The benchmark's arithmetic bound, against the count done by hand for one item."""
-    from model import GPTConfig
-
-    model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400))
-    P = sum(p.numel() for p in model.transformer.h.parameters())
-    H = 400 * model.config.n_embd
-    ctx = list(range(10))
-    requests = [(ctx, list(range(n)), n) for n in (2, 3, 4, 5)]  # 14 ending tokens
-    shared = 10 * P + 14 * (P + H)
-    w = bench_speed.work_ratios(model, requests)
-    assert w["naive"] == pytest.approx((40 + 14) * (P + H) / shared)
-    assert w["one ending per forward"] == pytest.approx(((40 + 14) * P + 14 * H) / shared)
-
-
-def test_bench_speed_nf4_loss_and_step_time_on_a_trained_model(train_corpus, tmp_path, capsys):
-    _, _, data, _ = train_corpus
-    _train(data, tmp_path / "o", "--max_steps", "30")
-    losses = bench_speed.main(["nf4", "--init_from", str(tmp_path / "o" / "ckpt" / "model"), "--data_dir", str(data),
-                               "--nf4_tokens", "2048", "--rounds", "1", "--batch_size", "2", "--seq_len", "64"])
-    assert losses["fp32"] < math.log(512) - 0.5  # a trained model: the held-out loss is below uniform's
-    assert abs(losses["bf16"] - losses["fp32"]) < 0.02 and abs(losses["NF4 (bf16 compute)"] - losses["fp32"]) < 0.3
-    out = capsys.readouterr().out
-    assert "NF4 / bfloat16:" in out and "NF4 / float32:" in out
-
-
-def _mlp(frozen=()):
-    """Linear(A,B) GELU Linear(B,C) GELU Linear(C,D), the stack of the hand-counted tests below."""
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 12), torch.nn.GELU(),
-                            torch.nn.Linear(12, 4))
-    for i in frozen:
-        m[i].requires_grad_(False)
-    return m
-
-
-def _nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}])
-def test_memory_tracker_parameters_gradients_adamw_state_by_hand(impl):
-    from bench_memory import MemoryTracker
-
-    model = _mlp(frozen=[0])  # a frozen layer: no gradient, no optimizer state
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, **impl)
-    with MemoryTracker(model, opt) as mt:
-        for _ in range(2):  # gradient accumulation: the second backward adds into the same .grad
-            model(torch.randn(32, 8)).sum().backward()
-        opt.step()
-        opt.zero_grad()
-    params, grads = _nbytes(model.parameters()), _nbytes(trainable)
-    assert mt.peaks["parameters"] == params == 4 * (8 * 16 + 16 + 16 * 12 + 12 + 12 * 4 + 4)
-    assert mt.peaks["gradients"] == grads and mt.at_end["gradients"] == 0  # zero_grad frees them
-    # AdamW: exp_avg and exp_avg_sq (fp32) per trainable tensor, and a 0-dim fp32 step counter each
-    assert mt.peaks["optimizer"] == mt.at_end["optimizer"] == 2 * grads + 4 * len(trainable)
-
-
-@pytest.mark.parametrize("frozen, saved", [
-    # trainable: Linear1 saves x (N*A) to give its weight a gradient, GELU1 its input h1 (N*B), Linear2
-    # gelu(h1) (N*B), GELU2 h2 (N*C), Linear3 gelu(h2) (N*C); the weights they use are parameters
-    ((), 8 + 2 * 16 + 2 * 12),
-    # Linear2 and Linear3 frozen (what LoRA does to the base): a frozen linear needs no input for its
-    # weight's gradient, and the input's gradient needs only the weight: gelu(h1), gelu(h2) not saved
-    ((2, 4), 8 + 16 + 12)])
-def test_memory_tracker_activations_of_linear_gelu_stack_by_hand(frozen, saved):
-    from bench_memory import CATEGORIES, MemoryTracker
-
-    model = _mlp(frozen)
-    with MemoryTracker(model) as mt:
-        loss = model(torch.randn(32, 8)).sum()
-        assert mt.current["activations"] == 4 * 32 * saved  # fp32, N = 32
-        loss.backward()
-        assert mt.current["activations"] == 0  # backward freed the graph: the frees are seen
-    assert mt.peaks["activations"] == 4 * 32 * saved
-    assert mt.peaks["total"] == sum(mt.at_total_peak[c] for c in CATEGORIES)
-
-
-def test_memory_tracker_total_equals_pytorch_memtracker():
-    """An independent implementation (PyTorch's MemTracker) sees the same total at the step's peak."""
-    from bench_memory import MemoryTracker
-
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
-    totals = []
-    for theirs in (False, True):
-        model = _mlp()
-        opt = torch.optim.AdamW(model.parameters())
-        tracker = mem_tracker.MemTracker() if theirs else MemoryTracker(model, opt)
-        if theirs:
-            tracker.track_external(model, opt)
-        with tracker:
-            model(torch.randn(32, 8)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-        totals.append(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] if theirs
-                      else tracker.peaks["total"])
-    assert totals[0] == totals[1]
-
-
-BM_ARGS = ["--model", "tiny-gpt2", "--overrides", "n_layer=2,n_embd=128,vocab_size=2048", "--max_examples", "8",
-           "--max_length", "128", "--batch_size", "8", "--repeats", "1"]
-
-
-@pytest.fixture(scope="module")
-def bench_memory_rows(tmp_path_factory):
-    import bench_memory
-
-    out_dir = tmp_path_factory.mktemp("bm")
-    bench_memory.main(BM_ARGS + ["--axes", "ga,mp,lora,gc,optimizer", "--optimizers", "adam,sgd_momentum,sgd,bogus",
-                                 "--out_dir", str(out_dir)])
-    out = out_dir / "bench_memory.md"
-    rows = {r["key"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
-    return out, rows
-
-
-def test_bench_memory_derived_table_from_exact_columns(bench_memory_rows):
-    out, rows = bench_memory_rows
-    fields = {"config", "key", "status", "peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb",
-              "temporaries_mb", "process_peak_mb", "seconds", "seconds_spread", "tokens_per_s", "trainable"}
-    assert all(fields <= set(r) for r in rows.values() if r["status"] == "ok")
-    base = rows["ga=1 fp32 full no-gc adamw"]
-    assert base["process_peak_mb"] > 0 and base["method"].startswith("exact live tensor bytes")
-    n = sum(p.numel() for p in GPT(GPTConfig.preset("tiny-gpt2", n_layer=2, n_embd=128, vocab_size=2048,
-                                                    block_size=128)).parameters())
-    assert base["params_mb"] == pytest.approx(4 * n / 2 ** 20, abs=0.2)  # + the causal-mask buffer at most
-    assert base["grads_mb"] == pytest.approx(4 * n / 2 ** 20)
-    assert base["optimizer_mb"] == pytest.approx(8 * n / 2 ** 20, abs=0.01)
-    sgd, mom, adam = (rows[f"ga=1 fp32 full no-gc {o}"]["optimizer_mb"] for o in ("sgd", "sgd_momentum", "adam"))
-    assert sgd == 0 and mom == pytest.approx(4 * n / 2 ** 20) and adam == pytest.approx(8 * n / 2 ** 20, abs=0.01)
-    bad = rows["ga=1 fp32 full no-gc bogus"]
-    assert bad["status"] == "failed" and "optimizer 'bogus'" in bad["reason"]
-    md = out.read_text()
-    assert "× (error: optimizer 'bogus'" in md
-    arrows = {line.split(" | ")[0][2:]: line.split(" | ")[1:5] for line in md.splitlines()
-              if line.startswith(("| gradient acc", "| mixed", "| LoRA |", "| gradient check"))}
-    # parameters, activations, gradients, optimizer state. LoRA lowers activations: the frozen linears
-    # keep no inputs (the hand-counted test above), and the q,v adapters' saved tensors are small.
-    assert arrows == {"gradient accumulation": ["–", "↓", "–", "–"], "mixed precision (bf16)": ["–", "↓", "–", "–"],
-                      "LoRA": ["–", "↓", "↓", "↓"], "gradient checkpointing": ["–", "↓", "–", "–"]}
-    assert out.with_suffix(".png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("lora_rank, quant", [(0, "none"), (16, "none"), (16, "nf4")])
-def test_bench_memory_estimate_within_10_percent_on_llama_135m(lora_rank, quant):
-    """finetune.estimate_memory against the exact tracker, on a LLaMA-shaped model the CPU can train:
-    full fine-tuning, LoRA, and LoRA on a 4-bit base (fp32 compute: this CPU's fast dtype)."""
-    import bench_memory
-
-    args = bench_memory.parse_args(["--model", "llama-135m", "--max_examples", "2", "--batch_size", "2",
-                                    "--max_length", "128"])
-    c = dict(bench_memory.BASE, lora=lora_rank, quant=quant)
-    measured, est = bench_memory.run_config(c, args), bench_memory.estimate_config(c, args)
-    for col in ("peak_mb", "params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
-        assert est[col] == pytest.approx(measured[col], rel=0.10), col
-
-
-def test_bench_memory_flags_and_their_former_names():
-    import bench_memory
-
-    for new, old in ((["--max_examples", "3"], ["--samples", "3"]), (["--out_dir", "x.md"], ["--out", "x.md"])):
-        assert vars(bench_memory.parse_args(new)) == vars(bench_memory.parse_args(old))
-    assert bench_memory.parse_args([]).out_dir == "out/bench"  # a folder: bench_memory.md, .jsonl, .png in it
-
-
-def test_bench_speed_flags_and_their_former_names():
-    parse = bench_speed.build_parser().parse_args
-    for new, old in ((["--limit", "3"], ["--items", "3"]), (["--out_dir", "x"], ["--out", "x"])):
-        assert vars(parse(["hellaswag"] + new)) == vars(parse(["hellaswag"] + old))
-
-
-def test_bench_speed_tokens_counts_a_text_at_hand_by_default(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_speed, "SHARED_DATA", tmp_path / "absent")
-    [(label, text)] = bench_speed.token_count_texts(None)  # no test data beside the checkout: Python's own docs
-    assert label == "pydoc_data topics" and len(text) > 100_000
-    (tmp_path / "absent").mkdir()
-    (tmp_path / "absent" / "english_pd.txt").write_text("Some English.")
-    assert bench_speed.token_count_texts(None) == [(str(tmp_path / "absent" / "english_pd.txt"), "Some English.")]
-    (tmp_path / "mine.txt").write_text("mine")
-    assert bench_speed.token_count_texts([str(tmp_path / "mine.txt")]) == [(str(tmp_path / "mine.txt"), "mine")]
-
-
-def test_bench_memory_estimate_llama2_7b_full_40gb_and_qlora_under_10gb(tmp_path):
-    import bench_memory
-
-    big = tmp_path / "7b.md"
-    bench_memory.main(["--model", "llama2-7b", "--samples", "8", "--axes", "lora", "--estimate",
-                       "--gpu_memory_gb", "40", "--out", str(big)])
-    r7 = {r["key"]: r for r in map(json.loads, big.with_suffix(".jsonl").read_text().splitlines())}
-    full = r7["ga=1 fp32 full no-gc adamw"]
-    assert full["status"] == "failed" and "> 40 GB" in full["reason"]  # fp32 AdamW: 7B x 16 bytes
-    assert full["peak_mb"] > 6.7e9 * 16 / 2 ** 20 and full["fsdp_mb"] < 40 * 1024  # FSDP/8 fits
-    assert r7["ga=1 fp32 lora r=16 no-gc adamw"]["status"] == "estimate"
-    # QLoRA: LoRA r=16 on q,v, batch 4 x 512 tokens, checkpointing, NF4 base
-    q = tmp_path / "q.md"
-    bench_memory.main(["--model", "llama2-7b", "--estimate", "--axes", "quant", "--gc_only", "--batch_size", "4",
-                       "--samples", "4", "--max_length", "512", "--full_length", "--out", str(q)])
-    rq = {r["config"]["quant"]: r for r in map(json.loads, q.with_suffix(".jsonl").read_text().splitlines())}
-    assert rq["nf4"]["peak_mb"] < 10 * 1024 < rq["none"]["peak_mb"]
-    assert rq["nf4"]["params_mb"] < 0.3 * rq["none"]["params_mb"] + 1024  # embeddings and head stay 16-bit
-
-
-# -----------------------------------------------------------------------------------------------
-# the layout: who may import whom, and how long a file may be
-
-
-# what each shared file may import of ours; a stage script may import all five (train_gpt2.py also
-# hellaswag.py, for its in-loop evaluation), and never another stage script
-LIBRARIES = {"housekeeping": set(), "bpe": {"housekeeping"}, "model": {"bpe", "housekeeping"},
-             "lora": {"bpe", "model", "housekeeping"}, "prepare_data": {"bpe", "model", "housekeeping"}}
-
-
-FREE = {"bench_speed", "bench_memory", "test_all"}  # measurements and tests may import anything
-
-
-def import_violations(root: Path) -> list[str]:
-    """Every import of one of our files, at any depth (inside functions too), that breaks the rules:
-    housekeeping.py imports none of ours; bpe.py only housekeeping.py; model.py only bpe.py and
-    housekeeping.py; lora.py and prepare_data.py only those three; a stage script only the five shared
-    files (train_gpt2.py also hellaswag.py); bench_*.py and test_all.py anything."""
-    import ast
-
-    ours = {p.stem for p in root.glob("*.py") if not p.stem.startswith("test_scratch")}
-    bad = []
-    for path in sorted(root.glob("*.py")):
-        name = path.stem
-        if name in FREE or name not in ours:
-            continue
-        allowed = LIBRARIES.get(name)
-        if allowed is None:
-            allowed = set(LIBRARIES) | ({"hellaswag"} if name == "train_gpt2" else set())
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                mods = [node.module]
-            else:
-                mods = []
-            for mod in mods:
-                top = mod.split(".")[0]
-                if top in ours and top != name and top not in allowed:
-                    bad.append(f"{path.name}:{node.lineno}: imports {top}")
-    return bad
-
-
-def code_lines(text: str) -> int:
-    """Lines of code: blank lines, comment lines and docstring lines are not counted (explanations are
-    free; only code counts against a file's size)."""
-    import ast
-
-    prose = set()
-    for node in ast.walk(ast.parse(text)):
-        body = getattr(node, "body", None)
-        if isinstance(body, list):
-            for stmt in body:  # a string that is a whole statement: a docstring (or a block of prose)
-                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(
-                        stmt.value.value, str):
-                    prose.update(range(stmt.lineno, stmt.end_lineno + 1))
-    n = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#") and number not in prose:
-            n += 1
-    return n
-
-
-def test_layout_imports_follow_the_rules(tmp_path):
-    assert import_violations(ROOT) == []
-    # the check bites: a stage script importing another stage script, even inside a function; a shared
-    # file importing a stage or a later shared file; housekeeping importing anything of ours
-    for f in ROOT.glob("*.py"):
-        (tmp_path / f.name).write_text(f.read_text())
-    dpo_lines = len((ROOT / "dpo.py").read_text().splitlines())
-    (tmp_path / "dpo.py").write_text((ROOT / "dpo.py").read_text() + "\n\ndef _x():\n    import finetune\n")
-    (tmp_path / "model.py").write_text("from lora import apply_lora\n" + (ROOT / "model.py").read_text())
-    (tmp_path / "housekeeping.py").write_text("import bpe\n" + (ROOT / "housekeeping.py").read_text())
-    assert sorted(import_violations(tmp_path)) == [f"dpo.py:{dpo_lines + 4}: imports finetune",
-                                                   "housekeeping.py:1: imports bpe", "model.py:1: imports lora"]
-
-
-def test_layout_no_file_over_1000_lines_of_code_and_prose_is_free():
-    """No file over 1,000 lines of code, test_all.py aside (model.py is no exception): blank, comment and
-    docstring lines do not count, so that an explanation is never the thing cut to fit."""
-    assert code_lines('"""A docstring\n\nof three lines."""\n\n# a comment\nx = 1  # code\n\n\ndef f():\n'
-                      '    """Its docstring."""\n    return """a string that is code"""\n') == 3
-    sizes = {f.stem: code_lines(f.read_text()) for f in ROOT.glob("*.py") if not f.stem.startswith("test_")}
-    assert {name: n for name, n in sizes.items() if n > 1000} == {}
-    assert "model" in sizes and "housekeeping" in sizes
-
-
-def test_layout_model_py_is_the_model_and_housekeeping_says_skip_it():
-    """A learner who opens model.py meets the network first: no import of flags, signals, locks or run
-    directories; generation ends before about line 800; the Hugging Face plumbing is an appendix at the
-    end. housekeeping.py says in its docstring that it can be skipped on first read."""
-    import ast
-
-    text = (ROOT / "model.py").read_text()
-    tree = ast.parse(text)
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"argparse", "signal", "fcntl", "shutil", "fnmatch", "random", "matplotlib"}
-    lines = text.splitlines()
-    end_of_generation = next(i for i, line in enumerate(lines, 1) if line.startswith("# 5. "))
-    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# 6. Appendix"))
-    assert end_of_generation < 800 < appendix
-    assert "skip it on first read" in ast.get_docstring(ast.parse((ROOT / "housekeeping.py").read_text())).lower()
-
-
-# -----------------------------------------------------------------------------------------------
-# issue 26, nothing lost (second round): --overwrite removes only our runs, NaN is never a value,
-# stale caches are refused, sizes beyond the machine and hostile files are one error line
+# nothing lost: --overwrite removes only our runs, NaN is never a value, stale caches are refused,
+# sizes beyond the machine and hostile files are one error line
 
 
 def _one_error_line(capsys, *needles) -> str:
@@ -4903,12 +4575,12 @@ def _refused(capsys, fn, argv, *needles) -> str:
     return _one_error_line(capsys, *needles)
 
 
-def test_i26_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkeypatch):
+def test_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     d = tmp_path / "d"
     (d / "notes").mkdir(parents=True)
     (d / "thesis.txt").write_text("x")
-    # the issue's command: not a run of ours, so nothing is removed
+    # the reported command: not a run of ours, so nothing is removed
     _refused(capsys, train_gpt2.main, ["--overwrite", "--max_steps", "1", "--out_dir", str(d), "--recipe", "cpu"],
              "--overwrite", "notes/", "thesis.txt", "no run of ours")
     assert (d / "thesis.txt").read_text() == "x" and (d / "notes").is_dir() and not (d / "run.lock").exists()
@@ -4937,14 +4609,14 @@ def test_i26_overwrite_removes_only_what_our_runs_wrote(tmp_path, capsys, monkey
 # every numeric flag of each script, given NaN, +-inf, 0, a negative and 10^13. A value is refused
 # (exit 2, one error line naming the flag, nothing written) when it is not finite, outside the
 # flag's range, or a size beyond any machine; else it is a valid setting and parsing succeeds.
-_I26_SIZES = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "seq_len", "num_samples",
+_SIZE_FLAGS = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "seq_len", "num_samples",
                              "sample_len"},
               "finetune": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "num_classes"},
               "dpo": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "max_prompt_length"},
               "chat": {"num_samples", "num_beams", "max_new_tokens"}}
 
 
-def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_path, capsys, monkeypatch):
+def test_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # parsing must write nothing here
     scripts = {"train_gpt2": (train_gpt2.TrainConfig, lambda a: train_gpt2.parse_args(a)),
                # finetune's --init_from auto needs an earlier stage's model: none in this empty folder
@@ -4961,7 +4633,7 @@ def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp
             for text in ("nan", "inf", "-inf", "0", "-1", "10000000000000" if kind == "int" else "1e13"):
                 value = float(text)
                 valid = (math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
-                         and not (value == 1e13 and f.name in _I26_SIZES[script]))
+                         and not (value == 1e13 and f.name in _SIZE_FLAGS[script]))
                 argv = [f"--{f.name}", text]
                 if valid:
                     housekeeping.run_main(parse, argv)
@@ -4987,8 +4659,8 @@ def test_i26_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys, monkeypatch):
-    """The issue: NaN weights gave val_loss 0.0 (nan_to_num), kept as best_adapter. Now a NaN is
+def test_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys, monkeypatch):
+    """Guards against a bug found once: NaN weights gave val_loss 0.0 (nan_to_num), kept as best_adapter. Now a NaN is
     never a score, and a NaN step stops the run with one error line; the best adapter and the last
     state stay the good ones."""
     from safetensors.torch import load_file
@@ -5037,7 +4709,7 @@ def test_i26_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, ca
     assert torch.isfinite(loss) and loss.item() == pytest.approx(full.item(), rel=1e-5)
 
 
-def test_i26_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(train_corpus, tmp_path, capsys,
+def test_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(train_corpus, tmp_path, capsys,
                                                                                monkeypatch):
     _, _, data_dir, _ = train_corpus
     real, calls = torch.nn.utils.clip_grad_norm_, []
@@ -5056,8 +4728,8 @@ def test_i26_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(t
     assert [r["step"] for r in train] == [1, 2]
 
 
-def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tmp_path, capsys):
-    """The issue: resuming a finished run with a larger --max_steps repeated its last evaluation,
+def test_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tmp_path, capsys):
+    """Guards against a bug found once: resuming a finished run with a larger --max_steps repeated its last evaluation,
     counted it against --patience and stopped at once. Now the log equals an uninterrupted run's."""
     data = _ft_setup(tmp_path)
     flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
@@ -5077,7 +4749,7 @@ def test_i26_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_ru
                 assert a[k] == pytest.approx(b[k], rel=1e-4)
 
 
-def _i26_dpo_args(tmp_path) -> list[str]:
+def _dpo_tiny_args(tmp_path) -> list[str]:
     """A tiny native model, a tokenizer and 8 preference pairs: dpo.py's flags for them."""
     import bpe
 
@@ -5095,10 +4767,10 @@ def _i26_dpo_args(tmp_path) -> list[str]:
             "--grad_accum", "1", "--n_generate", "0", "--val_frac", "0.25", "--warmup_steps", "0"]
 
 
-def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
-    """The issue: a fresh run reused a killed run's ref_logps.json although --init_from now held
+def test_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
+    """Guards against a bug found once: a fresh run reused a killed run's ref_logps.json although --init_from now held
     other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
-    args = _i26_dpo_args(tmp_path)
+    args = _dpo_tiny_args(tmp_path)
     dpo.main(args + ["--out_dir", str(tmp_path / "a")])
     assert "reference log-probs: 8 computed, 0 from" in capsys.readouterr().out
     fresh = tmp_path / "b"  # what a run killed while precomputing leaves: the cache alone
@@ -5113,7 +4785,7 @@ def test_i26_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys
     assert old.keys() == new.keys() and all(old[k] != new[k] for k in old)
 
 
-def test_i26_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
+def test_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
     real, calls = torch.nn.utils.clip_grad_norm_, []
 
     def nan_at_step_2(*a, **k):
@@ -5123,13 +4795,13 @@ def test_i26_dpo_stops_at_a_non_finite_step(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_step_2)
     out = tmp_path / "o"
-    _refused(capsys, dpo.main, _i26_dpo_args(tmp_path) + ["--out_dir", str(out), "--max_steps", "3",
+    _refused(capsys, dpo.main, _dpo_tiny_args(tmp_path) + ["--out_dir", str(out), "--max_steps", "3",
                                                           "--ckpt_interval", "1"], "error: step 2: grad_norm nan")
     assert torch.load(out / "ckpt" / "state.pt", weights_only=True)["step"] == 1
     assert [r["step"] for r in housekeeping.read_log(out / "log.jsonl") if "loss" in r] == [1]
 
 
-def test_i26_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
+def test_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
     """The judge cache was keyed by model name and prompt only: another endpoint serving a model
     of the same name reused its scores. Now the endpoint is part of the key."""
     import requests
@@ -5151,7 +4823,7 @@ def test_i26_judge_cache_is_keyed_by_the_judge(tmp_path, monkeypatch):
     assert score.Judge("http://judge-b/v1", "m", cache_path=cache).score("q", "r", "ans") == (12, "judged")
 
 
-def test_i26_bpe_encode_is_near_linear_on_long_runs_and_exact(tmp_path, capsys):
+def test_bpe_encode_is_near_linear_on_long_runs_and_exact(tmp_path, capsys):
     """100,000 x "a" plus a paragraph: the old encoder scanned every pair at every merge (20,000 x
     "a" took 17.5 s); the heap takes well under a second. The ids equal the tiktoken export's."""
     para = ("Byte pair encoding joins the most frequent pairs first. It was described by Gage in 1994, "
@@ -5179,7 +4851,7 @@ def test_i26_bpe_encode_is_near_linear_on_long_runs_and_exact(tmp_path, capsys):
     assert list(map(int, capsys.readouterr().out.split())) == toks[0].to_tiktoken().encode_ordinary(text)
 
 
-def test_i26_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
+def test_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
 
     # deeply nested JSON in data files and model configs
     deep = "[" * 100_000 + "]" * 100_000
@@ -5243,7 +4915,7 @@ def lora_state_dict_file(d) -> dict:
 
 # The size, regex and disk-full cases under a memory cap and a time limit, in one child process:
 # each must end in one error line (a ValueError or OSError naming what was wrong), not an allocation.
-_I26_CHILD = r"""
+_LIMITS_CHILD = r"""
 import json, os, resource, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 tmp = sys.argv[2]
@@ -5280,8 +4952,8 @@ case("disk full", lambda: model.GPT(model.GPTConfig.preset("tiny-gpt2")).save_pr
 """
 
 
-def test_i26_sizes_regexes_and_a_full_disk_fail_fast_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-c", _I26_CHILD, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+def test_sizes_regexes_and_a_full_disk_fail_fast_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _LIMITS_CHILD, str(ROOT), str(tmp_path)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     got = {name: (msg, took) for name, msg, took in map(json.loads, r.stdout.splitlines())}
@@ -5298,8 +4970,35 @@ def test_i26_sizes_regexes_and_a_full_disk_fail_fast_in_one_line(tmp_path):
         msg, took = got[name]
         assert needle in msg and "\n" not in msg and took < 10, (name, msg, took)
     assert [p.name for p in (tmp_path / "full").iterdir() if ".tmp" in p.name] == []  # the temp file is gone
-# issue 27: the README's offline commands run as printed; Ctrl-C keeps the work; run directories
-# as --init_from; generation capped at the context; one flag spelling
+def test_overwrite_replaces_a_finished_run_of_ours_and_a_refusal_leaves_no_lock(tmp_path):
+    """A run that ended normally has no run.lock (a clean exit removes it): it is ours by its own record
+    (its log, config or checkpoint, and nothing foreign beside them), so --overwrite replaces it. A
+    refused start leaves nothing behind: no lone run.lock."""
+    run = tmp_path / "run"
+    housekeeping.open_run(run)
+    for name in ("log.jsonl", "config.json", "summary.json", "loss.png"):
+        (run / name).write_text("x")
+    (run / "ckpt").mkdir()
+    housekeeping.close_run(run)
+    assert not (run / "run.lock").exists()
+    with pytest.raises(ValueError, match="holds a run .*--resume .*--overwrite"):
+        housekeeping.open_run(run)
+    assert not (run / "run.lock").exists()
+    housekeeping.open_run(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    housekeeping.close_run(run)
+    # names our runs use, but no run's record among them: not a run of ours, nothing removed
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "loss.png").write_text("x")
+    with pytest.raises(ValueError, match="no run of ours"):
+        housekeeping.open_run(d, overwrite=True)
+    assert sorted(p.name for p in d.iterdir()) == ["loss.png"]
+
+
+# -----------------------------------------------------------------------------------------------
+# the first hour: the README's offline commands run as printed; Ctrl-C keeps the work; run
+# directories as --init_from; generation capped at the context; one flag spelling
 
 
 def readme_offline_commands(text: str) -> list[list[str]]:
@@ -5576,48 +5275,352 @@ def test_adapter_config_rank_is_that_of_the_hf_module(tmp_path):
         assert (c["r"], c["lora_alpha"] / c["r"], c["rank_pattern"]) == (r, 2.0, {}), preset
 
 
-def test_torchrun_a_refusal_on_rank_0_is_one_line_and_every_rank_exits_2(tmp_path):
-    """A 2-rank run on a directory that holds a run: rank 0 refuses (no --resume or --overwrite) and tells
-    the other rank before any collective. The `error:` line is printed once, no rank prints a traceback
-    (torchrun's own summary follows, and names the error through its error file), and every rank exits 2."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n')
-    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt2.py"),
-             "--out_dir", out, "--device", "cpu", timeout=300)
-    text = r.stdout + r.stderr
-    assert r.returncode != 0
-    ours = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and "holds a run (log.jsonl)" in ours[0], text[-3000:]
-    assert "train_gpt2.py\", line" not in text and "housekeeping.py\", line" not in text, text[-3000:]  # no rank's traceback
-    # every rank exits 2 (torchrun may stop the second one first, once the first has ended: SIGTERM)
-    codes = regex.findall(r"exitcode\s*: (-?\d+)", text)
-    assert "2" in codes and set(codes) <= {"2", "-15"}, text[-3000:]
-    assert f"traceback : {ours[0]}" in text, text[-3000:]  # torchrun's summary names the error
-    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]  # nothing written, no lone run.lock
+# -----------------------------------------------------------------------------------------------
+# the whole life cycle on a laptop, offline (README "The whole life cycle on a laptop")
 
 
-def test_overwrite_replaces_a_finished_run_of_ours_and_a_refusal_leaves_no_lock(tmp_path):
-    """A run that ended normally has no run.lock (a clean exit removes it): it is ours by its own record
-    (its log, config or checkpoint, and nothing foreign beside them), so --overwrite replaces it. A
-    refused start leaves nothing behind: no lone run.lock."""
-    run = tmp_path / "run"
-    housekeeping.open_run(run)
-    for name in ("log.jsonl", "config.json", "summary.json", "loss.png"):
-        (run / name).write_text("x")
-    (run / "ckpt").mkdir()
-    housekeeping.close_run(run)
-    assert not (run / "run.lock").exists()
-    with pytest.raises(ValueError, match="holds a run .*--resume .*--overwrite"):
-        housekeeping.open_run(run)
-    assert not (run / "run.lock").exists()
-    housekeeping.open_run(run, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
-    housekeeping.close_run(run)
-    # names our runs use, but no run's record among them: not a run of ours, nothing removed
-    d = tmp_path / "d"
+def _run(cwd, *cmd, stdin=None, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
+    return subprocess.run([sys.executable, *map(str, cmd)] if cmd[0] != "torchrun" else list(map(str, cmd)), cwd=cwd,
+                          input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """The project's scripts in an empty folder, no ../shared beside it: what a new user has."""
+    d = tmp_path_factory.mktemp("clone") / "nano-llm"
     d.mkdir()
-    (d / "loss.png").write_text("x")
-    with pytest.raises(ValueError, match="no run of ours"):
-        housekeeping.open_run(d, overwrite=True)
-    assert sorted(p.name for p in d.iterdir()) == ["loss.png"]
+    for f in ROOT.glob("*.py"):
+        (d / f.name).write_text(f.read_text())
+    return d
+
+
+def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
+    d = fresh_clone
+    steps = [("train_gpt2.py", "--max_steps", 6, "--eval_interval", 3, "--num_samples", 0),
+             ("finetune.py", "--lora_rank", 16, "--grad_accum", 8, "--max_steps", 3, "--eval_interval", 3,
+              "--n_generate", 2, "--max_new_tokens", 6, "--eval_examples", 16),
+             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--n_generate", 1, "--max_new_tokens", 4,
+              "--eval_pairs", 8),
+             ("hellaswag.py", "--limit", 20, "--no_progress")]
+    leaves = ["out/cpu/ckpt/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
+              "out-dpo/model/gpt_config.json",
+              None]
+    for cmd, left in zip(steps, leaves):
+        r = _run(d, *cmd)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+        assert left is None or (d / left).exists(), (cmd, left)
+    assert "out/cpu/ckpt/model (from train_gpt2.py) on the built-in instruction set" in _run(
+        d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--n_generate", 0, "--eval_examples", 4).stdout
+    assert "hellaswag scoring=harness n=20" in r.stdout and "out-dpo/model" in r.stdout
+    r = _run(d, "chat.py", "--max_new_tokens", 5, stdin="what does len do?\n/quit\n")
+    assert r.returncode == 0 and "chatting with out-dpo/model" in r.stdout and "Assistant:" in r.stdout
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_life_cycle_torchrun_default_recipe_on_cpu(fresh_clone, world):
+    """The default CPU recipe under torchrun: the micro-batch adapts so that the step divides."""
+    d = fresh_clone
+    if not (d / "data" / "builtin" / "corpus.json").exists():
+        pytest.skip("needs the built-in corpus of the life-cycle test")
+    r = _run(d, "torchrun", "--standalone", f"--nproc_per_node={world}", "train_gpt2.py", "--max_steps", 3,
+             "--out_dir", f"out/torchrun{world}", "--num_samples", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = {2: 8, 8: 2}[world]  # 2048 tokens = b x 128 x world
+    assert f"{b} x 128 x {world} ranks x 1 accumulation (batch_size 16 lowered to {b}" in r.stdout
+    assert r.stdout.count("step     2/3") == 1  # rank 0 alone logs
+
+
+def test_a_stage_run_too_early_names_the_stage_to_run_first(tmp_path, fresh_clone):
+    """chat.py, hellaswag.py and score.py on a fresh clone (no stage's model, no GPT-2 in the cache, no
+    hub): one line naming the stage to run first, not a Hugging Face hub error."""
+    for f in fresh_clone.glob("*.py"):  # the scripts alone (the life-cycle test runs its stages in fresh_clone)
+        (tmp_path / f.name).write_text(f.read_text())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH="")
+    for cmd in (["chat.py"], ["chat.py", "--prompt", "hi"], ["hellaswag.py"], ["score.py"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (cmd, r.stderr[-2000:])
+        assert lines[0].startswith("error: ") and "run `python train_gpt2.py`" in lines[0], (cmd, lines[0])
+        assert "huggingface" not in lines[0].lower(), lines[0]
+
+
+def test_life_cycle_hub_unreachable_or_bad_batch_is_one_error_line(tmp_path, fresh_clone):
+    """No checkpoint of an earlier stage and no hub: each stage says what to do in one line."""
+    for f in fresh_clone.glob("*.py"):
+        (tmp_path / f.name).write_text(f.read_text())
+    for cmd in (["finetune.py", "--lora_rank", 16, "--grad_accum", 8], ["dpo.py"], ["hellaswag.py"],
+                ["chat.py", "--prompt", "hi"], ["finetune.py", "--init_from", "gpt2", "--tokenizer", "gpt2"]):
+        r = _run(tmp_path, *cmd, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (cmd, r.stderr[-2000:])
+        # with no earlier stage here, each stage names the one to run first; with one, the hub's fix
+        told = ("hf download", "tiktoken", "`python finetune.py` first", "`python train_gpt2.py` first")
+        assert any(t in lines[0] for t in told), lines[0]
+    r = _run(tmp_path, "torchrun", "--standalone", "--nproc_per_node=2", "train_gpt2.py", "--batch_size", 16,
+             "--total_batch_size", 3072, "--max_steps", 1)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and ours == ["error: --total_batch_size 3072 is not a multiple of batch_size * seq_len * "
+                                          "world_size = 16 * 128 * 2; --batch_size 12 divides it"]
+
+
+# -----------------------------------------------------------------------------------------------
+# the life cycle visibly learns: built-in tasks with held-out modules, before -> after metrics
+
+
+@pytest.fixture(scope="module")
+def builtin_task_rows(tmp_path_factory):
+    files = prepare_data.builtin_tasks(tmp_path_factory.mktemp("tasks"))
+    return {k: [json.loads(line) for line in f.read_text().splitlines()] for k, f in files.items()}
+
+
+TASK_RULES = {  # the built-in tasks' questions and, by a plain rule, their answers (module m, name n)
+    r"Which module in: from (\S+) import (\S+)$": lambda m, n: [f" {m}"],
+    r"Which name in: from (\S+) import (\S+)$": lambda m, n: [f" {n}"],
+    r"Write the import statement for (\S+) of module (\S+)\.$": lambda n, m: [f" from {m} import {n}"],
+    r"Is (\S+) of module (\S+) a class or a function\?$": lambda n, m: [" class", " function"]}
+
+
+def _task_module(instruction: str) -> tuple[str, list[str]]:
+    """(the module asked about, the allowed answers) of a built-in task's question."""
+    for pattern, answers in TASK_RULES.items():
+        if found := regex.match(pattern, instruction):
+            x, y = found.groups()
+            return (x if "module in" in pattern or "name in" in pattern else y), answers(x, y)
+    raise AssertionError(f"not a built-in task question: {instruction!r}")
+
+
+def _instruction(pair: dict) -> str:
+    return regex.fullmatch(r"(?s).*### Instruction:\n(.*)\n\n### Response:", pair["prompt"]).group(1)
+
+
+def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_rows):
+    t = builtin_task_rows
+    train_m = {_task_module(r["instruction"])[0] for r in t["instructions"]}
+    test_m = {_task_module(r["instruction"])[0] for r in t["instructions_test"]}
+    assert len(train_m) > 100 and len(test_m) > 20 and not train_m & test_m  # whole modules held out
+    pairs_m = {_task_module(_instruction(p))[0] for p in t["pairs"]}  # made-up modules: none is real
+    assert len(pairs_m) > 1000 and not pairs_m & (train_m | test_m | set(sys.stdlib_module_names))
+    assert not {it["source_id"].rsplit(".", 1)[0] for it in t["hellaswag"]} & train_m
+
+    def as_set(rows, keys):
+        return {tuple(r[k] for k in keys) for r in rows}
+
+    assert not as_set(t["instructions"], ("instruction",)) & as_set(t["instructions_test"], ("instruction",))
+    assert not as_set(t["pairs"], ("prompt",)) & as_set(t["pairs_test"], ("prompt",))
+    assert len(t["hellaswag"]) >= 100 and len(t["instructions_test"]) == len(t["pairs_test"]) == 500
+
+
+def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
+    """Each answer, re-derived from its question by a plain rule (the exact-match reference), and each
+    preference pair: the instruction's answer preferred to a different one."""
+    for r in builtin_task_rows["instructions"]:
+        assert r["output"] in _task_module(r["instruction"])[1], r
+    for r, p in zip(builtin_task_rows["instructions_test"], builtin_task_rows["pairs_test"], strict=True):
+        assert r["output"] in _task_module(r["instruction"])[1], r
+        assert p["prompt"] == prepare_data.format_prompt(r) and p["chosen"] == r["output"] != p["rejected"]
+    for p in builtin_task_rows["pairs"]:  # DPO's, about made-up names
+        assert p["chosen"] in _task_module(_instruction(p))[1] and p["chosen"] != p["rejected"], p
+    kinds = [r["output"] for r in builtin_task_rows["instructions"] if r["instruction"].startswith("Is ")]
+    assert 0.1 < kinds.count(" class") / len(kinds) < 0.9
+
+
+def test_exact_match_and_eos_rate_by_hand():
+    ex = [{"output": "a.b"}, {"output": "from a import b"}, {"output": "class"}, {"output": "x"}]
+    m = finetune.answer_metrics([" a.b\n", "from a import  b", "class", "y"], [True, True, False, False], ex)
+    assert m == {"exact_match": 0.5, "eos_rate": 0.5}
+    assert prepare_data.exact_match([], []) == 0.0
+    with pytest.raises(ValueError):
+        prepare_data.exact_match(["a"], ["a", "b"])
+
+
+def test_generate_responses_says_which_answers_ended_with_eos():
+    """A stand-in model whose continuations are known: one stops with EOS, one runs to the limit."""
+    eos = 0
+
+    class Model:
+        config = type("C", (), {"block_size": 512})
+
+        def generate(self, prompts, n, temperature, eos_token_id):
+            T = max(len(p) for p in prompts)
+            tails = [[ord("o"), ord("k"), eos, eos], [ord("n"), ord("o"), ord("p"), ord("e")]]
+            return torch.tensor([[1] * T + tails[i % 2][:n] for i in range(len(prompts))])
+
+    class Tok:
+        encode = staticmethod(lambda s: [ord(ch) for ch in s])
+        decode = staticmethod(lambda ids: "".join(map(chr, ids)))
+
+    ex = [{"instruction": "a", "input": "", "output": "ok"}, {"instruction": "bb", "input": "", "output": "ok"}]
+    answers, ended = finetune.generate_responses(Model(), Tok(), ex, eos, 4)
+    assert answers == ["ok", "nope"] and ended == [True, False]
+    assert finetune.answer_metrics(answers, ended, ex) == {"exact_match": 0.5, "eos_rate": 0.5}
+
+
+def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, capsys):
+    """dpo.py's summary.json: reward_accuracy of the held-out pairs (0 at step 0: policy = reference,
+    ties count as wrong) and chosen_rate, the share of answers equal to the chosen one, before and after."""
+    import bpe
+
+    pairs = [{"prompt": f"say {w}:", "chosen": f" {w}", "rejected": f" {v}"}
+             for w, v in [("red", "blue"), ("cat", "dog"), ("sun", "tree"), ("big", "small")] * 3]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:8]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[8:]))
+    bpe.Tokenizer.train(" ".join(p["prompt"] + p["chosen"] + p["rejected"] for p in pairs), 300,
+                        special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    answers = iter([[" red", "cat", " no", "big "], [" red", " cat", " sun", "x"]])  # before: 3 of 4; after: 3 of 4
+    monkeypatch.setattr(dpo, "_samples", lambda *a: next(answers))
+    dpo.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
+              str(tmp_path / "train.jsonl"), "--val_file", str(tmp_path / "val.jsonl"), "--out_dir",
+              str(tmp_path / "out"), "--lora_rank", "4", "--max_steps", "2", "--eval_interval", "2",
+              "--n_generate", "4", "--warmup_steps", "0"])
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_reward_accuracy" in r]
+    assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["val_reward_accuracy"]
+    assert s["before"]["chosen_rate"] == 0.75 and s["after"]["chosen_rate"] == 0.75
+    out = capsys.readouterr().out
+    assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out and "summary.json" in out.splitlines()[-1]
+
+
+def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
+    """--baseline --json: "before" is a randomly initialised model of the same shape (scored here
+    directly), "after" the model given; acc_norm from the per-item scores by hand; chance 1/4."""
+    import bpe
+
+    words = "alpha beta gamma delta red green blue cat dog sun".split()
+    rnd = random.Random(0)
+    items = [{"activity_label": "x", "ctx_a": " ".join(rnd.sample(words, 3)), "ctx_b": "",
+              "endings": [" ".join(rnd.sample(words, rnd.randint(1, 3))) for _ in range(4)], "label": i % 4}
+             for i in range(12)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    tok = bpe.Tokenizer.train(" ".join(words) * 3, 300, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(1)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "m", "native")
+    tok.save(tmp_path / "m")
+    hellaswag.main(["--init_from", str(tmp_path / "m"), "--data_file", str(tmp_path / "items.jsonl"), "--baseline",
+                    "--json", str(tmp_path / "r" / "summary.json"), "--per_item", str(tmp_path / "items_out.jsonl"),
+                    "--no_progress", "--device", "cpu"])
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    per = [json.loads(line) for line in (tmp_path / "items_out.jsonl").read_text().splitlines()]
+    by_hand = sum(max(range(4), key=lambda j: p["ll"][j] / p["norm"][j]) == p["label"] for p in per) / 12
+    assert s["chance"] == 0.25 and s["after"]["acc_norm"] == pytest.approx(by_hand)
+    model, t = hellaswag.load_model(str(tmp_path / "m"))
+    torch.manual_seed(0)
+    random_model = GPT(model.config)
+    want = hellaswag.evaluate(random_model, t, prepare_data.load_hellaswag(tmp_path / "items.jsonl"), device="cpu")
+    assert s["before"]["acc_norm"] == pytest.approx(want["acc_norm"])
+    assert "(chance 0.250, a random model " in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------------------------
+# the layout: who may import whom, and how long a file may be
+
+
+# what each shared file may import of ours; a stage script may import all five (train_gpt2.py also
+# hellaswag.py, for its in-loop evaluation), and never another stage script
+LIBRARIES = {"housekeeping": set(), "bpe": {"housekeeping"}, "model": {"bpe", "housekeeping"},
+             "lora": {"bpe", "model", "housekeeping"}, "prepare_data": {"bpe", "model", "housekeeping"}}
+
+
+FREE = {"bench_speed", "bench_memory", "test_all"}  # measurements and tests may import anything
+
+
+def import_violations(root: Path) -> list[str]:
+    """Every import of one of our files, at any depth (inside functions too), that breaks the rules:
+    housekeeping.py imports none of ours; bpe.py only housekeeping.py; model.py only bpe.py and
+    housekeeping.py; lora.py and prepare_data.py only those three; a stage script only the five shared
+    files (train_gpt2.py also hellaswag.py); bench_*.py and test_all.py anything."""
+    import ast
+
+    ours = {p.stem for p in root.glob("*.py") if not p.stem.startswith("test_scratch")}
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        name = path.stem
+        if name in FREE or name not in ours:
+            continue
+        allowed = LIBRARIES.get(name)
+        if allowed is None:
+            allowed = set(LIBRARIES) | ({"hellaswag"} if name == "train_gpt2" else set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods = [node.module]
+            else:
+                mods = []
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in ours and top != name and top not in allowed:
+                    bad.append(f"{path.name}:{node.lineno}: imports {top}")
+    return bad
+
+
+def code_lines(text: str) -> int:
+    """Lines of code: blank lines, comment lines and docstring lines are not counted (explanations are
+    free; only code counts against a file's size)."""
+    import ast
+
+    prose = set()
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            for stmt in body:  # a string that is a whole statement: a docstring (or a block of prose)
+                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(
+                        stmt.value.value, str):
+                    prose.update(range(stmt.lineno, stmt.end_lineno + 1))
+    n = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and number not in prose:
+            n += 1
+    return n
+
+
+def test_layout_imports_follow_the_rules(tmp_path):
+    assert import_violations(ROOT) == []
+    # the check bites: a stage script importing another stage script, even inside a function; a shared
+    # file importing a stage or a later shared file; housekeeping importing anything of ours
+    for f in ROOT.glob("*.py"):
+        (tmp_path / f.name).write_text(f.read_text())
+    dpo_lines = len((ROOT / "dpo.py").read_text().splitlines())
+    (tmp_path / "dpo.py").write_text((ROOT / "dpo.py").read_text() + "\n\ndef _x():\n    import finetune\n")
+    (tmp_path / "model.py").write_text("from lora import apply_lora\n" + (ROOT / "model.py").read_text())
+    (tmp_path / "housekeeping.py").write_text("import bpe\n" + (ROOT / "housekeeping.py").read_text())
+    assert sorted(import_violations(tmp_path)) == [f"dpo.py:{dpo_lines + 4}: imports finetune",
+                                                   "housekeeping.py:1: imports bpe", "model.py:1: imports lora"]
+
+
+def test_layout_no_file_over_1000_lines_of_code_and_prose_is_free():
+    """No file over 1,000 lines of code, test_all.py aside (model.py is no exception): blank, comment and
+    docstring lines do not count, so that an explanation is never the thing cut to fit."""
+    assert code_lines('"""A docstring\n\nof three lines."""\n\n# a comment\nx = 1  # code\n\n\ndef f():\n'
+                      '    """Its docstring."""\n    return """a string that is code"""\n') == 3
+    sizes = {f.stem: code_lines(f.read_text()) for f in ROOT.glob("*.py") if not f.stem.startswith("test_")}
+    assert {name: n for name, n in sizes.items() if n > 1000} == {}
+    assert "model" in sizes and "housekeeping" in sizes
+
+
+def test_layout_model_py_is_the_model_and_housekeeping_says_skip_it():
+    """A learner who opens model.py meets the network first: no import of flags, signals, locks or run
+    directories; generation ends before about line 800; the Hugging Face plumbing is an appendix at the
+    end. housekeeping.py says in its docstring that it can be skipped on first read."""
+    import ast
+
+    text = (ROOT / "model.py").read_text()
+    tree = ast.parse(text)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"argparse", "signal", "fcntl", "shutil", "fnmatch", "random", "matplotlib"}
+    lines = text.splitlines()
+    end_of_generation = next(i for i, line in enumerate(lines, 1) if line.startswith("# 5. "))
+    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# 6. Appendix"))
+    assert end_of_generation < 800 < appendix
+    assert "skip it on first read" in ast.get_docstring(ast.parse((ROOT / "housekeeping.py").read_text())).lower()
+
