@@ -4660,7 +4660,7 @@ def test_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_pat
 
 
 def test_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys, monkeypatch):
-    """Guards against a bug found once: NaN weights gave val_loss 0.0 (nan_to_num), kept as best_adapter. Now a NaN is
+    """Why: NaN weights gave val_loss 0.0 (nan_to_num), kept as best_adapter. Now a NaN is
     never a score, and a NaN step stops the run with one error line; the best adapter and the last
     state stay the good ones."""
     from safetensors.torch import load_file
@@ -4729,7 +4729,7 @@ def test_train_gpt2_stops_at_a_non_finite_step_keeping_the_last_checkpoint(train
 
 
 def test_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tmp_path, capsys):
-    """Guards against a bug found once: resuming a finished run with a larger --max_steps repeated its last evaluation,
+    """Why: resuming a finished run with a larger --max_steps repeated its last evaluation,
     counted it against --patience and stopped at once. Now the log equals an uninterrupted run's."""
     data = _ft_setup(tmp_path)
     flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
@@ -4768,7 +4768,7 @@ def _dpo_tiny_args(tmp_path) -> list[str]:
 
 
 def test_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
-    """Guards against a bug found once: a fresh run reused a killed run's ref_logps.json although --init_from now held
+    """Why: a fresh run reused a killed run's ref_logps.json although --init_from now held
     other weights. The cache is keyed by the weight files' size and mtime: the values are recomputed."""
     args = _dpo_tiny_args(tmp_path)
     dpo.main(args + ["--out_dir", str(tmp_path / "a")])
