@@ -1150,6 +1150,15 @@ def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device,
     for k in exp:
         src = tensors["transformer.wte.weight" if (k == "lm_head.weight" and tied) else k]
         t = src.load()
+        # each tensor checked as it is read: a float weight stored as integers (a damaged header: same
+        # width, other type) or holding NaN/inf would load, then fail far away or score as if it were a model
+        if exp[k].is_floating_point() and not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {k} is stored as {t.dtype}, but it is a float weight of the model; "
+                             f"the file is damaged or not a model")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{path}: tensor {k} holds {bad} non-finite value(s) (NaN or inf): these weights "
+                             f"diverged or the file is damaged; nothing was loaded")
         if t.shape[0] < exp[k].shape[0]:
             t = torch.cat([t, t.new_zeros(exp[k].shape[0] - t.shape[0], *t.shape[1:])])
         state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()

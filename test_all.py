@@ -4996,6 +4996,43 @@ def test_overwrite_replaces_a_finished_run_of_ours_and_a_refusal_leaves_no_lock(
     assert sorted(p.name for p in d.iterdir()) == ["loss.png"]
 
 
+@pytest.mark.parametrize("fmt", ["hf-gpt2", "hf-llama", "native"])
+def test_loading_refuses_nan_weights_and_integers_in_a_float_weight_naming_file_and_tensor(tmp_path, fmt):
+    """Every weight read by GPT.from_pretrained is checked as it is read, in each format it loads: a float
+    weight stored with an integer dtype of the same width (a damaged header: safetensors F32 -> I32), or
+    holding a NaN, is one error naming the file and the tensor, never a model that scores or samples."""
+    from safetensors.torch import load_file, save_file
+
+    if fmt == "native":
+        d = tmp_path / "native"
+        GPT(GPTConfig.preset("tiny-llama", vocab_size=97)).save_pretrained(d, "native")
+    else:
+        _, d = _lora_hf(fmt.split("-")[1], tmp_path)
+    GPT.from_pretrained(d)  # the file as written loads
+    weights = load_file(d / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.dim() == 2 and "embed" not in k and "wte" not in k)
+    for case in ("nan", "int32"):
+        bad = dict(weights)
+        if case == "nan":
+            bad[name] = bad[name].clone()
+            bad[name][0, 0] = float("nan")
+        else:
+            bad[name] = bad[name].view(torch.int32)  # the same bytes, read as integers
+        broken = tmp_path / f"{fmt}-{case}"
+        shutil.copytree(d, broken)
+        save_file(bad, broken / "model.safetensors", metadata={"format": "pt"})
+        expected = "non-finite value" if case == "nan" else "stored as torch.int32, but it is a float weight"
+        with pytest.raises(ValueError, match=expected) as e:
+            GPT.from_pretrained(broken)
+        assert str(broken) in str(e.value) and "\n" not in str(e.value)
+    # the command line says it in one line, exit 2
+    r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--init_from", str(tmp_path / f"{fmt}-nan"),
+                        "--prompt", "hi", "--tokenizer", "gpt2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "non-finite" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # -----------------------------------------------------------------------------------------------
 # the first hour: the README's offline commands run as printed; Ctrl-C keeps the work; run
 # directories as --init_from; generation capped at the context; one flag spelling
