@@ -1565,6 +1565,21 @@ def test_train_lr_schedule_matches_formula():
     assert all(lr(s) >= lr(s + 1) for s in range(715, 19073, 97))
 
 
+def test_train_a_named_preset_keeps_its_shape_under_a_recipe(capsys):
+    """--model gpt2-large under the cpu recipe built a 2.6M-parameter model: the recipe's n_layer, n_head,
+    n_embd and block_size silently replaced the preset's. A preset the user names keeps its own shape
+    (said in a note); the recipe's own family keeps the recipe's shape; a shape flag given still wins."""
+    cfg, _ = train_gpt2.parse_args(["--recipe", "cpu", "--model", "gpt2-large"])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (None, None, None, None)
+    built = GPTConfig.preset(cfg.model)
+    assert (built.n_layer, built.n_head, built.n_embd, built.block_size) == (36, 20, 1280, 1024)
+    assert "--model gpt2-large keeps its own shape" in capsys.readouterr().err
+    cfg, _ = train_gpt2.parse_args(["--recipe", "cpu", "--model", "small-cpu"])  # the recipe's family: its shape
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (4, 6, 192, 128)
+    cfg, _ = train_gpt2.parse_args(["--recipe", "cpu", "--model", "gpt2-large", "--n_layer", "2"])
+    assert cfg.n_layer == 2 and cfg.n_embd is None
+
+
 class _ArangeStream:
     """A stream whose token at position i is i: batches then name the positions they read."""
     def __init__(self, n):

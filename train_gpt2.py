@@ -175,6 +175,14 @@ RECIPES = {
 ARCHITECTURE = ("model", "init_from", "n_layer", "n_head", "n_embd", "block_size", "optimizer")
 
 
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")  # a recipe may set them for its own model
+
+
+def _preset_shape(name: str) -> tuple:
+    preset = GPTConfig.preset(name)
+    return tuple(getattr(preset, k) for k in SHAPE_FLAGS)
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     """The config from recipe defaults + flags; also returns the flags that were given."""
     description = __doc__.split("\n\n")[0].strip()
@@ -183,7 +191,18 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     if recipe == "auto":
         data = given.get("data_dir", TrainConfig.data_dir)
         recipe = "gpt2-124m" if torch.cuda.is_available() and prepare_data.list_shards(data, "train") else "cpu"
-    c = TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
+    defaults = dict(RECIPES[recipe])
+    # a preset named on the command line is never resized by the recipe: the recipe's shape is for its
+    # own model's family (the cpu recipe's 2.6M-parameter small-cpu models), not for --model gpt2-large
+    named = given.get("model")
+    shape = [k for k in SHAPE_FLAGS if k in defaults and k not in given]
+    if named and shape and "model" in defaults and _preset_shape(named) != _preset_shape(defaults["model"]):
+        for k in shape:
+            del defaults[k]
+        print(f"note: --model {named} keeps its own shape; the {recipe} recipe's "
+              f"{', '.join(f'{k} {RECIPES[recipe][k]}' for k in shape)} are for its {defaults['model']} model",
+              file=sys.stderr)
+    c = TrainConfig(**{**defaults, **given, "recipe": recipe})
     if not c.init_from:  # a size beyond the machine fails here, before a file is written
         over = {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(c, k)}
         check_model_size(GPTConfig.preset(c.model, **over), c.batch_size * c.seq_len,
