@@ -1580,6 +1580,17 @@ def test_train_a_named_preset_keeps_its_shape_under_a_recipe(capsys):
     assert cfg.n_layer == 2 and cfg.n_embd is None
 
 
+def test_train_refuses_shards_whose_vocabulary_differs_from_their_tokenizer(train_corpus):
+    """Why: shard headers saying vocab_size 8192 beside the 4096-token tokenizer of the same name trained
+    to the end over an 8192-way softmax, and saved a model its tokenizer could not speak for. The data is
+    checked against its tokenizer by vocabulary size as well as by name."""
+    _, _, data, _ = train_corpus
+    _, _, meta = train_gpt2.open_data(data)
+    assert train_gpt2.data_tokenizer(data, meta).n_vocab == meta["vocab_size"] == 512
+    with pytest.raises(ValueError, match=r"say vocab_size 8192, but their tokenizer .* has 512 tokens"):
+        train_gpt2.data_tokenizer(data, dict(meta, vocab_size=8192))
+
+
 class _ArangeStream:
     """A stream whose token at position i is i: batches then name the positions they read."""
     def __init__(self, n):

@@ -289,7 +289,9 @@ def open_data(data_dir) -> tuple[TokenStream, TokenStream, dict]:
 
 
 def data_tokenizer(data_dir, meta):
-    """The tokenizer the shards were made with: data_dir/tokenizer/ (a bpe.py one) or GPT-2's.
+    """The tokenizer the shards were made with: data_dir/tokenizer/ (a bpe.py one) or GPT-2's, checked
+    against the shards' header by name and by vocabulary size (the model's softmax is as wide as the
+    header says: a mismatch would train, then save a model its tokenizer cannot speak for).
     None when it cannot be loaded (GPT-2's offline): training works, samples are skipped."""
     tok_dir = Path(data_dir) / "tokenizer"
     if (tok_dir / "tokenizer.bpe").exists():
@@ -297,15 +299,20 @@ def data_tokenizer(data_dir, meta):
         if name != meta["tokenizer"]:
             raise ValueError(f"{tok_dir} is tokenizer {name!r} but the shards were made with "
                              f"{meta['tokenizer']!r}: re-run prepare_data.py")
-        return load_tokenizer(str(tok_dir))
-    if meta["tokenizer"] != "gpt2":
+        tok = load_tokenizer(str(tok_dir))
+    elif meta["tokenizer"] != "gpt2":
         raise ValueError(f"the shards in {data_dir} were made with tokenizer {meta['tokenizer']!r} "
                          f"but {tok_dir} is missing")
-    try:
-        return load_tokenizer("gpt2")
-    except ValueError as e:
-        print(f"note: GPT-2's tokenizer is not available ({e}); no samples or HellaSwag", file=sys.stderr)
-        return None
+    else:
+        try:
+            tok = load_tokenizer("gpt2")
+        except ValueError as e:
+            print(f"note: GPT-2's tokenizer is not available ({e}); no samples or HellaSwag", file=sys.stderr)
+            return None
+    if tok.n_vocab != meta["vocab_size"]:
+        raise ValueError(f"the shards in {data_dir} say vocab_size {meta['vocab_size']}, but their tokenizer "
+                         f"{meta['tokenizer']!r} has {tok.n_vocab} tokens: re-run prepare_data.py")
+    return tok
 
 
 def unigram_entropy(stream: TokenStream, vocab_size: int, max_tokens: int = 10 ** 7) -> float:
