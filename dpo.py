@@ -55,7 +55,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_rank
                           fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
                           load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log, read_json,
                           resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
-                          save_train_state, seed_everything, set_rng_state)
+                          save_train_state, seed_everything, set_rng_state, write_run_config)
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from prepare_data import builtin_tasks, exact_match, load_pairs
@@ -151,7 +151,8 @@ class DPOConfig:
     seed: int = flag(1337, "seed for split, order and init")
 
 
-FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference")  # fixed once a run exists
+FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference", "optimizer",
+         "quantize")  # fixed once a run exists
 SFT_MODELS = ("out-finetune/best_model", "out-finetune/model")  # what `python finetune.py` leaves, best first
 # The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter
 # model on the built-in pairs (BENCHMARKS.md, the life cycle): LoRA (rank 16) on every projection, beta
@@ -646,7 +647,7 @@ def train(cfg: DPOConfig) -> dict:
 
     # the run exists from here on (a run that failed while loading leaves nothing behind)
     if master:
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+        write_run_config(out, cfg)  # the flags, and the identity of the starting weights
     data_rng = random.Random(cfg.seed)  # the same order on every rank: each takes its share
     order = []  # the rest of this epoch's pair indices, taken from the end
     start = 0

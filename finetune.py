@@ -50,7 +50,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,8 +62,8 @@ from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_rank
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
                           fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
                           load_train_state, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
-                          plot_log, resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
-                          save_train_state, seed_everything, set_rng_state, write_jsonl)
+                          plot_log, resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state,
+                          run_main, save_train_state, seed_everything, set_rng_state, write_jsonl, write_run_config)
 from lora import NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report, unload_lora
 from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_schedule, make_optimizer, save_safetensors
 from prepare_data import (builtin_tasks, exact_match, format_prompt, load_alpaca, load_classification, load_dialogues,
@@ -171,7 +171,7 @@ class FinetuneConfig:
 
 
 FIXED = ("init_from", "tokenizer", "task", "num_classes", "lora_rank", "lora_alpha", "lora_targets", "rslora",
-         "train_last_n_blocks")  # what a resumed run may not change
+         "train_last_n_blocks", "optimizer", "quantize")  # what a resumed run may not change
 
 
 # what `python train_gpt2.py` leaves on a laptop: its final model (model/), or, from an older run, the
@@ -720,7 +720,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     # the run exists from here on (a run that failed while loading leaves nothing behind)
     if master:
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+        write_run_config(out, cfg)  # the flags, and the identity of the starting weights
     order = DataOrder(len(train_t), cfg.seed)
     best_dir = out / ("best_adapter" if lora else "best_model")
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None

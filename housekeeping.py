@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import fnmatch
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import field, fields
+from dataclasses import asdict, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -580,14 +581,14 @@ def _is_model_dir(p: Path) -> bool:  # ours, or Hugging Face's (a run's config.j
         p / "config.json")
 
 
-def resolve_init_from(name_or_dir: str) -> str:
+def resolve_init_from(name_or_dir: str, say: bool = True) -> str:
     """A run directory stands for its best_model/, else model/, else ckpt/model/, named in one line."""
     path = Path(name_or_dir).expanduser()
     if not path.is_dir() or _is_model_dir(path):
         return name_or_dir
     for sub, what in RUN_MODELS.items():
         if _is_model_dir(path / sub):
-            if os.environ.get("RANK", "0") == "0":
+            if say and os.environ.get("RANK", "0") == "0":
                 print(f"--init_from {name_or_dir}: a run directory; using {path / sub}, {what}", file=sys.stderr)
             return str(path / sub)
     if any((path / f).exists() for f in RUN_FILES):
@@ -680,20 +681,76 @@ def check_finite(step: int, scaler=None, **values):
 # -----------------------------------------------------------------------------------------------
 # 6. Resumable training state: what is trained, where a run left off
 
+def weights_identity(name_or_dir) -> dict | None:
+    """What identifies a model's weights without reading them whole: each weight and config file's size
+    and the SHA-1 of its first and last MiB (a new save, another model, a damaged copy all change it; a
+    move or a copy does not). A run directory stands for its model. None for a name that is no local
+    directory (a hub id)."""
+    path = Path(resolve_init_from(str(name_or_dir), say=False)).expanduser()
+    if not path.is_dir():
+        return None
+    identity = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            digest = hashlib.sha1()
+            with open(f, "rb") as fh:
+                digest.update(fh.read(2 ** 20))
+                fh.seek(max(0, f.stat().st_size - 2 ** 20))
+                digest.update(fh.read())
+            identity[f.name] = [f.stat().st_size, digest.hexdigest()]
+    return identity
+
+
+def write_run_config(out_dir, cfg):
+    """out_dir/config.json: the run's flags, and the identity of the weights it starts from (init_from),
+    so that --resume can tell the same run from one whose starting weights were replaced since."""
+    record = {**asdict(cfg), "init_weights": weights_identity(cfg.init_from)}
+    atomic_write(Path(out_dir) / "config.json", functools.partial(_write_json, record))
+
+
+def _write_json(record: dict, path):
+    Path(path).write_text(json.dumps(record, indent=2))
+
+
 def resumed_config(cls, c, given: dict, out_dir, fixed=()):
-    """--resume: the run's config.json with the flags given now on top (a longer --max_steps), but never a
-    change to the `fixed` fields (the model and what is trained)."""
+    """--resume: the run's config.json with the flags given now on top (a longer --max_steps). A run is its
+    inputs, so a resume is refused, in one line, when one of them differs:
+    - a `fixed` flag given now (the model, what is trained, the optimizer), paths compared resolved;
+    - the starting weights, whose identity config.json recorded when the run began."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"--resume: {out_dir} holds no run to continue (no config.json)")
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k in {f.name for f in fields(cls)}}
+    record = read_json(path)
+    saved = {k: v for k, v in record.items() if k in {f.name for f in fields(cls)}}
     saved.pop("stop_at_step", None)  # a one-off of the run that stopped
     saved.pop("overwrite", None)  # how that run began, not what it is: resuming it never replaces it
     changed = [f"--{k} {given[k]!r} (the run: {saved.get(k)!r})"
-               for k in fixed if k in given and given[k] != saved.get(k)]
+               for k in fixed if k in given and not same_setting(given[k], saved.get(k))]
     if changed:
         raise ValueError(f"--resume continues the run in {out_dir}; these flags differ from it: {', '.join(changed)}")
-    return cls(**{**saved, **given, "resume": True})
+    resumed = cls(**{**saved, **given, "resume": True})
+    recorded = record.get("init_weights")
+    if recorded is not None and weights_identity(resumed.init_from) != recorded:
+        raise ValueError(f"--resume: the starting weights in {resumed.init_from} are not those the run in {out_dir} "
+                         f"began from (their files changed since); a resumed run must start from the same weights: "
+                         f"start a new run (--overwrite, or another --out_dir)")
+    return resumed
+
+
+def same_setting(given, saved) -> bool:
+    """Whether a flag given on --resume names what the run was started with. Paths are compared resolved
+    with resolved: a run directory and the model it stands for (`base` and `base/ckpt/model`), a relative
+    and an absolute spelling, a link and its target, are the same setting."""
+    if given == saved:
+        return True
+    if not (isinstance(given, str) and isinstance(saved, str)):
+        return False
+    try:
+        a = Path(resolve_init_from(given, say=False)).expanduser()
+        b = Path(resolve_init_from(saved, say=False)).expanduser()
+    except OSError:
+        return False
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 def save_train_state(out_dir, model, optimizer, step: int, extra: dict, master: bool = True):

@@ -5059,6 +5059,74 @@ def test_loading_refuses_nan_weights_and_integers_in_a_float_weight_naming_file_
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def _without(args: list[str], *names: str) -> list[str]:
+    """args less each named flag and its value."""
+    out = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _changed_on_resume(main, flags, out, extra, capsys) -> str:
+    """The one error line of `--resume` with `extra` flags on top of the run's own, or '' if it resumed."""
+    try:
+        main(flags + ["--out_dir", str(out), "--resume", "--max_steps", "3", *extra])
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("script", ["finetune", "dpo"])
+def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise(tmp_path, capsys, script):
+    """A run is its inputs. --resume of a stopped run refuses, in one line naming it, each flag that defines
+    the run given with another value (the optimizer gave a KeyError or an AssertionError deep in torch);
+    takes --init_from spelt as the run directory it stands for (which was refused: the resolved path was
+    compared with the given one); and refuses once the starting weights were replaced since the run began
+    (dpo silently took the new weights as its reference)."""
+    if script == "finetune":
+        data = _ft_setup(tmp_path)
+        main = finetune.main
+        flags = ["--tokenizer", str(tmp_path / "tok"), "--data_file", str(data), "--batch_size", "2",
+                 "--grad_accum", "1", "--lora_rank", "4", "--num_samples", "0", "--eval_examples", "4",
+                 "--warmup_steps", "0", "--optimizer", "adamw", "--no-save_merged"]
+        changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
+                   "train_last_n_blocks": "1", "quantize": "nf4", "task": "dialogue"}
+    else:
+        args = _dpo_tiny_args(tmp_path)
+        main = dpo.main
+        flags = _without(args, "--init_from", "--max_steps") + ["--optimizer", "adamw"]
+        changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
+                   "reference": "copy", "quantize": "nf4"}
+    # the starting model, as a run directory holds it (the run directory stands for its checkpoint's model)
+    base = tmp_path / "base"
+    shutil.copytree(tmp_path / "model", base / "ckpt" / "model")
+    (base / "log.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n')
+    flags = flags + ["--init_from", str(base)]
+    out = tmp_path / "run"
+    main(flags + ["--out_dir", str(out), "--max_steps", "3", "--ckpt_interval", "1", "--stop_at_step", "1"])
+    for name, value in changes.items():
+        said = _changed_on_resume(main, flags, out, [f"--{name}", value], capsys)
+        assert said.startswith(f"--resume continues the run in {out}; these flags differ") and f"--{name}" in said, \
+            (name, said)
+    # the same weights replaced by others of the same shape: no longer the same run
+    torch.manual_seed(1)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=GPT.from_pretrained(tmp_path / "model").config.vocab_size)
+        ).save_pretrained(base / "ckpt" / "model", format="native")
+    said = _changed_on_resume(main, flags, out, [], capsys)
+    assert "the starting weights in" in said and "are not those the run" in said, said
+    # put back: the exact command that started the run resumes it
+    shutil.rmtree(base / "ckpt" / "model")
+    shutil.copytree(tmp_path / "model", base / "ckpt" / "model")
+    assert _changed_on_resume(main, flags, out, [], capsys) == ""
+    assert max(r["step"] for r in housekeeping.read_log(out / "log.jsonl")) == 3
+
+
 # -----------------------------------------------------------------------------------------------
 # the first hour: the README's offline commands run as printed; Ctrl-C keeps the work; run
 # directories as --init_from; generation capped at the context; one flag spelling
