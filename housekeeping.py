@@ -518,7 +518,15 @@ def claim_run_dir(out_dir, resume: bool = False, overwrite: bool = False) -> Pat
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks[key] = fd  # kept open (and locked) until this process exits
-    held = [f for f in RUN_FILES if (out / f).exists()]
+    # a link where the run writes (ckpt/ on a bigger disk, say): each save renames the checkpoint, which
+    # would replace the link itself, and a link is never removed through (what it points to is not ours)
+    links = sorted(p.name for p in out.iterdir() if p.is_symlink())
+    if links and not overwrite:
+        close_run(out)
+        raise ValueError(f"--out_dir {out}: {', '.join(links)} is a link (to {os.readlink(out / links[0])}); a run "
+                         f"replaces its files by renaming, which would break it: point --out_dir itself at the other "
+                         f"disk instead")
+    held = [f for f in RUN_FILES if (out / f).exists() or (out / f).is_symlink()]
     if held and not resume and not overwrite:
         close_run(out)  # refused: the lock goes with this process's claim
         raise ValueError(f"--out_dir {out} holds a run ({', '.join(held)}); pass --resume to continue it or "
@@ -608,9 +616,10 @@ class GracefulStop:
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        if self.signum:
+        if self.signum:  # the second signal: at once, with that signal's status (130 for SIGINT, 143 for SIGTERM)
             self.restore()
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: stopping at once, without a checkpoint", file=sys.stderr)
+            raise SystemExit(128 + signum)
         self.signum = signum
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: "

@@ -5127,6 +5127,59 @@ def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise
     assert max(r["step"] for r in housekeeping.read_log(out / "log.jsonl")) == 3
 
 
+def test_a_second_signal_stops_at_once_with_that_signals_status(train_corpus, tmp_path):
+    """Why: two quick SIGTERMs exited 130, Ctrl-C's status (the second raised KeyboardInterrupt). A second
+    signal stops at once with its own status: 143 for SIGTERM, and no traceback."""
+    _, _, data_dir, _ = train_corpus
+    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data_dir", str(data_dir), *TINY, "--max_steps", "400",
+           "--eval_interval", "0", "--num_samples", "0", "--out_dir", str(tmp_path / "run")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in p.stdout:
+        if "step     3/400" in line:
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            p.send_signal(signal.SIGTERM)
+            break
+    _, err = p.communicate(timeout=300)
+    # 143 = 128 + SIGTERM; a signal that lands after the checkpoint's exit began ends the process by SIGTERM
+    # itself, which a shell reports as the same 143
+    assert p.returncode in (143, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
+    assert "SIGINT" not in err
+
+
+def test_a_link_where_a_run_writes_is_refused_at_the_start_and_never_followed(tmp_path):
+    """Why: a ckpt/ that was a link (to a bigger disk) left --resume stuck for good: a save renamed the link,
+    and every later one failed. A link in a run directory is refused at the start, in one line; --overwrite
+    removes the link itself, never what it points to."""
+    run = tmp_path / "run"
+    run.mkdir()
+    elsewhere = tmp_path / "disk" / "ckpt"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "state.pt").write_text("x")
+    (run / "ckpt").symlink_to(elsewhere)
+    (run / "log.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n')
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"ckpt is a link .*point --out_dir itself at the other disk"):
+            housekeeping.open_run(run, resume=resume)
+    assert (run / "ckpt").is_symlink() and not (run / "run.lock").exists()
+    housekeeping.open_run(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"] and (elsewhere / "state.pt").read_text() == "x"
+    housekeeping.close_run(run)
+
+
+def test_train_summary_lists_the_runs_files_but_not_a_killed_writes_temp_file(tmp_path):
+    """Why: the `done:` line listed a stale *.tmp (a write a kill interrupted) among the run's outputs."""
+    (tmp_path / "log.jsonl").write_text('{"type": "eval", "step": 0, "val_loss": 2.0}\n'
+                                        '{"type": "eval", "step": 5, "val_loss": 1.0}\n')
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "loss.png.a1b2.tmp").write_text("")
+    (tmp_path / "run.lock").write_text("1\n")
+    summary = train_gpt2.write_summary(tmp_path, [])
+    assert summary["files"] == ["ckpt", "log.jsonl", "summary.json"]
+    assert summary["before"]["val_loss"] == 2.0 and summary["after"]["val_loss"] == 1.0
+
+
 # -----------------------------------------------------------------------------------------------
 # the first hour: the README's offline commands run as printed; Ctrl-C keeps the work; run
 # directories as --init_from; generation capped at the context; one flag spelling

@@ -503,7 +503,9 @@ def write_summary(out_dir: Path, samples: list[str]) -> dict:
     evals = [r for r in read_log(out_dir / "log.jsonl") if r.get("type") == "eval"]
     before, after = ({"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r.get("val_bpb")}
                      for r in (evals[0], evals[-1]))
-    files = sorted({p.name for p in out_dir.iterdir() if p.name != "run.lock"} | {"summary.json"})
+    # what the run wrote: not its lock, nor the temporary file of a write a kill interrupted (*.tmp)
+    files = sorted({p.name for p in out_dir.iterdir() if p.name != "run.lock" and not p.name.endswith(".tmp")}
+                   | {"summary.json"})
     summary = {"before": before, "after": after, "samples": samples, "files": files}
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
