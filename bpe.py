@@ -1056,6 +1056,35 @@ class TextTokenizer:
         return self._decode([int(i) for i in ids])
 
 
+def _backtracking_probes(pattern: str):
+    """Texts on which a regex that backtracks exponentially shows it: a long run of one unit, then a character
+    that makes the match fail at the very end. The units are a few kinds of character (letters, spaces,
+    digits, newlines, punctuation, accents, emoji) and the pattern's own literal characters and pairs of
+    them, so that `(x+)+$` meets x's and `(y|yy)+$` meets y's."""
+    literals = regex.sub(r"\\[pPxuUN]\{[^}]*\}|\\.", "", pattern)  # escapes (\p{L}, \d, \n) are no literals
+    chars = [c for c in dict.fromkeys(literals) if c.isprintable() and c not in "()[]{}|*+?^$."]
+    pairs = [a + b for a, b in zip(literals, literals[1:]) if a in chars and b in chars]
+    units = ["a", " ", "1", "\n", "!", "é", "😀", "a "] + chars + pairs
+    for unit in dict.fromkeys(units):
+        for fail in ("\x00", "!", "a"):
+            yield unit * (3000 // len(unit)) + fail
+
+
+def check_backtracking(pattern: str, where) -> None:
+    """A pre-tokenizer regex from a file runs in a backtracking engine: one that backtracks exponentially
+    hangs on some text, then panics. Each is tried first, under a time bound, on the texts where that
+    shows (_backtracking_probes): a bad one is one error line naming the file."""
+    try:
+        compiled = regex.compile(pattern)
+        for text in _backtracking_probes(pattern):
+            compiled.findall(text, timeout=0.5)
+    except regex.error as e:
+        raise ValueError(f"{where}: the regex {pattern[:80]!r} is not valid ({e})") from None
+    except TimeoutError:
+        raise ValueError(f"{where}: the regex {pattern[:80]!r} backtracks (over 0.5 s on {text[:4]!r}... of "
+                         f"{len(text):,} characters): it would hang on some text") from None
+
+
 def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     """spec: "gpt2" (tiktoken's), a *.tiktoken rank file (GPT-2's pattern), a directory saved by bpe.py or one
     with a Hugging Face tokenizer. None: model_dir's own tokenizer (itself or its tokenizer/), else GPT-2's.
@@ -1070,14 +1099,7 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
         f = p / "tokenizer.json"
         for pattern in map(json.loads, regex.findall(r'"Regex"\s*:\s*("(?:[^"\\]|\\.)*")',
                                                      _read_text(f) if f.is_file() else "")):
-            try:
-                for c in ("a", " ", "1", "\n", "!", "é", "😀", "a "):
-                    regex.compile(pattern).findall(c * 3000 + "\x00", timeout=0.5)
-            except regex.error as e:
-                raise ValueError(f"{f}: the regex {pattern[:80]!r} is not valid ({e})") from None
-            except TimeoutError:
-                raise ValueError(f"{f}: the regex {pattern[:80]!r} backtracks (over 0.5 s on 3,000 characters): "
-                                 f"it would hang on some text") from None
+            check_backtracking(pattern, f)
         from transformers import AutoTokenizer
         try:
             hf = AutoTokenizer.from_pretrained(str(p))

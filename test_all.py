@@ -860,6 +860,26 @@ def test_bpe_load_tokenizer_kinds(tmp_path):
     assert g.encode("Hello world") == [15496, 995] and g.eot_id == 50256 and 50256 not in g.encode("<|endoftext|>")
 
 
+BACKTRACKING = [r"(a+)+$", r"(x+)+$", r"(y|yy)+$", r"(\d+)*$", r"(ab|a)+c", r"([a-z]+)*\d", r"(\s*)*$",
+                r"(b|bb)*$", r"((z)+)+!$", r"(\p{L}+)+\.$"]
+
+
+@pytest.mark.parametrize("pattern", BACKTRACKING)
+def test_bpe_a_backtracking_regex_is_refused_whatever_its_characters(pattern):
+    """Why: the check probed one string shape: `(a+)+$` was refused, `(x+)+$` and `(y|yy)+$` got through
+    and the tokenizer panicked. Each regex is now probed with runs of its own literal characters (and a
+    few kinds of character), then a character that fails the match, under a time bound."""
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the regex .* backtracks"):
+        bpe.check_backtracking(pattern, "tok/tokenizer.json")
+
+
+def test_bpe_the_regexes_of_real_tokenizers_pass_the_backtracking_probe():
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's and Qwen2's pre-tokenizer
+    for pattern in (bpe.PATTERNS["gpt2"], bpe.PATTERNS["gpt4"], llama3):
+        bpe.check_backtracking(pattern, "tokenizer.json")
+
+
 # -----------------------------------------------------------------------------------------------
 # model.py
 
