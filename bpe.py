@@ -792,7 +792,7 @@ def read_bpe_file(path, trust_pattern=False):
         if kind == "special":
             try:
                 s = json.loads(rest)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or a number too long to convert
                 s = None
             if not isinstance(s, str):
                 fail(lineno, f"expected '<id> special \"<token as a JSON string>\"', got {line!r}")
@@ -873,7 +873,7 @@ def read_gpt2_files(encoder_json, vocab_bpe, special_tokens=GPT2_SPECIAL_TOKENS)
     char_to_byte = {c: b for b, c in gpt2_byte_to_char().items()}
     try:
         encoder = json.loads(_read_text(encoder_json))
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, too deep, or a number too long to convert
         raise ValueError(f"{encoder_json}: not valid JSON ({e})") from None
     if not isinstance(encoder, dict):
         raise ValueError(f"{encoder_json}: expected a JSON object {{token: id}}")

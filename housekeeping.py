@@ -64,7 +64,8 @@ def atomic_write(path, write):
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, RecursionError) as e:  # the parser recurses once per nesting level
+    # JSONDecodeError is a ValueError, as is an integer too long to convert; the parser recurses once per level
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -81,7 +82,7 @@ def read_log(path) -> list[dict]:
         for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             try:
                 row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON (a kill mid-line), or a number too long
                 row = None
                 bad.append(n)
             if isinstance(row, dict) and "step" in row:

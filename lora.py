@@ -561,7 +561,7 @@ def load_adapter(model, adapter_dir):
         raise FileNotFoundError(f"{d}: no adapter_config.json (not a PEFT adapter directory)")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, too deep, or a number too long to convert
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")

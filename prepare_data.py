@@ -685,6 +685,8 @@ def read_jsonl(path) -> list[tuple[str, object]]:
                 rows.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # valid JSON that Python will not convert: a 5,000-digit integer
+                raise ValueError(f"{path}:{lineno}: not a record ({e})") from None
             except RecursionError:  # Python's parser recurses once per level: [[[[...]]]] ends here
                 raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
     return rows
@@ -759,6 +761,8 @@ def load_alpaca(data_file=None, max_response_chars: int = 0, max_examples: int =
         except json.JSONDecodeError as e:
             raise ValueError(f"{data_file}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs "
                              f"that suffix") from None
+        except ValueError as e:  # valid JSON that Python will not convert: a 5,000-digit integer
+            raise ValueError(f"{data_file}: not a list of records ({e})") from None
         except RecursionError:
             raise ValueError(f"{data_file}: JSON nested too deeply to be a list of records") from None
         if not isinstance(data, list):

@@ -5196,6 +5196,35 @@ def test_train_summary_lists_the_runs_files_but_not_a_killed_writes_temp_file(tm
     assert summary["before"]["val_loss"] == 2.0 and summary["after"]["val_loss"] == 1.0
 
 
+def test_every_json_reader_names_the_file_for_a_number_python_will_not_convert(tmp_path, capsys):
+    """Why: a 5000-digit integer in a data file gave Python's own message, naming no file or line (it is
+    valid JSON, but Python refuses to convert it: a ValueError that is not a JSONDecodeError). Every JSON
+    reader now names the file (and the line of a .jsonl)."""
+    big = "9" * 5000
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"a": 1}\n{"n": %s}\n' % big)
+    with pytest.raises(ValueError, match=regex.escape(f"{data}:2: not a record")):
+        prepare_data.read_jsonl(data)
+    config = tmp_path / "c.json"
+    config.write_text('{"n": %s}' % big)
+    with pytest.raises(ValueError, match=regex.escape(f"{config}: not valid JSON")):
+        housekeeping.read_json(config)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "gpt2", "n_embd": %s}' % big)
+    with pytest.raises(ValueError, match=regex.escape(f"{model_dir / 'config.json'}: not valid JSON")):
+        GPT.from_pretrained(model_dir)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": %s}' % big)
+    with pytest.raises(ValueError, match=regex.escape(f"{adapter / 'adapter_config.json'}: not valid JSON")):
+        load_adapter(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=97)), adapter)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": %s}\n' % big)
+    assert housekeeping.read_log(log) == [{"step": 1, "loss": 1.0}]
+    assert "skipped 1 damaged line(s) (line 2)" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------------------------
 # the first hour: the README's offline commands run as printed; Ctrl-C keeps the work; run
 # directories as --init_from; generation capped at the context; one flag spelling
