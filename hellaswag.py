@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import sys
 import time
@@ -410,8 +411,11 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
         norm = [r[2] for r in requests[4 * j: 4 * j + 4]]
         items.append(dict(idx=i, label=examples[i]["label"], ll=ll, norm=norm, pred=_argmax(ll),
                           pred_norm=_argmax([a / b for a, b in zip(ll, norm)])))
+    # a NaN never compares larger, so argmax would pick an ending anyway: a model whose outputs are not
+    # numbers would score as if it chose. Counted with the rest (every rank learns of it), then refused below
+    non_finite = sum(not math.isfinite(x) for x in lls)
     counts = [len(items), sum(it["pred"] == it["label"] for it in items),
-              sum(it["pred_norm"] == it["label"] for it in items)]
+              sum(it["pred_norm"] == it["label"] for it in items), non_finite]
     if world_size > 1:
         dist = torch.distributed
         # NCCL reduces only CUDA tensors; gloo only CPU ones
@@ -423,7 +427,10 @@ def evaluate(model, tokenizer, examples: list[dict], scoring: str = "harness", b
             gathered = [None] * world_size
             dist.all_gather_object(gathered, items)
             items = sorted((it for part in gathered for it in part), key=lambda it: it["idx"])
-    n, k, k_norm = counts
+    n, k, k_norm, non_finite = counts
+    if non_finite:
+        raise ValueError(f"hellaswag: {non_finite} of the {4 * n} endings' log-likelihoods are not finite (NaN "
+                         f"or inf): the model's outputs are not numbers, so no accuracy is computed")
     result = dict(acc=k / max(n, 1), acc_norm=k_norm / max(n, 1), acc_stderr=_stderr(k, n),
                   acc_norm_stderr=_stderr(k_norm, n), n=n, scoring=scoring, seconds=round(time.time() - t0, 3))
     if return_items:

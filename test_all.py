@@ -2416,6 +2416,23 @@ def test_hellaswag_evaluate_restores_training_mode_and_unwraps(tmp_path):
         assert max(abs(x - y) for x, y in zip(a["ll"], b["ll"])) <= 1e-4
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_hellaswag_refuses_to_score_a_model_whose_outputs_are_not_numbers(tmp_path, bad):
+    """Why: a model whose weights were all NaN scored above chance (acc_norm 0.300 of 40: argmax over NaN
+    still picks an ending). Weights are now checked at load; a model that computes non-finite
+    log-likelihoods anyway (an overflow) is one error, never a figure."""
+    d = tmp_path / "hf"
+    hf_tok = _hs_save_tokenizer(d)
+    _hs_hf_model("gpt2", len(hf_tok), d)
+    data = prepare_data.load_hellaswag(_hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS))
+    model, tok = hellaswag.load_model(str(d), dtype=torch.float32)
+    hellaswag.evaluate(model, tok, data, batch_size=7)  # finite: scored
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(bad)
+    with pytest.raises(ValueError, match=r"hellaswag: \d+ of the \d+ endings' log-likelihoods are not finite"):
+        hellaswag.evaluate(model, tok, data, batch_size=7)
+
+
 # -----------------------------------------------------------------------------------------------
 # lora.py
 
