@@ -802,6 +802,9 @@ def train(cfg: DPOConfig) -> dict:
     log.say(before_after(summary, f"{len(val_t)} held-out pairs, {len(prompts)} answers; reward_accuracy chance 0.5"))
     written = ("summary.json", "log.jsonl", "loss.png", "samples.md", "adapter", "model")
     log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
+    chain = "" if out == Path(DPOConfig.out_dir) else f" --init_from {out}"
+    log.say(f"next: python hellaswag.py{chain} (evaluate it beside the earlier stages), or python chat.py{chain} "
+            f"(talk to it)")
     end_distributed()
     return dict(log=log.rows)
 

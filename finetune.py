@@ -937,6 +937,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     log.say(before_after(summary, f"{len(gen_ex)} held-out answers" if gen_ex else f"{len(test_t)} test examples"))
     written = ("summary.json", "log.jsonl", "loss.png", "responses.md", "best_adapter", "best_model", "ckpt")
     log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
+    chain = "" if out == Path(FinetuneConfig.out_dir) else f" --init_from {out}"
+    log.say(f"next: python dpo.py{chain} (preference-tune it), or python chat.py{chain} (talk to it)")
     end_distributed()
     return dict(summary, best_val=best_val, log=log.rows, model=model)
 

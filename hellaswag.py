@@ -702,6 +702,7 @@ def write_result(path: Path, result: dict, before: dict | None, by_stage: dict, 
     kept = keep_earlier_result(path) if str(path) == DEFAULT_JSON else None
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
     print(f"written: {path}" + (f" (the earlier result kept as {kept})" if kept else ""))
+    print("next: python chat.py (talk to the last stage's model)")
 
 
 if __name__ == "__main__":

@@ -770,6 +770,9 @@ def finish(run: Run, samples: list[str]):
                 f"{shown(before['val_bpb'])} -> {shown(after['val_bpb'])} bits per byte (step {before['step']} -> "
                 f"{after['step']}) | final model: {out_dir / 'model'} | written: {', '.join(summary['files'])} "
                 f"in {out_dir}")
+    chain = "" if out_dir == Path(RECIPES["cpu"]["out_dir"]) else f" --init_from {out_dir}"
+    run.log.say(f"next: python finetune.py{chain} (instruction-tune it), or python chat.py{chain} --prompt "
+                f"'...' (sample from it)")
 
 
 ESTIMATE_AFTER = 5  # timed steps before the one-time estimate of the whole run is printed
