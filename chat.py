@@ -84,10 +84,10 @@ def weights_dtype(precision: str, device: str) -> torch.dtype:
 
 def load(cfg: ChatConfig):
     """(model, tokenizer, device) of cfg.init_from; `auto` becomes the model it stands for."""
+    device = pick_device(cfg.device)  # a bad --device is the error, before any search for a model
     if cfg.init_from == "auto":
         cfg.init_from = auto_init_from(STAGE_MODELS, run_first="python train_gpt2.py")
     cfg.init_from = resolve_init_from(cfg.init_from)  # a run directory: its best or final model
-    device = pick_device(cfg.device)
     model = GPT.from_pretrained(cfg.init_from, dtype=weights_dtype(cfg.precision, device), device=device).eval()
     if device == "cpu":
         model.decode_layout_()  # inference only: the faster weight layout for one-token steps (model.py)

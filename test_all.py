@@ -2330,7 +2330,7 @@ def test_hellaswag_torchrun_two_processes_match_one(tmp_path):
     data_file = _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS + HS_ITEMS[:3])  # 9 items: uneven shards
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HS_ROOT))
     common = [str(HS_ROOT / "hellaswag.py"), "--init_from", str(d), "--data_file", str(data_file),
-              "--device", "cpu", "--no_progress", "--batch_size", "6"]
+              "--device", "cpu", "--no-progress", "--batch_size", "6"]
     runs = {}
     for name, launcher in [("one", [sys.executable]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -3026,7 +3026,7 @@ def test_finetune_half_precision_steps_on_cpu(tmp_path, precision, lora_rank):
     finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
                    str(data), "--out_dir", str(tmp_path / "out"), "--precision", precision, "--device", "cpu",
                    "--lora_rank", str(lora_rank), "--lora_targets", "all", "--lr", "1e-2", "--max_steps", "2",
-                   "--eval_interval", "2", "--batch_size", "2", "--grad_accum", "2", "--n_generate", "0",
+                   "--eval_interval", "2", "--batch_size", "2", "--grad_accum", "2", "--num_samples", "0",
                    "--eval_examples", "4", "--no-save_merged"])
     rows = housekeeping.read_log(tmp_path / "out" / "log.jsonl")
     steps = [r for r in rows if "loss" in r]
@@ -3063,7 +3063,7 @@ def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
     out = tmp_path / "out"
     finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
                    "--data_file", str(data), "--out_dir", str(out), "--max_steps", "12", "--eval_interval", "6",
-                   "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15", "--n_generate", "2",
+                   "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15", "--num_samples", "2",
                    "--max_new_tokens", "6", "--lora_dropout", "0.0"] + lora_args)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -3090,7 +3090,7 @@ def test_finetune_lora_on_an_nf4_base_lowers_val_loss_like_on_the_full_base(tmp_
         finetune.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
                        "--data_file", str(data), "--out_dir", str(tmp_path / q), "--max_steps", "12",
                        "--eval_interval", "6", "--batch_size", "4", "--grad_accum", "2", "--val_frac", "0.15",
-                       "--n_generate", "0", "--lora_rank", "8", "--lora_alpha", "16", "--lora_targets", "all",
+                       "--num_samples", "0", "--lora_rank", "8", "--lora_alpha", "16", "--lora_targets", "all",
                        "--lr", "1e-2", "--lora_dropout", "0.0", "--quantize", q])
         rows = [json.loads(line) for line in (tmp_path / q / "log.jsonl").read_text().splitlines()]
         evals[q] = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -3203,7 +3203,7 @@ def test_finetune_dialogue_bad_input_and_cli(tmp_path, capsys):
     prompts.write_text("why is the sky blue\ncat\n")
     finetune.main(["--task", "dialogue", "--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
                    "--data_file", str(data), "--out_dir", str(out), "--max_steps", "10", "--eval_interval", "5",
-                   "--batch_size", "4", "--grad_accum", "1", "--lora_rank", "0", "--lr", "3e-3", "--n_generate", "2",
+                   "--batch_size", "4", "--grad_accum", "1", "--lora_rank", "0", "--lr", "3e-3", "--num_samples", "2",
                    "--max_new_tokens", "4", "--val_frac", "0.2", "--save_interval", "4", "--score_every_eval",
                    "--reward_model", str(_tiny_reward_model(tmp_path / "rm")), "--prompts", str(prompts)])
     assert sorted(p.name for p in out.glob("ckpt_step*")) == ["ckpt_step4", "ckpt_step8"]
@@ -3491,7 +3491,7 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
     args = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--out_dir", str(tmp_path / "out"), "--reference", "precomputed", "--lora_rank", "4",
             "--max_steps", "4", "--eval_interval", "2", "--batch_size", "2", "--grad_accum", "2",
-            "--n_generate", "1", "--max_new_tokens", "4", "--val_frac", "0.2", "--warmup_steps", "1"]
+            "--num_samples", "1", "--max_new_tokens", "4", "--val_frac", "0.2", "--warmup_steps", "1"]
     dpo.main(args)
     out = capsys.readouterr().out
     assert "identical chosen and rejected" in out and "reference log-probs: 25 computed" not in out
@@ -3788,7 +3788,7 @@ def test_chat_echoes_nothing_from_a_terminal(tmp_path):
 def _sweep_flags(tmp_path, data):
     return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--max_steps", "4", "--eval_interval", "2", "--batch_size", "4", "--grad_accum", "1",
-            "--val_frac", "0.15", "--n_generate", "0", "--lora_dropout", "0.0", "--lr", "3e-3"]
+            "--val_frac", "0.15", "--num_samples", "0", "--lora_dropout", "0.0", "--lr", "3e-3"]
 
 
 def _sweep(argv):
@@ -4154,7 +4154,7 @@ def test_distributed_finetune_ddp_and_fsdp_equal_one_process(tmp_path, lora_rank
     losses (fp32), and an FSDP run's saved model and adapter load in one process with its logits."""
     data = _ft_setup(tmp_path)
     flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data, "--max_steps", 4,
-             "--eval_interval", 2, "--batch_size", 2, "--val_frac", 0.15, "--n_generate", 1, "--max_new_tokens", 4,
+             "--eval_interval", 2, "--batch_size", 2, "--val_frac", 0.15, "--num_samples", 1, "--max_new_tokens", 4,
              "--lora_dropout", 0, "--lr", 1e-2 if lora_rank else 1e-3, "--lora_rank", lora_rank]
     finetune.main(list(map(str, flags + ["--out_dir", tmp_path / "one", "--grad_accum", 4])))
     runs = {"fsdp": ["--fsdp"]} if lora_rank == 0 else {"ddp": [], "fsdp": ["--fsdp"]}
@@ -4202,7 +4202,7 @@ end_distributed()
             assert row[k] == pytest.approx(full / 2, rel=0.05), (row["rank"], k)
     data = _ft_setup(tmp_path)
     flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data, "--max_steps", 4,
-             "--eval_interval", 2, "--batch_size", 2, "--grad_accum", 2, "--val_frac", 0.15, "--n_generate", 0,
+             "--eval_interval", 2, "--batch_size", 2, "--grad_accum", 2, "--val_frac", 0.15, "--num_samples", 0,
              "--lora_rank", 4, "--lora_dropout", 0.1, "--lr", 1e-2, "--fsdp", "--ckpt_interval", 2]
     _torchrun(2, "finetune.py", *flags, "--out_dir", tmp_path / "whole")
     _torchrun(2, "finetune.py", *flags, "--out_dir", tmp_path / "cut", "--stop_at_step", 3)
@@ -4244,7 +4244,7 @@ def test_distributed_dpo_equal_one_process(tmp_path):
     for ref, mode in (("adapter_off", "--fsdp"), ("precomputed", None)):
         flags = ["--init_from", tmp_path / "model", "--tokenizer", tmp_path / "tok", "--data_file", data,
                  "--max_steps", 3,
-                 "--eval_interval", 3, "--batch_size", 2, "--n_generate", 1, "--max_new_tokens", 4, "--lr", 5e-2,
+                 "--eval_interval", 3, "--batch_size", 2, "--num_samples", 1, "--max_new_tokens", 4, "--lr", 5e-2,
                  "--reference", ref, "--warmup_steps", 1, "--lora_rank", 4]
         dpo.main(list(map(str, flags + ["--out_dir", tmp_path / f"one-{ref}", "--grad_accum", 4])))
         _torchrun(2, "dpo.py", *flags, "--out_dir", tmp_path / f"two-{ref}", "--grad_accum", 2,
@@ -4682,9 +4682,9 @@ _SIZE_FLAGS = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batc
 def test_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # parsing must write nothing here
     scripts = {"train_gpt2": (train_gpt2.TrainConfig, lambda a: train_gpt2.parse_args(a)),
-               # finetune's --init_from auto needs an earlier stage's model: none in this empty folder
+               # --init_from auto needs an earlier stage's model: none in this empty folder
                "finetune": (finetune.FinetuneConfig, lambda a: finetune.parse_args(["--init_from", "gpt2"] + a)),
-               "dpo": (dpo.DPOConfig, dpo.parse_args),
+               "dpo": (dpo.DPOConfig, lambda a: dpo.parse_args(["--init_from", "gpt2"] + a)),
                "chat": (chat.ChatConfig, chat.parse_args)}
     checked = 0
     for script, (cls, parse) in scripts.items():
@@ -4743,7 +4743,7 @@ def test_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys
     out = tmp_path / "out"
     argv = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "2", "--ckpt_interval", "2",
-            "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4", "--n_generate", "0", "--lr", "1e-2"]
+            "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4", "--num_samples", "0", "--lr", "1e-2"]
     _refused(capsys, finetune.main, argv, "error: step 3: grad_norm nan", "nothing of this step was saved")
     best = load_file(str(out / "best_adapter" / "adapter_model.safetensors"))
     assert best and all(torch.isfinite(t).all() for t in best.values())
@@ -4797,7 +4797,7 @@ def test_finetune_resume_after_a_finished_run_decides_as_an_uninterrupted_run(tm
     data = _ft_setup(tmp_path)
     flags = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
              "--eval_interval", "2", "--patience", "1", "--batch_size", "2", "--grad_accum", "1", "--lora_rank", "4",
-             "--n_generate", "0", "--eval_examples", "4",
+             "--num_samples", "0", "--eval_examples", "4",
              "--lr", "5e-3", "--min_lr_ratio", "1", "--warmup_steps", "0", "--no-save_merged"]  # a constant LR
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "4"])
     finetune.main(flags + ["--out_dir", str(tmp_path / "cut"), "--max_steps", "6", "--resume"])
@@ -4827,7 +4827,7 @@ def _dpo_tiny_args(tmp_path) -> list[str]:
     GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
     return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--reference", "precomputed", "--lora_rank", "4", "--max_steps", "1", "--batch_size", "2",
-            "--grad_accum", "1", "--n_generate", "0", "--val_frac", "0.25", "--warmup_steps", "0"]
+            "--grad_accum", "1", "--num_samples", "0", "--val_frac", "0.25", "--warmup_steps", "0"]
 
 
 def test_dpo_reference_cache_of_other_weights_is_recomputed(tmp_path, capsys):
@@ -5265,12 +5265,12 @@ def _readme_small(argv: list[str]) -> list[str]:
     if script == "train_gpt2.py":
         return ["--max_steps", "6" if "--resume" in argv else "4", "--eval_interval", "2", "--val_tokens", "1024",
                 "--hellaswag_limit", "8", "--num_samples", "1", "--sample_len", "8"]
-    return {"finetune.py": ["--max_steps", "2", "--eval_interval", "2", "--n_samples", "64", "--n_generate", "1",
+    return {"finetune.py": ["--max_steps", "2", "--eval_interval", "2", "--max_examples", "64", "--num_samples", "1",
                             "--max_new_tokens", "8"],
-            "dpo.py": ["--max_steps", "2", "--eval_interval", "2", "--n_samples", "64", "--n_generate", "1",
+            "dpo.py": ["--max_steps", "2", "--eval_interval", "2", "--max_examples", "64", "--num_samples", "1",
                        "--max_new_tokens", "8"],
-            "hellaswag.py": ["--limit", "8", "--no_progress"],
-            "sweep.py": ["--max_steps", "1", "--eval_interval", "1", "--n_samples", "32", "--n_generate", "0"],
+            "hellaswag.py": ["--limit", "8", "--no-progress"],
+            "sweep.py": ["--max_steps", "1", "--eval_interval", "1", "--max_examples", "32", "--num_samples", "0"],
             }.get(script, [])
 
 
@@ -5310,7 +5310,7 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     assert regex.fullmatch(r"acc_norm by stage, 8 items \(chance 0.250, a random model [\d.]+\): pretrained "
                            r"\(out/cpu/(ckpt/)?model\) [\d.]+, instruction-tuned \(out-finetune/best_model\) [\d.]+, "
                            r"DPO-tuned \(out-dpo/model\) [\d.]+", headline), out["hellaswag.py"]
-    assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 400"]
+    assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 700"]
     if gpt2_ranks:
         shown = out["bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345"]
         assert shown.startswith("Solid|GoldMagikarp| 123|45")
@@ -5358,7 +5358,7 @@ def test_sigterm_in_finetune_keeps_the_state_and_resume_gives_the_uninterrupted_
     data = _ft_setup(tmp_path)
     args = [sys.executable, str(ROOT / "finetune.py"), "--init_from", str(tmp_path / "model"), "--tokenizer",
             str(tmp_path / "tok"), "--data_file", str(data), "--max_steps", "40", "--eval_interval", "20",
-            "--batch_size", "2", "--grad_accum", "1", "--n_generate", "0", *how,
+            "--batch_size", "2", "--grad_accum", "1", "--num_samples", "0", *how,
             "--lr", "1e-2", "--log_interval", "1", "--device", "cpu"]
     whole = subprocess.run(args + ["--out_dir", str(tmp_path / "whole")], capture_output=True, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
@@ -5423,7 +5423,7 @@ def test_init_from_a_run_directory_in_hellaswag_chat_dpo_and_score(run_dirs, tmp
     # hellaswag: the model on this machine is scored on the built-in items, offline
     items = _hs_write_jsonl(tmp_path / "hs.jsonl", HS_ITEMS)
     r = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "--init_from", str(run), "--data_file", str(items),
-                        "--device", "cpu", "--no_progress"], capture_output=True, text=True, timeout=300,
+                        "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0 and f"model={best} " in r.stdout and f"using {best}" in r.stderr, r.stderr[-2000:]
     # chat: the run's own tokenizer comes with its model
@@ -5447,7 +5447,7 @@ def test_dpo_runs_from_a_run_directory(run_dirs, tmp_path):
     pairs.write_text("".join(json.dumps({"prompt": f"q{i} ", "chosen": "yes it is", "rejected": "no"}) + "\n"
                              for i in range(8)))
     dpo.main(["--init_from", str(run), "--data_file", str(pairs), "--max_steps", "2", "--eval_interval", "2",
-              "--n_generate", "1", "--max_new_tokens", "4", "--out_dir", str(tmp_path / "o"), "--device", "cpu",
+              "--num_samples", "1", "--max_new_tokens", "4", "--out_dir", str(tmp_path / "o"), "--device", "cpu",
               "--batch_size", "2", "--grad_accum", "1"])
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert saved["init_from"] == str(best) and (tmp_path / "o" / "model" / "gpt_config.json").exists()
@@ -5545,19 +5545,19 @@ def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
     d = fresh_clone
     steps = [("train_gpt2.py", "--max_steps", 6, "--eval_interval", 3, "--num_samples", 0),
              ("finetune.py", "--lora_rank", 16, "--grad_accum", 8, "--max_steps", 3, "--eval_interval", 3,
-              "--n_generate", 2, "--max_new_tokens", 6, "--eval_examples", 16),
-             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--n_generate", 1, "--max_new_tokens", 4,
+              "--num_samples", 2, "--max_new_tokens", 6, "--eval_examples", 16),
+             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--num_samples", 1, "--max_new_tokens", 4,
               "--eval_pairs", 8),
-             ("hellaswag.py", "--limit", 20, "--no_progress")]
-    leaves = ["out/cpu/ckpt/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
+             ("hellaswag.py", "--limit", 20, "--no-progress")]
+    leaves = ["out/cpu/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
               "out-dpo/model/gpt_config.json",
               None]
     for cmd, left in zip(steps, leaves):
         r = _run(d, *cmd)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
         assert left is None or (d / left).exists(), (cmd, left)
-    assert "out/cpu/ckpt/model (from train_gpt2.py) on the built-in instruction set" in _run(
-        d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--n_generate", 0, "--eval_examples", 4).stdout
+    assert "out/cpu/model (from train_gpt2.py) on the built-in instruction set" in _run(
+        d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--num_samples", 0, "--eval_examples", 4).stdout
     assert "hellaswag scoring=harness n=20" in r.stdout and "out-dpo/model" in r.stdout
     r = _run(d, "chat.py", "--max_new_tokens", 5, stdin="what does len do?\n/quit\n")
     assert r.returncode == 0 and "chatting with out-dpo/model" in r.stdout and "Assistant:" in r.stdout
@@ -5721,7 +5721,7 @@ def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, caps
     dpo.main(["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
               str(tmp_path / "train.jsonl"), "--val_file", str(tmp_path / "val.jsonl"), "--out_dir",
               str(tmp_path / "out"), "--lora_rank", "4", "--max_steps", "2", "--eval_interval", "2",
-              "--n_generate", "4", "--warmup_steps", "0"])
+              "--num_samples", "4", "--warmup_steps", "0"])
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "val_reward_accuracy" in r]
@@ -5748,7 +5748,7 @@ def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
     tok.save(tmp_path / "m")
     hellaswag.main(["--init_from", str(tmp_path / "m"), "--data_file", str(tmp_path / "items.jsonl"), "--baseline",
                     "--json", str(tmp_path / "r" / "summary.json"), "--per_item", str(tmp_path / "items_out.jsonl"),
-                    "--no_progress", "--device", "cpu"])
+                    "--no-progress", "--device", "cpu"])
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     per = [json.loads(line) for line in (tmp_path / "items_out.jsonl").read_text().splitlines()]
     by_hand = sum(max(range(4), key=lambda j: p["ll"][j] / p["norm"][j]) == p["label"] for p in per) / 12
