@@ -850,8 +850,13 @@ def before_after(summary: dict, what: str = "") -> str:
         f"{k} {_figure(b.get(k))} -> {_figure(v)}" for k, v in a.items())
 
 
-def mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n)) from sums (shards reduce 3 numbers); NaN if undefined."""
+def mean_stderr(total: float, total_sq: float, n: int, what: str = "a score") -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)) from sums (shards reduce 3 numbers); NaN if undefined
+    (no value, or one). Sums that are not finite (a NaN or inf among the values) are an error naming
+    `what`, never a figure."""
+    if not (math.isfinite(total) and math.isfinite(total_sq)):
+        raise ValueError(f"{what}: {n} value(s) whose sum is {total}: a NaN or inf among them (the model's "
+                         f"outputs are not numbers); no mean is given")
     if n == 0:
         return float("nan"), float("nan")
     mean = total / n

@@ -272,7 +272,7 @@ def exact_matches(prompts: list[dict], answers: list[str]) -> list[float]:
 
 
 def _stats(name: str, xs: list[float]) -> dict:
-    m, se = mean_stderr(sum(xs), sum(x * x for x in xs), len(xs))
+    m, se = mean_stderr(sum(xs), sum(x * x for x in xs), len(xs), what=f"score.py: the {name} scores")
     return {f"{name}_mean": m, f"{name}_stderr": se}
 
 

@@ -3568,6 +3568,10 @@ def test_score_reward_model_equals_transformers(tmp_path):
     assert ours == pytest.approx(ref, abs=1e-5)  # batched with padding = one at a time
     m, se = housekeeping.mean_stderr(7.0, 21.0, 3)  # from the sum and the sum of squares
     assert m == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1, 2, 4]) / math.sqrt(3))
+    # a NaN or inf among the scores is an error naming them, never a mean (a NaN reward model scored as one)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="score.py: the reward scores: 3 value"):
+            score._stats("reward", [1.0, bad, 4.0])
 
 
 class _JudgeServer:
