@@ -5732,7 +5732,9 @@ def test_dpo_summary_reward_accuracy_and_chosen_rate(tmp_path, monkeypatch, caps
     assert s["before"]["reward_accuracy"] == 0.0 and s["after"]["reward_accuracy"] == evals[-1]["val_reward_accuracy"]
     assert s["before"]["chosen_rate"] == 0.75 and s["after"]["chosen_rate"] == 0.75
     out = capsys.readouterr().out
-    assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out and "summary.json" in out.splitlines()[-1]
+    assert "4 held-out pairs" in out and "chosen_rate 0.750 -> 0.750" in out
+    written, next_stage = out.splitlines()[-2:]  # the files, then the stage to run next
+    assert "summary.json" in written and next_stage.startswith("next: python hellaswag.py --init_from ")
 
 
 def test_hellaswag_baseline_summary_acc_norm_next_to_chance(tmp_path, capsys):
