@@ -222,6 +222,18 @@ def parse_args(argv=None) -> FinetuneConfig:
                 setattr(cfg, k, given.get(k, v))
             if cfg.lora_rank and "optimizer" not in given:  # LoRA's thin A and B: AdamW (Muon is for whole matrices)
                 cfg.optimizer = "adamw"
+            # the laptop run's budget is its examples, as train_gpt2.py's is its tokens: a bigger step
+            # (--grad_accum 8, --batch_size 64) takes as many more examples, so the run takes fewer steps
+            # (and evaluates as often per example): the same work, not 8 times it
+            budget = LAPTOP["batch_size"] * LAPTOP["grad_accum"] * LAPTOP["max_steps"]
+            per_step = cfg.batch_size * cfg.grad_accum
+            if "max_steps" not in given and per_step != LAPTOP["batch_size"] * LAPTOP["grad_accum"]:
+                cfg.max_steps = max(1, budget // per_step)
+                if "eval_interval" not in given:
+                    cfg.eval_interval = max(1, cfg.max_steps * LAPTOP["eval_interval"] // LAPTOP["max_steps"])
+                print(f"note: {per_step} examples a step (--batch_size {cfg.batch_size} x --grad_accum "
+                      f"{cfg.grad_accum}): the laptop run keeps its {budget:,} examples in {cfg.max_steps} steps "
+                      f"(--max_steps sets it)")
             if cfg.task == "instruction":  # the answers before and after: questions about held-out modules
                 cfg.test_file = cfg.test_file or str(builtin_tasks()["instructions_test"])
             print(f"offline default: {cfg.init_from} (from train_gpt2.py) on the built-in {cfg.task} set "

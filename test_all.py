@@ -3273,6 +3273,25 @@ def test_finetune_classifier_learns_and_bad_labels(tmp_path, capsys):
     assert sum(e["label"] for e in balanced) * 2 == len(balanced)
 
 
+def test_finetune_laptop_run_keeps_its_examples_when_the_step_grows(tmp_path, monkeypatch, capsys):
+    """The design card's `python finetune.py --lora_rank 16 --grad_accum 8` on a laptop: with the offline
+    defaults a step of 8 micro-batches kept the 1,800 steps, 8 times the work (an hour). The laptop run's
+    budget is its examples, as pretraining's is its tokens: 8 times the examples a step, 1/8 the steps."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "cpu" / "model").mkdir(parents=True)
+    (tmp_path / "out" / "cpu" / "model" / "gpt_config.json").write_text("{}")  # train_gpt2.py's model is here
+    monkeypatch.setattr(finetune, "builtin_tasks", lambda: {"instructions": "i.jsonl", "instructions_test": "t.jsonl",
+                                                          "dialogues": "d.jsonl", "classes": "c.jsonl"})
+    laptop = finetune.LAPTOP
+    cfg = finetune.parse_args([])
+    assert (cfg.max_steps, cfg.batch_size, cfg.grad_accum) == (laptop["max_steps"], 16, 1)
+    cfg = finetune.parse_args(["--lora_rank", "16", "--grad_accum", "8"])
+    assert cfg.max_steps == laptop["max_steps"] // 8 and cfg.eval_interval == laptop["eval_interval"] // 8
+    assert cfg.batch_size * cfg.grad_accum * cfg.max_steps == 16 * laptop["max_steps"]
+    assert "keeps its 28,800 examples in 225 steps" in capsys.readouterr().out
+    assert finetune.parse_args(["--grad_accum", "8", "--max_steps", "50"]).max_steps == 50  # given: kept
+
+
 # -----------------------------------------------------------------------------------------------
 # dpo.py
 
