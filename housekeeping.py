@@ -908,9 +908,9 @@ def _duration(seconds: float) -> str:
 
 
 class StepClock:
-    """Seconds per training step and the time left, from the steps timed so far in this process (the first
+    """Seconds per training step and the time left, from the last steps timed in this process (the first
     `skip` steps left out: they warm up the allocator, compile, fill caches). A resumed run counts from its
-    own first step."""
+    own first step. Evaluations between steps are not in it: the time left is the training's."""
 
     def __init__(self, max_steps: int, skip: int = 1):
         self.max_steps = max_steps
@@ -921,7 +921,8 @@ class StepClock:
         self.seconds.append(seconds)
 
     def per_step(self) -> float | None:
-        timed = self.seconds[self.skip:] or self.seconds
+        """The mean of the last 50 timed steps: recent, so that the first slow steps fade out."""
+        timed = self.seconds[self.skip:][-50:] or self.seconds
         return sum(timed) / len(timed) if timed else None
 
     def left(self, step: int) -> str:
