@@ -660,7 +660,8 @@ def _pretrain_run(args, arm: str, lr: float, seed: int, tune: bool, adamw_lr: fl
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [[r["step"], r["val_loss"], r["val_bpb"]] for r in rows if r["type"] == "eval"]
     ms = statistics.median(r["ms"] for r in rows if r["type"] == "train")
-    shutil.rmtree(out / "ckpt", ignore_errors=True)  # the weights are not needed, the log is kept
+    for weights in ("ckpt", "model"):  # the weights are not needed, the log is kept
+        shutil.rmtree(out / weights, ignore_errors=True)
     return dict(key=key, arm=arm, lr_flag=lr_flag, lr=lr, adamw_lr=adamw_lr, seed=seed, tune=tune, evals=evals,
                 median_step_ms=ms, wall_s=time.time() - t0)
 
