@@ -766,7 +766,7 @@ def train(cfg: DPOConfig) -> dict:
                     f"{metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.4f}, lr "
                     f"{lr_scale * lr:.2e} | {clock.left(step + 1)}")
         if len(clock.seconds) == ESTIMATE_AFTER:  # once: how long the whole run takes, and its evaluation
-            log.say(f"this run: {clock.estimate()}")
+            log.say(f"the whole run: {clock.estimate()}")
             per_eval = sum(eval_seconds) / len(eval_seconds) if eval_seconds else 0.0
             note = evaluation_note(2 * answers_s, n_evals * per_eval, clock.per_step() * (cfg.max_steps - start), cfg)
             if note:

@@ -858,7 +858,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 # and the loss is multiplied by the number of ranks: DDP and FSDP average the ranks'
                 # gradients, and the sum of the shares is wanted.
                 loss = token_weighted(loss, n, n_total)
-                (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
+                # backward; fp16's GradScaler multiplies the loss first, so that small gradients do not
+                # underflow to zero in 16 bits (unscaled again before clipping)
+                if scaler is not None:
+                    scaler.scale(loss * world).backward()
+                else:
+                    (loss * world).backward()
             loss_accum += loss.detach().float()  # a tensor: reading it now would make the host wait
         if world > 1:
             dist.all_reduce(loss_accum)  # each rank holds its share of the mean: the sum is the step's loss
@@ -894,7 +899,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if (step + 1) % cfg.log_interval == 0 or step == 0:
             log.say(f"step {step + 1}/{total_steps}: loss {loss:.4f}, lr {scale * lr:.2e}, {clock.left(step + 1)}")
         if len(clock.seconds) == 5:  # a few steps timed: what the whole run takes
-            log.say(f"this run: {clock.estimate()}")
+            log.say(f"the whole run: {clock.estimate()}")
     stop.restore()
     log.close()
 
