@@ -568,7 +568,10 @@ def auto_init_from(dirs, run_first: str) -> str:
         cached = isinstance(try_to_load_from_cache("openai-community/gpt2", "config.json"), str)
     except Exception:  # no huggingface_hub, an unreadable cache: as if empty
         cached = False
-    if cached or os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable():
+    if cached:
+        return "gpt2"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    if not offline and _hub_reachable():
         return "gpt2"
     raise ValueError(f"no earlier stage's model on this machine yet ({', '.join(map(str, dirs))}): run "
                      f"`{run_first}` first, or pass --init_from gpt2 where there is internet")
@@ -922,7 +925,8 @@ class StepClock:
 
     def per_step(self) -> float | None:
         """The mean of the last 50 timed steps: recent, so that the first slow steps fade out."""
-        timed = self.seconds[self.skip:][-50:] or self.seconds
+        # a slice of the last 50 alone: no copy of the whole run's list at every step
+        timed = self.seconds[max(self.skip, len(self.seconds) - 50):] or self.seconds
         return sum(timed) / len(timed) if timed else None
 
     def left(self, step: int) -> str:
