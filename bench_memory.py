@@ -9,6 +9,8 @@ base (QLoRA) and the optimizer each cost and save, measured exactly on finetune.
     python bench_memory.py --model llama2-7b --estimate --gpu_memory_gb 40   # on paper, with FSDP per GPU
     python bench_memory.py --model llama2-7b --estimate --axes quant --gc_only --batch_size 4 --max_examples 4 \
         --max_length 512 --full_length                # QLoRA: LLaMA-2-7B in under 10 GB
+    (--model llama3.1-8b, qwen2.5-7b, mistral-7b, qwen3-8b, ...: today's families, by the shapes of their
+    config.json; model.PRESETS lists them)
     python bench_memory.py dpo                       # dpo.py's three reference modes (dpo --estimate: 7B)
     python bench_memory.py --help
 

@@ -14,7 +14,8 @@ Read it top to bottom:
   5. the Tokenizer: train, encode, decode, special tokens, the tiktoken fast path.
   6. file formats (skip on a first read): our readable .bpe, tiktoken's rank file, GPT-2's encoder.json +
      vocab.bpe, Hugging Face's tokenizer.json; load_bpe.
-  7. load_tokenizer: one interface (TextTokenizer) for ours, GPT-2's and Hugging Face's; 8. a small CLI.
+  7. load_tokenizer: one interface (TextTokenizer) for ours, GPT-2's and Hugging Face's;
+  8. chat templates: an instruct model's own conversation format (prompt, loss mask, end of turn); 9. a small CLI.
 
 Usage:
   python bpe.py train   --input book.txt --vocab_size 4096 --out_dir tok/
@@ -47,11 +48,12 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
+from functools import cached_property
 from pathlib import Path
 
 import regex
 
-from housekeeping import atomic_write
+from housekeeping import atomic_write, resolve_model_dir
 
 # -----------------------------------------------------------------------------------------------
 # 1. Pre-splitting patterns (copied from tiktoken, so that both split text identically), and how tokens are printed
@@ -995,13 +997,17 @@ def load_bpe(spec, pattern="gpt2", trust_pattern=False):
 
 TOKENIZER_FILES = ("tokenizer.bpe", "tokenizer.json", "tokenizer.model", "vocab.json", "encoder.json")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "vocab.json", "merges.txt", "added_tokens.json")
+                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def tokenizer_dir(model_dir) -> str | None:
     """Where a model directory keeps its tokenizer: the directory itself or its tokenizer/ folder."""
     d = Path(model_dir)
     return next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
+
+
+def _is_hub_id(name: str) -> bool:  # "org/name" that is no local path: the Hugging Face hub's
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def _is_hf_dir(p: Path) -> bool:  # a Hugging Face tokenizer directory, not one of ours or GPT-2's originals
@@ -1032,9 +1038,11 @@ class TextTokenizer:
     - decode(ids): the text;
     - eot_id: the end-of-text token's id; bos_id: what LLaMA-style tokenizers put first (None for GPT-2's;
       encode never adds it); n_vocab: the number of ids;
-    - name, and source: our Tokenizer (or the HF tokenizer's directory), for export."""
+    - name, and source: our Tokenizer (or the HF tokenizer's directory), for export;
+    - chat_template: the model's ChatTemplate (section 8) where its tokenizer ships one, else None."""
 
-    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None, source=None):
+    def __init__(self, name, encode, decode, eot_id, n_vocab, encode_batch=None, bos_id=None, source=None,
+                 chat_template=None):
         self.name = name
         self._encode = encode
         self._decode = decode
@@ -1043,6 +1051,7 @@ class TextTokenizer:
         self._encode_batch = encode_batch
         self.bos_id = bos_id
         self.source = source
+        self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -1088,7 +1097,10 @@ def check_backtracking(pattern: str, where) -> None:
 def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     """spec: "gpt2" (tiktoken's), a *.tiktoken rank file (GPT-2's pattern), a directory saved by bpe.py or one
     with a Hugging Face tokenizer. None: model_dir's own tokenizer (itself or its tokenizer/), else GPT-2's.
-    `source` is our Tokenizer (or the HF tokenizer's directory), for export."""
+    `source` is our Tokenizer (or the HF tokenizer's directory), for export. A hub id as model_dir (org/name, as
+    GPT.from_pretrained took it) is its downloaded snapshot: an instruct model's tokenizer and chat template."""
+    if spec is None and model_dir is not None and _is_hub_id(str(model_dir)):
+        model_dir = resolve_model_dir(str(model_dir))  # already in the hub cache: the model was loaded from it
     if spec is None and model_dir is not None and Path(model_dir).is_dir():
         spec = tokenizer_dir(model_dir)
     spec = str(spec or "gpt2")
@@ -1105,8 +1117,10 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
             hf = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:
             raise ValueError(f"{p}: not a tokenizer directory ({type(e).__name__}: {e})") from None
+        template = ChatTemplate(hf, p) if hf.chat_template else None  # read by transformers, from either file
         return TextTokenizer(str(p), lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
-                             hf.decode, hf.eos_token_id, len(hf), bos_id=hf.bos_token_id, source=p)
+                             hf.decode, hf.eos_token_id, len(hf), bos_id=hf.bos_token_id, source=p,
+                             chat_template=template)
     tok = load_bpe(spec)
     enc = tok.to_tiktoken()  # the same ids as tok.encode, at Rust speed
     return TextTokenizer(tok.name, enc.encode_ordinary, tok.decode, tok.special_tokens.get("<|endoftext|>"),
@@ -1114,7 +1128,148 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. Chat templates: how an instruct model expects a conversation to be written
+#
+# An instruct model (Qwen2.5-Instruct, Llama-3.x-Instruct, ...) was tuned on conversations written in ONE
+# format, with special tokens around each turn, e.g. Qwen's ChatML:
+#     <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n
+# The format ships beside the weights as a Jinja template (tokenizer_config.json's "chat_template", or
+# chat_template.jinja). transformers' tokenizer renders it (apply_chat_template): we never reimplement Jinja.
+# Three things follow from it, and every stage needs them (ChatTemplate):
+#   - the prompt: the conversation so far, then the "generation prompt" (the header of the assistant's turn);
+#   - the loss mask: only the tokens each assistant turn adds are trained (found by rendering the conversation
+#     prefix by prefix, below);
+#   - where a reply ends: the template's end-of-turn token (<|im_end|>, <|eot_id|>), which is often not the
+#     tokenizer's end-of-text token: a model that is not stopped there writes the user's next turn itself.
+# This project's own models have no template: they keep their text formats (Alpaca's template for instructions,
+# "\n\nHuman: ...\n\nAssistant: ..." turns for dialogues: prepare_data.py), chosen by each stage's --template.
+
+TEMPLATE_CHOICES = ("auto", "chat", "ours")
+TEMPLATE_HELP = ("prompt format: chat = the model's own chat template (its tokenizer_config.json's chat_template or "
+                 "chat_template.jinja), ours = this project's text formats (Alpaca's template for instructions, "
+                 "Human:/Assistant: turns for dialogues), auto = chat where the model ships a template, else ours")
+DIALOGUE_ROLES = {"Human": "user", "Assistant": "assistant"}  # prepare_data.parse_dialogue's roles -> chat roles
+_PROBE_REPLY = "PROBE-REPLY-7f3a"  # an assistant text no template writes itself: what follows it ends the turn
+
+
+class ChatTemplate:
+    """A model's chat template, rendered by its transformers tokenizer (`hf`):
+    - render(messages, add_generation_prompt): the text; messages are [{"role": ..., "content": ...}];
+    - prompt_ids(messages): the tokens of the conversation and the assistant's header: what generation starts from;
+    - reply_ids(messages, reply): the tokens the assistant's turn `reply` adds after prompt_ids(messages), up to
+      and including the end-of-turn token: what a preference or RL stage scores;
+    - conversation(messages): (ids, train): the whole conversation and, per token, whether it is trained (the
+      assistant turns' tokens);
+    - stop_ids: the tokens that end a reply (the end-of-turn token, and the end-of-text token).
+    Rendered text is tokenized with its special tokens read as such (the template writes them as text)."""
+
+    def __init__(self, hf, where):
+        self.hf = hf
+        self.where = where  # the tokenizer directory, for error lines
+
+    # found when first asked for, not when the tokenizer is loaded: a stage that never speaks in the template
+    # (pretraining, HellaSwag) never runs it
+    @cached_property
+    def end_of_turn(self) -> int | None:
+        """The first special token the template writes after an assistant's text: its end-of-turn token (None if
+        it writes none: then a reply ends at the end-of-text token alone)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+        text = self.render(probe)
+        if _PROBE_REPLY not in text:
+            raise ValueError(f"{self.where}: its chat template does not write the assistant's text as given")
+        after = text[text.rindex(_PROBE_REPLY) + len(_PROBE_REPLY):]
+        special = set(self.hf.all_special_ids)
+        special.update(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+        return next((i for i in self.encode(after) if i in special), None)
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        return list(dict.fromkeys(i for i in (self.end_of_turn, self.hf.eos_token_id) if i is not None))
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # the template itself raises, e.g. on roles that do not alternate
+            raise ValueError(f"{self.where}: its chat template refused the conversation ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text: no BOS added (a template writes its own), special tokens recognised."""
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, messages) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def _prefix_length(self, ids: list[int], messages, add_generation_prompt: bool) -> int:
+        """How many of `ids` (a longer conversation's tokens) the rendering of `messages` is. The rendering must
+        be a prefix of ids: a template that rewrites earlier turns once later ones follow (Qwen3's drops the
+        reasoning of earlier answers) has no fixed token span per turn, and is refused."""
+        prefix = self.encode(self.render(messages, add_generation_prompt)) if messages else []
+        if ids[:len(prefix)] != prefix:
+            raise ValueError(f"{self.where}: its chat template is not prefix-stable (the tokens of the conversation "
+                             f"up to message {len(messages)} are not the start of the whole conversation's), so "
+                             f"the assistant's tokens cannot be found; use --template ours, or single-turn data")
+        return len(prefix)
+
+    def _turn_end(self, ids: list[int], start: int, end: int) -> int:
+        """An assistant span [start, end) ends with its end-of-turn token: what the template writes after that
+        (ChatML's newline) is part of no reply, and is not trained."""
+        if self.end_of_turn in ids[start:end]:
+            return ids.index(self.end_of_turn, start, end) + 1
+        return end
+
+    def reply_ids(self, messages, reply: str) -> list[int]:
+        conversation = [*messages, {"role": "assistant", "content": reply}]
+        ids = self.encode(self.render(conversation))
+        start = self._prefix_length(ids, messages, add_generation_prompt=True)
+        return ids[start:self._turn_end(ids, start, len(ids))]
+
+    def conversation(self, messages) -> tuple[list[int], list[bool]]:
+        """The conversation's ids, and train[p]: whether token p belongs to an assistant turn. Each assistant turn
+        is the span between the conversation before it with the assistant's header (add_generation_prompt) and
+        the conversation up to it, both rendered by the template and checked to be prefixes of the whole."""
+        ids = self.encode(self.render(messages))
+        train = [False] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = self._prefix_length(ids, messages[:i], add_generation_prompt=True)
+                end = self._turn_end(ids, start, self._prefix_length(ids, messages[:i + 1], False))
+                train[start:end] = [True] * (end - start)
+        return ids, train
+
+
+def pick_template(choice: str, tok: TextTokenizer, model_name) -> ChatTemplate | None:
+    """--template (TEMPLATE_CHOICES, and chat.py's own formats): the model's ChatTemplate for "chat", and for "auto"
+    where the model ships one; None for this project's formats. "chat" on a model without one is an error line."""
+    if choice == "chat" and tok.chat_template is None:
+        raise ValueError(f"--template chat: {model_name} ships no chat template (no \"chat_template\" in its "
+                         f"tokenizer_config.json, no chat_template.jinja); use --template ours")
+    if choice in ("chat", "auto"):
+        return tok.chat_template
+    return None
+
+
+def reply_stops(tok: TextTokenizer, chat: ChatTemplate | None = None) -> list[int]:
+    """The tokens that end a generated reply: the template's (end of turn, end of text), else the end-of-text
+    token, if the tokenizer has one. Pass it as generate(eos_token_id=...), and cut each reply before the first."""
+    if chat is not None:
+        return chat.stop_ids
+    return [] if tok.eot_id is None else [tok.eot_id]
+
+
+def instruction_messages(example: dict) -> list[dict]:
+    """An Alpaca record {instruction, input} as a chat: one user message (the input, if any, after a blank line)."""
+    content = example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
+    return [{"role": "user", "content": content}]
+
+
+def dialogue_messages(turns) -> list[dict]:
+    """prepare_data.parse_dialogue's [(role, text)] (each text after its marker, leading space kept) as a chat."""
+    return [{"role": DIALOGUE_ROLES[role], "content": text.strip()} for role, text in turns]
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Command line
 
 def _read_input_text(args):
     """The text to encode or show: --text, else the file --input, else standard input. Text that is not

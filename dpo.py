@@ -61,16 +61,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bpe import load_tokenizer
+from bpe import (TEMPLATE_CHOICES, TEMPLATE_HELP, dialogue_messages, load_tokenizer, pick_template,
+                 reply_stops)
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
-                          fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
                           load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log, read_json,
                           resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
                           save_train_state, seed_everything, set_rng_state, write_run_config)
 from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
-from prepare_data import builtin_tasks, exact_match, load_pairs
+from prepare_data import builtin_tasks, exact_match, load_pairs, parse_dialogue
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -88,6 +89,9 @@ class DPOConfig:
                                       "the built-in preference pairs (offline) when --init_from auto finds "
                                       "out-finetune/best_model, else Anthropic/hh-rlhf from the hub")
     split: str = flag("train", "datasets split when no --data_file")
+    template: str = flag("auto", TEMPLATE_HELP + " (ours: the pairs' text as written; chat: an HH-RLHF prompt's "
+                                 "turns, or the prompt as one user message, each response one assistant turn)",
+                         choices=TEMPLATE_CHOICES)
     val_file: str | None = flag(None, "held-out pairs (the --data_file format) for evaluation and the answers before "
                                      "and after, instead of a --val_frac split of the data")
     max_examples: int = flag(0, "use only the first N pairs (0 = all)", min=0, aliases=("--n_samples",))
@@ -151,8 +155,9 @@ class DPOConfig:
     seed: int = flag(1337, "seed for split, order and init")
 
 
-FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "reference", "optimizer",
-         "quantize")  # fixed once a run exists
+# fixed once a run exists: the model, its reference, what is trained, the optimizer, the data and its split
+FIXED = ("init_from", "tokenizer", "template", "lora_rank", "lora_alpha", "lora_targets", "reference", "optimizer",
+         "quantize", "data_file", "split", "val_file", "val_frac", "seed")
 SFT_MODELS = ("out-finetune/best_model", "out-finetune/model")  # what `python finetune.py` leaves, best first
 # The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter
 # model on the built-in pairs (BENCHMARKS.md, the life cycle): LoRA (rank 16) on every projection, beta
@@ -223,12 +228,23 @@ def check_not_an_adapter(init_from: str):
 # 2. Data: tokenization, batches
 
 
-def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_prompt_length: int) -> list[dict]:
+def prompt_messages(prompt: str) -> list[dict]:
+    """A pair's prompt as a chat: HH-RLHF's turns (the last, empty "Assistant:" is the one answered), else
+    the prompt as one user message."""
+    if prompt.startswith("\n\nHuman:"):
+        return dialogue_messages(parse_dialogue(prompt)[:-1])
+    return [{"role": "user", "content": prompt}]
+
+
+def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_prompt_length: int,
+                   chat=None) -> list[dict]:
     """Token ids of each pair, EOS after each response. A pair longer than max_length loses prompt
     tokens from the LEFT first (down to max_prompt_length: the end of the prompt, right before the
     answer, matters most), then response tokens from the end. Pairs whose responses are identical
     carry no preference signal (their loss gradient is zero): they are dropped and counted. An empty
-    prompt is read as the end-of-text token alone, so that the first response token has a context."""
+    prompt is read as the end-of-text token alone, so that the first response token has a context.
+    With the model's chat template (`chat`, a bpe.ChatTemplate): the prompt is the chat rendered with the
+    assistant's header, and each response the tokens its assistant turn adds, up to its end-of-turn token."""
     out = []
     n_same = 0
     n_cut = 0
@@ -236,9 +252,15 @@ def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_pro
         if pair["chosen"] == pair["rejected"]:
             n_same += 1
             continue
-        prompt = tok.encode(pair["prompt"]) or [eos_id]
-        chosen = tok.encode(pair["chosen"]) + [eos_id]
-        rejected = tok.encode(pair["rejected"]) + [eos_id]
+        if chat is None:
+            prompt = tok.encode(pair["prompt"]) or [eos_id]
+            chosen = tok.encode(pair["chosen"]) + [eos_id]
+            rejected = tok.encode(pair["rejected"]) + [eos_id]
+        else:
+            messages = prompt_messages(pair["prompt"])
+            prompt = chat.prompt_ids(messages)
+            chosen = chat.reply_ids(messages, pair["chosen"].strip())
+            rejected = chat.reply_ids(messages, pair["rejected"].strip())
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             n_cut += 1
             prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
@@ -460,25 +482,28 @@ def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batc
             sums[k] = sums.get(k, 0) + v * b
         n += b
     policy.train(was_training)
-    return {f"val_{k}": (v / n).item() for k, v in sums.items()}
+    return finite_figures("dpo.py: the held-out pairs' metrics", {f"val_{k}": (v / n).item() for k, v in sums.items()})
 
 
-def _samples(model, tok, prompts, max_new_tokens, eos_id) -> list[str]:
-    """Greedy answers, one prompt at a time; a progress line every 10 s."""
+def _samples(model, tok, prompts, max_new_tokens, eos_id, chat=None) -> list[str]:
+    """Greedy answers, one prompt at a time; a progress line every 10 s. With the model's chat template
+    (`chat`): each prompt in it, and an answer ends at its end-of-turn token."""
+    stops = [eos_id] if chat is None else reply_stops(tok, chat)
     out = []
     shown = time.time()
     for i, p in enumerate(prompts):
         if time.time() - shown > 10:
             print(f"generating: {i}/{len(prompts)} answers", flush=True)
             shown = time.time()
-        [ids], n_new = fit_to_context([tok.encode(p) or [eos_id]], max_new_tokens, model.config.block_size)
+        ids = tok.encode(p) if chat is None else chat.prompt_ids(prompt_messages(p))
+        [ids], n_new = fit_to_context([ids or [eos_id]], max_new_tokens, model.config.block_size)
         gen = model.generate(torch.tensor([ids], device=model.lm_head.weight.device), n_new,
-                             temperature=0, eos_token_id=eos_id)[0, len(ids):].tolist()
-        out.append(tok.decode([t for t in gen if t != eos_id]))
+                             temperature=0, eos_token_id=stops)[0, len(ids):].tolist()
+        out.append(tok.decode([t for t in gen if t not in stops]))
     return out
 
 
-def split_pairs(cfg: DPOConfig, tok, max_length: int) -> tuple[list[dict], list[dict], list[dict]]:
+def split_pairs(cfg: DPOConfig, tok, max_length: int, chat=None) -> tuple[list[dict], list[dict], list[dict]]:
     """(training pairs, held-out pairs, tokenized; the held-out pairs as text, for the answers before and
     after): --val_file, else a --val_frac share of the shuffled --data_file; --eval_pairs of them evaluated."""
     pairs = load_pairs(cfg.data_file, cfg.split)
@@ -492,8 +517,8 @@ def split_pairs(cfg: DPOConfig, tok, max_length: int) -> tuple[list[dict], list[
         n_val = max(1, round(len(pairs) * cfg.val_frac)) if cfg.val_frac > 0 else 0
         val_pairs = pairs[:n_val]
     max_prompt_length = min(cfg.max_prompt_length, max_length - 1)
-    train_t = tokenize_pairs(pairs[n_val:], tok, tok.eot_id, max_length, max_prompt_length)
-    val_t = tokenize_pairs(val_pairs, tok, tok.eot_id, max_length, max_prompt_length)[: cfg.eval_pairs or None]
+    train_t = tokenize_pairs(pairs[n_val:], tok, tok.eot_id, max_length, max_prompt_length, chat)
+    val_t = tokenize_pairs(val_pairs, tok, tok.eot_id, max_length, max_prompt_length, chat)[: cfg.eval_pairs or None]
     if not train_t:
         raise ValueError("no training pairs left")
     return train_t, val_t, val_pairs
@@ -604,7 +629,10 @@ def train(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    train_t, val_t, val_pairs = split_pairs(cfg, tok, min(cfg.max_length, policy.config.block_size))
+    chat = pick_template(cfg.template, tok, cfg.init_from)  # the model's own chat template, or the pairs' text
+    if chat is not None and master:
+        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat.stop_ids}")
+    train_t, val_t, val_pairs = split_pairs(cfg, tok, min(cfg.max_length, policy.config.block_size), chat)
     train_k = [pair_key(t) for t in train_t]
     val_k = [pair_key(t) for t in val_t]
     if master:
@@ -614,7 +642,7 @@ def train(cfg: DPOConfig) -> dict:
     autocast, scaler = autocast_and_scaler(precision, device_type)
     prompts = [p["prompt"] for p in val_pairs[: cfg.num_samples]]
     answers_start = time.perf_counter()
-    before = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id)
+    before = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat)
     answers_s = time.perf_counter() - answers_start
 
     # the trained policy (LoRA or whole), the reference it is measured against, then DDP or FSDP
@@ -693,7 +721,6 @@ def train(cfg: DPOConfig) -> dict:
             metrics = evaluate_pairs(policy, ref, val_t, val_k, tok.eot_id, device, cfg.batch_size, autocast,
                                      (cfg.beta, cfg.loss, cfg.label_smoothing))
             eval_seconds.append(time.perf_counter() - eval_start)
-            check_finite(step, val_loss=metrics["val_loss"])
             log.record(dict(step=step, **metrics))
             log.say(f"step {step}: val loss {metrics['val_loss']:.4f}, reward accuracy "
                     f"{metrics['val_reward_accuracy']:.3f}, margin {metrics['val_reward_margin']:.4f}")
@@ -779,7 +806,7 @@ def train(cfg: DPOConfig) -> dict:
     save_state(out, policy, optimizer, cfg.max_steps, data_rng, order, device, log)
     save_weights(policy, cfg, tok, out / ("adapter" if lora else "model"), master)
     answers_start = time.perf_counter()
-    after = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id)
+    after = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat)
     answers_s += time.perf_counter() - answers_start
     summary = summarize(log.rows, prompts, before, after, val_pairs)
     if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool

@@ -12,6 +12,7 @@ Run it:
     python finetune.py --init_from gpt2 --data_file alpaca.json --max_examples 200 --max_response_chars 512
     python finetune.py --init_from gpt2-medium --task dialogue --batch_size 1 --grad_accum 8     # HH-RLHF
     python finetune.py --task classify --dataset sst2 --num_classes 2 --lora_rank 16           # sentiment
+    python finetune.py --init_from Qwen/Qwen2.5-0.5B-Instruct --data_file alpaca.json --template chat  # its template
     python finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 16 --precision bf16 \\
         --grad_checkpointing --batch_size 1 --grad_accum 8
     python finetune.py --init_from path/to/llama-2-7b-hf --lora_rank 16 --quantize nf4 --precision bf16 \\
@@ -57,15 +58,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bpe import load_tokenizer
+from bpe import (TEMPLATE_CHOICES, TEMPLATE_HELP, dialogue_messages, instruction_messages, load_tokenizer,
+                 pick_template)
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
-                          autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
-                          fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
-                          load_train_state, open_run, parse_config, peak_memory_mb, pick_device, pick_precision,
-                          plot_log, resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state,
-                          run_main, save_train_state, seed_everything, set_rng_state, write_jsonl, write_run_config)
+                          autocast_and_scaler, before_after, check_finite, check_weight, close_run, distribute,
+                          end_distributed, finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync,
+                          init_distributed, load_train_state, open_run, parse_config, peak_memory_mb, pick_device,
+                          pick_precision, plot_log, resolve_init_from, resolve_warmup, resumed_config, rewrite_log,
+                          rng_state, run_main, save_safetensors, save_train_state, seed_everything, set_rng_state,
+                          write_jsonl, write_run_config)
 from lora import NF4_SLICE, LoRALinear, NF4Linear, apply_lora, load_base, save_adapter, trainable_report, unload_lora
-from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_schedule, make_optimizer, save_safetensors
+from model import GPT, OPTIMIZER_STATES, Block, RMSNorm, lr_schedule, make_optimizer
 from prepare_data import (builtin_tasks, exact_match, format_prompt, load_alpaca, load_classification, load_dialogues,
                           parse_dialogue)
 
@@ -120,6 +123,8 @@ class FinetuneConfig:
     max_length: int = flag(0, "longest training sequence in tokens (0 = the model's block_size); longer examples "
                              "are truncated from the end of the response", min=0)
     mask_prompt: bool = flag(True, "loss only on response tokens + EOS (--no-mask_prompt: on every token)")
+    template: str = flag("auto", TEMPLATE_HELP + " (instruction and dialogue; in chat the loss is on the assistant "
+                                 "turns, each up to its end-of-turn token)", choices=TEMPLATE_CHOICES)
     seed: int = flag(1337, "seed for the split, shuffling, dropout and init")
     # LoRA or full fine-tuning
     lora_rank: int = flag(16, "LoRA rank; 0 = full fine-tuning", min=0)
@@ -170,8 +175,10 @@ class FinetuneConfig:
     prompts: str | None = flag(None, "--score_every_eval: the prompt set (default: score.py's built-in one)")
 
 
-FIXED = ("init_from", "tokenizer", "task", "num_classes", "lora_rank", "lora_alpha", "lora_targets", "rslora",
-         "train_last_n_blocks", "optimizer", "quantize")  # what a resumed run may not change
+# what a resumed run may not change: the model, what is trained, the optimizer, the data and its split
+FIXED = ("init_from", "tokenizer", "task", "template", "num_classes", "lora_rank", "lora_alpha", "lora_targets",
+         "rslora", "train_last_n_blocks", "optimizer", "quantize", "data_file", "dataset", "test_file", "val_frac",
+         "test_frac", "seed")
 
 
 # what `python train_gpt2.py` leaves on a laptop: its final model (model/), or, from an older run, the
@@ -200,6 +207,8 @@ def parse_args(argv=None) -> FinetuneConfig:
         cfg = resumed_config(FinetuneConfig, cfg, given, cfg.out_dir, FIXED)
     if cfg.val_frac + cfg.test_frac >= 1:
         raise ValueError(f"--val_frac {cfg.val_frac} + --test_frac {cfg.test_frac} must be below 1")
+    if cfg.template == "chat" and cfg.task == "classify":
+        raise ValueError("--template chat formats prompts and answers: not with --task classify")
     if cfg.score_every_eval and cfg.task == "classify":
         raise ValueError("--score_every_eval rates generated answers: not with --task classify")
     if cfg.score_every_eval and cfg.reward_model == "none" and not cfg.judge_url:
@@ -262,12 +271,16 @@ def split_examples(examples: list, val_frac: float = 0.05, test_frac: float = 0.
     return train, val, test
 
 
-def tokenize_example(example: dict, tok, eos_id: int, max_length: int, mask_prompt: bool = True) -> dict:
+def tokenize_example(example: dict, tok, eos_id: int, max_length: int, mask_prompt: bool = True,
+                     chat=None) -> dict:
     """Token ids of prompt + response + EOS as (input_ids, labels) shifted by one for next-token
     prediction; labels are -100 where the next token is part of the prompt (when mask_prompt), so
     the model learns to answer, not to reproduce instructions. Prompt and response are tokenized
     separately so the boundary is exact (no BPE token straddles it). Sequences longer than
-    max_length + 1 are cut from the end of the response (the EOS goes first)."""
+    max_length + 1 are cut from the end of the response (the EOS goes first). With the model's chat template
+    (`chat`, a bpe.ChatTemplate): tokenize_chat."""
+    if chat is not None:
+        return tokenize_chat(chat_messages(example), chat, max_length, mask_prompt)
     if "text" in example:
         return tokenize_dialogue(example["text"], tok, eos_id, max_length, mask_prompt)
     prompt = tok.encode(format_prompt(example))
@@ -300,6 +313,26 @@ def tokenize_dialogue(text: str, tok, eos_id: int, max_length: int, mask_prompt:
     return dict(input_ids=ids[:-1], labels=labels, truncated=truncated, n_response=sum(train[1:]))
 
 
+def chat_messages(example: dict) -> list[dict]:
+    """An example as a chat (role/content messages): a dialogue's turns, or an Alpaca record's question and answer."""
+    if "text" in example:
+        return dialogue_messages(parse_dialogue(example["text"]))
+    return [*instruction_messages(example), {"role": "assistant", "content": example["output"]}]
+
+
+def tokenize_chat(messages: list[dict], chat, max_length: int, mask_prompt: bool = True) -> dict:
+    """A conversation in the model's own chat template, as (input_ids, labels): the template renders it, and
+    with mask_prompt only the assistant turns' tokens (each up to its end-of-turn token, which teaches the
+    model where its turn ends) are trained (bpe.ChatTemplate.conversation). Cut from the end, as above."""
+    ids, train = chat.conversation(messages)
+    if not mask_prompt:
+        train = [True] * len(ids)
+    truncated = len(ids) > max_length + 1
+    ids, train = ids[: max_length + 1], train[: max_length + 1]
+    labels = [t if ok else -100 for t, ok in zip(ids[1:], train[1:])]  # position p predicts token p + 1
+    return dict(input_ids=ids[:-1], labels=labels, truncated=truncated, n_response=sum(train[1:]))
+
+
 def tokenize_classification(ex: dict, tok, eos_id: int, max_length: int) -> dict:
     """Text (+ pair, after a newline) + EOS; the class is the label of the LAST token, every other
     label -100: collate, the training step and evaluate then work unchanged, and the last real token
@@ -310,14 +343,14 @@ def tokenize_classification(ex: dict, tok, eos_id: int, max_length: int) -> dict
 
 
 def tokenize_examples(examples: list, tok, eos_id: int, max_length: int, mask_prompt: bool = True,
-                      name: str = "train", task: str = "instruction") -> list[dict]:
+                      name: str = "train", task: str = "instruction", chat=None) -> list[dict]:
     """Tokenize every example. Truncations are counted and printed; an example whose response was
     cut off entirely (the prompt alone fills the context) would train on nothing, so it is left out
     and reported, never dropped silently."""
     out, n_truncated, empty = [], 0, []
     for i, ex in enumerate(examples):
         t = (tokenize_classification(ex, tok, eos_id, max_length) if task == "classify" else
-             tokenize_example(ex, tok, eos_id, max_length, mask_prompt))
+             tokenize_example(ex, tok, eos_id, max_length, mask_prompt, chat))
         n_truncated += t["truncated"]
         if t["n_response"] <= 0:
             empty.append(i)
@@ -375,7 +408,9 @@ def evaluate(model, examples: list[dict], batch_size: int, device, autocast=cont
         total += torch.where(n > 0, loss.float(), 0.0) * n  # an empty batch's 0/0: nothing
         n_total += n
     model.train(was_training)
-    return (total / n_total.clamp(min=1)).item()
+    loss = (total / n_total.clamp(min=1)).item()
+    finite_figures("finetune.py: the held-out examples' loss", {"val_loss": loss})
+    return loss
 
 
 def _trains(module) -> bool:
@@ -552,24 +587,38 @@ def classification_metrics(clf: Classifier, examples: list[dict], batch_size: in
 
 @torch.no_grad()
 def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_tokens: int,
-                       autocast=contextlib.nullcontext, batch_size: int = 8) -> tuple[list[str], list[bool]]:
+                       autocast=contextlib.nullcontext, batch_size: int = 8, chat=None) -> tuple[list[str], list[bool]]:
     """Greedy responses to the prompts of examples (stopping at EOS), and whether each ended with the
-    EOS (rather than at the length limit). A progress line every 10 s: on a CPU this takes a while."""
+    EOS (rather than at the length limit). A progress line every 10 s: on a CPU this takes a while.
+    With the model's chat template (`chat`): the prompt is the chat up to the last answer, rendered with the
+    assistant's header, and a response ends at the template's end-of-turn token (or the EOS)."""
+    stops = [eos_id] if chat is None else chat.stop_ids  # the template's end-of-turn token, and the EOS
     out, ended, shown = [], [], time.time()
     for i in range(0, len(examples), batch_size):
         if time.time() - shown > 10:
             print(f"generating: {i}/{len(examples)} answers", flush=True)
             shown = time.time()
-        prompts, n_new = fit_to_context([tok.encode(format_prompt(e)) for e in examples[i:i + batch_size]],
+        prompts, n_new = fit_to_context([prompt_ids(e, tok, chat) for e in examples[i:i + batch_size]],
                                         max_new_tokens, model.config.block_size)
         with autocast():
-            seqs = model.generate(prompts, n_new, temperature=0, eos_token_id=eos_id).tolist()
+            seqs = model.generate(prompts, n_new, temperature=0, eos_token_id=stops).tolist()
         T = max(len(p) for p in prompts)
         for row in seqs:
             new = row[T:]
-            out.append(tok.decode(new[: new.index(eos_id)] if eos_id in new else new).strip())
-            ended.append(eos_id in new)
+            end = next((k for k, t in enumerate(new) if t in stops), len(new))  # the stop token is not shown
+            out.append(tok.decode(new[:end]).strip())
+            ended.append(end < len(new))
     return out, ended
+
+
+def prompt_ids(example: dict, tok, chat=None) -> list[int]:
+    """The tokens a response is generated from: the example's prompt in our format, or in the model's chat
+    template the chat up to its last answer, with the assistant's header."""
+    if chat is None:
+        return tok.encode(format_prompt(example))
+    messages = chat_messages(example)
+    last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+    return chat.prompt_ids(messages[:last])
 
 
 def answer_metrics(answers: list[str], ended: list[bool], examples: list[dict]) -> dict:
@@ -584,8 +633,9 @@ def answer_metrics(answers: list[str], ended: list[bool], examples: list[dict]) 
 # 5. The run
 
 
-def load_data(cfg: FinetuneConfig, tok, block_size: int):
-    """(train, val, test) tokenized examples and the raw test examples (prompts for generation)."""
+def load_data(cfg: FinetuneConfig, tok, block_size: int, chat=None):
+    """(train, val, test) tokenized examples and the raw test examples (prompts for generation); chat: the
+    model's chat template, where --template chooses it."""
     if cfg.task == "classify":
         examples = load_classification(cfg.data_file, cfg.dataset, cfg.num_classes, cfg.max_examples, cfg.balance,
                                        cfg.seed)
@@ -602,9 +652,9 @@ def load_data(cfg: FinetuneConfig, tok, block_size: int):
     elif cfg.test_file:
         test_ex = load_alpaca(cfg.test_file)
     max_length = min(cfg.max_length or block_size, block_size)
-    train_t = tokenize_examples(train_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "train", cfg.task)
-    val_t = tokenize_examples(val_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "val", cfg.task)
-    test_t = tokenize_examples(test_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "test", cfg.task)
+    train_t = tokenize_examples(train_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "train", cfg.task, chat)
+    val_t = tokenize_examples(val_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "val", cfg.task, chat)
+    test_t = tokenize_examples(test_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "test", cfg.task, chat)
     if not train_t:
         raise ValueError("no training examples left after tokenization")
     print(f"{len(examples)} examples: {len(train_t)} train, {len(val_t)} val, {len(test_ex)} test")
@@ -619,8 +669,9 @@ def score_answers(cfg: FinetuneConfig, tok, step: int, out: Path) -> dict:
     fresh process (its command line is the interface, so the scoring code lives in one place)."""
     d = out / "scoring"
     cmd = [sys.executable, str(Path(__file__).with_name("score.py")), "--init_from", str(d), "--base", cfg.init_from,
-           "--task", cfg.task, "--reward_model", cfg.reward_model, "--judge_model", cfg.judge_model,
-           "--max_new_tokens", str(cfg.max_new_tokens), "--device", pick_device(cfg.device)]
+           "--task", cfg.task, "--template", cfg.template, "--reward_model", cfg.reward_model,
+           "--judge_model", cfg.judge_model, "--max_new_tokens", str(cfg.max_new_tokens),
+           "--device", pick_device(cfg.device)]
     for name, value in (("--tokenizer", cfg.tokenizer), ("--judge_url", cfg.judge_url), ("--prompts", cfg.prompts)):
         cmd += [name, value] if value else []
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -690,6 +741,8 @@ def load_best_weights(model, best_dir: Path, classify: bool):
     if classify:
         best = {f"gpt.{k}": v for k, v in best.items()}
         best.update({f"head.{k}": v for k, v in load_file(str(best_dir / "classifier_head.safetensors")).items()})
+    for name, t in best.items():  # written by this run, but read back as every weight is read: checked
+        check_weight(best_dir, name, t)
     set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -712,10 +765,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
-    train_t, val_t, test_t, test_ex = load_data(cfg, tok, gpt.config.block_size)
+    # the prompt format: the model's own chat template, or ours (--template; classify formats no prompt)
+    chat = None if classify else pick_template(cfg.template, tok, cfg.init_from)
+    if chat is not None and master:
+        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat.stop_ids}")
+    train_t, val_t, test_t, test_ex = load_data(cfg, tok, gpt.config.block_size, chat)
     autocast, scaler = autocast_and_scaler(precision, device_type)
     gen_ex = [] if classify else test_ex[: cfg.num_samples]  # the held-out answers, before tuning and after
-    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast)
+    answers_start = time.perf_counter()  # timed: on a short run, answering can cost more than training
+    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast, chat=chat)
+    answers_s = time.perf_counter() - answers_start
     model = build_model(gpt, cfg)
     gpt.grad_checkpointing = cfg.grad_checkpointing  # non-reentrant: works with frozen embeddings + LoRA
     model.train()
@@ -784,7 +843,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if (step % cfg.eval_interval == 0 or last_step) and step != evaluated and not stopping:
             evaluated = step
             val = evaluate(model, val_t, cfg.batch_size, device, autocast, tok.eot_id) if val_t else float("nan")
-            check_finite(step, val_loss=val if val_t else None)  # a NaN is never a score, nor the best
             row = dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)))
             for name, examples in (("val", val_t), ("test", test_t)):
                 if classify and examples:
@@ -900,6 +958,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             log.say(f"step {step + 1}/{total_steps}: loss {loss:.4f}, lr {scale * lr:.2e}, {clock.left(step + 1)}")
         if len(clock.seconds) == 5:  # a few steps timed: what the whole run takes
             log.say(f"the whole run: {clock.estimate()}")
+            training_left = clock.per_step() * (total_steps - step - 1)
+            if gen_ex and 2 * answers_s > training_left:  # generation is a token at a time: the slow part of a short run
+                log.say(f"note: answering the {len(gen_ex)} held-out prompts before and after takes about "
+                        f"{2 * answers_s:.0f} s, more than the training left ({training_left:.0f} s): "
+                        f"--num_samples N makes it smaller")
     stop.restore()
     log.close()
 
@@ -917,7 +980,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     elif test_t:
         metrics = classification_metrics(model, test_t, cfg.batch_size, device, tok.eot_id, cfg.num_classes, autocast)
         summary.update({f"test_{k}": v for k, v in metrics.items()})
-    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast)
+    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast, chat=chat)
     if gen_ex and master:
         write_responses(out, cfg, gen_ex, before, after, best_step)
     # before -> after, under the same names, so that a script can compare runs: the held-out answers'

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from bpe import load_tokenizer
-from model import GPT, KVCache
+from model import GPT, LLAMA_FAMILIES, KVCache
 from housekeeping import (DEVICE_HELP, ArgumentParser, DefaultsHelp, atomic_write, auto_init_from, bounded,
                           end_distributed, init_distributed, mean_stderr, pick_device, pick_precision, previous_stage,
                           resolve_init_from, run_main, write_jsonl)
@@ -493,7 +493,8 @@ def keep_earlier_result(path: Path) -> Path | None:
 def load_model(init_from: str, tokenizer: str | None = None, backend: str = "auto", device="cpu",
                dtype=torch.float32):
     """(model, tokenizer) for a GPT-2 name, a hub id, a local HF directory or our checkpoint dir.
-    backend auto: our GPT (model.py) for our format and for HF model types gpt2/llama, else
+    backend auto: our GPT (model.py) for our format and for the HF model types it implements (gpt2, and
+    the LLaMA families: llama, mistral, qwen2, qwen3), else
     transformers' AutoModelForCausalLM; "ours" / "hf" force one. The tokenizer: --tokenizer if
     given, else the model directory's own (dir or dir/tokenizer/), else GPT-2's."""
     if backend not in ("auto", "ours", "hf"):
@@ -502,7 +503,8 @@ def load_model(init_from: str, tokenizer: str | None = None, backend: str = "aut
     local = path.is_dir()
     use_hf = backend == "hf"
     if backend == "auto" and local and not (path / "gpt_config.json").exists() and (path / "config.json").exists():
-        use_hf = json.loads((path / "config.json").read_text()).get("model_type") not in ("gpt2", "llama")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        use_hf = model_type != "gpt2" and model_type not in LLAMA_FAMILIES
     if use_hf:
         from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,9 @@ scaffolding around them, the same in every script:
   4. torchrun: the process group, DDP and FSDP wrapping, values gathered from every rank;
   5. run directories (never overwritten, locked), Ctrl-C and SIGTERM, random-number state;
   6. resumable training state (finetune.py, dpo.py);
-  7. plots, before -> after lines, means with their standard error.
+  7. plots, before -> after lines, means with their standard error;
+  8. a run's shared state: its log (RunLog) and its clock (StepClock);
+  9. weight files: safetensors and torch pickles read (each tensor held once, lazily) and written.
 It imports none of this project's files; every script may import it.
 """
 
@@ -24,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -853,6 +856,17 @@ def before_after(summary: dict, what: str = "") -> str:
         f"{k} {_figure(b.get(k))} -> {_figure(v)}" for k, v in a.items())
 
 
+def finite_figures(what: str, figures: dict) -> dict:
+    """The rule of every reported metric: no figure from non-finite numbers. A NaN or inf (the model's outputs
+    were not numbers) is one error naming each such metric and `what` was measured, never a figure in a
+    before -> after line or a table. Values that are not floats (counts, None for "not measured") pass."""
+    bad = [f"{k} {v}" for k, v in figures.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what}: {', '.join(bad)}: not finite (a NaN or inf among the model's outputs); "
+                         f"no figure is reported")
+    return figures
+
+
 def mean_stderr(total: float, total_sq: float, n: int, what: str = "a score") -> tuple[float, float]:
     """Mean and standard error (sample std / sqrt(n)) from sums (shards reduce 3 numbers); NaN if undefined
     (no value, or one). Sums that are not finite (a NaN or inf among the values) are an error naming
@@ -953,3 +967,156 @@ def resolve_warmup(warmup_steps: int, max_steps: int) -> tuple[int, str]:
         warmup = max(1, max_steps // 10)
         return warmup, f"--warmup_steps {warmup_steps} cut to {warmup}, a tenth of the {max_steps} steps"
     return warmup_steps, ""
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Weight files: reading them (safetensors, shards, torch pickles refused) and writing them, each tensor
+#    held once. Generic file I/O: which tensor means what (name mapping, checks) is model.py's appendix
+
+
+def resolve_model_dir(name_or_dir: str) -> Path:
+    """The directory of a model: a local one (a run's model, via resolve_init_from), else a snapshot from the
+    Hugging Face hub of the files a model needs (config, safetensors weights, tokenizer), or one error line."""
+    path = Path(resolve_init_from(name_or_dir)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path}: expected a model directory, got a file")
+    hub_id = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}.get(name_or_dir)
+    if hub_id is None and (name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{name_or_dir}: no such directory, and not a GPT-2 name (gpt2, gpt2-medium, "
+                                f"gpt2-large, gpt2-xl) or a Hugging Face hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(hub_id or name_or_dir, allow_patterns=[
+            "config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
+            "tokenizer*", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt"]))
+    except Exception as e:  # offline, unknown repo, ...
+        repo = hub_id or name_or_dir
+        local = "models/" + repo.split("/")[-1]
+        raise FileNotFoundError(f"could not get {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
+                                f"Offline? Where there is internet, run `hf download {repo} --local-dir {local}`, "
+                                f"copy {local}/ here and pass it instead of {name_or_dir!r}") from None
+
+
+class LazyTensor:
+    """A tensor in a weights file (`file`: its path), read only when asked for (so a 7B model never sits twice
+    in RAM)."""
+
+    def __init__(self, load, shape, file):
+        self.load, self.shape, self.file = load, tuple(shape), file
+
+
+# safetensors: 8 bytes (header length), a JSON header (each tensor's dtype, shape, byte range), the raw bytes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(fpath: Path) -> tuple[dict, int]:
+    """(header, where the data starts). The safetensors library checks the header against the file first
+    (fields, byte ranges tiling the file, shapes): a lying header is refused before anything is allocated."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(fpath), framework="pt"):
+            pass
+        with open(fpath, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except Exception as e:  # SafetensorError, OSError, ...: the file, not our code
+        why = str(e).splitlines()[0][:200] + ("; is it truncated?" if "not fully covered" in str(e) else "")
+        raise ValueError(f"{fpath}: not a readable safetensors file ({why})") from None
+    header.pop("__metadata__", None)
+    unknown = sorted({info["dtype"] for info in header.values()} - set(_SAFETENSORS_DTYPES))
+    if unknown:
+        raise ValueError(f"{fpath}: tensor dtype(s) {', '.join(unknown)} not supported; expected "
+                         f"{', '.join(_SAFETENSORS_DTYPES)}")
+    return header, 8 + n
+
+
+def _read_safetensor(fpath: Path, info: dict, data_start: int):
+    """One tensor, by plain reads into a fresh tensor: no memory map, so each tensor is held once."""
+    t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    buf = t.reshape(-1).view(torch.uint8).numpy()
+    if end - begin != buf.size:
+        raise ValueError(f"{fpath}: tensor byte range {begin}..{end} does not match shape {info['shape']}")
+    with open(fpath, "rb") as f:
+        f.seek(data_start + begin)
+        if f.readinto(memoryview(buf)) != buf.size:
+            raise ValueError(f"{fpath}: file is truncated")
+    return t
+
+
+def load_safetensors(fpath) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, its header checked against the file first."""
+    header, data_start = _safetensors_header(Path(fpath))
+    return {k: _read_safetensor(Path(fpath), info, data_start) for k, info in header.items()}
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Write a .safetensors file atomically: a failed write (a full disk) leaves the old file and one error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
+    except (OSError, SafetensorError) as e:
+        raise OSError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); is the disk full? Nothing "
+                      f"was replaced") from None
+
+
+def load_torch_weights(path) -> dict:
+    """A pytorch_model.bin / adapter_model.bin with weights_only: tensors only (a pickle can run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: this pickle holds more than tensors, and unpickling it could run "
+                         f"code; nothing of it was run. Convert it to .safetensors where you trust it") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+
+
+def check_weight(where, name: str, t: torch.Tensor, float_weight: bool = True):
+    """Every weight checked once, as it is read, by every loader (a model directory, an adapter): a float
+    weight stored as integers (a damaged header: the same width, another type) or holding NaN/inf would
+    load, then fail far away or score as if it were a model. One line naming the file and the tensor."""
+    if float_weight and not t.is_floating_point():
+        raise ValueError(f"{where}: tensor {name} is stored as {t.dtype}, but it is a float weight of the model; "
+                         f"the file is damaged or not a model")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or inf): these weights "
+                         f"diverged or the file is damaged; nothing was loaded")
+
+
+def read_weights(path: Path) -> dict[str, LazyTensor]:
+    """{name: LazyTensor} of a model directory's weights: model.safetensors, shards named by an index, or a
+    pytorch_model.bin (weights_only). Headers are read and checked now; the tensors when asked for."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").exists():
+        sd = load_torch_weights(path / "pytorch_model.bin")
+        # clone: the loaded tensors are views of the memory-mapped file
+        return {k: LazyTensor(lambda t=t: t.clone(), t.shape, path / "pytorch_model.bin") for k, t in sd.items()}
+    else:
+        raise FileNotFoundError(f"{path}: no weights: expected model.safetensors, model.safetensors.index.json "
+                                f"with shards, or pytorch_model.bin")
+    out = {}
+    for fname in files:
+        fpath = path / fname
+        if not fpath.exists():
+            raise FileNotFoundError(f"{fpath}: weight shard named in the index is missing")
+        header, data_start = _safetensors_header(fpath)
+        for k, info in header.items():
+            out[k] = LazyTensor(lambda p=fpath, i=info, s=data_start: _read_safetensor(p, i, s), info["shape"], fpath)
+    return out

@@ -1,6 +1,7 @@
 """
 lora.py: LoRA (low-rank adaptation, Hu et al. 2021) for this project's GPT and for Hugging Face
-GPT-2 / LLaMA models, with adapters in PEFT's file format.
+GPT-2 / LLaMA models (and the families on LLaMA's block: Llama 3.x, Mistral, Qwen2.5, Qwen3, whose
+modules have LLaMA's names), with adapters in PEFT's file format.
 
 LoRA freezes a pretrained weight W (out x in) and learns a low-rank update instead:
     y = x W^T + (alpha / r) * dropout(x) A^T B^T,     A: (r x in), B: (out x r), r << in, out
@@ -59,8 +60,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from housekeeping import ArgumentParser, DefaultsHelp, atomic_write, run_main
-from model import GPT, hf_config_for, load_safetensors, load_torch_weights, save_safetensors
+from housekeeping import (ArgumentParser, DefaultsHelp, atomic_write, check_weight, load_safetensors,
+                          load_torch_weights, run_main, save_safetensors)
+from model import GPT, LLAMA_FAMILIES, hf_config_for
 
 # -----------------------------------------------------------------------------------------------
 # 1. The layer
@@ -203,9 +205,9 @@ def _arch(model) -> tuple[str, object]:
     model_type = getattr(cfg, "model_type", None)
     if model_type == "gpt2":
         return "hf-gpt2", cfg
-    if model_type == "llama":
+    if model_type in LLAMA_FAMILIES:  # the same module names (q_proj, ..., down_proj) in every one of them
         return "hf-llama", cfg
-    raise ValueError(f"LoRA here supports this project's GPT and Hugging Face GPT-2 / LLaMA models; got "
+    raise ValueError(f"LoRA here supports this project's GPT and Hugging Face GPT-2 / LLaMA-family models; got "
                      f"{type(model).__name__} (model_type={model_type!r})")
 
 
@@ -457,9 +459,9 @@ def trainable_report(model) -> str:
 #
 # Keys are "base_model.model.<HF module name>.lora_A.weight" (r x in) and ".lora_B.weight" (out x r),
 # named after the HF model the adapter applies to: our GPT-2-style models export under HF GPT-2's
-# names (same as ours), LLaMA-style ones under LLaMA's (q_proj, ..., down_proj). Ranks that differ
-# between modules (a q,v adapter on GPT-2's fused c_attn is written as one rank-2r LoRA, see
-# LoRALinear) go in PEFT's rank_pattern / alpha_pattern.
+# names (same as ours), LLaMA-style ones under LLaMA's (q_proj, ..., down_proj), which Llama 3, Mistral,
+# Qwen2.5 and Qwen3 share. Ranks that differ between modules (a q,v adapter on GPT-2's fused c_attn is
+# written as one rank-2r LoRA, see LoRALinear) go in PEFT's rank_pattern / alpha_pattern.
 
 _LLAMA_OURS = {"q": ("attn.c_attn", "q"), "k": ("attn.c_attn", "k"), "v": ("attn.c_attn", "v"),
                "o": ("attn.c_proj", None), "gate": ("mlp.c_fc", "gate"), "up": ("mlp.c_fc", "up"),
@@ -479,7 +481,7 @@ def _export_modules(model) -> list[tuple[str, torch.Tensor, torch.Tensor, float]
     hf_type = _hf_type(model)
     out = []
     for name, layer in lora_layers(model).items():
-        if kind == "ours" and hf_type == "llama" and name != "lm_head":
+        if kind == "ours" and hf_type != "gpt2" and name != "lm_head":
             i = int(name.split(".")[2])
             sub = name.split(".", 3)[3]
             if layer.adapted is None and sub in ("attn.c_attn", "mlp.c_fc"):
@@ -575,24 +577,29 @@ def load_adapter(model, adapter_dir):
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)):
             raise ValueError(f"{cfg_path}: field {key!r} must be a number, got {cfg.get(key)!r}")
-    if (d / "adapter_model.safetensors").is_file():
-        tensors = load_safetensors(d / "adapter_model.safetensors")
+    fpath = d / "adapter_model.safetensors"
+    if fpath.is_file():
+        tensors = load_safetensors(fpath)
     elif (d / "adapter_model.bin").is_file():
-        tensors = load_torch_weights(d / "adapter_model.bin")
+        fpath = d / "adapter_model.bin"
+        tensors = load_torch_weights(fpath)
     else:
         raise FileNotFoundError(f"{d}: no adapter_model.safetensors (or adapter_model.bin)")
 
-    # group the tensors by HF module: {name: {"A": ..., "B": ...}}
+    # group the tensors by HF module: {name: {"A": ..., "B": ...}}, each checked as the model's weights are
     pairs: dict[str, dict] = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if m is None:
-            raise ValueError(f"{d / 'adapter_model.safetensors'}: unexpected tensor {key!r}; expected "
+            raise ValueError(f"{fpath}: unexpected tensor {key!r}; expected "
                              f"base_model.model.<module>.lora_A.weight / lora_B.weight")
+        check_weight(fpath, key, t)
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    incomplete = [n for n, p in pairs.items() if len(p) != 2]
-    if incomplete or not pairs:
-        raise ValueError(f"{d}: adapter has no complete lora_A/lora_B pairs (incomplete: {incomplete[:5]})")
+    if not pairs:
+        raise ValueError(f"{fpath}: no LoRA tensors (base_model.model.<module>.lora_A.weight / lora_B.weight)")
+    missing = [f"base_model.model.{n}.lora_{'B' if 'A' in p else 'A'}.weight" for n, p in pairs.items() if len(p) != 2]
+    if missing:
+        raise ValueError(f"{fpath}: tensor(s) missing: {', '.join(missing[:5])} (each module needs lora_A and lora_B)")
 
     kind, mcfg = _arch(model)
     hf_type = _hf_type(model)
@@ -604,7 +611,7 @@ def load_adapter(model, adapter_dir):
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, hf_name, cfg["lora_alpha"])
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         ours, seg = hf_name, None
-        if kind == "ours" and hf_type == "llama" and hf_name != "lm_head":
+        if kind == "ours" and hf_type != "gpt2" and hf_name != "lm_head":
             m = re.fullmatch(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj", hf_name)
             if m is None:
                 raise ValueError(f"{d}: adapter module {hf_name!r} has no counterpart in this LLaMA-style model")

@@ -1,8 +1,10 @@
 """
 model.py: the model. One GPT class for the GPT-2 and LLaMA families, readable top to bottom:
   1. Configuration: GPTConfig, whose switches (norm, positions, attention heads, MLP, bias, tying) cover
-     GPT-2 and LLaMA-2 with one class; named presets; a modern block's switches (QK-norm, ReLU²,
-     zero-initialised projections, logit soft-capping), off in every preset that loads HF weights.
+     GPT-2 and LLaMA-2 with one class; the switches of the families built on LLaMA's block (Llama 3.x's
+     RoPE scaling, Qwen2.5's q/k/v biases, Qwen3's learned QK-norm, Mistral's sliding window); named
+     presets; a modern block's switches (QK-norm, ReLU², zero-initialised projections, logit
+     soft-capping), off in every preset that loads HF weights.
   2. Modules: norms, rotary embeddings, the KV cache, causal self-attention (SDPA, or a manual path for
      learning), the MLP (GELU, SwiGLU or ReLU²), the transformer block, a memory-lean cross-entropy.
   3. GPT: forward and loss, GPT-2's initialisation, FLOPs per token.
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -42,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import tokenizer_dir, tokenizer_files
-from housekeeping import atomic_write, check_model_size, read_json, resolve_init_from
+from housekeeping import (LazyTensor, atomic_write, check_model_size, check_weight, read_json, read_weights,
+                          resolve_model_dir, save_safetensors)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -68,6 +70,11 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # sdpa (fused/flash kernels) | manual (explicit softmax(QK^T)V, for learning)
+    # the families built on LLaMA's block (Llama 3.x, Qwen2.5, Qwen3, Mistral): all off is LLaMA-2 exactly
+    rope_scaling: dict | None = None  # RoPE run beyond its trained context: {"rope_type": "linear" | "llama3", ...}
+    qkv_bias: bool = False  # Qwen2.5: biases on q, k and v only (none on the output projection or the MLP)
+    qk_norm_learned: bool = False  # Qwen3: q and k through an RMSNorm per head, with a learned gain over head_dim
+    sliding_window: int | None = None  # Mistral v0.1: a token attends to the last sliding_window positions only
     # the modern block's switches (modded-nanogpt, nanochat): all off reproduces GPT-2 / LLaMA exactly
     qk_norm: bool = False  # RMS-normalise each head's q and k: attention logits cannot blow up
     zero_init_proj: bool = False  # residual projections (and an untied lm_head) start at 0: each block is the identity
@@ -92,6 +99,16 @@ class GPTConfig:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap={self.logit_softcap}: expected 0 (off) or a positive cap")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            need = ROPE_SCALING_FIELDS.get(kind)
+            if need is None or not set(need) <= set(self.rope_scaling):
+                raise ValueError(f"GPTConfig.rope_scaling={self.rope_scaling!r}: expected rope_type 'linear' with "
+                                 f"{ROPE_SCALING_FIELDS['linear']} or 'llama3' with {ROPE_SCALING_FIELDS['llama3']}")
+        if self.qk_norm and self.qk_norm_learned:
+            raise ValueError("qk_norm and qk_norm_learned are two forms of one QK-norm: switch on one of them")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window}: expected None (off) or a window of >= 1 tokens")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -113,11 +130,19 @@ class GPTConfig:
         return cls(**d)
 
 
+# what each kind of RoPE scaling needs (the names of Hugging Face's rope_parameters, so config.json maps 1:1)
+ROPE_SCALING_FIELDS = {"linear": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
 _GPT2 = dict(vocab_size=50257, block_size=1024)
 _MODERN = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False, vocab_size=50257, block_size=1024)
 _BLOCK = dict(qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0)
 _LLAMA2 = dict(vocab_size=32000, block_size=4096, norm="rmsnorm", pos_emb="rope", mlp="swiglu",
                bias=False, tie_embeddings=False)
+_LLAMA3 = dict(_LLAMA2, vocab_size=128256, block_size=131072, rope_theta=500000.0)
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+_QWEN = dict(_LLAMA2, block_size=32768, rope_theta=1e6, norm_eps=1e-6)
 PRESETS: dict[str, dict] = {
     # OpenAI GPT-2 (vocab padded to 50304 for training from scratch: a multiple of 64 is faster on GPUs)
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, vocab_pad_multiple=64),  # 124M
@@ -132,6 +157,23 @@ PRESETS: dict[str, dict] = {
     "llama-135m": dict(_LLAMA2, vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                        ffn_hidden=1536, tie_embeddings=True),
     "llama2-13b": dict(_LLAMA2, n_layer=40, n_head=40, n_embd=5120, ffn_hidden=13824),
+    # today's open families: the shapes of their config.json (GQA everywhere; Llama 3's 128k context by RoPE scaling)
+    "llama3.2-1b": dict(_LLAMA3, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, tie_embeddings=True,
+                        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama3.2-3b": dict(_LLAMA3, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, ffn_hidden=8192, tie_embeddings=True,
+                        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama3.1-8b": dict(_LLAMA3, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, ffn_hidden=14336,
+                        rope_scaling=dict(_LLAMA3_ROPE, factor=8.0)),
+    "qwen2.5-0.5b": dict(_QWEN, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_hidden=4864,
+                         tie_embeddings=True, qkv_bias=True),
+    "qwen2.5-7b": dict(_QWEN, vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584, ffn_hidden=18944,
+                       qkv_bias=True),
+    "qwen3-0.6b": dict(_QWEN, block_size=40960, vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+                       head_dim=128, ffn_hidden=3072, tie_embeddings=True, qk_norm_learned=True),
+    "qwen3-8b": dict(_QWEN, block_size=40960, vocab_size=151936, n_layer=36, n_head=32, n_kv_head=8, n_embd=4096,
+                     head_dim=128, ffn_hidden=12288, qk_norm_learned=True),
+    "mistral-7b": dict(_LLAMA2, vocab_size=32768, block_size=32768, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
+                       ffn_hidden=14336, rope_theta=1e6),  # v0.3: no sliding window
     # tiny models for tests and CPU experiments
     "tiny-gpt2": dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64),
     "tiny-llama": dict(_LLAMA2, vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
@@ -181,14 +223,37 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return LayerNorm(config.n_embd, config.bias, config.norm_eps)
 
 
-def rope_cos_sin(head_dim: int, max_len: int, theta: float, device=None):
+def rope_cos_sin(head_dim: int, max_len: int, theta: float, device=None, scaling: dict | None = None):
     """Rotary position embedding tables. Each pair of channels (i, i + head_dim/2) of q and k is
     rotated by the angle pos * theta^(-2i/head_dim): the dot product q.k then depends only on the
     distance between the two positions, and no position parameters are learned."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = rope_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (max_len, head_dim): the "rotate half" layout of LLaMA/HF
     return angles.cos(), angles.sin()
+
+
+def rope_scaled(inv_freq, scaling: dict):
+    """RoPE frequency scaling: a model pretrained at a context of L positions, then run (after a little
+    training) at a longer one. Beyond L, the slowly turning channel pairs would reach angles never seen
+    in training; slowing them down keeps their angles within the trained range.
+    - linear (position interpolation, Chen et al. 2023): every frequency / factor, so position p looks
+      like p / factor. Also blurs the fast channels that tell neighbouring tokens apart.
+    - llama3 (Llama 3.1 and 3.2): by wavelength (2 pi / frequency, positions per full turn), against
+      L = original_max_position_embeddings:
+        - longer than L / low_freq_factor: divided by factor (they never turned once within L);
+        - shorter than L / high_freq_factor: kept (they turned many times: local order, already seen);
+        - in between: a linear blend of the two, by where L / wavelength lies between the factors."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    L = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((L / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: divided by factor; 1: kept
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x, cos, sin):
@@ -230,13 +295,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         # q, k and v for all heads in one matmul: rows [q (n_head*hd) | k (n_kv_head*hd) | v (n_kv_head*hd)]
-        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True  # marked for the scaled init, see GPT._init_weights
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_impl = config.attn_impl
         self.qk_norm = config.qk_norm
+        self.qk_norm_learned = config.qk_norm_learned
+        if config.qk_norm_learned:
+            # Qwen3's QK-norm: each head's q and k through an RMSNorm of head_dim channels, eps norm_eps, a gain
+            # learned per channel (shared by the heads). Not the same math as qk_norm (no gain, eps of the dtype)
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
     def forward(self, x, rope=None, mask=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
@@ -247,6 +318,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # unit-RMS q and k per head: q.k / sqrt(hd) stays within ±sqrt(hd), no logit growth
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if self.qk_norm_learned:  # the same bound on the attention logits, scaled by a learned gain
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             v = v.contiguous()  # q, k are new tensors: a copy of v lets the fused q|k|v output be freed
@@ -400,7 +473,7 @@ class GPT(nn.Module):
             pad_bias[c.vocab_size:] = float("-inf")
         self.register_buffer("vocab_pad_bias", pad_bias, persistent=False)
         if c.pos_emb == "rope":
-            cos, sin = rope_cos_sin(c.head_dim, c.block_size, c.rope_theta, device)
+            cos, sin = rope_cos_sin(c.head_dim, c.block_size, c.rope_theta, device, c.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -441,11 +514,17 @@ class GPT(nn.Module):
 
     def _attention_mask(self, attention_mask, T: int, past: int, device):
         """Boolean mask (B|1, 1, T, past+T), True = may attend; None = plain causal (SDPA's fastest kernel)."""
-        if attention_mask is None and (past == 0 or T == 1):
+        window = self.config.sliding_window
+        windowed = window is not None and past + T > window  # only then does the window exclude anything
+        if attention_mask is None and (past == 0 or T == 1) and not windowed:
             return None  # causal from scratch, or one new token that may see everything cached
         S = past + T
         q_pos = torch.arange(past, S, device=device)[:, None]
         mask = torch.arange(S, device=device)[None, :] <= q_pos  # causal (T, S)
+        if windowed:
+            # Mistral's sliding window: the last `window` positions only (itself included). Information from further
+            # back still flows, layer by layer, through the tokens in between. By slot, as transformers counts it
+            mask = mask & (torch.arange(S, device=device)[None, :] > q_pos - window)
         mask = mask[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :S].bool()
@@ -693,14 +772,16 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dtype=None, device=None) -> "GPT":
         """Load OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", via the HF hub cache), a hub
-        id, or a directory: HF's format (config.json of model_type gpt2 or llama + model.safetensors, shards
-        with an index, or pytorch_model.bin) or ours (gpt_config.json, save_pretrained(format="native")), in
-        dtype (float32) on device (cpu). Built on the meta device, each tensor assigned as read: held once."""
+        id, or a directory: HF's format (config.json of model_type gpt2, llama, mistral, qwen2 or qwen3 +
+        model.safetensors, shards with an index, or pytorch_model.bin) or ours (gpt_config.json,
+        save_pretrained(format="native")), in dtype (float32) on device (cpu). Built on the meta device, each
+        tensor assigned as read: held once."""
         return load_model_dir(cls, name_or_dir, dtype, device)
 
     def save_pretrained(self, out_dir: str, format: str = "hf", tokenizer=None):
         """Write `out_dir` as a model stock transformers loads with no custom code: config.json (model_type
-        gpt2, or llama for rmsnorm + rope + swiglu) + model.safetensors, the tokenizer (tokenizer.json +
+        gpt2, or for rmsnorm + rope + swiglu the family of its switches: llama, qwen2, qwen3 or mistral) +
+        model.safetensors, the tokenizer (tokenizer.json +
         tokenizer_config.json: AutoTokenizer and lm-evaluation-harness need it beside the weights) and
         generation_config.json (the end-of-text id, where HF generate stops). format="native": our own
         gpt_config.json, for any config. tokenizer: a bpe.Tokenizer or a directory (None: the model's own, if
@@ -876,138 +957,9 @@ def lr_schedule(step: int, max_steps: int, warmup_steps: int, min_lr_ratio: floa
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Appendix: Hugging Face weights in and out. Plumbing, not the model: reading weight files (safetensors,
-#    shards, torch pickles refused), mapping their names onto ours, checking every tensor, writing them back
-
-
-def _resolve_model_dir(name_or_dir: str) -> Path:
-    path = Path(resolve_init_from(name_or_dir)).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path}: expected a model directory, got a file")
-    hub_id = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}.get(name_or_dir)
-    if hub_id is None and (name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"{name_or_dir}: no such directory, and not a GPT-2 name (gpt2, gpt2-medium, "
-                                f"gpt2-large, gpt2-xl) or a Hugging Face hub id (org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(hub_id or name_or_dir, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
-            "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt"]))
-    except Exception as e:  # offline, unknown repo, ...
-        repo = hub_id or name_or_dir
-        local = "models/" + repo.split("/")[-1]
-        raise FileNotFoundError(f"could not get {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
-                                f"Offline? Where there is internet, run `hf download {repo} --local-dir {local}`, "
-                                f"copy {local}/ here and pass it instead of {name_or_dir!r}") from None
-
-
-class _LazyTensor:
-    """A tensor in a weights file, read only when asked for (so a 7B model never sits twice in RAM)."""
-
-    def __init__(self, load, shape, file):
-        self.load, self.shape, self.file = load, tuple(shape), file
-
-
-# safetensors: 8 bytes (header length), a JSON header (each tensor's dtype, shape, byte range), the raw bytes
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _safetensors_header(fpath: Path) -> tuple[dict, int]:
-    """(header, where the data starts). The safetensors library checks the header against the file first
-    (fields, byte ranges tiling the file, shapes): a lying header is refused before anything is allocated."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(fpath), framework="pt"):
-            pass
-        with open(fpath, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except Exception as e:  # SafetensorError, OSError, ...: the file, not our code
-        why = str(e).splitlines()[0][:200] + ("; is it truncated?" if "not fully covered" in str(e) else "")
-        raise ValueError(f"{fpath}: not a readable safetensors file ({why})") from None
-    header.pop("__metadata__", None)
-    unknown = sorted({info["dtype"] for info in header.values()} - set(_SAFETENSORS_DTYPES))
-    if unknown:
-        raise ValueError(f"{fpath}: tensor dtype(s) {', '.join(unknown)} not supported; expected "
-                         f"{', '.join(_SAFETENSORS_DTYPES)}")
-    return header, 8 + n
-
-
-def _read_safetensor(fpath: Path, info: dict, data_start: int):
-    """One tensor, by plain reads into a fresh tensor: no memory map, so each tensor is held once."""
-    t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-    begin, end = info["data_offsets"]
-    buf = t.reshape(-1).view(torch.uint8).numpy()
-    if end - begin != buf.size:
-        raise ValueError(f"{fpath}: tensor byte range {begin}..{end} does not match shape {info['shape']}")
-    with open(fpath, "rb") as f:
-        f.seek(data_start + begin)
-        if f.readinto(memoryview(buf)) != buf.size:
-            raise ValueError(f"{fpath}: file is truncated")
-    return t
-
-
-def load_safetensors(fpath) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, its header checked against the file first."""
-    header, data_start = _safetensors_header(Path(fpath))
-    return {k: _read_safetensor(Path(fpath), info, data_start) for k, info in header.items()}
-
-
-def save_safetensors(tensors: dict, path, metadata: dict | None = None):
-    """Write a .safetensors file atomically: a failed write (a full disk) leaves the old file and one error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
-    except (OSError, SafetensorError) as e:
-        raise OSError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); is the disk full? Nothing "
-                      f"was replaced") from None
-
-
-def load_torch_weights(path) -> dict:
-    """A pytorch_model.bin / adapter_model.bin with weights_only: tensors only (a pickle can run code)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: refused: this pickle holds more than tensors, and unpickling it could run "
-                         f"code; nothing of it was run. Convert it to .safetensors where you trust it") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]})") from None
-
-
-def _read_weights(path: Path) -> dict[str, _LazyTensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif (path / "pytorch_model.bin").exists():
-        sd = load_torch_weights(path / "pytorch_model.bin")
-        # clone: the loaded tensors are views of the memory-mapped file
-        return {k: _LazyTensor(lambda t=t: t.clone(), t.shape, "pytorch_model.bin") for k, t in sd.items()}
-    else:
-        raise FileNotFoundError(f"{path}: no weights: expected model.safetensors, model.safetensors.index.json "
-                                f"with shards, or pytorch_model.bin")
-    out = {}
-    for fname in files:
-        fpath = path / fname
-        if not fpath.exists():
-            raise FileNotFoundError(f"{fpath}: weight shard named in the index is missing")
-        header, data_start = _safetensors_header(fpath)
-        for k, info in header.items():
-            out[k] = _LazyTensor(lambda p=fpath, i=info, s=data_start: _read_safetensor(p, i, s), info["shape"], fname)
-    return out
+# 6. Appendix: Hugging Face weights in and out. Plumbing, not the model: mapping the names of each family's
+#    checkpoints onto ours, checking every tensor, writing them back. Reading and writing the weight FILES
+#    (safetensors, shards, torch pickles refused; the hub download) is generic: housekeeping.py, section 9
 
 
 def _gpt2_config_from_hf(h: dict, path: Path) -> GPTConfig:
@@ -1027,51 +979,73 @@ def _gpt2_config_from_hf(h: dict, path: Path) -> GPTConfig:
                      tie_embeddings=h.get("tie_word_embeddings", True), vocab_pad_multiple=64)
 
 
+# The families built on LLaMA's block: one reader, their differences as GPTConfig switches; their HF classes
+LLAMA_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+
 def _llama_config_from_hf(h: dict, path: Path) -> GPTConfig:
+    family = h["model_type"]
     rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     problems = []
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (only plain RoPE is implemented)")
+    rope_scaling = None
+    if rope_type in ROPE_SCALING_FIELDS:
+        missing = [k for k in ROPE_SCALING_FIELDS[rope_type] if k not in rope]
+        if missing:
+            problems.append(f"rope type {rope_type!r} without {', '.join(missing)}")
+        rope_scaling = {"rope_type": rope_type, **{k: rope[k] for k in ROPE_SCALING_FIELDS[rope_type] if k in rope}}
+    elif rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (implemented: default, linear, llama3)")
     if h.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={h['hidden_act']!r}")
     if bool(h.get("attention_bias", False)) != bool(h.get("mlp_bias", False)):
         problems.append("attention_bias != mlp_bias (one bias switch covers both)")
+    # Qwen's sliding window is per layer (layer_types, max_window_layers): only Mistral's, on every layer, is here
+    per_layer = h.get("use_sliding_window") or any(t != "full_attention" for t in h.get("layer_types") or [])
+    if family in ("qwen2", "qwen3") and per_layer:
+        problems.append("use_sliding_window / layer_types (a sliding window on some layers)")
     n_head = h["num_attention_heads"]
     head_dim = h.get("head_dim") or h["hidden_size"] // n_head
     if problems:
-        raise ValueError(f"{path / 'config.json'}: unsupported LLaMA option(s): {', '.join(problems)}")
+        raise ValueError(f"{path / 'config.json'}: unsupported {family} option(s): {', '.join(problems)}")
     return GPTConfig(block_size=h.get("max_position_embeddings", 2048), vocab_size=h["vocab_size"],
                      n_layer=h["num_hidden_layers"], n_head=n_head,
                      n_kv_head=h.get("num_key_value_heads") or n_head, n_embd=h["hidden_size"], head_dim=head_dim,
                      norm="rmsnorm", norm_eps=h.get("rms_norm_eps", 1e-6), pos_emb="rope",
                      rope_theta=rope.get("rope_theta", h.get("rope_theta", 10000.0)), mlp="swiglu",
                      ffn_hidden=h["intermediate_size"], bias=bool(h.get("attention_bias", False)),
-                     tie_embeddings=bool(h.get("tie_word_embeddings", False)), vocab_pad_multiple=64)
+                     tie_embeddings=bool(h.get("tie_word_embeddings", False)), vocab_pad_multiple=64,
+                     rope_scaling=rope_scaling, qkv_bias=family == "qwen2", qk_norm_learned=family == "qwen3",
+                     sliding_window=h.get("sliding_window") if family == "mistral" else None)
 
 
 class _Derived:
-    """A tensor computed from others at load time (a transpose, a concatenation)."""
+    """A tensor computed from others at load time (a transpose, a concatenation). Each part is checked as the
+    file holds it, under the file's name: torch.cat would promote a damaged part stored as integers to float."""
 
-    def __init__(self, fn, parts, shape):
-        self.fn, self.parts, self.shape = fn, parts, shape
+    def __init__(self, fn, parts, shape, names):
+        self.fn, self.parts, self.shape, self.names = fn, parts, shape, names
 
     def load(self):
-        return self.fn(*[p.load() for p in self.parts])
+        parts = [p.load() for p in self.parts]
+        for part, name, w in zip(self.parts, self.names, parts):
+            check_weight(part.file, name, w)
+        return self.fn(*parts)
 
 
-def _transposed(t: _LazyTensor):
-    return _Derived(lambda w: w.t(), [t], t.shape[::-1])
+def _transposed(t: LazyTensor, name: str):
+    return _Derived(lambda w: w.t(), [t], t.shape[::-1], [name])
 
 
-def _concat(ts: list):
+def _concat(ts: list, names: list):
     if any(len(t.shape) != len(ts[0].shape) for t in ts):
-        return _Derived(lambda *w: torch.cat(w, 0), ts, (-1,))  # mismatch is reported by the shape check
-    return _Derived(lambda *w: torch.cat(w, 0), ts, (sum(t.shape[0] for t in ts),) + tuple(ts[0].shape[1:]))
+        return _Derived(lambda *w: torch.cat(w, 0), ts, (-1,), names)  # mismatch is reported by the shape check
+    return _Derived(lambda *w: torch.cat(w, 0), ts, (sum(t.shape[0] for t in ts),) + tuple(ts[0].shape[1:]), names)
 
 
 def _llama_names(c: GPTConfig):
-    """(our name, its HF LLaMA names) of every tensor; a fused tensor stacks its HF tensors' rows."""
+    """(our name, its HF names) of every tensor of the LLaMA families; a fused tensor stacks its HF tensors' rows."""
     yield "transformer.wte.weight", ["model.embed_tokens.weight"]
     yield "transformer.ln_f.weight", ["model.norm.weight"]
     if not c.tie_embeddings:
@@ -1085,6 +1059,11 @@ def _llama_names(c: GPTConfig):
             yield q + f"attn.c_proj.{s}", [p + f"self_attn.o_proj.{s}"]
             yield q + f"mlp.c_fc.{s}", [p + f"mlp.{n}_proj.{s}" for n in ("gate", "up")]
             yield q + f"mlp.c_proj.{s}", [p + f"mlp.down_proj.{s}"]
+        if c.qkv_bias and not c.bias:  # Qwen2.5: the q, k, v biases alone
+            yield q + "attn.c_attn.bias", [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
+        if c.qk_norm_learned:  # Qwen3
+            yield q + "attn.q_norm.weight", [p + "self_attn.q_norm.weight"]
+            yield q + "attn.k_norm.weight", [p + "self_attn.k_norm.weight"]
 
 
 def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
@@ -1103,7 +1082,7 @@ def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
             if k.endswith((".attn.bias", ".attn.masked_bias")):
                 used.add(k)  # causal-mask buffers of old HF versions, not weights
             elif k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                out[k] = _transposed(v)  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+                out[k] = _transposed(v, k)  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
                 used.add(k)
         for k, v in tensors.items():
             if k not in used:
@@ -1121,23 +1100,29 @@ def _hf_to_ours(tensors: dict, config: GPTConfig, hf_type: str) -> dict:
     for ours, names in _llama_names(config):
         parts = [take(n) for n in names]
         if None not in parts:
-            out[ours] = parts[0] if len(parts) == 1 else _concat(parts)
+            out[ours] = parts[0] if len(parts) == 1 else _concat(parts, names)
     for k, v in tensors.items():
         if k not in used:
             out[k] = v  # unknown: reported as unexpected
     return out
 
 
-def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device, config: GPTConfig) -> dict:
+def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device, config: GPTConfig,
+                       file_names: dict) -> dict:
     """Compare the checkpoint's tensors with the model's, report every problem at once, then read, cast and
-    move one tensor at a time. A 50257-row vocabulary gets zero rows up to the model's padded size."""
+    move one tensor at a time. A 50257-row vocabulary gets zero rows up to the model's padded size.
+    file_names: {our name: the file's names} where they differ, so that an error names what the file holds (or
+    lacks)."""
     exp, V = dict(expected), config.vocab_size
     tied = config.tie_embeddings and "lm_head.weight" not in tensors
+
+    def named(k):
+        return f"{k} (the file's {' + '.join(file_names[k])})" if k in file_names else k
 
     def padded(k):  # a vocabulary-sized embedding of a model whose rows are padded up (filled with zeros below)
         return k in ("transformer.wte.weight", "lm_head.weight") and tuple(tensors[k].shape) == (V, exp[k].shape[1])
 
-    missing = [k for k in exp if k not in tensors and not (k == "lm_head.weight" and tied)]
+    missing = [named(k) for k in exp if k not in tensors and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in tensors if k not in exp]
     bad_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(exp[k].shape)}" for k in exp
                  if k in tensors and tuple(tensors[k].shape) != tuple(exp[k].shape) and not padded(k)]
@@ -1150,15 +1135,8 @@ def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device,
     for k in exp:
         src = tensors["transformer.wte.weight" if (k == "lm_head.weight" and tied) else k]
         t = src.load()
-        # each tensor checked as it is read: a float weight stored as integers (a damaged header: same
-        # width, other type) or holding NaN/inf would load, then fail far away or score as if it were a model
-        if exp[k].is_floating_point() and not t.is_floating_point():
-            raise ValueError(f"{path}: tensor {k} is stored as {t.dtype}, but it is a float weight of the model; "
-                             f"the file is damaged or not a model")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{path}: tensor {k} holds {bad} non-finite value(s) (NaN or inf): these weights "
-                             f"diverged or the file is damaged; nothing was loaded")
+        if not isinstance(src, _Derived):  # (a derived tensor checked its parts): a float weight stored as integers
+            check_weight(src.file, named(k), t, exp[k].is_floating_point())
         if t.shape[0] < exp[k].shape[0]:
             t = torch.cat([t, t.new_zeros(exp[k].shape[0] - t.shape[0], *t.shape[1:])])
         state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
@@ -1167,9 +1145,11 @@ def _check_and_collect(tensors: dict, expected: dict, path: Path, dtype, device,
     return state
 
 
-def hf_config_for(c: GPTConfig) -> tuple[str, dict]:
-    """The HF config (model_type, config.json dict) that expresses our config, or a clear error."""
+def hf_config_for(c: GPTConfig, source_family: str | None = None) -> tuple[str, dict]:
+    """The HF config (model_type, config.json dict) that expresses our config, or a clear error. source_family:
+    the model_type the model was loaded from, kept where the config allows it (see _llama_family)."""
     gpt2_like = c.norm == "layernorm" and c.pos_emb == "learned" and c.mlp == "gelu" and c.n_kv_head == c.n_head
+    gpt2_like = gpt2_like and not c.qk_norm_learned and c.sliding_window is None  # HF GPT-2 has neither
     llama_like = c.norm == "rmsnorm" and c.pos_emb == "rope" and c.mlp == "swiglu"
     if gpt2_like and c.head_dim * c.n_head == c.n_embd:
         # HF GPT-2 always has biases: a bias-free model is written with zero biases (exactly equivalent)
@@ -1180,18 +1160,50 @@ def hf_config_for(c: GPTConfig) -> tuple[str, dict]:
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, bos_token_id=c.vocab_size - 1,
             eos_token_id=c.vocab_size - 1, torch_dtype="float32")
     if llama_like:
-        return "llama", dict(
-            model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=c.vocab_size,
+        family = _llama_family(c, source_family)
+        rope = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
+        d = dict(
+            model_type=family, architectures=[LLAMA_FAMILIES[family]], vocab_size=c.vocab_size,
             max_position_embeddings=c.block_size, hidden_size=c.n_embd, intermediate_size=c.ffn_hidden,
             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
             head_dim=c.head_dim, hidden_act="silu", rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-            attention_bias=c.bias, mlp_bias=c.bias, tie_word_embeddings=c.tie_embeddings,
+            rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
             attention_dropout=c.dropout, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+        if family == "llama":
+            d.update(attention_bias=c.bias, mlp_bias=c.bias)
+        elif family == "mistral":
+            d.update(sliding_window=c.sliding_window)
+        else:  # Qwen's config classes have a default window (off by use_sliding_window): off, written out
+            d.update(sliding_window=None, use_sliding_window=False)
+        return family, d
     raise ValueError(
         f"this config cannot be expressed as a Hugging Face model: GPT-2 needs layernorm + learned positions + gelu "
         f"+ n_kv_head == n_head, LLaMA needs rmsnorm + rope + swiglu; got norm={c.norm}, pos_emb={c.pos_emb}, "
         f"mlp={c.mlp}, n_kv_head={c.n_kv_head}/{c.n_head}. Use save_pretrained(dir, format='native') instead.")
+
+
+def _llama_family(c: GPTConfig, source_family: str | None = None) -> str:
+    """The family whose HF class computes what this LLaMA-like config does (each switch is one family's), or a
+    clear error where none does. A Mistral without a window (v0.2 on) is LLaMA's architecture: it stays a
+    mistral when it was loaded as one, and a llama otherwise."""
+    family = "llama"
+    if c.qk_norm_learned:
+        family = "qwen3"
+    elif c.qkv_bias:
+        family = "qwen2"
+    elif c.sliding_window is not None or (source_family == "mistral" and not c.bias):
+        family = "mistral"
+    conflicts = []
+    if family != "llama" and c.bias:
+        conflicts.append("bias=True (biases on every linear layer: LLaMA's attention_bias + mlp_bias)")
+    if family == "qwen3" and c.qkv_bias:
+        conflicts.append("qkv_bias with qk_norm_learned")
+    if family in ("qwen2", "qwen3") and c.sliding_window is not None:
+        conflicts.append("a sliding window with Qwen's switches")
+    if conflicts:
+        raise ValueError(f"this config cannot be expressed as a Hugging Face {family} model: {'; '.join(conflicts)}. "
+                         f"Use save_pretrained(dir, format='native') instead.")
+    return family
 
 
 def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
@@ -1222,7 +1234,7 @@ def ours_to_hf(sd: dict, c: GPTConfig, hf_type: str) -> dict:
 
 def load_model_dir(cls, name_or_dir: str, dtype=None, device=None):
     """GPT.from_pretrained: the model in a directory or on the hub, built on meta, each tensor assigned as read."""
-    path = _resolve_model_dir(name_or_dir)
+    path = resolve_model_dir(name_or_dir)
     dtype = dtype or torch.float32
     if (path / "gpt_config.json").exists():
         config = GPTConfig.from_dict(read_json(path / "gpt_config.json"))
@@ -1230,10 +1242,10 @@ def load_model_dir(cls, name_or_dir: str, dtype=None, device=None):
     elif (path / "config.json").exists():
         hf_config = read_json(path / "config.json")
         hf_type = hf_config.get("model_type")
-        read = {"gpt2": _gpt2_config_from_hf, "llama": _llama_config_from_hf}.get(str(hf_type))
-        if read is None:
-            raise ValueError(f"{path / 'config.json'}: model_type={hf_type!r} is not supported; "
-                             f"expected 'gpt2' or 'llama' (use transformers for other architectures)")
+        read = _gpt2_config_from_hf if hf_type == "gpt2" else _llama_config_from_hf
+        if hf_type != "gpt2" and str(hf_type) not in LLAMA_FAMILIES:
+            raise ValueError(f"{path / 'config.json'}: model_type={hf_type!r} is not supported; expected gpt2, "
+                             f"{', '.join(LLAMA_FAMILIES)} (use transformers for other architectures)")
         config = read(hf_config, path)
     else:
         raise FileNotFoundError(f"{path}: not a model directory: expected config.json (Hugging Face "
@@ -1241,15 +1253,19 @@ def load_model_dir(cls, name_or_dir: str, dtype=None, device=None):
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
-    tensors = _read_weights(path)  # name -> lazily loaded tensor
+    tensors = read_weights(path)  # name -> lazily loaded tensor
+    file_names = {}
     if hf_type is not None:
+        if hf_type != "gpt2":  # our name -> the file's names (of a fused tensor that is missing: the absent parts)
+            file_names = {ours: [n for n in names if n not in tensors] or names for ours, names in _llama_names(config)}
         tensors = _hf_to_ours(tensors, config, hf_type)
-    state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config)
+    state = _check_and_collect(tensors, expected, path, dtype, device or "cpu", config, file_names)
     model.load_state_dict(state, strict=True, assign=True)
     model.after_meta_load()
     if device is not None:
         model.to(device)
     model.source_dir = path  # where its tokenizer is, for save_pretrained
+    model.source_family = hf_type  # the model_type it came as (None: ours), which save_pretrained keeps
     return model.eval()
 
 
@@ -1271,7 +1287,7 @@ def write_model_dir(model, out_dir: str, format: str = "hf", tokenizer=None):
         if modern:  # HF's GPT-2 and LLaMA have no such switch: the weights would load but compute otherwise
             raise ValueError(f"{out_dir}: {', '.join(modern)} cannot be expressed as a Hugging Face GPT-2 or "
                              f"LLaMA model; save with format='native' (this project's own format) instead")
-        hf_type, config_json = hf_config_for(c)
+        hf_type, config_json = hf_config_for(c, getattr(model, "source_family", None))
         weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
         if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
             config_json.update(bos_token_id=bos, eos_token_id=eos)

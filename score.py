@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from bpe import load_tokenizer
+from bpe import TEMPLATE_CHOICES, TEMPLATE_HELP, instruction_messages, load_tokenizer, pick_template, reply_stops
 from lora import load_adapter
 from model import GPT
 from housekeeping import (DEVICE_HELP, atomic_write, auto_init_from, fit_to_context, flag, mean_stderr, parse_config,
@@ -77,6 +77,8 @@ class ScoreConfig:
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own, else GPT-2's)")
     task: str = flag("instruction", "prompt format: instruction (Alpaca template) or dialogue (HH-RLHF turns)",
                     choices=["instruction", "dialogue"])
+    template: str = flag("auto", TEMPLATE_HELP + " (ours: --task's format; chat: each prompt one user message)",
+                         choices=TEMPLATE_CHOICES)
     prompts: str | None = flag(None, "jsonl of {instruction, input?, output? (reference)} or text, one prompt a line "
                                     "(default: with --reward_model or --judge_url, the 40 built-in everyday "
                                     "questions; else the built-in tasks' held-out questions, by exact match)")
@@ -134,17 +136,24 @@ def load_prompts(path=None, task: str = "instruction") -> list[dict]:
 
 
 @torch.no_grad()
-def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy answers (stopping at EOS) to the prompts, in their template."""
-    out, eos = [], tok.eot_id
+def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int = 8, chat=None) -> list[str]:
+    """Greedy answers (stopping at EOS) to the prompts, in their template; with the model's chat template
+    (`chat`, a bpe.ChatTemplate) each prompt is one user message, and an answer ends at its end-of-turn token."""
+    out = []
+    stops = reply_stops(tok, chat)
     for i in range(0, len(prompts), batch_size):
-        ids, n_new = fit_to_context([tok.encode(format_prompt(p)) for p in prompts[i:i + batch_size]],
-                                    max_new_tokens, model.config.block_size)
-        seqs = model.generate(ids, n_new, temperature=0, eos_token_id=eos).tolist()
+        batch = prompts[i:i + batch_size]
+        if chat is None:
+            ids = [tok.encode(format_prompt(p)) for p in batch]
+        else:
+            ids = [chat.prompt_ids(instruction_messages(p)) for p in batch]
+        ids, n_new = fit_to_context(ids, max_new_tokens, model.config.block_size)
+        seqs = model.generate(ids, n_new, temperature=0, eos_token_id=stops).tolist()
         T = max(len(x) for x in ids)
         for s in seqs:
             new = s[T:]
-            out.append(tok.decode(new[: new.index(eos)] if eos in new else new).strip())
+            end = next((k for k, t in enumerate(new) if t in stops), len(new))  # the stop token is not shown
+            out.append(tok.decode(new[:end]).strip())
     return out
 
 
@@ -368,7 +377,8 @@ def score(cfg: ScoreConfig) -> list[dict]:
     rows = []
     for name, ckpt in checkpoints(root):
         model, tok = load_checkpoint(cfg, ckpt, device)
-        answers = answer(model, tok, prompts, max_new_tokens)
+        chat = pick_template(cfg.template, tok, ckpt)  # the model's own chat template, or our formats
+        answers = answer(model, tok, prompts, max_new_tokens, chat=chat)
         step = int(name[len("ckpt_step"):]) if name.startswith("ckpt_step") else None
         row = {"checkpoint": name, "step": step, "answers": answers}
         if reward_model:

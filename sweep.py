@@ -46,7 +46,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from housekeeping import ArgumentParser, atomic_write, open_run, run_main, write_jsonl
+from housekeeping import ArgumentParser, atomic_write, finite_figures, open_run, run_main, write_jsonl
 
 FINETUNE = Path(__file__).resolve().with_name("finetune.py")
 DEFAULT_SET = "lora_rank=0,2,8"  # full fine-tuning against two small ranks: minutes on a laptop CPU
@@ -169,7 +169,11 @@ def run_one(config: dict, flags: list[str], runs: Path) -> dict:
         log.write(p.stderr)
     if p.returncode != 0:
         return dict(row, status="failed", reason=failure_reason(p.returncode, p.stderr))
-    return dict(row, status="ok", **collect(run_dir))
+    try:  # a row of NaNs is no result: the run is listed as failed, with the metrics that were not numbers
+        figures = finite_figures(f"{run_dir / 'summary.json'}", collect(run_dir))
+    except ValueError as e:
+        return dict(row, status="failed", reason=str(e))
+    return dict(row, status="ok", **figures)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -968,6 +968,119 @@ def test_model_save_pretrained_loads_in_transformers(tmp_path, preset, overrides
         assert max_diff(back(IDX)[0], logits) <= 1e-5
 
 
+# today's families on LLaMA's block, each from a tiny random checkpoint made by transformers' own config class:
+# Llama 3.2 (llama3 RoPE scaling over an original context of 16, tied), Qwen2.5 (q/k/v biases), Qwen3 (learned
+# QK-norm, head_dim 16 != 32/4), Mistral (a sliding window of 8). IDX has 24 positions: beyond both.
+FAMILIES = {
+    "llama3": ("LlamaConfig", "llama", dict(tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2.5": ("Qwen2Config", "qwen2", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "qwen3", dict(head_dim=16, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "mistral", dict(sliding_window=8, tie_word_embeddings=False)),
+}
+# the switch each family adds, and what it is without it (the test then shows that the switch matters)
+FAMILY_SWITCH = {"llama3": ("rope_scaling", None), "qwen2.5": ("qkv_bias", False),
+                 "qwen3": ("qk_norm_learned", False), "mistral": ("sliding_window", None)}
+
+
+def hf_family(tmp_path, family):
+    import transformers
+
+    config_class, _, kw = FAMILIES[family]
+    cfg = getattr(transformers, config_class)(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=97, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, **kw)
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(cfg).eval(), std=0.2)
+    d = tmp_path / f"hf_{family}"
+    model.save_pretrained(d)
+    return model, d
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_families_logits_match_transformers_beyond_the_original_context(tmp_path, family):
+    hf, d = hf_family(tmp_path, family)
+    ours = GPT.from_pretrained(str(d))
+    switch, off = FAMILY_SWITCH[family]
+    assert getattr(ours.config, switch) not in (None, False)
+    assert ours.config.tie_embeddings == FAMILIES[family][2]["tie_word_embeddings"]
+    with torch.no_grad():
+        ref = hf(IDX).logits
+        logits, _ = ours(IDX)
+    assert ref.std() > 0.15
+    assert max_diff(logits, ref) <= 1e-4
+    # the switch matters: the same weights without it compute something else
+    state = ours.state_dict()
+    plain = GPT(dataclasses.replace(ours.config, **{switch: off})).eval()
+    plain.load_state_dict({k: v for k, v in state.items() if ".q_norm." not in k and ".k_norm." not in k
+                           and not (family == "qwen2.5" and k.endswith("c_attn.bias"))})
+    with torch.no_grad():
+        assert max_diff(plain(IDX)[0], ref) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_families_greedy_tokens_match_hf_generate_with_the_kv_cache(tmp_path, family):
+    hf, d = hf_family(tmp_path, family)
+    hf.generation_config.eos_token_id = None
+    ours = GPT.from_pretrained(str(d))
+    prompt = IDX[:, :6]
+    ref = _hf_generate(hf, prompt, max_new_tokens=20)  # 26 positions: past the window and the original context
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), ref)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0, use_cache=False), ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_families_save_pretrained_loads_in_transformers_as_the_family(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    hf, d = hf_family(tmp_path, family)
+    ours = GPT.from_pretrained(str(d))
+    ours.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == FAMILIES[family][1]
+    assert written["architectures"] == [type(hf).__name__]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(hf)
+    ours.save_pretrained(tmp_path / "native", format="native")  # and our own format keeps every switch
+    native = GPT.from_pretrained(str(tmp_path / "native"))
+    assert native.config == ours.config
+    with torch.no_grad():
+        assert max_diff(back(IDX).logits, hf(IDX).logits) <= 1e-4
+        assert max_diff(back(IDX).logits, ours(IDX)[0]) <= 1e-4
+        assert torch.equal(native(IDX)[0], ours(IDX)[0])
+
+
+def test_model_families_presets_and_refusals(tmp_path):
+    """The presets have their published sizes; what is not implemented is one line naming it."""
+    with torch.device("meta"):
+        for name, billions in (("llama3.2-1b", 1.236), ("llama3.1-8b", 8.030), ("qwen2.5-0.5b", 0.494),
+                               ("qwen2.5-7b", 7.616), ("qwen3-0.6b", 0.596), ("mistral-7b", 7.248)):
+            assert abs(GPT(GPTConfig.preset(name)).get_num_params() / 1e9 - billions) < 0.002, name
+    _, d = hf_family(tmp_path, "qwen2.5")
+    cfg = json.loads((d / "config.json").read_text())
+    for change, message in ((dict(use_sliding_window=True), "unsupported qwen2 option.*use_sliding_window"),
+                            (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)),
+                             "unsupported qwen2 option.*rope type 'yarn'"),
+                            (dict(rope_parameters=dict(rope_type="llama3", factor=4.0, rope_theta=1e4)),
+                             "rope type 'llama3' without low_freq_factor"),
+                            (dict(model_type="gemma3"), "model_type='gemma3' is not supported")):
+        (d / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=message) as e:
+            GPT.from_pretrained(str(d))
+        assert "config.json" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="cannot be expressed as a Hugging Face qwen2 model: bias=True"):
+        GPT(GPTConfig.preset("tiny-llama", qkv_bias=True, bias=True)).save_pretrained(tmp_path / "x")
+    # a Mistral without a window (v0.2 on) is LLaMA's architecture, and stays a Mistral when it came as one
+    _, d = hf_family(tmp_path, "mistral")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
+    GPT.from_pretrained(str(d)).save_pretrained(tmp_path / "mistral")
+    assert json.loads((tmp_path / "mistral" / "config.json").read_text())["model_type"] == "mistral"
+    GPT(GPTConfig.preset("tiny-llama")).save_pretrained(tmp_path / "llama")
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+
+
 def _eos_first(model: GPT, prompt: list[int], eos: int):
     """Make greedy decoding's first new token the end-of-text id: its output row points along the
     prompt's last hidden state, far beyond every other logit."""
@@ -2548,6 +2661,24 @@ def test_lora_trainable_counts_equal_peft_on_meta_models(preset, peft_targets, o
                                            f"trainable%: {100 * want[0] / want[1]:.4f}")
 
 
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "qwen2.5-7b", "qwen3-0.6b", "mistral-7b"])
+def test_lora_family_presets_count_as_peft_on_transformers_own_model_of_their_config(preset):
+    """The presets' shapes (what bench_memory.py --estimate prices) are the HF models' own: transformers builds
+    the model from the config.json that save_pretrained would write, and PEFT counts the same parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = GPTConfig.preset(preset)
+    family, config_json = model_py.hf_config_for(c)
+    with torch.device("meta"):
+        ours = GPT(c)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_json))
+        peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        apply_lora(ours, rank=16, alpha=32, targets="q,v")
+    assert type(hf).__name__ == model_py.LLAMA_FAMILIES[family]
+    assert lora.count_parameters(ours) == peft_model.get_nb_trainable_parameters()
+
+
 @pytest.mark.parametrize("kind,targets", [("gpt2", "q,v,o,up,down"), ("llama", "all,lm_head")])
 def test_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets):
     from peft import PeftModel
@@ -2565,6 +2696,34 @@ def test_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets):
     fresh = GPT.from_pretrained(d)
     load_adapter(fresh, tmp_path / "adapter")
     assert _lora_diff(_our_logits(fresh), _our_logits(ours)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_families_adapter_loads_in_peft_and_merged_export_in_transformers(tmp_path, family):
+    """Every family's q_proj ... down_proj are the PEFT names of our fused rows: our adapter is PEFT's, and our
+    merged export is the family's HF model with PEFT's merged weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf, d = hf_family(tmp_path, family)
+    ours = GPT.from_pretrained(d)
+    apply_lora(ours, rank=4, alpha=8, targets="all")
+    _lora_randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(d))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(f"model.layers.{i}.{sub}.{role}_proj" for i in range(2) for sub, roles in
+                                           (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for role in roles)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    want = _hf_logits(peft_model)
+    assert _lora_diff(want, _our_logits(ours)) <= 1e-5
+    fresh = GPT.from_pretrained(d)  # and back into ours
+    load_adapter(fresh, tmp_path / "adapter")
+    assert _lora_diff(_our_logits(fresh), want) <= 1e-5
+    lora.unload_lora(ours, merge=True)
+    ours.save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged) is type(hf)
+    assert _lora_diff(_hf_logits(merged), _hf_logits(peft_model.merge_and_unload())) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -3081,6 +3240,24 @@ def test_finetune_tiny_runs_reduce_val_loss(tmp_path, lora_args):
         p.numel() for p in GPT.from_pretrained(tmp_path / "model").parameters())
     if lora_args[1] != "0":
         assert (out / "best_adapter" / "adapter_config.json").exists()
+
+
+def test_finetune_says_the_time_left_and_when_answering_costs_more_than_training(tmp_path, capsys):
+    """Every step line has the time per step and the time left; after 5 steps, the whole run's estimate; on
+    a run whose answers before and after cost more than its training (5 steps: none left to train), a note
+    names --num_samples. Without answers, no note."""
+    data = _ft_setup(tmp_path)
+    common = ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file",
+              str(data), "--max_steps", "5", "--batch_size", "2", "--grad_accum", "1", "--log_interval", "1",
+              "--max_new_tokens", "4", "--lora_rank", "4", "--no-save_merged"]
+    finetune.main(common + ["--out_dir", str(tmp_path / "a"), "--num_samples", "3"])
+    out = capsys.readouterr().out
+    assert regex.search(r"step 5/5: loss [\d.]+, lr .*, [\d.]+ s/step, \d+ s left", out), out
+    assert out.count("the whole run: about ") == 1
+    assert regex.search(r"note: answering the 3 held-out prompts before and after takes about \d+ s, more than "
+                        r"the training left \(0 s\): --num_samples N makes it smaller", out), out
+    finetune.main(common + ["--out_dir", str(tmp_path / "b"), "--num_samples", "0"])
+    assert "note: answering" not in capsys.readouterr().out
 
 
 def test_finetune_lora_on_an_nf4_base_lowers_val_loss_like_on_the_full_base(tmp_path, capsys):
@@ -3802,6 +3979,207 @@ def test_chat_echoes_nothing_from_a_terminal(tmp_path):
     out = io.StringIO()
     chat.chat(cfg, Tty("hello\n/quit\n"), out)
     assert "> " not in out.getvalue() and "Assistant:" in out.getvalue()
+
+
+# -----------------------------------------------------------------------------------------------
+# chat templates (bpe.ChatTemplate): an instruct model spoken to, trained and scored in its own format
+
+CHATML_TEMPLATE = (  # Qwen2.5's ChatML (without tools), its default system message included. {% generation %}
+    # marks what the assistant writes: transformers then finds the assistant tokens itself
+    # (return_assistant_tokens_mask), the reference the loss mask is compared with; it renders nothing
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{%- if message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "I am fine, thank you."}]
+
+
+def _chatml_model_dir(path, template=CHATML_TEMPLATE, eot_bias=True):
+    """A tiny Hugging Face model dir, offline: a byte-level BPE tokenizer with ChatML's special tokens and
+    chat template (Qwen's layout: <|endoftext|> is the EOS, <|im_end|> ends a turn), and a random
+    transformers LLaMA of its vocabulary. eot_bias: the LM head is set so that sampling picks "<|im_end|>" or
+    the first token of "Paris" at even odds, and nothing else: replies of a few tokens, then the end of turn.
+    Returns the transformers tokenizer (the reference)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    t = HFTokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    text = ["You are a helpful assistant.", "system user assistant", "What is the capital of France? Paris.",
+            "Hello there, how are you today? I am fine, thank you."] * 20
+    t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    m = LlamaForCausalLM(config)
+    if eot_bias:
+        with torch.no_grad():
+            # dimension 0 of every embedding is large: it survives the two small blocks, and the final RMSNorm
+            # (weight 1 there, 0 elsewhere) leaves a positive h[0]; only two rows of the head read it
+            m.model.embed_tokens.weight[:, 0] = 10.0
+            m.model.norm.weight.zero_()
+            m.model.norm.weight[0] = 1.0
+            m.lm_head.weight.zero_()
+            m.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = 1.0
+            m.lm_head.weight[tok.encode("Paris", add_special_tokens=False)[0], 0] = 1.0
+    m.save_pretrained(path)
+    return tok
+
+
+def test_chat_template_renders_as_transformers_and_trains_only_the_assistant_turns(tmp_path, monkeypatch):
+    ref = _chatml_model_dir(tmp_path / "m")
+    tok = load_tokenizer(None, tmp_path / "m")  # the model dir's tokenizer, its chat template with it
+    # a hub id (as GPT.from_pretrained takes it): the tokenizer of its snapshot, not GPT-2's
+    monkeypatch.setattr(bpe, "resolve_model_dir", lambda name: tmp_path / "m" if name == "org/instruct" else None)
+    assert load_tokenizer(None, "org/instruct").chat_template is not None
+    chat_t = tok.chat_template
+    im_end = ref.convert_tokens_to_ids("<|im_end|>")
+    assert chat_t.end_of_turn == im_end and chat_t.stop_ids == [im_end, ref.eos_token_id] and im_end != tok.eot_id
+    # the rendered conversation and prompts: transformers' apply_chat_template, text and tokens
+    assert chat_t.render(CHAT) == ref.apply_chat_template(CHAT, tokenize=False)
+    for n in (2, 4):  # the prompt after one and after two user messages, with the assistant's header
+        expected = ref.apply_chat_template(CHAT[:n], add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert chat_t.prompt_ids(CHAT[:n]) == expected
+    assert chat_t.prompt_ids(CHAT[1:2]) == ref.apply_chat_template(CHAT[1:2], add_generation_prompt=True,
+                                                                   return_dict=True)["input_ids"]  # default system
+    # the loss mask: exactly the tokens transformers marks as the assistant's (content + <|im_end|>)
+    expected = ref.apply_chat_template(CHAT, return_assistant_tokens_mask=True, return_dict=True)
+    ids, train = chat_t.conversation(CHAT)
+    assert ids == expected["input_ids"] and train == [bool(x) for x in expected["assistant_masks"]]
+    assert ref.decode([i for i, t in zip(ids, train) if t]) == "Paris.<|im_end|>I am fine, thank you.<|im_end|>"
+    assert chat_t.reply_ids(CHAT[:2], "Paris.") == ref.encode("Paris.<|im_end|>", add_special_tokens=False)
+    # finetune.py trains what the mask says: an Alpaca record and an HH-RLHF dialogue, in the template
+    t = finetune.tokenize_chat(CHAT, chat_t, max_length=200)
+    assert t["input_ids"] == ids[:-1] and t["labels"] == [i if m else -100 for i, m in zip(ids[1:], train[1:])]
+    record = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
+    t = finetune.tokenize_example(record, tok, tok.eot_id, 200, chat=chat_t)
+    ids, train = chat_t.conversation([CHAT[1], CHAT[2]])
+    assert t["labels"] == [i if m else -100 for i, m in zip(ids[1:], train[1:])] and t["n_response"] == sum(train)
+    dialogue = prepare_data.dialogue_example("\n\nHuman: Hello there\n\nAssistant: I am fine.", "d")
+    t = finetune.tokenize_example(dialogue, tok, tok.eot_id, 200, chat=chat_t)
+    assert ref.decode([i for i in t["labels"] if i != -100]) == "I am fine.<|im_end|>"
+    assert finetune.prompt_ids(dialogue, tok, chat_t) == chat_t.prompt_ids([{"role": "user", "content": "Hello there"}])
+    # dpo.py: the prompt with the assistant's header; each response its turn, up to <|im_end|>
+    pair = {"prompt": "\n\nHuman: Hello there\n\nAssistant:", "chosen": " I am fine.", "rejected": " Paris."}
+    [t] = dpo.tokenize_pairs([pair], tok, tok.eot_id, 200, 100, chat=chat_t)
+    assert t["prompt"] == chat_t.prompt_ids([CHAT[3]])
+    assert t["chosen"] == ref.encode("I am fine.<|im_end|>", add_special_tokens=False)
+    assert t["rejected"] == ref.encode("Paris.<|im_end|>", add_special_tokens=False)
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    """A template that renders an answer differently once later turns follow (as Qwen3's drops the reasoning of
+    earlier answers) has no fixed span per turn: one error line, not a wrong mask. One answer is fine."""
+    rewrites = CHATML_TEMPLATE.replace("message['content'] + '<|im_end|>'",
+                                       "(message['content'] if loop.last else 'earlier') + '<|im_end|>'")
+    _chatml_model_dir(tmp_path / "m", template=rewrites, eot_bias=False)
+    chat_t = load_tokenizer(None, tmp_path / "m").chat_template
+    ids, train = chat_t.conversation(CHAT[:3])
+    assert sum(train) == len(chat_t.reply_ids(CHAT[:2], "Paris."))
+    with pytest.raises(ValueError, match="not prefix-stable") as e:
+        chat_t.conversation(CHAT)
+    assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)
+
+
+def test_template_chat_on_a_model_without_one_is_one_error_line(tmp_path):
+    _chatml_model_dir(tmp_path / "m", template=None, eot_bias=False)
+    for script in ("chat.py", "score.py"):
+        r = subprocess.run([sys.executable, script, "--init_from", str(tmp_path / "m"), "--template", "chat",
+                            "--prompt" if script == "chat.py" else "--max_new_tokens", "2"], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (script, r.stderr)
+        assert r.stderr.splitlines()[-1] == (f"error: --template chat: {tmp_path / 'm'} ships no chat template (no "
+                                             f"\"chat_template\" in its tokenizer_config.json, no "
+                                             f"chat_template.jinja); use --template ours"), script
+    # auto: our formats where the model ships no template (GPT-2, our own models)
+    tok = load_tokenizer(None, tmp_path / "m")
+    assert tok.chat_template is None and bpe.pick_template("auto", tok, "m") is None
+    with pytest.raises(ValueError, match="not with --task classify"):
+        finetune.parse_args(["--task", "classify", "--template", "chat"])
+
+
+def test_chat_speaks_in_the_models_template_by_default_and_stops_at_its_end_of_turn(tmp_path):
+    ref = _chatml_model_dir(tmp_path / "m")
+    out = io.StringIO()
+    cfg = chat.parse_args(["--init_from", str(tmp_path / "m"), "--prompt", "What is the capital of France?",
+                           "--show_prompt", "--num_samples", "4", "--max_new_tokens", "40"])
+    replies = chat.sample(cfg, out)
+    assert cfg.template == "chat"  # auto: the model ships a template
+    prompt = ref.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert out.getvalue().startswith(f"prompt (chat, {len(ref.encode(prompt, add_special_tokens=False))} tokens):\n"
+                                     f"{prompt}\n")
+    # the model writes "Pa" or <|im_end|>, even odds: each reply stops at the first <|im_end|>, never shown
+    assert all(set(r.split("Pa")) == {""} and len(r) < 2 * 40 for r in replies) and any(replies)
+    # in plain continuation (--template none) only the EOS stops it: the end-of-turn tokens run on, shown
+    cfg = chat.parse_args(["--init_from", str(tmp_path / "m"), "--prompt", "Hi", "--template", "none",
+                           "--max_new_tokens", "40"])
+    [text] = chat.sample(cfg, io.StringIO())
+    assert text.startswith("Hi") and "<|im_end|>" in text
+    # interactive: the conversation so far in the template, each reply added as the assistant's turn
+    cfg = chat.parse_args(["--init_from", str(tmp_path / "m"), "--max_new_tokens", "40"])
+    out = io.StringIO()
+    prompts = chat.chat(cfg, io.StringIO("hello\nagain\n/quit\n"), out)
+    reply = out.getvalue().split("Assistant:")[1].split("\n")[0]
+    assert "<|im_end|>" not in out.getvalue() and set(reply.split("Pa")) == {""}
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply},
+                    {"role": "user", "content": "again"}]
+    assert prompts == [ref.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True),
+                       ref.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)]
+    # score.py: answers in the template, cut at <|im_end|>
+    model = GPT.from_pretrained(tmp_path / "m")
+    tok = load_tokenizer(None, tmp_path / "m")
+    answers = score.answer(model, tok, [{"instruction": "Hi", "input": ""}], 40, chat=tok.chat_template)
+    assert "<|im_end|>" not in answers[0] and set(answers[0].split("Pa")) == {""}
+
+
+def test_finetune_template_chat_trains_a_tiny_hf_model_on_its_template(tmp_path, capsys):
+    _chatml_model_dir(tmp_path / "m", eot_bias=False)
+    data = tmp_path / "alpaca.jsonl"
+    records = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}."}
+               for a in range(6) for b in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    finetune.main(["--init_from", str(tmp_path / "m"), "--template", "chat", "--data_file", str(data),
+                   "--out_dir", str(out), "--max_steps", "8", "--eval_interval", "8", "--batch_size", "4",
+                   "--lora_rank", "0", "--lr", "3e-3", "--num_samples", "2", "--max_new_tokens", "4"])
+    assert "prompt format: the model's chat template" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert evals[-1] < evals[0]
+    assert json.loads((out / "config.json").read_text())["template"] == "chat"
+    # the trained model keeps its tokenizer and template: chat.py speaks to it in the template
+    assert load_tokenizer(None, out / "best_model").chat_template is not None
+
+
+def test_dpo_template_chat_runs_on_a_tiny_hf_model(tmp_path, capsys):
+    _chatml_model_dir(tmp_path / "m", eot_bias=False)
+    rows = [{"chosen": f"\n\nHuman: Hello {i}\n\nAssistant: I am fine.",
+             "rejected": f"\n\nHuman: Hello {i}\n\nAssistant: Paris."} for i in range(12)]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dpo.main(["--init_from", str(tmp_path / "m"), "--template", "chat", "--data_file", str(data),
+              "--out_dir", str(tmp_path / "out"), "--lora_rank", "4", "--max_steps", "2", "--eval_interval", "2",
+              "--batch_size", "2", "--num_samples", "1", "--max_new_tokens", "4", "--warmup_steps", "0"])
+    assert "prompt format: the model's chat template" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4544,9 +4922,21 @@ def test_robust_bad_flag_values_are_refused_when_parsed(capsys, train_corpus, tm
     _, _, data_dir, _ = train_corpus
     _train(data_dir, tmp_path / "o", "--max_steps", 2)
     before = _hashes(tmp_path / "o")
-    with pytest.raises(ValueError, match=r"--resume continues the architecture .* --n_embd 96 \(checkpoint: 64\)"):
+    with pytest.raises(ValueError, match=r"--resume continues the architecture, optimizer and data .* --n_embd 96 "
+                                         r"\(checkpoint: 64\)"):
         _train(data_dir, tmp_path / "o", "--resume", "--n_embd", 96)
+    # every flag that defines the run, changed on --resume: one line naming it
+    for name, value in {"model": "tiny-llama", "init_from": str(tmp_path / "o"), "n_layer": 3, "n_head": 2,
+                        "block_size": 32, "optimizer": "adamw"}.items():
+        with pytest.raises(ValueError, match=f"these flags differ: --{name} "):
+            _train(data_dir, tmp_path / "o", "--resume", f"--{name}", value)
+    # the data is part of the run: other shards are refused, the same shards spelt otherwise are not
+    other = tmp_path / "other_data"
+    shutil.copytree(data_dir, other)
+    with pytest.raises(ValueError, match=r"these flags differ: --data_dir"):
+        _train(other, tmp_path / "o", "--resume")
     assert _hashes(tmp_path / "o") == before
+    _train(Path(os.path.relpath(data_dir)), tmp_path / "o", "--resume", "--max_steps", 3)
 
 
 def test_robust_odd_but_valid_input(tmp_path, capsys):
@@ -4775,12 +5165,13 @@ def test_a_non_finite_loss_stops_finetune_and_nan_is_never_best(tmp_path, capsys
     rows = housekeeping.read_log(out / "log.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
-    # NaN weights evaluate to NaN, not to a perfect 0.0 (and a NaN val loss stops the run, see check_finite)
+    # NaN weights evaluate to no figure at all, not to a perfect 0.0 (every metric's rule: finite_figures)
     m = GPT(GPTConfig.preset("tiny-gpt2"))
     with torch.no_grad():
         m.lm_head.weight.fill_(float("nan"))
     ex = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}]
-    assert math.isnan(finetune.evaluate(m, ex, 1, "cpu"))
+    with pytest.raises(ValueError, match=r"the held-out examples' loss: val_loss nan: not finite"):
+        finetune.evaluate(m, ex, 1, "cpu")
     # a NaN loss or gradient norm of a training step stops it too, naming the step
     with pytest.raises(ValueError, match=r"^step 7: loss nan, grad_norm inf: the training diverged"):
         housekeeping.check_finite(7, loss=float("nan"), grad_norm=float("inf"))
@@ -5082,41 +5473,78 @@ def test_overwrite_replaces_a_finished_run_of_ours_and_a_refusal_leaves_no_lock(
     assert sorted(p.name for p in d.iterdir()) == ["loss.png"]
 
 
-@pytest.mark.parametrize("fmt", ["hf-gpt2", "hf-llama", "native"])
-def test_loading_refuses_nan_weights_and_integers_in_a_float_weight_naming_file_and_tensor(tmp_path, fmt):
-    """Every weight read by GPT.from_pretrained is checked as it is read, in each format it loads: a float
-    weight stored with an integer dtype of the same width (a damaged header: safetensors F32 -> I32), or
-    holding a NaN, is one error naming the file and the tensor, never a model that scores or samples."""
+WEIGHT_LOADERS = ("hf-gpt2", "hf-llama", "hf-qwen3", "native", "qlora-base", "adapter")
+WEIGHT_FAULTS = {"nan": "non-finite value", "int32": r"stored as torch\.int32, but it is a float weight",
+                 "missing": "missing", "truncated": "not a readable safetensors file .*truncated"}
+
+
+def _load_weights_with(loader: str, path, base_dir):
+    """Read `path` as `loader` does: a model directory, a QLoRA run's 4-bit base, or an adapter onto its base."""
+    if loader == "qlora-base":
+        return lora.load_base(str(path), "fp32", lora=True, quantize="nf4", device="cpu")
+    if loader == "adapter":
+        return load_adapter(GPT.from_pretrained(base_dir), path)
+    return GPT.from_pretrained(path)
+
+
+@pytest.mark.parametrize("fault", list(WEIGHT_FAULTS))
+@pytest.mark.parametrize("loader", WEIGHT_LOADERS)
+def test_every_loader_refuses_damaged_weights_naming_file_and_tensor(tmp_path, loader, fault):
+    """Every weight a loader reads is checked once, at load: a NaN, a float weight stored with an integer dtype of
+    the same width (a damaged header: safetensors F32 -> I32), a tensor missing, a truncated file. Each is one
+    error naming the file and the tensor (the truncated file has none to name), never a model that scores or
+    samples. Loaders: GPT.from_pretrained in each format it reads (HF GPT-2, LLaMA and its families, ours), the
+    4-bit base of a QLoRA run (lora.load_base), and an adapter (lora.load_adapter)."""
     from safetensors.torch import load_file, save_file
 
-    if fmt == "native":
+    base_dir = None
+    if loader == "native":
         d = tmp_path / "native"
         GPT(GPTConfig.preset("tiny-llama", vocab_size=97)).save_pretrained(d, "native")
+    elif loader == "hf-qwen3":
+        _, d = hf_family(tmp_path, "qwen3")
+    elif loader == "hf-gpt2":
+        _, d = _lora_hf("gpt2", tmp_path)
     else:
-        _, d = _lora_hf(fmt.split("-")[1], tmp_path)
-    GPT.from_pretrained(d)  # the file as written loads
-    weights = load_file(d / "model.safetensors")
-    name = next(k for k, v in weights.items() if v.dim() == 2 and "embed" not in k and "wte" not in k)
-    for case in ("nan", "int32"):
-        bad = dict(weights)
-        if case == "nan":
-            bad[name] = bad[name].clone()
-            bad[name][0, 0] = float("nan")
+        _, d = _lora_hf("llama", tmp_path)
+    fname = "model.safetensors"
+    if loader == "adapter":
+        base_dir = d
+        ours = apply_lora(GPT.from_pretrained(d), rank=4, alpha=8, targets="q,v")
+        _lora_randomize_adapters(ours)
+        d = save_adapter(ours, tmp_path / "adapter")
+        fname = "adapter_model.safetensors"
+    _load_weights_with(loader, d, base_dir)  # the files as written load
+    weights = load_file(d / fname)
+    name = min(k for k, v in weights.items() if v.dim() == 2 and ("q_proj" in k or "c_attn" in k))  # fused in ours
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    if fault == "truncated":
+        data = (d / fname).read_bytes()
+        (broken / fname).write_bytes(data[:-100])
+    else:
+        if fault == "nan":
+            weights[name] = weights[name].clone()
+            weights[name][0, 0] = float("nan")
+        elif fault == "int32":
+            weights[name] = weights[name].view(torch.int32)  # the same bytes, read as integers
         else:
-            bad[name] = bad[name].view(torch.int32)  # the same bytes, read as integers
-        broken = tmp_path / f"{fmt}-{case}"
-        shutil.copytree(d, broken)
-        save_file(bad, broken / "model.safetensors", metadata={"format": "pt"})
-        expected = "non-finite value" if case == "nan" else "stored as torch.int32, but it is a float weight"
-        with pytest.raises(ValueError, match=expected) as e:
-            GPT.from_pretrained(broken)
-        assert str(broken) in str(e.value) and "\n" not in str(e.value)
-    # the command line says it in one line, exit 2
-    r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--init_from", str(tmp_path / f"{fmt}-nan"),
-                        "--prompt", "hi", "--tokenizer", "gpt2"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "non-finite" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            del weights[name]
+        save_file(weights, broken / fname, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=WEIGHT_FAULTS[fault]) as e:
+        _load_weights_with(loader, broken, base_dir)
+    message = str(e.value)
+    named_file = broken / fname if loader == "adapter" or fault == "truncated" else broken  # (a model: its dir)
+    assert str(named_file) in message
+    if fault != "truncated":
+        assert name.removeprefix("transformer.") in message, message
+    assert "\n" not in message
+    if (loader, fault) == ("hf-gpt2", "nan"):  # the command line says it in one line, exit 2
+        r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--init_from", str(broken), "--prompt", "hi",
+                            "--tokenizer", "gpt2"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "non-finite" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def _without(args: list[str], *names: str) -> list[str]:
@@ -5156,13 +5584,18 @@ def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise
                  "--grad_accum", "1", "--lora_rank", "4", "--num_samples", "0", "--eval_examples", "4",
                  "--warmup_steps", "0", "--optimizer", "adamw", "--no-save_merged"]
         changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
-                   "train_last_n_blocks": "1", "quantize": "nf4", "task": "dialogue"}
+                   "train_last_n_blocks": "1", "quantize": "nf4", "task": "dialogue", "test_frac": "0.2",
+                   "dataset": "sst2", "test_file": str(data)}
     else:
         args = _dpo_tiny_args(tmp_path)
         main = dpo.main
         flags = _without(args, "--init_from", "--max_steps") + ["--optimizer", "adamw"]
         changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
-                   "reference": "copy", "quantize": "nf4"}
+                   "reference": "copy", "quantize": "nf4", "split": "test", "val_file": str(tmp_path / "pairs.jsonl")}
+    # what every stage's run is: the tokenizer, the data and its split (the seed shuffles it)
+    other_data = tmp_path / "other_data.jsonl"
+    shutil.copy(flags[flags.index("--data_file") + 1], other_data)
+    changes.update(tokenizer=str(tmp_path / "other_tok"), data_file=str(other_data), val_frac="0.3", seed="7")
     # the starting model, as a run directory holds it (the run directory stands for its checkpoint's model)
     base = tmp_path / "base"
     shutil.copytree(tmp_path / "model", base / "ckpt" / "model")
@@ -5185,6 +5618,61 @@ def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise
     shutil.copytree(tmp_path / "model", base / "ckpt" / "model")
     assert _changed_on_resume(main, flags, out, [], capsys) == ""
     assert max(r["step"] for r in housekeeping.read_log(out / "log.jsonl")) == 3
+
+
+def _outputs_not_numbers(model, bad: float):
+    """A model whose outputs are `bad` (NaN, or inf that the softmax turns into NaN): its final norm's gain."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(bad)
+    return model
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("metric", ["finetune val_loss", "dpo held-out pairs", "train_gpt2 val_loss and bpb",
+                                    "sweep table", "score mean"])
+def test_no_metric_gives_a_figure_from_non_finite_numbers(tmp_path, monkeypatch, request, metric, bad):
+    """The rule of every reported figure: a metric computed from NaN or inf is one error naming it, never
+    a number (DPO's held-out accuracies, the sweep's table, val loss and bpb each gave a figure). HellaSwag's
+    accuracy has its own test beside its evaluation."""
+    torch.manual_seed(0)
+    if metric == "finetune val_loss":
+        model = GPT(GPTConfig.preset("tiny-gpt2", vocab_size=64))
+        examples = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 3, 4, 5]}]
+        assert math.isfinite(finetune.evaluate(model, examples, 2, "cpu"))
+        with pytest.raises(ValueError, match=r"finetune.py: the held-out examples' loss: val_loss (nan|inf).*not finite"):
+            finetune.evaluate(_outputs_not_numbers(model, bad), examples, 2, "cpu")
+    elif metric == "dpo held-out pairs":
+        tok = _CharTok()
+        pairs = dpo.tokenize_pairs([{"prompt": "q", "chosen": "ab", "rejected": "c"}] * 2, tok, tok.eot_id, 50, 20)
+        policy = apply_lora(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=128)), 4, 8)
+        ref = dpo.Reference("adapter_off", policy)
+        args = (ref, pairs, ["a", "b"], tok.eot_id, "cpu", 2, contextlib.nullcontext, (0.1, "sigmoid", 0.0))
+        assert all(math.isfinite(v) for v in dpo.evaluate_pairs(policy, *args).values())
+        with pytest.raises(ValueError, match=r"dpo.py: the held-out pairs' metrics: val_loss (nan|inf).*not finite"):
+            dpo.evaluate_pairs(_outputs_not_numbers(policy, bad), *args)
+    elif metric == "train_gpt2 val_loss and bpb":
+        monkeypatch.setattr(train_gpt2, "val_loss", lambda *args: bad)
+        _, _, data_dir, _ = request.getfixturevalue("train_corpus")
+        with pytest.raises(ValueError, match=r"the evaluation at step 0: val_loss (nan|inf), val_bpb (nan|inf): not finite"):
+            _train(data_dir, tmp_path / "o", "--max_steps", 1)
+    elif metric == "sweep table":
+        run_dir = tmp_path / "runs" / "lora_rank=2"
+        (tmp_path / "runs").mkdir()
+
+        def finished_run(cmd, **kwargs):  # what finetune.py leaves when its model's outputs were not numbers
+            run_dir.mkdir()
+            (run_dir / "summary.json").write_text(json.dumps({"best_step": 3, "val_loss": bad, "val_ppl": bad}))
+            (run_dir / "config.json").write_text(json.dumps({"lora_rank": 2}))
+            (run_dir / "log.jsonl").write_text("")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+
+        monkeypatch.setattr(sweep.subprocess, "run", finished_run)
+        row = sweep.run_one({"lora_rank": "2"}, [], tmp_path / "runs")
+        assert row["status"] == "failed" and "val_loss" not in row, row
+        assert regex.search(r"summary.json: val_loss (nan|inf), val_ppl (nan|inf): not finite", row["reason"]), row
+    else:
+        with pytest.raises(ValueError, match=r"score.py: the reward scores: 3 value\(s\) whose sum is (nan|inf)"):
+            score._stats("reward", [1.0, bad, 2.0])
 
 
 def test_a_second_signal_stops_at_once_with_that_signals_status(capsys):
@@ -5303,17 +5791,32 @@ def test_readme_offline_commands_parse_as_the_shell_does():
     assert readme_offline_commands(text) == [["python", "a.py", "--t", "b c"], ["python", "d.py", "--e", "1"]]
 
 
+def _fresh_folder(tmp_path) -> tuple[Path, dict]:
+    """A folder with the project's files and nothing beside it (no ../shared), and an offline environment."""
+    d = tmp_path / "nano-llm"
+    d.mkdir()
+    for f in [*ROOT.glob("*.py"), ROOT / "README.md"]:
+        (d / f.name).write_text(f.read_text())
+    return d, dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS="1")
+
+
+def test_readme_python_snippets_run_as_printed(tmp_path):
+    """Every ```python block of the README, as printed, each in its own process, in a fresh folder, offline."""
+    snippets = regex.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), regex.S | regex.M)
+    assert len(snippets) >= 3
+    d, env = _fresh_folder(tmp_path)
+    for code in snippets:
+        r = subprocess.run([sys.executable, "-c", code], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (code, r.stderr[-3000:])
+
+
 def test_readme_offline_commands_run_as_printed(tmp_path):
     """Every command of the README's `bash offline` blocks, in order, in a fresh folder with the
     project's files (no ../shared beside it), no network; small budgets only. chat.py keeps its
     defaults: the life cycle's last step must answer as printed."""
     cmds = readme_offline_commands((ROOT / "README.md").read_text())
     assert ["python", "chat.py"] in cmds and ["python", "train_gpt2.py"] in cmds and len(cmds) >= 10
-    d = tmp_path / "nano-llm"
-    d.mkdir()
-    for f in [*ROOT.glob("*.py"), ROOT / "README.md"]:
-        (d / f.name).write_text(f.read_text())
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS="1")
+    d, env = _fresh_folder(tmp_path)
     gpt2_ranks = env.get("GPT2_TIKTOKEN")  # the fetched-once rank file (../shared/data's in the tests)
     ran = []
     for argv in cmds:
@@ -5876,8 +6379,8 @@ def test_layout_no_file_over_1000_lines_of_code_and_prose_is_free():
 
 def test_layout_model_py_is_the_model_and_housekeeping_says_skip_it():
     """A learner who opens model.py meets the network first: no import of flags, signals, locks or run
-    directories; generation ends before about line 800; the Hugging Face plumbing is an appendix at the
-    end. housekeeping.py says in its docstring that it can be skipped on first read."""
+    directories; generation ends before about line 850 (the families' switches took 50 lines); the Hugging Face
+    plumbing is an appendix at the end. housekeeping.py says in its docstring that it can be skipped on first read."""
     import ast
 
     text = (ROOT / "model.py").read_text()
@@ -5892,6 +6395,6 @@ def test_layout_model_py_is_the_model_and_housekeeping_says_skip_it():
     lines = text.splitlines()
     end_of_generation = next(i for i, line in enumerate(lines, 1) if line.startswith("# 5. "))
     appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# 6. Appendix"))
-    assert end_of_generation < 800 < appendix
+    assert end_of_generation < 850 < appendix
     assert "skip it on first read" in ast.get_docstring(ast.parse((ROOT / "housekeeping.py").read_text())).lower()
 

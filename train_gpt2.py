@@ -74,10 +74,10 @@ import prepare_data
 from bpe import load_tokenizer
 from model import GPT, GPTConfig, lr_schedule, make_optimizer
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, autocast_and_scaler,
-                          check_finite, check_model_size, close_run, distribute, end_distributed, fit_to_context,
-                          fits_in_memory, flag, grad_sync, init_distributed, open_run, parse_config, pick_device,
-                          pick_precision, plot_log, read_log, resolve_warmup, rewrite_log, rng_state, run_main,
-                          seed_everything, set_rng_state)
+                          check_finite, check_model_size, close_run, distribute, end_distributed, finite_figures,
+                          fit_to_context, fits_in_memory, flag, grad_sync, init_distributed, open_run, parse_config,
+                          pick_device, pick_precision, plot_log, read_log, resolve_warmup, rewrite_log, rng_state,
+                          run_main, same_setting, seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -171,8 +171,8 @@ RECIPES = {
                 eval_interval=50, val_tokens=16384, hellaswag_limit=200, num_samples=2, sample_len=48,
                 sample_prompt="Return the", ckpt_interval=50, compile="off"),
 }
-# fixed once a run exists (a checkpoint holds this optimizer's state)
-ARCHITECTURE = ("model", "init_from", "n_layer", "n_head", "n_embd", "block_size", "optimizer")
+# fixed once a run exists: the model, the optimizer (a checkpoint holds its state) and the data it reads
+FIXED = ("model", "init_from", "n_layer", "n_head", "n_embd", "block_size", "optimizer", "data_dir")
 
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")  # a recipe may set them for its own model
@@ -591,10 +591,10 @@ def setup(cfg: TrainConfig, given: dict) -> Run:
         if "max_lr" in state["config"]:  # a checkpoint from before --max_lr became --lr (and Muon came): AdamW
             saved.setdefault("lr", state["config"]["max_lr"])
             saved.setdefault("optimizer", "adamw")
-        changed = [f"--{k} {given[k]!r} (checkpoint: {saved.get(k)!r})" for k in ARCHITECTURE
-                   if k in given and given[k] != saved.get(k)]
+        changed = [f"--{k} {given[k]!r} (checkpoint: {saved.get(k)!r})" for k in FIXED
+                   if k in given and not same_setting(given[k], saved.get(k))]
         if changed:
-            raise ValueError(f"--resume continues the architecture and optimizer in {ckpt}; these flags differ: "
+            raise ValueError(f"--resume continues the architecture, optimizer and data in {ckpt}; these flags differ: "
                              f"{', '.join(changed)}")
         saved["stop_at_step"] = 0  # a one-off of the run that wrote the checkpoint
         cfg = TrainConfig(**{**saved, **given, "resume": True, "overwrite": False})
@@ -728,6 +728,7 @@ def evaluate(run: Run, step: int) -> list[str]:
     loss = val_loss(run.raw_model, run.val_stream, cfg, run.device, run.autocast, run.rank, run.world)
     row = {"type": "eval", "step": step, "val_loss": loss,
            "val_bpb": bits_per_byte(loss, run.n_val_tokens, run.n_val_bytes)}
+    finite_figures(f"train_gpt2.py: the evaluation at step {step}", row)
     if run.hellaswag is not None:
         with run.autocast():
             result = run.hellaswag.evaluate(run.raw_model, run.tok, run.hellaswag_items, device=run.device,
