@@ -53,7 +53,7 @@ from pathlib import Path
 
 import regex
 
-from housekeeping import atomic_write, resolve_model_dir
+from housekeeping import atomic_write, is_hub_id, resolve_model_dir
 
 # -----------------------------------------------------------------------------------------------
 # 1. Pre-splitting patterns (copied from tiktoken, so that both split text identically), and how tokens are printed
@@ -1006,29 +1006,31 @@ def tokenizer_dir(model_dir) -> str | None:
     return next((str(c) for c in (d / "tokenizer", d) if any((c / f).exists() for f in TOKENIZER_FILES)), None)
 
 
-def _is_hub_id(name: str) -> bool:  # "org/name" that is no local path: the Hugging Face hub's
-    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-
-
 def _is_hf_dir(p: Path) -> bool:  # a Hugging Face tokenizer directory, not one of ours or GPT-2's originals
     return p.is_dir() and not (p / "tokenizer.bpe").exists() and not (p / "encoder.json").exists()
 
 
-def tokenizer_files(spec) -> tuple[dict, int | None, int | None]:
-    """({file name: contents}, EOS id, BOS id): the files that put a tokenizer beside a saved model.
-    Our BPE (a Tokenizer, or what load_bpe reads) gets its own tokenizer.bpe and Hugging Face's
-    tokenizer.json + tokenizer_config.json; a Hugging Face tokenizer directory is copied."""
+def tokenizer_files(spec) -> tuple[dict, list[int], int | None]:
+    """({file name: contents}, stop ids, BOS id): the files that put a tokenizer beside a saved model, and
+    the ids generation stops at: the end-of-text token, preceded by a chat template's end-of-turn token
+    where the tokenizer ships one (an instruct model's reply ends there). Our BPE (a Tokenizer, or what
+    load_bpe reads) gets its own tokenizer.bpe and Hugging Face's tokenizer.json + tokenizer_config.json;
+    a Hugging Face tokenizer directory is copied."""
     if isinstance(spec, Tokenizer):
         tok = spec
     elif _is_hf_dir(Path(spec)):
         d = Path(spec)
         t = load_tokenizer(str(d))
         files = {f: (d / f).read_bytes() for f in HF_TOKENIZER_FILES if (d / f).is_file()}
-        return files, t.eot_id, t.bos_id
+        stops = [] if t.eot_id is None else [t.eot_id]
+        if t.chat_template is not None:
+            stops = t.chat_template.stop_ids
+        return files, stops, t.bos_id
     else:
         tok = load_bpe(str(spec))
     files = {"tokenizer.bpe": bpe_file_text(tok), **hf_tokenizer_files(tok)}
-    return files, tok.special_tokens.get("<|endoftext|>"), None
+    eot = tok.special_tokens.get("<|endoftext|>")
+    return files, [] if eot is None else [eot], None
 
 
 class TextTokenizer:
@@ -1099,7 +1101,7 @@ def load_tokenizer(spec=None, model_dir=None) -> TextTokenizer:
     with a Hugging Face tokenizer. None: model_dir's own tokenizer (itself or its tokenizer/), else GPT-2's.
     `source` is our Tokenizer (or the HF tokenizer's directory), for export. A hub id as model_dir (org/name, as
     GPT.from_pretrained took it) is its downloaded snapshot: an instruct model's tokenizer and chat template."""
-    if spec is None and model_dir is not None and _is_hub_id(str(model_dir)):
+    if spec is None and model_dir is not None and is_hub_id(str(model_dir)):
         model_dir = resolve_model_dir(str(model_dir))  # already in the hub cache: the model was loaded from it
     if spec is None and model_dir is not None and Path(model_dir).is_dir():
         spec = tokenizer_dir(model_dir)
@@ -1213,7 +1215,11 @@ class ChatTemplate:
 
     def _turn_end(self, ids: list[int], start: int, end: int) -> int:
         """An assistant span [start, end) ends with its end-of-turn token: what the template writes after that
-        (ChatML's newline) is part of no reply, and is not trained."""
+        (ChatML's newline) is part of no reply, and is not trained. A template that writes no end-of-turn token
+        is refused for training: a model trained on its replies would never learn where a reply stops."""
+        if self.end_of_turn is None:
+            raise ValueError(f"{self.where}: its chat template writes no special token after a reply, so a model "
+                             f"trained in it would not learn to stop; use --template ours")
         if self.end_of_turn in ids[start:end]:
             return ids.index(self.end_of_turn, start, end) + 1
         return end

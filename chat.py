@@ -65,7 +65,8 @@ class ChatConfig:
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
     template: str = flag("auto", "prompt format: chat (the model's own chat template, multi-turn), instruction "
                                  "(Alpaca), dialogue (HH-RLHF turns, multi-turn), none (plain continuation); auto: "
-                                 "chat where the model ships a template, else instruction (--prompt: none)",
+                                 "chat where the model ships a template, else instruction (--prompt: none). "
+                                 "instruction, dialogue and none are the stages' --template ours",
                          choices=["auto", "chat", "instruction", "dialogue", "none"])
     prompt: str | None = flag(None, "answer (in --template's format) or continue (none) this text and exit, "
                                     "instead of chatting")
@@ -107,23 +108,23 @@ def load(cfg: ChatConfig):
     if device == "cpu":
         model.decode_layout_()  # inference only: the faster weight layout for one-token steps (model.py)
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
-    template = pick_template(cfg.template, tok, cfg.init_from)  # "chat" on a model without one: an error line
-    if cfg.template == "auto" and template is not None:
+    chat_template = pick_template(cfg.template, tok, cfg.init_from)  # "chat" on a model without one: an error line
+    if cfg.template == "auto" and chat_template is not None:
         cfg.template = "chat"
     elif cfg.template == "auto" and cfg.prompt is not None:  # GPT-2, our pretrained model: a text to continue
         cfg.template = "none"
     elif cfg.template == "auto":  # our fine-tuned models: Alpaca's template
         cfg.template = "instruction"
-    return model, tok, device, template
+    return model, tok, device, chat_template
 
 
-def prompt_ids(cfg: ChatConfig, tok, template, turns: list[tuple[str, str]]) -> tuple[list[int], str]:
+def build_prompt(cfg: ChatConfig, tok, chat_template, turns: list[tuple[str, str]]) -> tuple[list[int], str]:
     """(the prompt's tokens, its text) for the conversation so far, turns = [(role, text)] with role "user" or
     "assistant", ending with the user's message, in cfg.template's format (instruction and none: the message
     alone). chat renders role/content messages with the model's template and the assistant's header."""
     if cfg.template == "chat":
         messages = [{"role": role, "content": text} for role, text in turns]
-        return template.prompt_ids(messages), template.render(messages, add_generation_prompt=True)
+        return chat_template.prompt_ids(messages), chat_template.render(messages, add_generation_prompt=True)
     if cfg.template == "dialogue":
         roles = {"user": "Human", "assistant": "Assistant"}
         prompt = format_dialogue([(roles[role], " " + text) for role, text in turns], add_assistant_prompt=True)
@@ -137,13 +138,13 @@ def prompt_ids(cfg: ChatConfig, tok, template, turns: list[tuple[str, str]]) -> 
 def sample(cfg: ChatConfig, out=None) -> list[str]:
     """--prompt: num_samples continuations of the prompt, printed and returned."""
     out = out or sys.stdout
-    model, tok, device, template = load(cfg)
-    ids = prompt_ids(cfg, tok, template, [("user", cfg.prompt)])[0]
+    model, tok, device, chat_template = load(cfg)
+    ids = build_prompt(cfg, tok, chat_template, [("user", cfg.prompt)])[0]
     ids = ids or [tok.eot_id]  # an empty prompt: start from the document boundary
-    if cfg.show_prompt:
-        out.write(f"prompt ({cfg.template}, {len(ids)} tokens):\n{tok.decode(ids)}\n" + "-" * 60 + "\n")
     [ids], n_new = fit_to_context([ids], cfg.max_new_tokens, model.config.block_size)
-    stops = reply_stops(tok, template)  # a chat reply ends at its template's end-of-turn token too
+    if cfg.show_prompt:  # what the model reads: after the cut to its context
+        out.write(f"prompt ({cfg.template}, {len(ids)} tokens):\n{tok.decode(ids)}\n" + "-" * 60 + "\n")
+    stops = reply_stops(tok, chat_template)  # a chat reply ends at its template's end-of-turn token too
     eos_token_id = stops if cfg.stop_at_eos else None
     seqs = model.generate(torch.tensor([ids] * cfg.num_samples, device=device), n_new,
                           temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
@@ -196,7 +197,7 @@ def chat(cfg: ChatConfig, stdin=None, stdout=None) -> list[str]:
     stdout = stdout or sys.stdout
     # piped input is not shown on the screen as typed input is: echo it, marked, so the turns read apart
     echo = not stdin.isatty()
-    model, tok, device, template = load(cfg)
+    model, tok, device, chat_template = load(cfg)
     turns, prompts = [], []  # turns: [(role, text)], "user" or "assistant", the conversation so far
     what = "its chat template" if cfg.template == "chat" else f"{cfg.template} format"
     stdout.write(f"chatting with {cfg.init_from} ({what}); /reset clears the history, /quit ends\n")
@@ -220,17 +221,17 @@ def chat(cfg: ChatConfig, stdin=None, stdout=None) -> list[str]:
 
         # the prompt: the conversation so far (chat, dialogue), the message in Alpaca's template, or as it is
         turns.append(("user", msg))
-        ids, prompt = prompt_ids(cfg, tok, template, turns)
+        ids, prompt = build_prompt(cfg, tok, chat_template, turns)
         prompts.append(prompt)
-        if cfg.show_prompt:
-            stdout.write(f"prompt ({cfg.template}, {len(ids)} tokens):\n{tok.decode(ids)}\n")
         [ids], n_new = fit_to_context([ids], cfg.max_new_tokens, model.config.block_size)
+        if cfg.show_prompt:  # what the model reads: after the cut to its context
+            stdout.write(f"prompt ({cfg.template}, {len(ids)} tokens):\n{tok.decode(ids)}\n")
 
         # the reply, streamed token by token until the model ends its turn
-        if template is None:
+        if chat_template is None:
             reply = StreamedReply(tok, stdout)
         else:  # the template's end-of-turn token ends it; its turns are marked by special tokens, not by text
-            reply = StreamedReply(tok, stdout, template.stop_ids, stop_text=None)
+            reply = StreamedReply(tok, stdout, reply_stops(tok, chat_template), stop_text=None)
         stdout.write("Assistant:")
         try:
             model.generate(torch.tensor([ids], device=device), n_new, temperature=cfg.temperature,

@@ -232,18 +232,21 @@ def prompt_messages(prompt: str) -> list[dict]:
     """A pair's prompt as a chat: HH-RLHF's turns (the last, empty "Assistant:" is the one answered), else
     the prompt as one user message."""
     if prompt.startswith("\n\nHuman:"):
-        return dialogue_messages(parse_dialogue(prompt)[:-1])
+        turns = parse_dialogue(prompt)
+        if turns[-1][0] == "Assistant" and not turns[-1][1].strip():
+            turns = turns[:-1]  # HH-RLHF's empty "Assistant:": the turn the pair answers, not a message
+        return dialogue_messages(turns)
     return [{"role": "user", "content": prompt}]
 
 
 def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_prompt_length: int,
-                   chat=None) -> list[dict]:
+                   chat_template=None) -> list[dict]:
     """Token ids of each pair, EOS after each response. A pair longer than max_length loses prompt
     tokens from the LEFT first (down to max_prompt_length: the end of the prompt, right before the
     answer, matters most), then response tokens from the end. Pairs whose responses are identical
     carry no preference signal (their loss gradient is zero): they are dropped and counted. An empty
     prompt is read as the end-of-text token alone, so that the first response token has a context.
-    With the model's chat template (`chat`, a bpe.ChatTemplate): the prompt is the chat rendered with the
+    With the model's chat template (`chat_template`, a bpe.ChatTemplate): the prompt is the chat rendered with the
     assistant's header, and each response the tokens its assistant turn adds, up to its end-of-turn token."""
     out = []
     n_same = 0
@@ -252,15 +255,15 @@ def tokenize_pairs(pairs: list[dict], tok, eos_id: int, max_length: int, max_pro
         if pair["chosen"] == pair["rejected"]:
             n_same += 1
             continue
-        if chat is None:
+        if chat_template is None:
             prompt = tok.encode(pair["prompt"]) or [eos_id]
             chosen = tok.encode(pair["chosen"]) + [eos_id]
             rejected = tok.encode(pair["rejected"]) + [eos_id]
         else:
             messages = prompt_messages(pair["prompt"])
-            prompt = chat.prompt_ids(messages)
-            chosen = chat.reply_ids(messages, pair["chosen"].strip())
-            rejected = chat.reply_ids(messages, pair["rejected"].strip())
+            prompt = chat_template.prompt_ids(messages)
+            chosen = chat_template.reply_ids(messages, pair["chosen"].strip())
+            rejected = chat_template.reply_ids(messages, pair["rejected"].strip())
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             n_cut += 1
             prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
@@ -485,17 +488,17 @@ def evaluate_pairs(policy, ref: Reference, tokenized, keys, pad_id, device, batc
     return finite_figures("dpo.py: the held-out pairs' metrics", {f"val_{k}": (v / n).item() for k, v in sums.items()})
 
 
-def _samples(model, tok, prompts, max_new_tokens, eos_id, chat=None) -> list[str]:
+def _samples(model, tok, prompts, max_new_tokens, eos_id, chat_template=None) -> list[str]:
     """Greedy answers, one prompt at a time; a progress line every 10 s. With the model's chat template
-    (`chat`): each prompt in it, and an answer ends at its end-of-turn token."""
-    stops = [eos_id] if chat is None else reply_stops(tok, chat)
+    (`chat_template`): each prompt in it, and an answer ends at its end-of-turn token."""
+    stops = [eos_id] if chat_template is None else reply_stops(tok, chat_template)  # end of turn, and the EOS
     out = []
     shown = time.time()
     for i, p in enumerate(prompts):
         if time.time() - shown > 10:
             print(f"generating: {i}/{len(prompts)} answers", flush=True)
             shown = time.time()
-        ids = tok.encode(p) if chat is None else chat.prompt_ids(prompt_messages(p))
+        ids = tok.encode(p) if chat_template is None else chat_template.prompt_ids(prompt_messages(p))
         [ids], n_new = fit_to_context([ids or [eos_id]], max_new_tokens, model.config.block_size)
         gen = model.generate(torch.tensor([ids], device=model.lm_head.weight.device), n_new,
                              temperature=0, eos_token_id=stops)[0, len(ids):].tolist()
@@ -503,7 +506,7 @@ def _samples(model, tok, prompts, max_new_tokens, eos_id, chat=None) -> list[str
     return out
 
 
-def split_pairs(cfg: DPOConfig, tok, max_length: int, chat=None) -> tuple[list[dict], list[dict], list[dict]]:
+def split_pairs(cfg: DPOConfig, tok, max_length: int, chat_template=None) -> tuple[list[dict], list[dict], list[dict]]:
     """(training pairs, held-out pairs, tokenized; the held-out pairs as text, for the answers before and
     after): --val_file, else a --val_frac share of the shuffled --data_file; --eval_pairs of them evaluated."""
     pairs = load_pairs(cfg.data_file, cfg.split)
@@ -517,8 +520,9 @@ def split_pairs(cfg: DPOConfig, tok, max_length: int, chat=None) -> tuple[list[d
         n_val = max(1, round(len(pairs) * cfg.val_frac)) if cfg.val_frac > 0 else 0
         val_pairs = pairs[:n_val]
     max_prompt_length = min(cfg.max_prompt_length, max_length - 1)
-    train_t = tokenize_pairs(pairs[n_val:], tok, tok.eot_id, max_length, max_prompt_length, chat)
-    val_t = tokenize_pairs(val_pairs, tok, tok.eot_id, max_length, max_prompt_length, chat)[: cfg.eval_pairs or None]
+    train_t = tokenize_pairs(pairs[n_val:], tok, tok.eot_id, max_length, max_prompt_length, chat_template)
+    val_t = tokenize_pairs(val_pairs, tok, tok.eot_id, max_length, max_prompt_length, chat_template)
+    val_t = val_t[: cfg.eval_pairs or None]
     if not train_t:
         raise ValueError("no training pairs left")
     return train_t, val_t, val_pairs
@@ -629,10 +633,10 @@ def train(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; responses must end with one")
-    chat = pick_template(cfg.template, tok, cfg.init_from)  # the model's own chat template, or the pairs' text
-    if chat is not None and master:
-        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat.stop_ids}")
-    train_t, val_t, val_pairs = split_pairs(cfg, tok, min(cfg.max_length, policy.config.block_size), chat)
+    chat_template = pick_template(cfg.template, tok, cfg.init_from)  # the model's own chat template, or the pairs' text
+    if chat_template is not None and master:
+        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat_template.stop_ids}")
+    train_t, val_t, val_pairs = split_pairs(cfg, tok, min(cfg.max_length, policy.config.block_size), chat_template)
     train_k = [pair_key(t) for t in train_t]
     val_k = [pair_key(t) for t in val_t]
     if master:
@@ -642,7 +646,7 @@ def train(cfg: DPOConfig) -> dict:
     autocast, scaler = autocast_and_scaler(precision, device_type)
     prompts = [p["prompt"] for p in val_pairs[: cfg.num_samples]]
     answers_start = time.perf_counter()
-    before = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat)
+    before = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat_template)
     answers_s = time.perf_counter() - answers_start
 
     # the trained policy (LoRA or whole), the reference it is measured against, then DDP or FSDP
@@ -806,7 +810,7 @@ def train(cfg: DPOConfig) -> dict:
     save_state(out, policy, optimizer, cfg.max_steps, data_rng, order, device, log)
     save_weights(policy, cfg, tok, out / ("adapter" if lora else "model"), master)
     answers_start = time.perf_counter()
-    after = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat)
+    after = _samples(policy, tok, prompts, cfg.max_new_tokens, tok.eot_id, chat_template)
     answers_s += time.perf_counter() - answers_start
     summary = summarize(log.rows, prompts, before, after, val_pairs)
     if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool

@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bpe import (TEMPLATE_CHOICES, TEMPLATE_HELP, dialogue_messages, instruction_messages, load_tokenizer,
-                 pick_template)
+                 pick_template, reply_stops)
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, check_weight, close_run, distribute,
                           end_distributed, finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync,
@@ -123,8 +123,8 @@ class FinetuneConfig:
     max_length: int = flag(0, "longest training sequence in tokens (0 = the model's block_size); longer examples "
                              "are truncated from the end of the response", min=0)
     mask_prompt: bool = flag(True, "loss only on response tokens + EOS (--no-mask_prompt: on every token)")
-    template: str = flag("auto", TEMPLATE_HELP + " (instruction and dialogue; in chat the loss is on the assistant "
-                                 "turns, each up to its end-of-turn token)", choices=TEMPLATE_CHOICES)
+    template: str = flag("auto", TEMPLATE_HELP + " (ours: --task's format; chat: the loss on the assistant turns, "
+                                 "each up to its end-of-turn token)", choices=TEMPLATE_CHOICES)
     seed: int = flag(1337, "seed for the split, shuffling, dropout and init")
     # LoRA or full fine-tuning
     lora_rank: int = flag(16, "LoRA rank; 0 = full fine-tuning", min=0)
@@ -272,15 +272,15 @@ def split_examples(examples: list, val_frac: float = 0.05, test_frac: float = 0.
 
 
 def tokenize_example(example: dict, tok, eos_id: int, max_length: int, mask_prompt: bool = True,
-                     chat=None) -> dict:
+                     chat_template=None) -> dict:
     """Token ids of prompt + response + EOS as (input_ids, labels) shifted by one for next-token
     prediction; labels are -100 where the next token is part of the prompt (when mask_prompt), so
     the model learns to answer, not to reproduce instructions. Prompt and response are tokenized
     separately so the boundary is exact (no BPE token straddles it). Sequences longer than
     max_length + 1 are cut from the end of the response (the EOS goes first). With the model's chat template
-    (`chat`, a bpe.ChatTemplate): tokenize_chat."""
-    if chat is not None:
-        return tokenize_chat(chat_messages(example), chat, max_length, mask_prompt)
+    (`chat_template`, a bpe.ChatTemplate): tokenize_chat."""
+    if chat_template is not None:
+        return tokenize_chat(chat_messages(example), chat_template, max_length, mask_prompt)
     if "text" in example:
         return tokenize_dialogue(example["text"], tok, eos_id, max_length, mask_prompt)
     prompt = tok.encode(format_prompt(example))
@@ -320,11 +320,11 @@ def chat_messages(example: dict) -> list[dict]:
     return [*instruction_messages(example), {"role": "assistant", "content": example["output"]}]
 
 
-def tokenize_chat(messages: list[dict], chat, max_length: int, mask_prompt: bool = True) -> dict:
+def tokenize_chat(messages: list[dict], chat_template, max_length: int, mask_prompt: bool = True) -> dict:
     """A conversation in the model's own chat template, as (input_ids, labels): the template renders it, and
     with mask_prompt only the assistant turns' tokens (each up to its end-of-turn token, which teaches the
     model where its turn ends) are trained (bpe.ChatTemplate.conversation). Cut from the end, as above."""
-    ids, train = chat.conversation(messages)
+    ids, train = chat_template.conversation(messages)
     if not mask_prompt:
         train = [True] * len(ids)
     truncated = len(ids) > max_length + 1
@@ -343,14 +343,14 @@ def tokenize_classification(ex: dict, tok, eos_id: int, max_length: int) -> dict
 
 
 def tokenize_examples(examples: list, tok, eos_id: int, max_length: int, mask_prompt: bool = True,
-                      name: str = "train", task: str = "instruction", chat=None) -> list[dict]:
+                      name: str = "train", task: str = "instruction", chat_template=None) -> list[dict]:
     """Tokenize every example. Truncations are counted and printed; an example whose response was
     cut off entirely (the prompt alone fills the context) would train on nothing, so it is left out
     and reported, never dropped silently."""
     out, n_truncated, empty = [], 0, []
     for i, ex in enumerate(examples):
         t = (tokenize_classification(ex, tok, eos_id, max_length) if task == "classify" else
-             tokenize_example(ex, tok, eos_id, max_length, mask_prompt, chat))
+             tokenize_example(ex, tok, eos_id, max_length, mask_prompt, chat_template))
         n_truncated += t["truncated"]
         if t["n_response"] <= 0:
             empty.append(i)
@@ -436,7 +436,11 @@ def activation_bytes_per_token(gpt: GPT, ab: int) -> int:
     n += C * (_trains(blk.attn.c_attn) + _trains(blk.mlp.c_fc))
     n += (3 * F if mc.mlp == "swiglu" else F) + F * _trains(blk.mlp.c_proj)
     n += sum(m.lora_A.shape[0] for m in blk.modules() if isinstance(m, LoRALinear))
-    return n * ab + (norm_values(blk.ln_1, C) + norm_values(blk.ln_2, C)) * 4
+    norms = norm_values(blk.ln_1, C) + norm_values(blk.ln_2, C)
+    if mc.qk_norm_learned:  # Qwen3's RMSNorm on each head's q and k: its input (and normalised copy), in fp32
+        norms += norm_values(blk.attn.q_norm, mc.n_head * mc.head_dim) + norm_values(blk.attn.k_norm,
+                                                                                      mc.n_kv_head * mc.head_dim)
+    return n * ab + norms * 4
 
 
 def norm_values(norm, width: int) -> int:
@@ -587,19 +591,20 @@ def classification_metrics(clf: Classifier, examples: list[dict], batch_size: in
 
 @torch.no_grad()
 def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_tokens: int,
-                       autocast=contextlib.nullcontext, batch_size: int = 8, chat=None) -> tuple[list[str], list[bool]]:
+                       autocast=contextlib.nullcontext, batch_size: int = 8,
+                       chat_template=None) -> tuple[list[str], list[bool]]:
     """Greedy responses to the prompts of examples (stopping at EOS), and whether each ended with the
     EOS (rather than at the length limit). A progress line every 10 s: on a CPU this takes a while.
-    With the model's chat template (`chat`): the prompt is the chat up to the last answer, rendered with the
+    With the model's chat template (`chat_template`): the prompt is the chat up to the last answer, rendered with the
     assistant's header, and a response ends at the template's end-of-turn token (or the EOS)."""
-    stops = [eos_id] if chat is None else chat.stop_ids  # the template's end-of-turn token, and the EOS
+    stops = [eos_id] if chat_template is None else reply_stops(tok, chat_template)  # end of turn, and the EOS
     out, ended, shown = [], [], time.time()
     for i in range(0, len(examples), batch_size):
         if time.time() - shown > 10:
             print(f"generating: {i}/{len(examples)} answers", flush=True)
             shown = time.time()
-        prompts, n_new = fit_to_context([prompt_ids(e, tok, chat) for e in examples[i:i + batch_size]],
-                                        max_new_tokens, model.config.block_size)
+        batch = [example_prompt_ids(e, tok, chat_template) for e in examples[i:i + batch_size]]
+        prompts, n_new = fit_to_context(batch, max_new_tokens, model.config.block_size)
         with autocast():
             seqs = model.generate(prompts, n_new, temperature=0, eos_token_id=stops).tolist()
         T = max(len(p) for p in prompts)
@@ -611,14 +616,14 @@ def generate_responses(model, tok, examples: list[dict], eos_id: int, max_new_to
     return out, ended
 
 
-def prompt_ids(example: dict, tok, chat=None) -> list[int]:
+def example_prompt_ids(example: dict, tok, chat_template=None) -> list[int]:
     """The tokens a response is generated from: the example's prompt in our format, or in the model's chat
     template the chat up to its last answer, with the assistant's header."""
-    if chat is None:
+    if chat_template is None:
         return tok.encode(format_prompt(example))
     messages = chat_messages(example)
     last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-    return chat.prompt_ids(messages[:last])
+    return chat_template.prompt_ids(messages[:last])
 
 
 def answer_metrics(answers: list[str], ended: list[bool], examples: list[dict]) -> dict:
@@ -633,7 +638,7 @@ def answer_metrics(answers: list[str], ended: list[bool], examples: list[dict]) 
 # 5. The run
 
 
-def load_data(cfg: FinetuneConfig, tok, block_size: int, chat=None):
+def load_data(cfg: FinetuneConfig, tok, block_size: int, chat_template=None):
     """(train, val, test) tokenized examples and the raw test examples (prompts for generation); chat: the
     model's chat template, where --template chooses it."""
     if cfg.task == "classify":
@@ -652,9 +657,10 @@ def load_data(cfg: FinetuneConfig, tok, block_size: int, chat=None):
     elif cfg.test_file:
         test_ex = load_alpaca(cfg.test_file)
     max_length = min(cfg.max_length or block_size, block_size)
-    train_t = tokenize_examples(train_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "train", cfg.task, chat)
-    val_t = tokenize_examples(val_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "val", cfg.task, chat)
-    test_t = tokenize_examples(test_ex, tok, tok.eot_id, max_length, cfg.mask_prompt, "test", cfg.task, chat)
+    fmt = (tok, tok.eot_id, max_length, cfg.mask_prompt)  # every split is tokenized alike
+    train_t = tokenize_examples(train_ex, *fmt, "train", cfg.task, chat_template)
+    val_t = tokenize_examples(val_ex, *fmt, "val", cfg.task, chat_template)
+    test_t = tokenize_examples(test_ex, *fmt, "test", cfg.task, chat_template)
     if not train_t:
         raise ValueError("no training examples left after tokenization")
     print(f"{len(examples)} examples: {len(train_t)} train, {len(val_t)} val, {len(test_ex)} test")
@@ -742,7 +748,8 @@ def load_best_weights(model, best_dir: Path, classify: bool):
         best = {f"gpt.{k}": v for k, v in best.items()}
         best.update({f"head.{k}": v for k, v in load_file(str(best_dir / "classifier_head.safetensors")).items()})
     for name, t in best.items():  # written by this run, but read back as every weight is read: checked
-        check_weight(best_dir, name, t)
+        check_weight(best_dir / ("classifier_head.safetensors" if name.startswith("head.") else "model.safetensors"),
+                     name, t)
     set_model_state_dict(model, best, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -766,14 +773,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if tok.n_vocab > gpt.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     # the prompt format: the model's own chat template, or ours (--template; classify formats no prompt)
-    chat = None if classify else pick_template(cfg.template, tok, cfg.init_from)
-    if chat is not None and master:
-        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat.stop_ids}")
-    train_t, val_t, test_t, test_ex = load_data(cfg, tok, gpt.config.block_size, chat)
+    chat_template = None if classify else pick_template(cfg.template, tok, cfg.init_from)
+    if chat_template is not None and master:
+        print(f"prompt format: the model's chat template ({tok.name}); replies end at token {chat_template.stop_ids}")
+    train_t, val_t, test_t, test_ex = load_data(cfg, tok, gpt.config.block_size, chat_template)
     autocast, scaler = autocast_and_scaler(precision, device_type)
     gen_ex = [] if classify else test_ex[: cfg.num_samples]  # the held-out answers, before tuning and after
     answers_start = time.perf_counter()  # timed: on a short run, answering can cost more than training
-    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast, chat=chat)
+    before, before_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast,
+                                            chat_template=chat_template)
     answers_s = time.perf_counter() - answers_start
     model = build_model(gpt, cfg)
     gpt.grad_checkpointing = cfg.grad_checkpointing  # non-reentrant: works with frozen embeddings + LoRA
@@ -959,7 +967,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if len(clock.seconds) == 5:  # a few steps timed: what the whole run takes
             log.say(f"the whole run: {clock.estimate()}")
             training_left = clock.per_step() * (total_steps - step - 1)
-            if gen_ex and 2 * answers_s > training_left:  # generation is a token at a time: the slow part of a short run
+            # generation goes a token at a time: the slow part of a short run
+            if gen_ex and 2 * answers_s > training_left:
                 log.say(f"note: answering the {len(gen_ex)} held-out prompts before and after takes about "
                         f"{2 * answers_s:.0f} s, more than the training left ({training_left:.0f} s): "
                         f"--num_samples N makes it smaller")
@@ -980,7 +989,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     elif test_t:
         metrics = classification_metrics(model, test_t, cfg.batch_size, device, tok.eot_id, cfg.num_classes, autocast)
         summary.update({f"test_{k}": v for k, v in metrics.items()})
-    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast, chat=chat)
+    after, after_eos = generate_responses(gpt, tok, gen_ex, tok.eot_id, cfg.max_new_tokens, autocast,
+                                          chat_template=chat_template)
     if gen_ex and master:
         write_responses(out, cfg, gen_ex, before, after, best_step)
     # before -> after, under the same names, so that a script can compare runs: the held-out answers'

@@ -974,6 +974,11 @@ def resolve_warmup(warmup_steps: int, max_steps: int) -> tuple[int, str]:
 #    held once. Generic file I/O: which tensor means what (name mapping, checks) is model.py's appendix
 
 
+def is_hub_id(name: str) -> bool:
+    """"org/name" that is no local path: a Hugging Face hub id."""
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_model_dir(name_or_dir: str) -> Path:
     """The directory of a model: a local one (a run's model, via resolve_init_from), else a snapshot from the
     Hugging Face hub of the files a model needs (config, safetensors weights, tokenizer), or one error line."""
@@ -984,7 +989,7 @@ def resolve_model_dir(name_or_dir: str) -> Path:
         raise ValueError(f"{path}: expected a model directory, got a file")
     hub_id = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}.get(name_or_dir)
-    if hub_id is None and (name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/", "~"))):
+    if hub_id is None and not is_hub_id(name_or_dir):
         raise FileNotFoundError(f"{name_or_dir}: no such directory, and not a GPT-2 name (gpt2, gpt2-medium, "
                                 f"gpt2-large, gpt2-xl) or a Hugging Face hub id (org/name)")
     try:

@@ -304,8 +304,10 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.qk_norm_learned = config.qk_norm_learned
         if config.qk_norm_learned:
-            # Qwen3's QK-norm: each head's q and k through an RMSNorm of head_dim channels, eps norm_eps, a gain
-            # learned per channel (shared by the heads). Not the same math as qk_norm (no gain, eps of the dtype)
+            # Qwen3's QK-norm: each head's q and k through an RMSNorm of head_dim channels, eps norm_eps. It bounds
+            # the attention logits as qk_norm does, but learns a gain per channel (shared by the heads: in effect an
+            # attention temperature per channel). The gains are weights of the checkpoint, which qk_norm (no gain,
+            # eps of the dtype) could not hold: hence a switch of its own
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
@@ -523,7 +525,8 @@ class GPT(nn.Module):
         mask = torch.arange(S, device=device)[None, :] <= q_pos  # causal (T, S)
         if windowed:
             # Mistral's sliding window: the last `window` positions only (itself included). Information from further
-            # back still flows, layer by layer, through the tokens in between. By slot, as transformers counts it
+            # back still flows, layer by layer, through the tokens in between. Counted in cache slots, as transformers
+            # does: with left padding that is the same as counting positions, since all the padding comes first
             mask = mask & (torch.arange(S, device=device)[None, :] > q_pos - window)
         mask = mask[None, None]
         if attention_mask is not None:
@@ -1167,7 +1170,7 @@ def hf_config_for(c: GPTConfig, source_family: str | None = None) -> tuple[str, 
             max_position_embeddings=c.block_size, hidden_size=c.n_embd, intermediate_size=c.ffn_hidden,
             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
             head_dim=c.head_dim, hidden_act="silu", rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-            rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
+            rope_parameters=rope, rope_scaling=c.rope_scaling, tie_word_embeddings=c.tie_embeddings,
             attention_dropout=c.dropout, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
         if family == "llama":
             d.update(attention_bias=c.bias, mlp_bias=c.bias)
@@ -1178,8 +1181,10 @@ def hf_config_for(c: GPTConfig, source_family: str | None = None) -> tuple[str, 
         return family, d
     raise ValueError(
         f"this config cannot be expressed as a Hugging Face model: GPT-2 needs layernorm + learned positions + gelu "
-        f"+ n_kv_head == n_head, LLaMA needs rmsnorm + rope + swiglu; got norm={c.norm}, pos_emb={c.pos_emb}, "
-        f"mlp={c.mlp}, n_kv_head={c.n_kv_head}/{c.n_head}. Use save_pretrained(dir, format='native') instead.")
+        f"+ n_kv_head == n_head (and neither qk_norm_learned nor sliding_window), LLaMA needs rmsnorm + rope + "
+        f"swiglu; got norm={c.norm}, pos_emb={c.pos_emb}, mlp={c.mlp}, n_kv_head={c.n_kv_head}/{c.n_head}, "
+        f"qk_norm_learned={c.qk_norm_learned}, sliding_window={c.sliding_window}. Use "
+        f"save_pretrained(dir, format='native') instead.")
 
 
 def _llama_family(c: GPTConfig, source_family: str | None = None) -> str:
@@ -1275,8 +1280,11 @@ def write_model_dir(model, out_dir: str, format: str = "hf", tokenizer=None):
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
     src = tokenizer if tokenizer is not None else tokenizer_dir(getattr(model, "source_dir", None) or out)
-    tok_files, eos, bos = tokenizer_files(src) if src is not None else ({}, None, None)
+    tok_files, stops, bos = tokenizer_files(src) if src is not None else ({}, [], None)
+    eos = stops[-1] if stops else None  # the end-of-text token (a chat template's end of turn comes before it)
     bos = eos if bos is None else bos  # GPT-2 begins and ends a document with the same token
+    # HF's generate stops at any of a list: an instruct model at the end of its turn as well as of its text
+    eos_ids = stops if len(stops) > 1 else eos
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if format == "native":
         if c.tie_embeddings:
@@ -1290,14 +1298,14 @@ def write_model_dir(model, out_dir: str, format: str = "hf", tokenizer=None):
         hf_type, config_json = hf_config_for(c, getattr(model, "source_family", None))
         weights, config_name = ours_to_hf(sd, c, hf_type), "config.json"
         if eos is not None:  # the tokenizer's ids, so that HF pipelines know where text ends
-            config_json.update(bos_token_id=bos, eos_token_id=eos)
+            config_json.update(bos_token_id=bos, eos_token_id=eos_ids)
     else:
         raise ValueError(f"format={format!r}: expected 'hf' or 'native'")
     weights = {k: v.contiguous().cpu() for k, v in weights.items()}
     save_safetensors(weights, out / "model.safetensors", {"format": "pt"})
     files = {config_name: json.dumps(config_json, indent=2), **tok_files}
     if eos is not None:
-        files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
+        files["generation_config.json"] = json.dumps(dict(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=eos),
                                                      indent=2)
     for name, data in files.items():
         atomic_write(out / name, lambda p, d=data: Path(p).write_bytes(d if isinstance(d, bytes) else d.encode()))

@@ -136,17 +136,18 @@ def load_prompts(path=None, task: str = "instruction") -> list[dict]:
 
 
 @torch.no_grad()
-def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int = 8, chat=None) -> list[str]:
+def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int = 8, chat_template=None) -> list[str]:
     """Greedy answers (stopping at EOS) to the prompts, in their template; with the model's chat template
-    (`chat`, a bpe.ChatTemplate) each prompt is one user message, and an answer ends at its end-of-turn token."""
+    (`chat_template`, a bpe.ChatTemplate) each prompt is one user message, and an answer ends at its end-of-turn
+    token."""
     out = []
-    stops = reply_stops(tok, chat)
+    stops = reply_stops(tok, chat_template)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
-        if chat is None:
+        if chat_template is None:
             ids = [tok.encode(format_prompt(p)) for p in batch]
         else:
-            ids = [chat.prompt_ids(instruction_messages(p)) for p in batch]
+            ids = [chat_template.prompt_ids(instruction_messages(p)) for p in batch]
         ids, n_new = fit_to_context(ids, max_new_tokens, model.config.block_size)
         seqs = model.generate(ids, n_new, temperature=0, eos_token_id=stops).tolist()
         T = max(len(x) for x in ids)
@@ -377,8 +378,8 @@ def score(cfg: ScoreConfig) -> list[dict]:
     rows = []
     for name, ckpt in checkpoints(root):
         model, tok = load_checkpoint(cfg, ckpt, device)
-        chat = pick_template(cfg.template, tok, ckpt)  # the model's own chat template, or our formats
-        answers = answer(model, tok, prompts, max_new_tokens, chat=chat)
+        chat_template = pick_template(cfg.template, tok, ckpt)  # the model's own chat template, or our formats
+        answers = answer(model, tok, prompts, max_new_tokens, chat_template=chat_template)
         step = int(name[len("ckpt_step"):]) if name.startswith("ckpt_step") else None
         row = {"checkpoint": name, "step": step, "answers": answers}
         if reward_model:

@@ -1040,6 +1040,9 @@ def test_model_families_save_pretrained_loads_in_transformers_as_the_family(tmp_
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["model_type"] == FAMILIES[family][1]
     assert written["architectures"] == [type(hf).__name__]
+    if ours.config.rope_scaling:  # under transformers 4.x's key as well as 5's: 4.x reads only rope_scaling
+        assert written["rope_scaling"] == ours.config.rope_scaling
+        assert written["rope_parameters"]["rope_type"] == ours.config.rope_scaling["rope_type"]
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(back) is type(hf)
     ours.save_pretrained(tmp_path / "native", format="native")  # and our own format keeps every switch
@@ -4068,16 +4071,16 @@ def test_chat_template_renders_as_transformers_and_trains_only_the_assistant_tur
     t = finetune.tokenize_chat(CHAT, chat_t, max_length=200)
     assert t["input_ids"] == ids[:-1] and t["labels"] == [i if m else -100 for i, m in zip(ids[1:], train[1:])]
     record = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
-    t = finetune.tokenize_example(record, tok, tok.eot_id, 200, chat=chat_t)
+    t = finetune.tokenize_example(record, tok, tok.eot_id, 200, chat_template=chat_t)
     ids, train = chat_t.conversation([CHAT[1], CHAT[2]])
     assert t["labels"] == [i if m else -100 for i, m in zip(ids[1:], train[1:])] and t["n_response"] == sum(train)
     dialogue = prepare_data.dialogue_example("\n\nHuman: Hello there\n\nAssistant: I am fine.", "d")
-    t = finetune.tokenize_example(dialogue, tok, tok.eot_id, 200, chat=chat_t)
+    t = finetune.tokenize_example(dialogue, tok, tok.eot_id, 200, chat_template=chat_t)
     assert ref.decode([i for i in t["labels"] if i != -100]) == "I am fine.<|im_end|>"
-    assert finetune.prompt_ids(dialogue, tok, chat_t) == chat_t.prompt_ids([{"role": "user", "content": "Hello there"}])
+    assert finetune.example_prompt_ids(dialogue, tok, chat_t) == chat_t.prompt_ids([{"role": "user", "content": "Hello there"}])
     # dpo.py: the prompt with the assistant's header; each response its turn, up to <|im_end|>
     pair = {"prompt": "\n\nHuman: Hello there\n\nAssistant:", "chosen": " I am fine.", "rejected": " Paris."}
-    [t] = dpo.tokenize_pairs([pair], tok, tok.eot_id, 200, 100, chat=chat_t)
+    [t] = dpo.tokenize_pairs([pair], tok, tok.eot_id, 200, 100, chat_template=chat_t)
     assert t["prompt"] == chat_t.prompt_ids([CHAT[3]])
     assert t["chosen"] == ref.encode("I am fine.<|im_end|>", add_special_tokens=False)
     assert t["rejected"] == ref.encode("Paris.<|im_end|>", add_special_tokens=False)
@@ -4095,6 +4098,44 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not prefix-stable") as e:
         chat_t.conversation(CHAT)
     assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)
+
+
+def test_chat_template_with_no_end_of_turn_token_is_refused_for_training(tmp_path):
+    """A template that writes nothing special after a reply: a model trained in it would never learn to stop."""
+    no_end = CHATML_TEMPLATE.replace("message['content'] + '<|im_end|>'", "message['content']")
+    _chatml_model_dir(tmp_path / "m", template=no_end, eot_bias=False)
+    chat_t = load_tokenizer(None, tmp_path / "m").chat_template
+    assert chat_t.end_of_turn is None
+    with pytest.raises(ValueError, match="writes no special token after a reply"):
+        chat_t.conversation(CHAT)
+    with pytest.raises(ValueError, match="writes no special token after a reply"):
+        chat_t.reply_ids(CHAT[:2], "Paris.")
+
+
+def test_a_saved_instruct_model_stops_hf_generate_at_its_end_of_turn(tmp_path):
+    """save_pretrained writes the template's stop ids (end of turn, then end of text) as HF's eos_token_id, so
+    that transformers' generate, pipelines and lm-eval stop an instruct model where its turn ends."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    ref = _chatml_model_dir(tmp_path / "m")
+    GPT.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "out")
+    stops = [ref.convert_tokens_to_ids("<|im_end|>"), ref.eos_token_id]
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == stops
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    prompt = torch.tensor([ref.apply_chat_template(CHAT[1:2], add_generation_prompt=True, return_dict=True)["input_ids"]])
+    out = hf.generate(prompt, max_new_tokens=40, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert out[-1] in stops and len(out) < 40, out  # greedy: the biased head ends the turn
+
+
+def test_dpo_chat_prompt_keeps_every_turn_and_drops_only_the_empty_assistant_marker():
+    """An HH-RLHF prompt ends with an empty "Assistant:" (the turn the pair answers); one written without it
+    keeps its last user message."""
+    hh = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How are you?"
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "How are you?"}]
+    assert dpo.prompt_messages(hh + "\n\nAssistant:") == expected
+    assert dpo.prompt_messages(hh) == expected
+    assert dpo.prompt_messages("Say hi.") == [{"role": "user", "content": "Say hi."}]
 
 
 def test_template_chat_on_a_model_without_one_is_one_error_line(tmp_path):
@@ -4145,7 +4186,7 @@ def test_chat_speaks_in_the_models_template_by_default_and_stops_at_its_end_of_t
     # score.py: answers in the template, cut at <|im_end|>
     model = GPT.from_pretrained(tmp_path / "m")
     tok = load_tokenizer(None, tmp_path / "m")
-    answers = score.answer(model, tok, [{"instruction": "Hi", "input": ""}], 40, chat=tok.chat_template)
+    answers = score.answer(model, tok, [{"instruction": "Hi", "input": ""}], 40, chat_template=tok.chat_template)
     assert "<|im_end|>" not in answers[0] and set(answers[0].split("Pa")) == {""}
 
 
