@@ -11,6 +11,7 @@ and written to data/<name>/ (change with --out_dir and --name).
     python prepare_data.py alpaca --max_examples 200 --max_response_chars 512   # jsonl for finetune.py
     python prepare_data.py hh --split train          # HH-RLHF dialogues for finetune.py --task dialogue
     python prepare_data.py hh_pairs --split train    # HH-RLHF preference pairs for dpo.py
+    python prepare_data.py gsm8k --split train       # GSM8K maths problems for rl.py --reward number
     python prepare_data.py SUBCOMMAND --help         # every flag, documented
 
 Shards (what train_gpt2.py reads). A shard is a 1024-byte header, then the token ids as little-endian
@@ -495,7 +496,28 @@ def _first_sentence(node) -> str:
     return ""
 
 
-BUILTIN_TASK_FILES = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
+BUILTIN_TASK_FILES = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag",
+                      "sums", "sums_test")
+SUM_QUESTION = "What is {a} + {b}?"
+
+
+def sum_questions(seed: int = 0, n_test: int = 200) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) Alpaca records of small sums, a number below 100 plus a digit, `What is 37 + 5?`
+    -> ` 42`: reinforcement learning's built-in task (rl.py). A rule a 2.6M-parameter model learns only in
+    part from fine-tuning (the tens digit is copied, the units digit is a table of 100 sums, the carry is
+    the hard part), so that sampling finds the right answer sometimes: a group of answers then has rewards
+    that differ, which is what RL learns from. The life cycle's fine-tuned model answers 0.065 of the
+    held-out sums right (greedy), and 8 samples at temperature 1 hold a right answer for 0.22 to 0.31 of
+    them (BENCHMARKS.md). (Two numbers below 50 were too
+    hard: after 1200 of fine-tuning's 1800 steps, greedy exact match 0.000 on held-out sums, and a right
+    answer among 8 samples for 0.108 of them.) Every pair (a, b) occurs once; n_test pairs are
+    held out, never in any training file. A generator of its own, so that the other tasks' draws stay
+    what they were."""
+    srng = random.Random(seed + 3)
+    pairs = [(a, b) for a in range(100) for b in range(10)]
+    srng.shuffle(pairs)
+    rows = [{"instruction": SUM_QUESTION.format(a=a, b=b), "input": "", "output": f" {a + b}"} for a, b in pairs]
+    return rows[n_test:], rows[:n_test]
 
 
 def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 0) -> dict[str, Path]:
@@ -510,7 +532,9 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
       - pairs.jsonl, pairs_test.jsonl: the right answer over a wrong one (see pair); the training
         pairs ask about made-up names (see made_up), the test pairs about held-out modules;
       - classes.jsonl: a class's qualified name labelled 1, a function's 0;
-      - hellaswag.jsonl (held out): a docstring sentence's start; its rest against its words reordered.
+      - hellaswag.jsonl (held out): a docstring sentence's start; its rest against its words reordered;
+      - sums.jsonl, sums_test.jsonl: small sums (sum_questions), the training ones also among the
+        instructions (after the copying questions), the test ones held out: rl.py's task.
     Returns {name: path} of these files."""
     names = BUILTIN_TASK_FILES
     files = {k: Path(out_dir) / f"{k}.jsonl" for k in names}
@@ -627,6 +651,9 @@ def builtin_tasks(out_dir="data/builtin_tasks", n_max: int = 30000, seed: int = 
         endings.insert(label, true_ending)
         rows["hellaswag"].append({"activity_label": m, "ctx_a": " ".join(context), "ctx_b": "", "endings": endings,
                                   "label": label, "ind": i, "split": "val", "source_id": f"{m}.{n}"})
+    # last, so that the dialogues are the copying questions alone, as before
+    rows["sums"], rows["sums_test"] = sum_questions(seed)
+    rows["instructions"] += rows["sums"]  # fine-tuning learns the sums in part; rl.py takes it from there
     for key in names:
         _write_jsonl(files[key], rows[key], quiet=True)
     print(f"built-in tasks -> {out_dir}: " + ", ".join(f"{len(rows[k])} {k}" for k in names), file=sys.stderr)
@@ -1053,6 +1080,30 @@ def cmd_hh_pairs(args):
                  pairs[: args.max_examples or None])
 
 
+def load_gsm8k(data_file=None, split: str = "train", max_examples: int = 0) -> list[dict]:
+    """GSM8K's grade-school maths problems (openai/gsm8k, config main, from the hub, cached; or a local jsonl
+    of {question, answer}) as Alpaca records: the question the instruction, the worked answer the output.
+    The answer ends `#### 42`: rl.py --reward number scores a sampled answer by its last number against
+    that one."""
+    if data_file is None:
+        rows = hub_rows("openai/gsm8k", "main", split, offline_hint=_offline_hint("gsm8k"))
+    else:
+        rows = read_jsonl(data_file)
+    if not rows:
+        raise ValueError(f"{data_file}: the data file is empty")
+    examples = []
+    for where, r in rows:
+        rec = string_fields(r, where, ("question", "answer"))
+        examples.append({"instruction": rec["question"], "input": "", "output": rec["answer"]})
+    return examples[: max_examples or None]
+
+
+def cmd_gsm8k(args):
+    """GSM8K as jsonl of {instruction, input, output} for `rl.py --data_file ... --reward number`."""
+    examples = load_gsm8k(args.data_file, args.split, args.max_examples)
+    _write_jsonl(Path(args.out_dir) / args.name / f"{args.split}.jsonl", examples)
+
+
 GPT2_OR_DIR = "'gpt2' (tiktoken) or a directory written by bpe.py"
 OWN_BPE = "default: train a BPE of --vocab_size on the corpus, cached in OUT_DIR/NAME/tokenizer/; or " + GPT2_OR_DIR
 
@@ -1126,6 +1177,11 @@ def build_parser():
     p = command("hh_pairs", "HH-RLHF preference pairs as {prompt, chosen, rejected} jsonl for dpo.py", cmd_hh_pairs,
                 shards=False)
     add_hh_flags(p)
+    p = command("gsm8k", "GSM8K maths problems as {instruction, input, output} jsonl for rl.py --reward number",
+                cmd_gsm8k, shards=False)
+    p.add_argument("--data_file", default=None, help="local jsonl of {question, answer} instead of openai/gsm8k")
+    p.add_argument("--split", default="train", help="train|test (hub) and the output file's name")
+    p.add_argument("--max_examples", type=bounded(int, 0), default=0, help="keep the first N (0 = all)")
     return ap
 
 

@@ -51,6 +51,7 @@ import lora
 import housekeeping
 import model as model_py
 import prepare_data
+import rl
 import score
 import sweep
 import train_gpt2
@@ -1554,7 +1555,7 @@ def test_data_builtin_corpus_is_stdlib_docstrings_with_held_out_modules(tmp_path
 def test_data_builtin_tasks_rerun_says_the_data_is_there(tmp_path, capsys):
     out = tmp_path / "builtin_tasks"
     out.mkdir()
-    names = ("instructions", "instructions_test", "dialogues", "pairs", "pairs_test", "classes", "hellaswag")
+    names = prepare_data.BUILTIN_TASK_FILES
     for name in names:
         (out / f"{name}.jsonl").write_text("{}\n")
     prepare_data.main(["builtin_tasks", "--out_dir", str(tmp_path)])
@@ -3716,6 +3717,281 @@ def test_dpo_cli_end_to_end_with_precomputed_cache(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------------------------
+# rl.py
+
+
+def _rl_tiny_policy(vocab=32, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.preset("tiny-gpt2", vocab_size=vocab))
+
+
+def _rl_logp_by_hand(policy, prompt, answer):
+    """log pi(answer | prompt), one unpadded sequence, from the whole log-softmax: the sum over the answer's
+    tokens of log p(token | everything before it)."""
+    seq = torch.tensor([prompt + answer])
+    logits, _ = policy(seq)
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    return sum(logp[len(prompt) - 1 + j, tok] for j, tok in enumerate(answer))
+
+
+def test_rl_advantages_masks_and_loss_against_a_computation_by_hand():
+    """A hand-made batch: 2 prompts of different lengths (left padding) x G = 3 answers, EOS (id 1) mid-answer
+    in some (what follows it is padding), one group with equal rewards. The advantages, the answer mask and
+    the loss match a computation by hand, and the loss's gradient is REINFORCE's: -(1/N) sum_i A_i grad log
+    pi(answer_i), each log pi computed on the unpadded sequence alone."""
+    eos = 1
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages, equal = rl.group_advantages(rewards)
+    assert advantages.flatten().tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
+    assert equal.tolist() == [False, True]  # all right: nothing to learn from this group
+    scaled, _ = rl.group_advantages(rewards, scale=True)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # the unbiased (n - 1) standard deviation
+    assert scaled[0].tolist() == pytest.approx([(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)] + [
+        (-1 / 3) / (std + 1e-4)])
+    assert scaled[1].tolist() == [0.0, 0.0, 0.0]
+
+    prompts = [[5, 6, 7], [8, 9]]
+    answers = [[10, 11, eos, eos], [12, eos, eos, eos], [13, 14, 15, 16],  # the last: cut at the limit
+               [17, 18, 19, eos], [eos, eos, eos, eos], [20, eos, eos, eos]]  # an empty answer: its EOS alone
+    ids, prompt_mask = rl.prompt_batch(prompts, 3, eos, "cpu")
+    assert ids[3:, 0].tolist() == [eos] * 3 and prompt_mask[3:, 0].tolist() == [0] * 3  # left padding
+    seqs = torch.cat([ids, torch.tensor(answers)], dim=1)
+    idx, targets, attention_mask, mask = rl.rollout_tensors(seqs, prompt_mask, 3, eos)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert targets[0].tolist() == [-100, -100, 10, 11, eos, -100] and targets[4].tolist() == [-100] * 2 + [eos] + [
+        -100] * 3
+    assert attention_mask[3].tolist() == [0, 1, 1, 1, 1, 1]
+
+    policy = _rl_tiny_policy()
+    A = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.5, -0.25, -0.25])  # non-zero in both groups: every row counts
+    logps, _ = rl.answer_logps(policy, idx, targets, attention_mask, 3)
+    per_token, kl = rl.grpo_token_loss(logps, logps.detach(), A, clip_eps=0.2)
+    N = mask.sum()
+    loss = (per_token * mask).sum() / N
+    lengths = mask.sum(1)
+    assert N == 16 and kl is None
+    assert loss.item() == pytest.approx(-(A * lengths).sum().item() / 16, abs=1e-6)  # ratio 1: the loss is -A
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    reinforce = 0
+    for i in range(6):
+        answer = answers[i][: int(lengths[i])]
+        reinforce = reinforce - A[i] * _rl_logp_by_hand(policy, prompts[i // 3], answer) / 16
+    reinforce.backward()
+    for name, p in policy.named_parameters():
+        assert torch.allclose(ours[name], p.grad, atol=1e-6), name
+    # the answers' log-probs themselves, batched and padded, equal the unpadded ones
+    for i in range(6):
+        answer = answers[i][: int(lengths[i])]
+        assert logps[i, : len(answer)].sum().item() == pytest.approx(
+            _rl_logp_by_hand(policy, prompts[i // 3], answer).item(), abs=1e-5)
+
+
+def test_rl_clipped_ratio_and_k3_kl_against_their_formulas():
+    torch.manual_seed(0)
+    logps, old, ref = (torch.randn(4, 5) - 2 for _ in range(3))
+    A = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    eps, beta = 0.2, 0.1
+    per_token, kl = rl.grpo_token_loss(logps, old, A, eps, ref, beta)
+    for i in range(4):
+        for t in range(5):
+            ratio = math.exp(logps[i, t].item() - old[i, t].item())
+            a = A[i].item()
+            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            q = ref[i, t].item() - logps[i, t].item()
+            k3 = math.exp(q) - q - 1
+            assert kl[i, t].item() == pytest.approx(k3, rel=1e-5)
+            assert per_token[i, t].item() == pytest.approx(-min(ratio * a, clipped * a) + beta * k3,
+                                                           rel=1e-5, abs=1e-6)
+    no_clip, _ = rl.grpo_token_loss(logps, old, A, 0.0)
+    assert torch.allclose(no_clip, -torch.exp(logps - old) * A[:, None])
+    # k3's mean over tokens sampled from pi estimates KL(pi || pi_ref), and is never negative
+    p = torch.softmax(torch.randn(6), 0)
+    p_ref = torch.softmax(torch.randn(6), 0)
+    tokens = torch.multinomial(p, 200000, replacement=True, generator=torch.Generator().manual_seed(0))
+    _, k3 = rl.grpo_token_loss(p.log()[tokens][None], p.log()[tokens][None], torch.zeros(1), 0.2,
+                               p_ref.log()[tokens][None], 1.0)
+    assert (k3 >= 0).all() and k3.mean().item() == pytest.approx((p * (p / p_ref).log()).sum().item(), rel=0.02)
+
+
+def test_rl_loss_equals_trl_grpo_dapo_loss(tmp_path):
+    """One batch, scored by TRL's GRPOTrainer (loss_type "dapo": token-level normalisation, clipped ratio,
+    k3 KL with beta) on a tiny HF GPT-2, and by rl.py on the same weights read as our GPT: the same loss.
+    Prompts of one length (HF's GPT-2 numbers positions from 0 whatever the mask says); answers padded
+    after an EOS mid-answer."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(30)]
+    tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>").save_pretrained(tmp_path / "hf")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=1,
+                               eos_token_id=1, pad_token_id=0)).save_pretrained(tmp_path / "hf")
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), loss_type="dapo", beta=0.05, epsilon=0.2, num_generations=2,
+                      per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False)
+    trainer = GRPOTrainer(model=str(tmp_path / "hf"), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_list([{"prompt": "w1 w2"}] * 4),
+                          processing_class=PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf"))
+    trainer.model.eval()  # no dropout; TRL's eval mode: the loss over this batch alone
+    eos = 1
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, 32, (4, 3), generator=g)
+    answers = torch.randint(2, 32, (4, 5), generator=g)
+    answers[1, 2] = eos
+    answers[1, 3:] = eos  # ours: generate fills a finished row with EOS; TRL's: with pad, masked out
+    advantages = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    ref_logps = torch.randn(4, 5, generator=g) - 3
+    seqs = torch.cat([prompts, answers], dim=1)
+    idx, targets, attention_mask, mask = rl.rollout_tensors(seqs, None, 3, eos)
+    trl_answers = answers.masked_fill(mask == 0, 0)
+    inputs = dict(prompt_ids=prompts, prompt_mask=torch.ones_like(prompts), completion_ids=trl_answers,
+                  completion_mask=mask.long(), advantages=advantages, old_per_token_logps=None,
+                  ref_per_token_logps=ref_logps, num_items_in_batch=mask.sum())
+    expected = trainer.compute_loss(trainer.model, inputs)
+    policy = GPT.from_pretrained(tmp_path / "hf").eval()
+    logps, _ = rl.answer_logps(policy, idx, targets, attention_mask, 3)
+    per_token, _ = rl.grpo_token_loss(logps, logps.detach(), advantages, 0.2, ref_logps * mask, 0.05)
+    loss = (per_token * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_rl_tiny_model_learns_to_emit_the_rewarded_token():
+    """A random 16-token model, one prompt token, one answer token: reward 1 for token 7 (1/16 of the
+    draws at first). Sampling, advantages, the loss and AdamW as rl.py runs them reach a mean reward of
+    0.9 in a few dozen steps."""
+    policy = _rl_tiny_policy(vocab=16)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    rewards_seen = []
+    for step in range(80):
+        seqs, prompt_mask, T = rl.sample(policy, [[3], [4]], 16, 1, 0, 1.0, generator)
+        rewards = (seqs[:, T] == 7).float()
+        rewards_seen.append(rewards.mean().item())
+        if rewards_seen[-1] >= 0.9:
+            break
+        advantages, _ = rl.group_advantages(rewards.view(2, 16))
+        idx, targets, attention_mask, mask = rl.rollout_tensors(seqs, prompt_mask, T, 0)
+        logps, _ = rl.answer_logps(policy, idx, targets, attention_mask, T)
+        per_token, _ = rl.grpo_token_loss(logps, logps.detach(), advantages.flatten())
+        ((per_token * mask).sum() / mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert rewards_seen[0] < 0.3 and rewards_seen[-1] >= 0.9, rewards_seen
+
+
+def test_rl_rewards_on_hand_made_answers(tmp_path):
+    assert rl.reward_exact(" email.utils ", " email.utils") == 1.0
+    assert rl.reward_exact(" email.util", " email.utils") == 0.0
+    gsm = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
+    assert rl.reward_number("48 + 24 = 72, so the answer is 72.", gsm) == 1.0
+    assert rl.reward_number("The answer is 72 clips, not 48.", gsm) == 0.0  # the LAST number counts
+    assert rl.reward_number("She sold seventy-two.", gsm) == 0.0  # no number: no reward
+    assert rl.reward_number("about 1,234.50 dollars", "#### 1234.5") == 1.0
+    assert rl.reward_number("it is -3", "#### -3") == 1.0 and rl.reward_number("it is 3", "#### -3") == 0.0
+    assert rl.reward_number("72.0", "#### 72") == 1.0
+    assert rl.last_number("#### 12 apples and 7 pears") == 7  # after the last ####, its last number
+    assert rl.score_answers("exact", ["p", "p"], [" 5", "5 "], [" 5", " 6"]) == [1.0, 0.0]
+    # a reward model: its scores are transformers' own, the (prompt, answer) pair encoded together, logit 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = _tiny_reward_model(tmp_path / "rm")
+    prompts = ["why is the sky blue", "why is it red"]
+    answers = ["because light", "a cat b dog"]
+    tok = AutoTokenizer.from_pretrained(d)
+    clf = AutoModelForSequenceClassification.from_pretrained(d).eval()
+    with torch.no_grad():
+        expected = [clf(**tok(p, a, return_tensors="pt")).logits[0, 0].item() for p, a in zip(prompts, answers)]
+    got = rl.score_answers(rl.RewardModel(str(d)), prompts, answers, ["", ""])
+    assert got == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="--reward_model .*cannot be loaded"):
+        rl.RewardModel(str(tmp_path / "missing"))
+    # prepare_data.py gsm8k on a local file: {question, answer} -> {instruction, input, output}, scored by number
+    (tmp_path / "gsm.jsonl").write_text(json.dumps({"question": "Natalia sold clips?", "answer": gsm}) + "\n")
+    prepare_data.main(["gsm8k", "--data_file", str(tmp_path / "gsm.jsonl"), "--out_dir", str(tmp_path / "d")])
+    [row] = prepare_data.load_alpaca(tmp_path / "d" / "gsm8k" / "train.jsonl")
+    assert row == {"instruction": "Natalia sold clips?", "input": "", "output": gsm}
+    assert rl.reward_number("so 72", row["output"]) == 1.0
+
+
+def _rl_setup(tmp_path):
+    """A tiny native model, a tokenizer, sums of one digit and a tiny reward model (whose scores differ
+    from answer to answer, where a random model's answers are never exactly right): rl.py's flags."""
+    recs = [{"instruction": f"What is {a} + {b}?", "input": "", "output": f" {a + b}"} for a in range(6)
+            for b in range(6)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = "\n".join(prepare_data.format_prompt(r) + r["output"] for r in recs)
+    bpe.Tokenizer.train(text, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
+            "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--lora_rank", "4", "--lr", "5e-2",
+            "--val_frac", "0.1", "--num_samples", "1", "--reward", "model",
+            "--reward_model", str(_tiny_reward_model(tmp_path / "rm"))]
+
+
+def test_rl_cli_writes_the_run_and_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
+    """The stage end to end (log keys, summary before -> after, plot, model, the closing lines), with PPO's
+    updates and the KL on; then a real SIGKILL at an arbitrary moment after the first checkpoint, and
+    --resume: the uninterrupted run's losses and rewards (the sampling seeds' generator is in the state)."""
+    args = _rl_setup(tmp_path) + ["--max_steps", "10", "--eval_interval", "10", "--updates_per_batch", "2",
+                                  "--kl_beta", "0.1"]
+    rl.main(args + ["--out_dir", str(tmp_path / "whole")])
+    out = capsys.readouterr().out
+    whole = housekeeping.read_log(tmp_path / "whole" / "log.jsonl")
+    steps = [r for r in whole if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert {"loss", "reward", "equal_groups", "kl", "entropy", "length", "sample_s", "update_s", "lr", "grad_norm",
+            "ms"} <= set(steps[0])
+    assert [r["step"] for r in whole if "val_reward" in r] == [0, 10]
+    assert len({r["loss"] for r in steps}) > 1 and all(r["kl"] >= 0 for r in steps)
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert set(summary["before"]) == {"reward", "length", "greedy_reward"}
+    for f in ("loss.png", "adapter/adapter_config.json", "model/gpt_config.json", "ckpt/state.pt"):
+        assert (tmp_path / "whole" / f).exists(), f
+    assert "before -> after (4 held-out prompts, 4 samples each): reward" in out
+    assert out.strip().splitlines()[-1].startswith(f"next: python hellaswag.py --init_from {tmp_path / 'whole'}")
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "rl.py"), *args, "--out_dir", str(killed), "--ckpt_interval", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = killed / "log.jsonl"
+        if log.exists() and log.read_text().count('"loss"') >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "ckpt" / "state.pt", weights_only=True)
+    if state["step"] >= 10:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    rl.main(["--out_dir", str(killed), "--resume"])
+    resumed = housekeeping.read_log(killed / "log.jsonl")
+    keys = ("step", "loss", "reward", "kl", "val_reward")
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
+
+
+def test_rl_torchrun_two_ranks_equal_one_process(tmp_path):
+    """2 ranks x 1 micro-batch sample, score and train on what 1 process x 2 micro-batches does (each rank
+    its own prompts, the gradients averaged): the same losses and rewards to 1e-6."""
+    args = _rl_setup(tmp_path) + ["--max_steps", "4", "--eval_interval", "4", "--lora_rank", "0", "--lr", "1e-3"]
+    rl.main(args + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
+    _torchrun(2, "rl.py", *args, "--out_dir", tmp_path / "two")
+    for key in ("loss", "reward", "entropy", "val_reward"):
+        assert _losses(tmp_path / "two", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-6, abs=1e-7)
+    assert len(set(_losses(tmp_path / "one", "loss"))) > 1
+
+
+# -----------------------------------------------------------------------------------------------
 # score.py
 
 
@@ -5130,6 +5406,7 @@ _SIZE_FLAGS = {"train_gpt2": {"n_layer", "n_head", "n_embd", "block_size", "batc
                              "sample_len"},
               "finetune": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "num_classes"},
               "dpo": {"batch_size", "grad_accum", "lora_rank", "max_new_tokens", "max_prompt_length"},
+              "rl": {"batch_size", "group_size", "grad_accum", "lora_rank", "max_new_tokens"},
               "chat": {"num_samples", "num_beams", "max_new_tokens"}}
 
 
@@ -5139,6 +5416,7 @@ def test_every_numeric_flag_refuses_nan_inf_and_sizes_beyond_the_machine(tmp_pat
                # --init_from auto needs an earlier stage's model: none in this empty folder
                "finetune": (finetune.FinetuneConfig, lambda a: finetune.parse_args(["--init_from", "gpt2"] + a)),
                "dpo": (dpo.DPOConfig, lambda a: dpo.parse_args(["--init_from", "gpt2"] + a)),
+               "rl": (rl.RLConfig, lambda a: rl.parse_args(["--init_from", "gpt2", "--data_file", "sums.jsonl"] + a)),
                "chat": (chat.ChatConfig, chat.parse_args)}
     checked = 0
     for script, (cls, parse) in scripts.items():
@@ -5821,6 +6099,8 @@ def _readme_small(argv: list[str]) -> list[str]:
                             "--max_new_tokens", "8"],
             "dpo.py": ["--max_steps", "2", "--eval_interval", "2", "--max_examples", "64", "--num_samples", "1",
                        "--max_new_tokens", "8"],
+            "rl.py": ["--max_steps", "2", "--eval_interval", "2", "--max_examples", "32", "--eval_prompts", "8",
+                      "--num_samples", "1", "--max_new_tokens", "4"],
             "hellaswag.py": ["--limit", "8", "--no-progress"],
             "sweep.py": ["--max_steps", "1", "--eval_interval", "1", "--max_examples", "32", "--num_samples", "0"],
             }.get(script, [])
@@ -6049,7 +6329,7 @@ def test_flags_are_spelled_alike_and_never_abbreviated(capsys):
         finetune.parse_args(["--max_step", "3"])
     assert e.value.code == 2 and "unrecognized arguments: --max_step 3" in capsys.readouterr().err
     helps = {}
-    for script in ("train_gpt2", "finetune", "dpo", "hellaswag", "chat", "score"):
+    for script in ("train_gpt2", "finetune", "dpo", "rl", "hellaswag", "chat", "score"):
         r = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--help"], capture_output=True, text=True,
                            timeout=120, env=dict(os.environ, COLUMNS="400"))
         helps[script] = r.stdout
@@ -6115,9 +6395,11 @@ def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
               "--num_samples", 2, "--max_new_tokens", 6, "--eval_examples", 16),
              ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--num_samples", 1, "--max_new_tokens", 4,
               "--eval_pairs", 8),
+             ("rl.py", "--max_steps", 2, "--eval_interval", 2, "--max_examples", 32, "--eval_prompts", 8,
+              "--num_samples", 1, "--max_new_tokens", 4),
              ("hellaswag.py", "--limit", 20, "--no-progress")]
     leaves = ["out/cpu/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
-              "out-dpo/model/gpt_config.json",
+              "out-dpo/model/gpt_config.json", "out-rl/model/gpt_config.json",
               None]
     for cmd, left in zip(steps, leaves):
         r = _run(d, *cmd)
@@ -6208,9 +6490,14 @@ def _instruction(pair: dict) -> str:
     return regex.fullmatch(r"(?s).*### Instruction:\n(.*)\n\n### Response:", pair["prompt"]).group(1)
 
 
+def _copying(rows):
+    """The copying questions among the instructions (the sums, rl.py's task, have no module)."""
+    return [r for r in rows if not regex.match(r"What is \d+ \+ \d\?$", r["instruction"])]
+
+
 def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_rows):
     t = builtin_task_rows
-    train_m = {_task_module(r["instruction"])[0] for r in t["instructions"]}
+    train_m = {_task_module(r["instruction"])[0] for r in _copying(t["instructions"])}
     test_m = {_task_module(r["instruction"])[0] for r in t["instructions_test"]}
     assert len(train_m) > 100 and len(test_m) > 20 and not train_m & test_m  # whole modules held out
     pairs_m = {_task_module(_instruction(p))[0] for p in t["pairs"]}  # made-up modules: none is real
@@ -6228,7 +6515,7 @@ def test_builtin_tasks_held_out_modules_never_occur_in_training(builtin_task_row
 def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
     """Each answer, re-derived from its question by a plain rule (the exact-match reference), and each
     preference pair: the instruction's answer preferred to a different one."""
-    for r in builtin_task_rows["instructions"]:
+    for r in _copying(builtin_task_rows["instructions"]):
         assert r["output"] in _task_module(r["instruction"])[1], r
     for r, p in zip(builtin_task_rows["instructions_test"], builtin_task_rows["pairs_test"], strict=True):
         assert r["output"] in _task_module(r["instruction"])[1], r
@@ -6237,6 +6524,21 @@ def test_builtin_tasks_answers_follow_from_the_question(builtin_task_rows):
         assert p["chosen"] in _task_module(_instruction(p))[1] and p["chosen"] != p["rejected"], p
     kinds = [r["output"] for r in builtin_task_rows["instructions"] if r["instruction"].startswith("Is ")]
     assert 0.1 < kinds.count(" class") / len(kinds) < 0.9
+
+
+def test_builtin_sums_are_right_held_out_and_part_of_fine_tuning(builtin_task_rows):
+    """rl.py's task: every sum's answer is its value; the held-out sums never occur in any training file;
+    the training sums are the fine-tuning instructions' last records, after the copying questions, which
+    stay what they were (the dialogues are made of those alone)."""
+    t = builtin_task_rows
+    for r in t["sums"] + t["sums_test"]:
+        a, b = map(int, regex.fullmatch(r"What is (\d+) \+ (\d)\?", r["instruction"]).groups())
+        assert r["output"] == f" {a + b}" and r["input"] == "" and a < 100
+    train = {r["instruction"] for r in t["sums"]}
+    held = {r["instruction"] for r in t["sums_test"]}
+    assert len(train) == 800 and len(held) == 200 and not train & held
+    assert t["instructions"][-800:] == t["sums"] and not held & {r["instruction"] for r in t["instructions"]}
+    assert len(_copying(t["instructions"])) == len(t["dialogues"])
 
 
 def test_exact_match_and_eos_rate_by_hand():
