@@ -89,7 +89,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bpe import load_tokenizer
+from bpe import TEMPLATE_CHOICES, TEMPLATE_HELP, instruction_messages, load_tokenizer, pick_template, reply_stops
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
                           finite_figures, fit_to_context, fits_in_memory, flag, grad_sync, init_distributed,
@@ -112,6 +112,9 @@ class RLConfig:
                                  "directory; auto: finetune.py's out-finetune/best_model if there is one (then, with "
                                  "no --data_file, on the built-in sums: the offline life cycle), else gpt2")
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model's)")
+    template: str = flag("auto", TEMPLATE_HELP + " (ours: Alpaca's template, as finetune.py wrote the prompts; "
+                                 "chat: each prompt one user message, a reply ending at its end-of-turn token)",
+                         choices=TEMPLATE_CHOICES)
     data_file: str | None = flag(None, "jsonl of {instruction, input, output}: the prompts, output the reference; "
                                       "default: the built-in sums when --init_from auto finds out-finetune/")
     val_file: str | None = flag(None, "held-out prompts (the --data_file format), instead of a --val_frac split")
@@ -172,7 +175,7 @@ class RLConfig:
 
 
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "optimizer", "quantize", "reward",
-         "reward_model")  # fixed once a run exists
+         "reward_model", "template")  # fixed once a run exists
 SFT_MODELS = ("out-finetune/best_model", "out-finetune/model")  # what `python finetune.py` leaves, best first
 # The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter model
 # on the built-in sums (BENCHMARKS.md, the life cycle; 3 seeds each, on 200 held-out sums):
@@ -298,10 +301,11 @@ def group_advantages(rewards: torch.Tensor, scale: bool = False, eps: float = 1e
     return advantages, equal
 
 
-def answer_mask(answers: torch.Tensor, eos_id: int) -> torch.Tensor:
+def answer_mask(answers: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
     """answers (N, L), the sampled tokens after the prompt: 1.0 on each answer's tokens up to and including
-    its first end-of-text token, 0.0 after it (generate fills a finished row with eos ids: padding)."""
-    is_eos = (answers == eos_id).long()
+    its first end-of-text token, 0.0 after it (generate fills a finished row with eos ids: padding). eos_id:
+    one id, or a chat template's stop ids (its end-of-turn token and the end-of-text token)."""
+    is_eos = torch.isin(answers, torch.tensor(eos_id, device=answers.device)).long()
     eos_before = is_eos.cumsum(dim=1) - is_eos  # end-of-text tokens strictly before each position
     return (eos_before == 0).float()
 
@@ -383,10 +387,12 @@ def adapters_off(model):
 # 4. Sampling and evaluation
 
 
-def prompt_batch(prompts: list[list[int]], repeat: int, pad_id: int, device):
+def prompt_batch(prompts: list[list[int]], repeat: int, pad_id: int | list[int], device):
     """Each prompt repeated `repeat` times (a group), left-padded to the longest: (ids (N, T), mask or None
     when no row is padded). Left padding puts every answer's first token in one column."""
     rows = [p for p in prompts for _ in range(repeat)]
+    if not isinstance(pad_id, int):  # stop ids: the last is the end-of-text token, the usual padding
+        pad_id = pad_id[-1]
     T = max(len(p) for p in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -399,7 +405,8 @@ def prompt_batch(prompts: list[list[int]], repeat: int, pad_id: int, device):
 
 
 @torch.no_grad()
-def sample(policy, prompts: list[list[int]], repeat: int, max_new_tokens: int, eos_id: int, temperature: float,
+def sample(policy, prompts: list[list[int]], repeat: int, max_new_tokens: int, eos_id: int | list[int],
+           temperature: float,
            generator=None, autocast=contextlib.nullcontext):
     """All prompts x repeat answers in one batched generation with the KV cache. Returns (seqs (N, T + L),
     prompt mask or None, T). temperature 0: greedy."""
@@ -410,13 +417,13 @@ def sample(policy, prompts: list[list[int]], repeat: int, max_new_tokens: int, e
     return seqs, mask, ids.size(1)
 
 
-def decode_answers(tok, answers: torch.Tensor, eos_id: int) -> list[str]:
-    """The text of each row's answer tokens, up to (without) its end-of-text token."""
+def decode_answers(tok, answers: torch.Tensor, eos_id: int | list[int]) -> list[str]:
+    """The text of each row's answer tokens, up to (without) its first stop token (eos_id: one, or several)."""
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     out = []
     for row in answers.tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id)]
-        out.append(tok.decode(row))
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        out.append(tok.decode(row[:end]))
     return out
 
 
@@ -426,7 +433,7 @@ def evaluate(policy, tok, prompts, texts, references, reward, cfg: RLConfig, aut
     reward-1 answer among G samples at --temperature), reward and length (the samples' mean reward and
     answer tokens), and the first --num_samples greedy answers. The samples come from a generator seeded
     the same at every evaluation: before and after see the same random draws."""
-    eos = tok.eot_id
+    eos = reply_stops(tok, pick_template(cfg.template, tok, cfg.init_from))
     G = cfg.group_size
     generator = torch.Generator(device=policy.lm_head.weight.device).manual_seed(cfg.seed + 2)
     greedy, sampled, lengths = [], [], []
@@ -454,23 +461,28 @@ def evaluate(policy, tok, prompts, texts, references, reward, cfg: RLConfig, aut
 # 5. The run
 
 
-def load_prompts(path, tok, max_prompt_length: int, max_examples: int = 0):
+def load_prompts(path, tok, max_prompt_length: int, max_examples: int = 0, chat_template=None):
     """(token ids of each prompt, its text, its reference) from an instruction/input/output file; a prompt
-    longer than max_prompt_length keeps its end (right before the answer)."""
+    longer than max_prompt_length keeps its end (right before the answer). Each prompt as fine-tuning wrote
+    it: Alpaca's template, or with the model's chat template (one user message, the assistant's header)."""
     examples = load_alpaca(path, max_examples=max_examples)
-    texts = [format_prompt(e) for e in examples]
-    ids = [(tok.encode(t) or [tok.eot_id])[-max_prompt_length:] for t in texts]
-    return ids, texts, [e["output"] for e in examples]
+    if chat_template is None:
+        texts = [format_prompt(e) for e in examples]
+        ids = [tok.encode(t) or [tok.eot_id] for t in texts]
+    else:
+        texts = [chat_template.render(instruction_messages(e), add_generation_prompt=True) for e in examples]
+        ids = [chat_template.prompt_ids(instruction_messages(e)) for e in examples]
+    return [p[-max_prompt_length:] for p in ids], texts, [e["output"] for e in examples]
 
 
-def split_prompts(cfg: RLConfig, tok):
+def split_prompts(cfg: RLConfig, tok, chat_template=None):
     """(training, held-out) prompts, each (ids, texts, references): --val_file, else a --val_frac share of the
     shuffled --data_file (the same split on every rank and at every --resume)."""
-    ids, texts, refs = load_prompts(cfg.data_file, tok, cfg.max_prompt_length, cfg.max_examples)
+    ids, texts, refs = load_prompts(cfg.data_file, tok, cfg.max_prompt_length, cfg.max_examples, chat_template)
     order = list(range(len(ids)))
     random.Random(cfg.seed).shuffle(order)
     if cfg.val_file:
-        val = load_prompts(cfg.val_file, tok, cfg.max_prompt_length)
+        val = load_prompts(cfg.val_file, tok, cfg.max_prompt_length, chat_template=chat_template)
         n_val = 0
     else:
         n_val = max(1, round(len(ids) * cfg.val_frac)) if cfg.val_frac > 0 else 0
@@ -553,8 +565,9 @@ def train(cfg: RLConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; answers must end with one")
-    eos = tok.eot_id
-    (train_ids, train_texts, train_refs), (val_ids, val_texts, val_refs) = split_prompts(cfg, tok)
+    chat_template = pick_template(cfg.template, tok, cfg.init_from)  # the model's own chat template, or ours
+    eos = reply_stops(tok, chat_template)  # with a chat template, a reply ends at its end-of-turn token too
+    (train_ids, train_texts, train_refs), (val_ids, val_texts, val_refs) = split_prompts(cfg, tok, chat_template)
     # the longest prompt + answer within the model's context: fewer new tokens, or prompts cut from the left
     [_], n_new = fit_to_context([max(train_ids + val_ids, key=len)], cfg.max_new_tokens, policy.config.block_size)
     cfg.max_new_tokens = n_new

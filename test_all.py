@@ -4362,6 +4362,31 @@ def test_chat_template_renders_as_transformers_and_trains_only_the_assistant_tur
     assert t["rejected"] == ref.encode("Paris.<|im_end|>", add_special_tokens=False)
 
 
+def test_rl_in_the_models_chat_template_prompts_as_transformers_and_stops_at_the_end_of_turn(tmp_path, capsys):
+    """rl.py --template chat: each prompt is one user message rendered by the model's template (transformers'
+    apply_chat_template, the assistant's header last); an answer ends at the end-of-turn token, which the
+    loss mask keeps and nothing after it; the stage runs end to end in the template."""
+    ref = _chatml_model_dir(tmp_path / "m")
+    tok = load_tokenizer(None, tmp_path / "m")
+    records = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."}] * 6
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ids, texts, refs = rl.load_prompts(data, tok, 256, chat_template=tok.chat_template)
+    message = [{"role": "user", "content": "What is the capital of France?"}]
+    assert ids[0] == ref.apply_chat_template(message, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert texts[0] == ref.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    im_end, eos = ref.convert_tokens_to_ids("<|im_end|>"), ref.eos_token_id
+    stops = bpe.reply_stops(tok, tok.chat_template)
+    assert stops == [im_end, eos]
+    answers = torch.tensor([[5, im_end, eos, eos], [5, 6, 7, 8]])
+    assert rl.answer_mask(answers, stops).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert rl.decode_answers(tok, answers[:1], stops) == [tok.decode([5])]
+    rl.main(["--init_from", str(tmp_path / "m"), "--template", "chat", "--data_file", str(data), "--max_steps", "2",
+             "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "4", "--val_frac", "0.34",
+             "--eval_interval", "2", "--num_samples", "1", "--out_dir", str(tmp_path / "out")])
+    assert "before -> after" in capsys.readouterr().out
+
+
 def test_chat_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     """A template that renders an answer differently once later turns follow (as Qwen3's drops the reasoning of
     earlier answers) has no fixed span per turn: one error line, not a wrong mask. One answer is fine."""
