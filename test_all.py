@@ -1825,6 +1825,20 @@ def test_train_stop_and_resume_equals_uninterrupted_run(train_corpus, tmp_path, 
     assert tok.n_vocab == 512 and (tmp_path / "full" / "loss.png").stat().st_size > 1000
 
 
+def _kill_after(cmd, log: Path, marker: str, n: int):
+    """Run cmd and SIGKILL it once its log has n lines holding marker (a real kill, at an arbitrary moment
+    between two writes). The child sums in as many threads as this process does: the same floats."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count(marker) >= n:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _sigkilled_run(data_dir, tmp_path, *common):
     """An uninterrupted 24-step run, and the same run killed by a real SIGKILL at an arbitrary moment
     after its first checkpoint: (full run's train and eval log, the killed run's dir, its state)."""
@@ -1832,17 +1846,7 @@ def _sigkilled_run(data_dir, tmp_path, *common):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data_dir", str(data_dir), "--out_dir", str(out),
            *TINY, "--max_steps", "24", *common, "--ckpt_interval", "2"]
-    # the child sums in as many threads as this process does (whatever OMP_NUM_THREADS says): the same floats
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        log = out / "log.jsonl"
-        if log.exists() and log.read_text().count('"train"') >= 5:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after(cmd, out / "log.jsonl", '"train"', 5)
     state = torch.load(train_gpt2.find_checkpoint(out) / "state.pt", weights_only=True)
     if state["step"] >= 24:
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
@@ -3961,16 +3965,7 @@ def test_rl_cli_writes_the_run_and_sigkill_then_resume_equals_the_uninterrupted_
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "rl.py"), *args, "--out_dir", str(killed), "--ckpt_interval", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        log = killed / "log.jsonl"
-        if log.exists() and log.read_text().count('"loss"') >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after(cmd, killed / "log.jsonl", '"loss"', 3)
     state = torch.load(killed / "ckpt" / "state.pt", weights_only=True)
     if state["step"] >= 10:
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
