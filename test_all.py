@@ -3202,10 +3202,20 @@ def test_finetune_half_precision_steps_on_cpu(tmp_path, precision, lora_rank):
     assert len(evals) == 2 and evals[1] != evals[0], "the steps updated nothing (skipped by the scaler?)"
 
 
+def _tiny_instruction_run(tmp_path, name: str, recs: list[dict], vocab_size: int) -> Path:
+    """recs as an Alpaca jsonl (tmp_path/name), a bpe.py tokenizer trained on them (tmp_path/tok) and a tiny
+    native GPT-2-style model of its vocabulary (tmp_path/model). Returns the jsonl's path."""
+    data = tmp_path / name
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = "\n".join(prepare_data.format_prompt(r) + r["output"] for r in recs)
+    bpe.Tokenizer.train(text, vocab_size, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=vocab_size)).save_pretrained(tmp_path / "model", format="native")
+    return data
+
+
 def _ft_setup(tmp_path):
     """A tiny native GPT-2-style model, a bpe.py tokenizer trained on the data, an Alpaca jsonl."""
-    import bpe
-
     rnd = random.Random(0)
     words = "red blue green cat dog sun tree big small fast".split()
     recs = []
@@ -3213,13 +3223,7 @@ def _ft_setup(tmp_path):
         a, b = rnd.sample(words, 2)
         recs.append({"instruction": f"Repeat {a} {b}.", "input": "" if i % 2 else "twice",
                      "output": f"{a} {b} {a} {b}"})
-    data = tmp_path / "alpaca.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    text = "\n".join(prepare_data.format_prompt(r) + r["output"] for r in recs)
-    bpe.Tokenizer.train(text, 400, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=400)).save_pretrained(tmp_path / "model", format="native")
-    return data
+    return _tiny_instruction_run(tmp_path, "alpaca.jsonl", recs, 400)
 
 
 @pytest.mark.parametrize("lora_args", [["--lora_rank", "0", "--lr", "3e-3"],
@@ -3929,12 +3933,7 @@ def _rl_setup(tmp_path):
     from answer to answer, where a random model's answers are never exactly right): rl.py's flags."""
     recs = [{"instruction": f"What is {a} + {b}?", "input": "", "output": f" {a + b}"} for a in range(6)
             for b in range(6)]
-    data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    text = "\n".join(prepare_data.format_prompt(r) + r["output"] for r in recs)
-    bpe.Tokenizer.train(text, 300, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
-    torch.manual_seed(0)
-    GPT(GPTConfig.preset("tiny-gpt2", vocab_size=300)).save_pretrained(tmp_path / "model", format="native")
+    data = _tiny_instruction_run(tmp_path, "sums.jsonl", recs, 300)
     return ["--init_from", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--data_file", str(data),
             "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--lora_rank", "4", "--lr", "5e-2",
             "--val_frac", "0.1", "--num_samples", "1", "--reward", "model",
