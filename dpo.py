@@ -69,7 +69,7 @@ from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_rank
                           load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log, read_json,
                           resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
                           save_train_state, seed_everything, set_rng_state, write_run_config)
-from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
+from lora import adapters_off, apply_lora, load_base, save_adapter, unload_lora
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from prepare_data import builtin_tasks, exact_match, load_pairs, parse_dialogue
 
@@ -344,25 +344,6 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy
 
 # -----------------------------------------------------------------------------------------------
 # 4. The reference model, three ways
-
-
-@contextlib.contextmanager
-def adapters_off(model):
-    """The LoRA policy with its adapters switched off is exactly the model it started from (W + 0):
-    a reference that costs no memory. Setting each adapter's scaling to 0 switches it off; eval mode
-    switches dropout off, so the reference is deterministic. (A model without adapters: eval mode only.)"""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = [m.scaling for m in layers]
-    was_training = model.training
-    model.eval()
-    for m in layers:
-        m.scaling = 0.0
-    try:
-        yield model
-    finally:
-        for m, s in zip(layers, saved):
-            m.scaling = s
-        model.train(was_training)
 
 
 class Reference:

@@ -63,7 +63,8 @@ SCORINGS = ("harness", "nanogpt")
 # the stage). --init_from auto scores the last stage's model and, beside it, each earlier stage's.
 STAGES = {"pretrained": ("out/cpu/model", "out/cpu/ckpt/model"),  # ckpt/model: train_gpt2.py's older runs
           "instruction-tuned": ("out-finetune/best_model", "out-finetune/model"),
-          "DPO-tuned": ("out-dpo/model",)}
+          "DPO-tuned": ("out-dpo/model",),
+          "RL-tuned": ("out-rl/model",)}
 STAGE_MODELS = tuple(m for paths in reversed(STAGES.values()) for m in paths)  # latest stage first
 DEFAULT_JSON = "out-hellaswag/summary.json"  # the offline life cycle's result
 
@@ -565,9 +566,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--init_from", default="auto",
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, our "
                          "checkpoint directory (e.g. out/ckpt/model), or a run directory (its best or final model); "
-                         "auto: the last stage's model on this machine (out-dpo/model, out-finetune/best_model, "
-                         "out/cpu/model), each earlier stage's scored beside it, else GPT-2 if the hub or its "
-                         "cache has it")
+                         "auto: the last stage's model on this machine (out-rl/model, out-dpo/model, "
+                         "out-finetune/best_model, out/cpu/model), each earlier stage's scored beside it, else GPT-2 "
+                         "if the hub or its cache has it")
     ap.add_argument("--data_file", default=None,
                     help="HellaSwag items (.jsonl in the public or HF Rowan/hellaswag schema, or .parquet); "
                          "default: for a model on this machine, the built-in multiple-choice set (offline); for a "

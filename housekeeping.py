@@ -10,7 +10,8 @@ scaffolding around them, the same in every script:
   6. resumable training state (finetune.py, dpo.py);
   7. plots, before -> after lines, means with their standard error;
   8. a run's shared state: its log (RunLog) and its clock (StepClock);
-  9. weight files: safetensors and torch pickles read (each tensor held once, lazily) and written.
+  9. weight files: safetensors and torch pickles read (each tensor held once, lazily) and written;
+ 10. a Hugging Face reward model's scores (score.py, rl.py).
 It imports none of this project's files; every script may import it.
 """
 
@@ -1124,4 +1125,41 @@ def read_weights(path: Path) -> dict[str, LazyTensor]:
         header, data_start = _safetensors_header(fpath)
         for k, info in header.items():
             out[k] = LazyTensor(lambda p=fpath, i=info, s=data_start: _read_safetensor(p, i, s), info["shape"], fpath)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. A Hugging Face reward model: (question, answer) -> a score (score.py, rl.py)
+
+
+@functools.lru_cache(maxsize=1)  # loaded once for all the checkpoints of a run
+def load_reward_model(name: str, device="cpu"):
+    """(tokenizer, model) of a Hugging Face sequence classifier used as a reward model (hub id or directory),
+    or one error line; a pickle with more than tensors is refused, never run."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(name),
+                AutoModelForSequenceClassification.from_pretrained(name).to(device).eval())
+    except pickle.UnpicklingError:  # transformers reads a .bin with weights_only: it refused a payload
+        bins = sorted(str(p) for p in Path(name).glob("*.bin")) or [name]
+        raise ValueError(f"{', '.join(bins)}: refused: this pickle holds more than tensors, and unpickling it "
+                         f"could run code; nothing of it was run. Use the model's .safetensors") from None
+    except OSError as e:
+        raise ValueError(f"--reward_model {name}: cannot be loaded ({str(e).splitlines()[0][:160]}). "
+                         f"Offline? `hf download {name} --local-dir models/reward` where there is "
+                         f"internet, then pass --reward_model models/reward") from None
+
+
+@torch.no_grad()
+def reward_scores(reward_model: str, questions: list[str], answers: list[str], batch_size: int = 8,
+                  device="cpu") -> list[float]:
+    """A reward model's score of each (question, answer): the pair encoded together, logit 0, as the
+    OpenAssistant reward models' cards do (score.py's judge, rl.py's RLHF reward)."""
+    tok, rm = load_reward_model(reward_model, device)
+    out = []
+    for i in range(0, len(questions), batch_size):
+        enc = tok(questions[i:i + batch_size], answers[i:i + batch_size], return_tensors="pt", padding=True,
+                  truncation=True).to(device)
+        out += rm(**enc).logits[:, 0].float().tolist()
     return out

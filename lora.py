@@ -48,6 +48,7 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -441,6 +442,26 @@ def unload_lora(model, merge: bool = True):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The LoRA policy with its adapters switched off is exactly the model it started from (W + 0): the
+    reference of DPO's loss and of RL's KL penalty, at no memory cost. Setting each adapter's scaling to 0
+    switches it off; eval mode switches dropout off, so the reference is deterministic. (A model without
+    adapters: eval mode only.)"""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in layers]
+    was_training = model.training
+    model.eval()
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling = s
+        model.train(was_training)
 
 
 def count_parameters(model) -> tuple[int, int]:

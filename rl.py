@@ -2,7 +2,7 @@
 rl.py: reinforcement learning from rewards, the stage after fine-tuning: GRPO (DeepSeekMath, Shao et al.
 2024) with DAPO's token-level loss, on answers a program can check (exact match, GSM8K's last number) or
 scored by a reward model (RLHF), fully or with LoRA (on a 4-bit base with --quantize nf4), on a CPU, one
-GPU, or several with torchrun (DDP).
+GPU, or several with torchrun (DDP, or FSDP2 with --fsdp).
 
 Run it:
     python rl.py                                              # the laptop: small sums, from out-finetune/
@@ -54,7 +54,16 @@ Options, each with its reason:
   k3 = exp(q) - q - 1, q = log pi_ref(t) - log pi(t) (Schulman's estimator: unbiased, always >= 0, low
   variance). It keeps the policy near what fine-tuning taught. Off by default, as in DAPO and nanochat:
   with a checkable reward there is no reward model to exploit, and the KL only slows learning.
+- --oversample K > 1: DAPO's dynamic sampling. A group with equal rewards teaches nothing (step 3), and on a
+  task the model gets right now and then most groups are all wrong: their answers cost an update's forward
+  and backward and add only zeros. So K x --batch_size prompts are sampled, and the update trains on
+  --batch_size of their groups, those whose rewards differ first (keep_groups). Sampling short answers
+  costs far less than updating on them, so each update carries several times the signal for a little
+  more time. (DAPO samples again until the batch is full; a fixed K keeps each step's cost known.)
 - --lora_rank, --quantize nf4: as in finetune.py (pi_ref is then the policy with its adapters off).
+- --fsdp, under torchrun: the weights, gradients and optimizer state sharded over the ranks (FSDP2), as
+  in finetune.py, for a policy too big for one device; sampling then runs every answer to --max_new_tokens
+  (see sample), and the KL's reference must be the LoRA policy's own base.
 
 A "step" is one batch of samples and its --updates_per_batch optimizer steps (one, by default).
 
@@ -78,6 +87,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import random
 import re
@@ -92,12 +102,12 @@ import torch.distributed as dist
 from bpe import TEMPLATE_CHOICES, TEMPLATE_HELP, instruction_messages, load_tokenizer, pick_template, reply_stops
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
-                          finite_figures, fit_to_context, fits_in_memory, flag, grad_sync, init_distributed,
-                          load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log,
-                          resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
-                          save_train_state, seed_everything, set_rng_state, write_run_config)
-from lora import LoRALinear, apply_lora, load_base, save_adapter, unload_lora
-from model import OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
+                          finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          load_reward_model, load_train_state, open_run, parse_config, pick_device, pick_precision,
+                          plot_log, resolve_init_from, resolve_warmup, resumed_config, reward_scores, rewrite_log,
+                          rng_state, run_main, save_train_state, seed_everything, set_rng_state, write_run_config)
+from lora import adapters_off, apply_lora, load_base, save_adapter, unload_lora
+from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from prepare_data import builtin_tasks, format_prompt, load_alpaca
 
 REWARDS = ("exact", "number", "model")
@@ -130,6 +140,9 @@ class RLConfig:
                                "testing --resume; 0 = off", min=0)
     quantize: str = flag("none", "nf4: keep the frozen base in 4 bits (QLoRA; needs --lora_rank > 0)",
                         choices=["none", "nf4"])
+    fsdp: bool = flag(False, "under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                            "(FSDP2, per transformer block) instead of a whole copy each (DDP); answers are then "
+                            "always sampled to --max_new_tokens (see sample)")
     # the reward
     reward: str = flag("exact", "exact: the answer equals the reference (outer spaces aside); number: its last "
                                "number equals the reference's (GSM8K's `#### 42`); model: --reward_model's score",
@@ -153,6 +166,8 @@ class RLConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch input", min=0.0, max=1.0)
     lora_targets: str = flag("q,v", "LoRA targets (see lora.py)")
     batch_size: int = flag(4, "prompts per micro-batch (x --group_size answers)", min=1)
+    oversample: int = flag(1, "DAPO's dynamic sampling: sample K x --batch_size prompts' groups and train on "
+                              "--batch_size of them, those whose rewards differ first (1 = off)", min=1)
     grad_accum: int = flag(1, "micro-batches per step", min=1)
     precision: str = flag("auto", "auto: bf16 on GPUs with bf16 tensor cores, fp16 on older GPUs, fp32 on a CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
@@ -174,19 +189,21 @@ class RLConfig:
     seed: int = flag(1337, "seed for split, order, sampling and init")
 
 
+# fixed once a run exists: the model, what is trained, the optimizer, the reward, the prompts and their split
 FIXED = ("init_from", "tokenizer", "lora_rank", "lora_alpha", "lora_targets", "optimizer", "quantize", "reward",
-         "reward_model", "template")  # fixed once a run exists
+         "reward_model", "template", "data_file", "val_file", "val_frac", "max_examples", "seed")
 SFT_MODELS = ("out-finetune/best_model", "out-finetune/model")  # what `python finetune.py` leaves, best first
 # The offline life cycle's defaults (the flags given win), measured with finetune.py's 2.6M-parameter model
-# on the built-in sums (BENCHMARKS.md, the life cycle; 3 seeds each, on 200 held-out sums):
-# - full RL (the model is small), AdamW at lr 1e-4: greedy exact match 0.065 -> 0.100, 0.130, 0.145 in
-#   150 steps (about 3.3 CPU-minutes of one core each); 300 steps reached 0.130, 0.140, 0.145, for twice
-#   the time. At lr 3e-5, 0.065 -> 0.090 (one seed). The samples sharpen: held-out pass@8 falls (0.31 ->
-#   0.21) while the mean reward doubles, and the entropy falls from 1.0 to 0.3 nats a token.
-# - 8 prompts x 8 answers a step: 4 x 16 (fewer groups with equal rewards: 0.5 against 0.85) reached
-#   0.080, 0.120, 0.105: no better for the same samples.
+# on the built-in sums (BENCHMARKS.md, RL on the laptop; seeds 1, 2, 3, on 200 held-out sums, from 0.065):
+# - dynamic sampling (--oversample 4) at lr 2e-4, 200 steps: greedy exact match 0.190, 0.190, 0.195. At 150
+#   steps 0.170, 0.160, 0.185. Without it (every group trained on, 85% of them all wrong), lr 1e-4, 150
+#   steps: 0.100, 0.130, 0.145, and 300 steps no better (0.130 to 0.145); with it at lr 1e-4, 0.150 and
+#   0.160 (seeds 1, 1337). lr 3e-4 and GRPO's std scaling were behind at step 50 (0.090, 0.095 against
+#   0.135; seed 2). The samples sharpen: the entropy falls from about 1.0 to 0.3 nats a token, and
+#   held-out pass@8 falls a little (0.28 -> 0.24) while the mean reward of the samples quadruples.
+# - full RL (the model is small); 8 prompts x 8 answers a step: 4 x 16 was no better for the same samples.
 # - answers are a space, up to three digits and the end-of-text token: 8 new tokens are plenty.
-LAPTOP = dict(lora_rank=0, lr=1e-4, batch_size=8, group_size=8, max_new_tokens=8, max_steps=150,
+LAPTOP = dict(lora_rank=0, lr=2e-4, batch_size=8, group_size=8, oversample=4, max_new_tokens=8, max_steps=200,
               eval_interval=50, eval_prompts=0)
 
 
@@ -208,6 +225,9 @@ def parse_args(argv=None) -> RLConfig:
     if cfg.data_file is None:
         raise ValueError("--data_file: a jsonl of {instruction, input, output} is needed (the built-in sums are the "
                          "default only from finetune.py's model, --init_from auto)")
+    if cfg.fsdp and cfg.kl_beta > 0 and cfg.lora_rank == 0:
+        raise ValueError("--fsdp with --kl_beta > 0 needs a LoRA policy (--lora_rank > 0, whose reference is itself "
+                         "with its adapters off): a frozen copy of a sharded model is not kept")
     if cfg.reward == "model" and not cfg.reward_model:
         raise ValueError("--reward model needs --reward_model (a Hugging Face sequence classifier)")
     cfg.init_from = resolve_init_from(cfg.init_from)  # a run directory: its best or final model
@@ -252,33 +272,9 @@ def reward_number(answer: str, reference: str) -> float:
     return float(mine is not None and mine == last_number(reference))
 
 
-class RewardModel:
-    """A Hugging Face sequence classifier as the reward (RLHF): the score of (prompt, answer), encoded as a
-    pair, is its logit 0, as score.py reads the OpenAssistant reward models. Loaded once."""
-
-    def __init__(self, name: str, device="cpu", batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            self.tok = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
-        except OSError as e:
-            raise ValueError(f"--reward_model {name}: cannot be loaded ({str(e).splitlines()[0][:160]})") from None
-        self.device = device
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], answers: list[str]) -> list[float]:
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            enc = self.tok(prompts[i:i + self.batch_size], answers[i:i + self.batch_size], return_tensors="pt",
-                           padding=True, truncation=True).to(self.device)
-            out += self.model(**enc).logits[:, 0].float().tolist()
-        return out
-
-
 def score_answers(reward, prompts: list[str], answers: list[str], references: list[str]) -> list[float]:
-    """Each answer's reward: reward is "exact", "number" or a RewardModel."""
+    """Each answer's reward: reward is "exact", "number" or a reward model's scoring function (prompts,
+    answers) -> scores (housekeeping.reward_scores with the model's name)."""
     if reward == "exact":
         return [reward_exact(a, r) for a, r in zip(answers, references, strict=True)]
     if reward == "number":
@@ -299,6 +295,15 @@ def group_advantages(rewards: torch.Tensor, scale: bool = False, eps: float = 1e
         advantages = advantages / (rewards.std(dim=1, keepdim=True) + eps)
     equal = (rewards == rewards[:, :1]).all(dim=1)
     return advantages, equal
+
+
+def keep_groups(equal: torch.Tensor, n: int) -> torch.Tensor:
+    """DAPO's dynamic sampling: the indices of n of the groups, those whose rewards differ first (in the order
+    drawn), then equal ones if too few differ. A group with equal rewards has advantage 0 and adds nothing
+    to the policy gradient; sampling K x the prompts and training on the n groups that do teach fills the
+    update with signal, for K x the sampling (cheap next to the update when answers are short)."""
+    order = torch.argsort(equal.int(), stable=True)  # False (rewards differ) before True, each in draw order
+    return order[:n]
 
 
 def answer_mask(answers: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
@@ -365,24 +370,6 @@ def token_entropy(logits, mask) -> torch.Tensor:
         return (entropy * mask).sum()
 
 
-@contextlib.contextmanager
-def adapters_off(model):
-    """The LoRA policy with its adapters switched off (scaling 0) is exactly the starting model: the KL's
-    reference at no memory cost; eval mode, so that no dropout is drawn."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = [m.scaling for m in layers]
-    was_training = model.training
-    model.eval()
-    for m in layers:
-        m.scaling = 0.0
-    try:
-        yield model
-    finally:
-        for m, s in zip(layers, saved):
-            m.scaling = s
-        model.train(was_training)
-
-
 # -----------------------------------------------------------------------------------------------
 # 4. Sampling and evaluation
 
@@ -406,14 +393,18 @@ def prompt_batch(prompts: list[list[int]], repeat: int, pad_id: int | list[int],
 
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], repeat: int, max_new_tokens: int, eos_id: int | list[int],
-           temperature: float,
-           generator=None, autocast=contextlib.nullcontext):
+           temperature: float, generator=None, autocast=contextlib.nullcontext, stop_early: bool = True):
     """All prompts x repeat answers in one batched generation with the KV cache. Returns (seqs (N, T + L),
-    prompt mask or None, T). temperature 0: greedy."""
+    prompt mask or None, T). temperature 0: greedy.
+
+    stop_early False (FSDP): every answer runs to max_new_tokens, even when all have ended. Under FSDP each
+    forward pass gathers the weight shards from every rank (a collective), so every rank must run as many
+    as the others, whatever its own answers did. The tokens up to each answer's end are the same either
+    way (one draw per row and step); those after it are masked out (answer_mask) and never decoded."""
     ids, mask = prompt_batch(prompts, repeat, eos_id, policy.lm_head.weight.device)
     with autocast():
         seqs = policy.generate(ids, max_new_tokens, temperature=temperature, attention_mask=mask,
-                               eos_token_id=eos_id, generator=generator)
+                               eos_token_id=eos_id if stop_early else None, generator=generator)
     return seqs, mask, ids.size(1)
 
 
@@ -439,9 +430,11 @@ def evaluate(policy, tok, prompts, texts, references, reward, cfg: RLConfig, aut
     greedy, sampled, lengths = [], [], []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
-        seqs, _, T = sample(policy, chunk, 1, cfg.max_new_tokens, eos, 0.0, autocast=autocast)
+        seqs, _, T = sample(policy, chunk, 1, cfg.max_new_tokens, eos, 0.0, autocast=autocast,
+                            stop_early=not cfg.fsdp)
         greedy += decode_answers(tok, seqs[:, T:], eos)
-        seqs, _, T = sample(policy, chunk, G, cfg.max_new_tokens, eos, cfg.temperature, generator, autocast)
+        seqs, _, T = sample(policy, chunk, G, cfg.max_new_tokens, eos, cfg.temperature, generator, autocast,
+                            stop_early=not cfg.fsdp)
         sampled += decode_answers(tok, seqs[:, T:], eos)
         lengths += answer_mask(seqs[:, T:], eos).sum(1).tolist()
     n = len(prompts)
@@ -500,16 +493,19 @@ def lora_policy(gpt, cfg: RLConfig):
     return gpt
 
 
-def save_weights(policy, cfg: RLConfig, tok, where: Path, merged: bool = False):
+def save_weights(policy, cfg: RLConfig, tok, where: Path, master: bool, merged: bool = False):
     """LoRA: the PEFT adapter (merged: the model with W + scaling B A; the policy loses its adapters);
-    full: the model."""
+    full: the model. Under FSDP every rank gathers, rank 0 writes."""
     lora = cfg.lora_rank > 0
+    model = gathered(policy, lambda: lora_policy(GPT(policy.config), cfg), master)
+    if model is None:  # another rank under FSDP: it helped gather, rank 0 writes
+        return
     if lora and merged:
-        unload_lora(policy, merge=True)
+        unload_lora(model, merge=True)
     if lora and not merged:
-        save_adapter(policy, where, cfg.init_from)
+        save_adapter(model, where, cfg.init_from)
     else:
-        policy.save_pretrained(where, "native", tok.source)
+        model.save_pretrained(where, "native", tok.source)
 
 
 def save_state(out: Path, policy, optimizer, step: int, data_rng, order, seed_rng, device, log: RunLog):
@@ -561,7 +557,7 @@ def train(cfg: RLConfig) -> dict:
     warmup, warmup_note = resolve_warmup(cfg.warmup_steps, cfg.max_steps)
 
     # the policy, its prompts and the reward; the model before its tokenizer: a wrong --init_from is the error
-    policy = load_base(cfg.init_from, precision, lora, cfg.quantize, device)
+    policy = load_base(cfg.init_from, precision, lora, cfg.quantize, device, cfg.fsdp)
     tok = load_tokenizer(cfg.tokenizer, cfg.init_from)
     if tok.eot_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no end-of-text token; answers must end with one")
@@ -574,7 +570,10 @@ def train(cfg: RLConfig) -> dict:
     keep = policy.config.block_size - n_new
     train_ids = [p[-keep:] for p in train_ids]
     val_ids = [p[-keep:] for p in val_ids]
-    reward = cfg.reward if cfg.reward != "model" else RewardModel(cfg.reward_model, device)
+    reward = cfg.reward
+    if cfg.reward == "model":  # loaded now: a wrong name stops here, before anything is sampled
+        load_reward_model(cfg.reward_model, device)
+        reward = functools.partial(reward_scores, cfg.reward_model, device=device)
     autocast, scaler = autocast_and_scaler(precision, device_type)
     if master:
         print(f"{len(train_ids)} training prompts, {len(val_ids)} held out; reward {cfg.reward}", flush=True)
@@ -584,7 +583,11 @@ def train(cfg: RLConfig) -> dict:
     ref_model = None
     if cfg.kl_beta > 0 and not lora:  # a frozen copy; with LoRA the policy with its adapters off is the reference
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    train_module = distribute(policy, device, False, precision, block_type=Block)  # DDP wraps
+    train_module = distribute(policy, device, cfg.fsdp, precision, block_type=Block)  # DDP wraps; FSDP shards in place
+    if cfg.fsdp and world > 1:  # FSDP2 sets itself up at the whole model's first forward; sampling runs the blocks
+        with torch.no_grad():  # alone (model.generate), so one forward first; then the weights back in shards,
+            train_module(torch.zeros((1, 1), dtype=torch.long, device=device))  # those the optimizer must hold
+        train_module.reshard()
     seed_everything(cfg.seed + rank)  # the same init on every rank above; from here each rank its own dropout
     policy.train()
     optimizer = make_optimizer(policy, cfg.optimizer, lr, cfg.weight_decay, fused=device_type == "cuda")
@@ -650,7 +653,7 @@ def train(cfg: RLConfig) -> dict:
         mine = []
         for k in range(cfg.grad_accum * world):
             picked = []
-            for _ in range(cfg.batch_size):
+            for _ in range(cfg.batch_size * cfg.oversample):
                 if not order:  # a new pass: the prompts in a new order
                     order = list(range(len(train_ids)))
                     data_rng.shuffle(order)
@@ -665,19 +668,25 @@ def train(cfg: RLConfig) -> dict:
         for picked, micro_seed in mine:
             generator = torch.Generator(device=device).manual_seed(micro_seed)
             seqs, prompt_mask, T = sample(policy, [train_ids[i] for i in picked], cfg.group_size, cfg.max_new_tokens,
-                                          eos, cfg.temperature, generator, autocast)
+                                          eos, cfg.temperature, generator, autocast, stop_early=not cfg.fsdp)
             texts = decode_answers(tok, seqs[:, T:], eos)
             prompts = [train_texts[i] for i in picked for _ in range(cfg.group_size)]
             refs = [train_refs[i] for i in picked for _ in range(cfg.group_size)]
             rewards = torch.tensor(score_answers(reward, prompts, texts, refs), device=device)
             advantages, equal = group_advantages(rewards.view(len(picked), cfg.group_size), cfg.scale_rewards)
+            stats += torch.stack([rewards.sum(), torch.tensor(float(len(texts)), device=device),
+                                  equal.float().sum(), torch.tensor(float(len(picked)), device=device)])
+            if cfg.oversample > 1:  # dynamic sampling: keep --batch_size groups, those with something to teach first
+                kept = keep_groups(equal, cfg.batch_size)
+                rows = (kept[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=device)).flatten()
+                seqs, advantages = seqs[rows], advantages[kept]
+                prompt_mask = prompt_mask[rows] if prompt_mask is not None else None
             idx, targets, attention_mask, mask = rollout_tensors(seqs, prompt_mask, T, eos)
             rollouts.append(dict(idx=idx, targets=targets, attention_mask=attention_mask, mask=mask, T=T,
                                  advantages=advantages.flatten()))
-            stats += torch.stack([rewards.sum(), torch.tensor(float(len(texts)), device=device),
-                                  equal.float().sum(), torch.tensor(float(len(picked)), device=device)])
         # N: the answer tokens of the whole step, every rank's; the loss is a sum over tokens divided by it
         my_tokens = sum(r["mask"].sum() for r in rollouts)
+        my_answers = torch.tensor(float(sum(r["mask"].size(0) for r in rollouts)), device=device)  # trained on
         n_tokens = all_ranks_sum(my_tokens)
         sample_s = time.perf_counter() - step_start
 
@@ -728,14 +737,14 @@ def train(cfg: RLConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)  # the next update's backward adds into fresh gradients
 
         # the step's numbers, summed over the ranks and read to the host at once, logged as step + 1
-        totals = all_ranks_sum(torch.cat([sums, stats, my_tokens.float()[None]]))
-        loss_v, kl_v, entropy_v, reward_v, n_answers, n_equal, n_groups, n_tok = totals.tolist()
+        totals = all_ranks_sum(torch.cat([sums, stats, my_tokens.float()[None], my_answers[None]]))
+        loss_v, kl_v, entropy_v, reward_v, n_answers, n_equal, n_groups, n_tok, n_trained = totals.tolist()
         grad_norm = float(grad_norm)
         step_s = time.perf_counter() - step_start
         clock.add(step_s)
         check_finite(step + 1, scaler, loss=loss_v, grad_norm=grad_norm)
         row = dict(step=step + 1, loss=loss_v, reward=reward_v / n_answers, equal_groups=n_equal / n_groups,
-                   entropy=entropy_v / n_tok, length=n_tok / n_answers, sample_s=sample_s,
+                   entropy=entropy_v / n_tok, length=n_tok / n_trained, sample_s=sample_s,
                    update_s=time.perf_counter() - update_start, lr=lr_scale * lr, grad_norm=grad_norm, ms=1000 * step_s)
         if cfg.kl_beta > 0:
             row["kl"] = kl_v / n_tok
@@ -753,10 +762,10 @@ def train(cfg: RLConfig) -> dict:
     log.close()
     save_state(out, policy, optimizer, cfg.max_steps, data_rng, order, seed_rng, device, log)
     summary = summarize(log.rows)
+    save_weights(policy, cfg, tok, out / ("adapter" if lora else "model"), master)
+    if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
+        save_weights(policy, cfg, tok, out / "model", master, merged=True)
     if master:
-        save_weights(policy, cfg, tok, out / ("adapter" if lora else "model"))
-        if lora:  # the merged model too, for the stages after (hellaswag.py, chat.py) and any HF tool
-            save_weights(policy, cfg, tok, out / "model", merged=True)
         write_outputs(out, log.rows, summary)
         close_run(out)
     log.say(f"done in {time.time() - run_start:.0f} s: training {sum(clock.seconds):.0f} s")

@@ -37,12 +37,10 @@ The judge is asked, per answer, for an integer 0-100 given the instruction and a
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -53,8 +51,9 @@ import torch
 from bpe import TEMPLATE_CHOICES, TEMPLATE_HELP, instruction_messages, load_tokenizer, pick_template, reply_stops
 from lora import load_adapter
 from model import GPT
-from housekeeping import (DEVICE_HELP, atomic_write, auto_init_from, fit_to_context, flag, mean_stderr, parse_config,
-                          pick_device, resolve_init_from, run_main, write_jsonl)
+from housekeeping import (DEVICE_HELP, atomic_write, auto_init_from, fit_to_context, flag, load_reward_model,
+                          mean_stderr, parse_config, pick_device, resolve_init_from, reward_scores, run_main,
+                          write_jsonl)
 from prepare_data import (builtin_tasks, exact_match, format_dialogue, format_prompt, read_jsonl, read_text_file,
                           string_fields)
 
@@ -155,37 +154,6 @@ def answer(model, tok, prompts: list[dict], max_new_tokens: int, batch_size: int
             new = s[T:]
             end = next((k for k, t in enumerate(new) if t in stops), len(new))  # the stop token is not shown
             out.append(tok.decode(new[:end]).strip())
-    return out
-
-
-@functools.lru_cache(maxsize=1)  # loaded once for all the checkpoints of a run
-def _reward_model(name: str, device):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        return (AutoTokenizer.from_pretrained(name),
-                AutoModelForSequenceClassification.from_pretrained(name).to(device).eval())
-    except pickle.UnpicklingError:  # transformers reads a .bin with weights_only: it refused a payload
-        bins = sorted(str(p) for p in Path(name).glob("*.bin")) or [name]
-        raise ValueError(f"{', '.join(bins)}: refused: this pickle holds more than tensors, and unpickling it "
-                         f"could run code; nothing of it was run. Use the model's .safetensors") from None
-    except OSError as e:
-        raise ValueError(f"--reward_model {name}: cannot be loaded ({str(e).splitlines()[0][:160]}). "
-                         f"Offline? `hf download {name} --local-dir models/reward` where there is "
-                         f"internet, then pass --reward_model models/reward") from None
-
-
-@torch.no_grad()
-def reward_scores(reward_model: str, questions: list[str], answers: list[str], batch_size: int = 8,
-                  device="cpu") -> list[float]:
-    """A reward model's score of each (question, answer): the pair encoded together, logit 0, as the
-    OpenAssistant reward models' cards do."""
-    tok, rm = _reward_model(reward_model, device)
-    out = []
-    for i in range(0, len(questions), batch_size):
-        enc = tok(questions[i:i + batch_size], answers[i:i + batch_size], return_tensors="pt", padding=True,
-                  truncation=True).to(device)
-        out += rm(**enc).logits[:, 0].float().tolist()
     return out
 
 
@@ -369,7 +337,7 @@ def score(cfg: ScoreConfig) -> list[dict]:
 
     # load the reward model now: a name that cannot be loaded stops here, before any answer is generated
     if reward_model:
-        _reward_model(reward_model, device)
+        load_reward_model(reward_model, device)  # a wrong name stops here, before any answer is generated
     judge = None
     if cfg.judge_url:
         judge = Judge(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cfg.judge_timeout, cfg.judge_retries,

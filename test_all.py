@@ -3870,6 +3870,17 @@ def test_rl_loss_equals_trl_grpo_dapo_loss(tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_rl_dynamic_sampling_trains_on_the_groups_whose_rewards_differ_first():
+    """DAPO's dynamic sampling picks, of the groups drawn, those whose rewards differ (advantage != 0) in the
+    order drawn, then groups with equal rewards only if too few differ."""
+    rewards = torch.tensor([[1.0, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 1]])
+    _, equal = rl.group_advantages(rewards)
+    assert equal.tolist() == [True, False, True, False, True, False]
+    assert rl.keep_groups(equal, 2).tolist() == [1, 3]
+    assert rl.keep_groups(equal, 4).tolist() == [1, 3, 5, 0]  # three differ: the first equal one fills
+    assert rl.keep_groups(torch.ones(3, dtype=torch.bool), 2).tolist() == [0, 1]
+
+
 def test_rl_tiny_model_learns_to_emit_the_rewarded_token():
     """A random 16-token model, one prompt token, one answer token: reward 1 for token 7 (1/16 of the
     draws at first). Sampling, advantages, the loss and AdamW as rl.py runs them reach a mean reward of
@@ -3916,10 +3927,10 @@ def test_rl_rewards_on_hand_made_answers(tmp_path):
     clf = AutoModelForSequenceClassification.from_pretrained(d).eval()
     with torch.no_grad():
         expected = [clf(**tok(p, a, return_tensors="pt")).logits[0, 0].item() for p, a in zip(prompts, answers)]
-    got = rl.score_answers(rl.RewardModel(str(d)), prompts, answers, ["", ""])
+    got = rl.score_answers(functools.partial(housekeeping.reward_scores, str(d)), prompts, answers, ["", ""])
     assert got == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="--reward_model .*cannot be loaded"):
-        rl.RewardModel(str(tmp_path / "missing"))
+        housekeeping.load_reward_model(str(tmp_path / "missing"))
     # prepare_data.py gsm8k on a local file: {question, answer} -> {instruction, input, output}, scored by number
     (tmp_path / "gsm.jsonl").write_text(json.dumps({"question": "Natalia sold clips?", "answer": gsm}) + "\n")
     prepare_data.main(["gsm8k", "--data_file", str(tmp_path / "gsm.jsonl"), "--out_dir", str(tmp_path / "d")])
@@ -3974,15 +3985,23 @@ def test_rl_cli_writes_the_run_and_sigkill_then_resume_equals_the_uninterrupted_
     assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
 
 
-def test_rl_torchrun_two_ranks_equal_one_process(tmp_path):
+def test_rl_torchrun_two_ranks_ddp_and_fsdp_equal_one_process(tmp_path):
     """2 ranks x 1 micro-batch sample, score and train on what 1 process x 2 micro-batches does (each rank
-    its own prompts, the gradients averaged): the same losses and rewards to 1e-6."""
-    args = _rl_setup(tmp_path) + ["--max_steps", "4", "--eval_interval", "4", "--lora_rank", "0", "--lr", "1e-3"]
+    its own prompts, the gradients averaged; with dynamic sampling, each picks among its own groups): the
+    same losses and rewards, under DDP and under FSDP (whose answers all run to --max_new_tokens: the same
+    tokens up to each answer's end), and the FSDP run's saved model gives the one process's logits."""
+    args = _rl_setup(tmp_path) + ["--max_steps", "4", "--eval_interval", "4", "--lora_rank", "0", "--lr", "1e-3",
+                                  "--oversample", "2"]
     rl.main(args + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
-    _torchrun(2, "rl.py", *args, "--out_dir", tmp_path / "two")
-    for key in ("loss", "reward", "entropy", "val_reward"):
-        assert _losses(tmp_path / "two", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-6, abs=1e-7)
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        _torchrun(2, "rl.py", *args, "--out_dir", tmp_path / name, *extra)
+        for key in ("loss", "reward", "entropy", "val_reward"):
+            assert _losses(tmp_path / name, key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5,
+                                                                  abs=1e-7), (name, key)
     assert len(set(_losses(tmp_path / "one", "loss"))) > 1
+    one, fsdp = (GPT.from_pretrained(tmp_path / d / "model") for d in ("one", "fsdp"))
+    with torch.no_grad():
+        assert max_diff(fsdp(IDX % 300)[0], one(IDX % 300)[0]) < 1e-5
 
 
 # -----------------------------------------------------------------------------------------------
@@ -4030,7 +4049,7 @@ def test_score_reward_model_equals_transformers(tmp_path):
     d = _tiny_reward_model(tmp_path / "rm")
     qs = ["why is the sky blue", "a b c", "cat"]
     ans = ["because light", "dog red cat it is the a", "unknownword"]
-    ours = score.reward_scores(str(d), qs, ans, batch_size=2)
+    ours = housekeeping.reward_scores(str(d), qs, ans, batch_size=2)
     tok, rm = AutoTokenizer.from_pretrained(d), AutoModelForSequenceClassification.from_pretrained(d).eval()
     with torch.no_grad():
         ref = [rm(**tok(q, a, return_tensors="pt")).logits[0, 0].item() for q, a in zip(qs, ans)]
@@ -4140,7 +4159,7 @@ def test_score_run_over_checkpoints(tmp_path, capsys):
     for r in rows:
         want.append([seen.setdefault((i, a), next(replies)) for i, a in enumerate(r["answers"])])
     assert [r["judge"] for r in rows] == want and rows[1]["judge_mean"] == sum(want[1]) / 2
-    ref = score.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
+    ref = housekeeping.reward_scores(str(d), ["why is the sky blue", "cat"], rows[0]["answers"])
     assert rows[0]["reward"] == pytest.approx(ref, abs=1e-6)
     assert "best by reward" in (run / "scores.md").read_text()
     with pytest.raises(ValueError, match="needs --reward_model, --judge_url, or prompts with a reference"):
@@ -5707,9 +5726,9 @@ def test_hostile_files_are_one_line_naming_the_file(tmp_path, capsys):
     _tiny_reward_model(rm)
     (rm / "model.safetensors").unlink()
     torch.save({"x": Payload()}, rm / "pytorch_model.bin")
-    score._reward_model.cache_clear()
+    housekeeping.load_reward_model.cache_clear()
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused: this pickle holds more than tensors"):
-        score.reward_scores(str(rm), ["q"], ["a"])
+        housekeeping.reward_scores(str(rm), ["q"], ["a"])
     assert not marker.exists()
     # lying safetensors headers: missing fields, unknown dtypes, ranges that disagree with the file
     for info, why in (({"dtype": "F32", "shape": [4]}, "missing field `data_offsets`"),
@@ -5908,7 +5927,7 @@ def _changed_on_resume(main, flags, out, extra, capsys) -> str:
     return ""
 
 
-@pytest.mark.parametrize("script", ["finetune", "dpo"])
+@pytest.mark.parametrize("script", ["finetune", "dpo", "rl"])
 def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise(tmp_path, capsys, script):
     """A run is its inputs. --resume of a stopped run refuses, in one line naming it, each flag that defines
     the run given with another value (the optimizer gave a KeyError or an AssertionError deep in torch);
@@ -5924,12 +5943,18 @@ def test_resume_refuses_a_changed_input_and_takes_the_same_input_spelt_otherwise
         changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
                    "train_last_n_blocks": "1", "quantize": "nf4", "task": "dialogue", "test_frac": "0.2",
                    "dataset": "sst2", "test_file": str(data)}
-    else:
+    elif script == "dpo":
         args = _dpo_tiny_args(tmp_path)
         main = dpo.main
         flags = _without(args, "--init_from", "--max_steps") + ["--optimizer", "adamw"]
         changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all",
                    "reference": "copy", "quantize": "nf4", "split": "test", "val_file": str(tmp_path / "pairs.jsonl")}
+    else:
+        main = rl.main
+        flags = _without(_rl_setup(tmp_path), "--init_from") + ["--optimizer", "adamw", "--eval_prompts", "2"]
+        changes = {"optimizer": "sgd", "lora_rank": "8", "lora_alpha": "3", "lora_targets": "all", "quantize": "nf4",
+                   "reward": "exact", "reward_model": str(tmp_path / "other_rm"), "template": "chat",
+                   "val_file": flags[flags.index("--data_file") + 1], "max_examples": "10"}
     # what every stage's run is: the tokenizer, the data and its split (the seed shuffles it)
     other_data = tmp_path / "other_data.jsonl"
     shutil.copy(flags[flags.index("--data_file") + 1], other_data)
@@ -6175,7 +6200,8 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     headline = out["hellaswag.py"].split("\n", 2)[1]  # after the line naming the offline default
     assert regex.fullmatch(r"acc_norm by stage, 8 items \(chance 0.250, a random model [\d.]+\): pretrained "
                            r"\(out/cpu/(ckpt/)?model\) [\d.]+, instruction-tuned \(out-finetune/best_model\) [\d.]+, "
-                           r"DPO-tuned \(out-dpo/model\) [\d.]+", headline), out["hellaswag.py"]
+                           r"DPO-tuned \(out-dpo/model\) [\d.]+, RL-tuned \(out-rl/model\) [\d.]+", headline), \
+        out["hellaswag.py"]
     assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 700"]
     if gpt2_ranks:
         shown = out["bpe.py show --tokenizer gpt2 --text SolidGoldMagikarp 12345"]
