@@ -47,7 +47,7 @@ from housekeeping import (DEVICE_HELP, auto_init_from, fit_to_context, fits_in_m
 from prepare_data import TASK_QUESTIONS, format_dialogue, format_prompt
 
 # The life cycle's models, latest stage first: --init_from auto takes the first one on this machine.
-TUNED_MODELS = ("out-dpo/model", "out-finetune/best_model", "out-finetune/model")
+TUNED_MODELS = ("out-dpo/model", "out-rl/model", "out-finetune/best_model", "out-finetune/model")
 PRETRAINED_MODELS = ("out/cpu/model", "out/cpu/ckpt/model")  # train_gpt2.py's final model; older runs: its checkpoint
 STAGE_MODELS = TUNED_MODELS + PRETRAINED_MODELS
 
@@ -60,8 +60,8 @@ OLD_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 class ChatConfig:
     init_from: str = flag("auto", "gpt2|gpt2-medium|..., a HF hub id, a model directory (HF format or ours) or a "
                                  "run directory (its best or final model); auto: the last stage's model on this "
-                                 "machine (out-dpo/model, out-finetune/best_model, out/cpu/model), else GPT-2 if "
-                                 "the hub or its cache has it")
+                                 "machine (out-dpo/model, out-rl/model, out-finetune/best_model, out/cpu/model), "
+                                 "else GPT-2 if the hub or its cache has it")
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own tokenizer, else GPT-2's)")
     template: str = flag("auto", "prompt format: chat (the model's own chat template, multi-turn), instruction "
                                  "(Alpaca), dialogue (HH-RLHF turns, multi-turn), none (plain continuation); auto: "

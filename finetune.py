@@ -1028,7 +1028,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     written = ("summary.json", "log.jsonl", "loss.png", "responses.md", "best_adapter", "best_model", "ckpt")
     log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
     chain = "" if out == Path(FinetuneConfig.out_dir) else f" --init_from {out}"
-    log.say(f"next: python dpo.py{chain} (preference-tune it), or python chat.py{chain} (talk to it)")
+    log.say(f"next: python rl.py{chain} (reinforcement learning from rewards), python dpo.py{chain} (preference-tune "
+            f"it), or python chat.py{chain} (talk to it)")
     end_distributed()
     return dict(summary, best_val=best_val, log=log.rows, model=model)
 

@@ -63,8 +63,8 @@ SCORINGS = ("harness", "nanogpt")
 # the stage). --init_from auto scores the last stage's model and, beside it, each earlier stage's.
 STAGES = {"pretrained": ("out/cpu/model", "out/cpu/ckpt/model"),  # ckpt/model: train_gpt2.py's older runs
           "instruction-tuned": ("out-finetune/best_model", "out-finetune/model"),
-          "DPO-tuned": ("out-dpo/model",),
-          "RL-tuned": ("out-rl/model",)}
+          "RL-tuned": ("out-rl/model",),
+          "DPO-tuned": ("out-dpo/model",)}
 STAGE_MODELS = tuple(m for paths in reversed(STAGES.values()) for m in paths)  # latest stage first
 DEFAULT_JSON = "out-hellaswag/summary.json"  # the offline life cycle's result
 
@@ -566,7 +566,7 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--init_from", default="auto",
                     help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF hub id, a local HF model directory, our "
                          "checkpoint directory (e.g. out/ckpt/model), or a run directory (its best or final model); "
-                         "auto: the last stage's model on this machine (out-rl/model, out-dpo/model, "
+                         "auto: the last stage's model on this machine (out-dpo/model, out-rl/model, "
                          "out-finetune/best_model, out/cpu/model), each earlier stage's scored beside it, else GPT-2 "
                          "if the hub or its cache has it")
     ap.add_argument("--data_file", default=None,

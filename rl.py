@@ -778,7 +778,8 @@ def train(cfg: RLConfig) -> dict:
     written = ("summary.json", "log.jsonl", "loss.png", "adapter", "model")
     log.say("written: " + ", ".join(str(out / f) for f in written if (out / f).exists()))
     chain = "" if out == Path(RLConfig.out_dir) else f" --init_from {out}"
-    log.say(f"next: python hellaswag.py{chain} (evaluate it beside the earlier stages), or python chat.py{chain} "
+    log.say(f"next: python dpo.py{chain} (preference-tune it: the life cycle's last tuning stage), python "
+            f"hellaswag.py{chain} (evaluate it beside the earlier stages), or python chat.py{chain} "
             f"(talk to it)")
     end_distributed()
     return dict(log=log.rows, summary=summary)

@@ -17,7 +17,7 @@ What is scored (--init_from):
   - one model (our format or HF's), or one LoRA adapter (on --base: by default the base its
     adapter_config.json names);
   - or a run directory: its ckpt_step*/, best_model/ and best_adapter/ in turn (else its final model);
-  - auto (default): the run of the last stage on this machine (out-dpo, out-finetune, out/cpu).
+  - auto (default): the run of the last stage on this machine (out-dpo, out-rl, out-finetune, out/cpu).
 The prompt set: --prompts; else, with a reward model or a judge, 40 built-in everyday questions; else
 the built-in tasks' held-out questions. The reward model is loaded before any answer is generated: a
 name that cannot be loaded stops the run at once.
@@ -60,6 +60,7 @@ from prepare_data import (builtin_tasks, exact_match, format_dialogue, format_pr
 # The life cycle's models, latest stage first, and the run directory each belongs to: --init_from auto
 # scores the run of the first one on this machine (a fine-tuning run: its checkpoints and its best model).
 STAGE_RUNS = {"out-dpo/model": "out-dpo",
+              "out-rl/model": "out-rl",
               "out-finetune/best_model": "out-finetune",
               "out-finetune/model": "out-finetune",
               "out/cpu/model": "out/cpu",
@@ -69,8 +70,8 @@ STAGE_RUNS = {"out-dpo/model": "out-dpo",
 @dataclass
 class ScoreConfig:
     init_from: str = flag("auto", "a run dir (its ckpt_step*/, best_model/, best_adapter/), a model dir, or an "
-                                 "adapter dir; auto: the last stage's run on this machine (out-dpo, out-finetune, "
-                                 "out/cpu)")
+                                 "adapter dir; auto: the last stage's run on this machine (out-dpo, out-rl, "
+                                 "out-finetune, out/cpu)")
     base: str = flag("auto", "the base model of adapter checkpoints (gpt2 name, HF dir or our dir); auto: the one "
                              "the adapter's adapter_config.json names")
     tokenizer: str | None = flag(None, "tokenizer spec (default: the model dir's own, else GPT-2's)")

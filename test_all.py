@@ -6200,7 +6200,7 @@ def test_readme_offline_commands_run_as_printed(tmp_path):
     headline = out["hellaswag.py"].split("\n", 2)[1]  # after the line naming the offline default
     assert regex.fullmatch(r"acc_norm by stage, 8 items \(chance 0.250, a random model [\d.]+\): pretrained "
                            r"\(out/cpu/(ckpt/)?model\) [\d.]+, instruction-tuned \(out-finetune/best_model\) [\d.]+, "
-                           r"DPO-tuned \(out-dpo/model\) [\d.]+, RL-tuned \(out-rl/model\) [\d.]+", headline), \
+                           r"RL-tuned \(out-rl/model\) [\d.]+, DPO-tuned \(out-dpo/model\) [\d.]+", headline), \
         out["hellaswag.py"]
     assert "resuming from out/cpu/ckpt at step 4" in out["train_gpt2.py --resume --max_steps 700"]
     if gpt2_ranks:
@@ -6438,18 +6438,22 @@ def test_life_cycle_runs_offline_each_stage_from_the_one_before(fresh_clone):
     steps = [("train_gpt2.py", "--max_steps", 6, "--eval_interval", 3, "--num_samples", 0),
              ("finetune.py", "--lora_rank", 16, "--grad_accum", 8, "--max_steps", 3, "--eval_interval", 3,
               "--num_samples", 2, "--max_new_tokens", 6, "--eval_examples", 16),
-             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--num_samples", 1, "--max_new_tokens", 4,
-              "--eval_pairs", 8),
              ("rl.py", "--max_steps", 2, "--eval_interval", 2, "--max_examples", 32, "--eval_prompts", 8,
               "--num_samples", 1, "--max_new_tokens", 4),
+             ("dpo.py", "--max_steps", 2, "--eval_interval", 2, "--num_samples", 1, "--max_new_tokens", 4,
+              "--eval_pairs", 8),
              ("hellaswag.py", "--limit", 20, "--no-progress")]
     leaves = ["out/cpu/model/gpt_config.json", "out-finetune/best_model/gpt_config.json",
-              "out-dpo/model/gpt_config.json", "out-rl/model/gpt_config.json",
+              "out-rl/model/gpt_config.json", "out-dpo/model/gpt_config.json",
               None]
+    said = {}
     for cmd, left in zip(steps, leaves):
         r = _run(d, *cmd)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
         assert left is None or (d / left).exists(), (cmd, left)
+        said[cmd[0]] = r.stdout
+    assert "offline default: out-finetune/best_model (from finetune.py) on the built-in sums" in said["rl.py"]
+    assert "offline default: out-rl/model (from rl.py) on the built-in preference pairs" in said["dpo.py"]
     assert "out/cpu/model (from train_gpt2.py) on the built-in instruction set" in _run(
         d, "finetune.py", "--max_steps", 1, "--out_dir", "o2", "--num_samples", 0, "--eval_examples", 4).stdout
     assert "hellaswag scoring=harness n=20" in r.stdout and "out-dpo/model" in r.stdout
