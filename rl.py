@@ -297,13 +297,15 @@ def group_advantages(rewards: torch.Tensor, scale: bool = False, eps: float = 1e
     return advantages, equal
 
 
-def keep_groups(equal: torch.Tensor, n: int) -> torch.Tensor:
-    """DAPO's dynamic sampling: the indices of n of the groups, those whose rewards differ first (in the order
+def keep_groups(equal: torch.Tensor, n: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DAPO's dynamic sampling: (the indices of n of the groups, the rows of their answers in the sampled
+    batch, where group g holds rows g * group_size ...). Those whose rewards differ come first (in the order
     drawn), then equal ones if too few differ. A group with equal rewards has advantage 0 and adds nothing
     to the policy gradient; sampling K x the prompts and training on the n groups that do teach fills the
     update with signal, for K x the sampling (cheap next to the update when answers are short)."""
-    order = torch.argsort(equal.int(), stable=True)  # False (rewards differ) before True, each in draw order
-    return order[:n]
+    groups = torch.argsort(equal.int(), stable=True)[:n]  # False (rewards differ) before True, in draw order
+    rows = groups[:, None] * group_size + torch.arange(group_size, device=equal.device)
+    return groups, rows.flatten()
 
 
 def answer_mask(answers: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
@@ -677,8 +679,7 @@ def train(cfg: RLConfig) -> dict:
             stats += torch.stack([rewards.sum(), torch.tensor(float(len(texts)), device=device),
                                   equal.float().sum(), torch.tensor(float(len(picked)), device=device)])
             if cfg.oversample > 1:  # dynamic sampling: keep --batch_size groups, those with something to teach first
-                kept = keep_groups(equal, cfg.batch_size)
-                rows = (kept[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=device)).flatten()
+                kept, rows = keep_groups(equal, cfg.batch_size, cfg.group_size)
                 seqs, advantages = seqs[rows], advantages[kept]
                 prompt_mask = prompt_mask[rows] if prompt_mask is not None else None
             idx, targets, attention_mask, mask = rollout_tensors(seqs, prompt_mask, T, eos)

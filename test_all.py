@@ -3876,9 +3876,12 @@ def test_rl_dynamic_sampling_trains_on_the_groups_whose_rewards_differ_first():
     rewards = torch.tensor([[1.0, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 1]])
     _, equal = rl.group_advantages(rewards)
     assert equal.tolist() == [True, False, True, False, True, False]
-    assert rl.keep_groups(equal, 2).tolist() == [1, 3]
-    assert rl.keep_groups(equal, 4).tolist() == [1, 3, 5, 0]  # three differ: the first equal one fills
-    assert rl.keep_groups(torch.ones(3, dtype=torch.bool), 2).tolist() == [0, 1]
+    groups, rows = rl.keep_groups(equal, 2, 3)
+    assert groups.tolist() == [1, 3] and rows.tolist() == [3, 4, 5, 9, 10, 11]  # group g: rows 3g, 3g + 1, 3g + 2
+    assert rewards.flatten()[rows].tolist() == [0, 1, 0, 1, 0, 0]  # the kept groups' own answers
+    groups, _ = rl.keep_groups(equal, 4, 3)
+    assert groups.tolist() == [1, 3, 5, 0]  # three differ: the first equal one fills
+    assert rl.keep_groups(torch.ones(3, dtype=torch.bool), 2, 3)[0].tolist() == [0, 1]
 
 
 def test_rl_tiny_model_learns_to_emit_the_rewarded_token():
@@ -3971,7 +3974,7 @@ def test_rl_cli_writes_the_run_and_sigkill_then_resume_equals_the_uninterrupted_
     for f in ("loss.png", "adapter/adapter_config.json", "model/gpt_config.json", "ckpt/state.pt"):
         assert (tmp_path / "whole" / f).exists(), f
     assert "before -> after (4 held-out prompts, 4 samples each): reward" in out
-    assert out.strip().splitlines()[-1].startswith(f"next: python hellaswag.py --init_from {tmp_path / 'whole'}")
+    assert out.strip().splitlines()[-1].startswith(f"next: python dpo.py --init_from {tmp_path / 'whole'}")
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "rl.py"), *args, "--out_dir", str(killed), "--ckpt_interval", "2"]
