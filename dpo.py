@@ -65,11 +65,11 @@ from bpe import (TEMPLATE_CHOICES, TEMPLATE_HELP, dialogue_messages, load_tokeni
                  reply_stops)
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
-                          finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          finite_figures, fit_to_context, fits_in_memory, flag, grad_sync, init_distributed,
                           load_train_state, open_run, parse_config, pick_device, pick_precision, plot_log, read_json,
                           resolve_init_from, resolve_warmup, resumed_config, rewrite_log, rng_state, run_main,
                           save_train_state, seed_everything, set_rng_state, write_run_config)
-from lora import adapters_off, apply_lora, load_base, save_adapter, unload_lora
+from lora import adapters_off, apply_lora, load_base, save_policy
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from prepare_data import builtin_tasks, exact_match, load_pairs, parse_dialogue
 
@@ -524,18 +524,10 @@ def lora_policy(gpt: GPT, cfg: DPOConfig) -> GPT:
 
 
 def save_weights(policy, cfg: DPOConfig, tok, where: Path, master: bool, merged: bool = False):
-    """LoRA: the PEFT adapter (merged: the model, W + scaling B A, and the policy loses its adapters);
-    full: the model. Under FSDP every rank gathers, rank 0 writes."""
-    lora = cfg.lora_rank > 0
-    model = gathered(policy, lambda: lora_policy(GPT(policy.config), cfg), master)
-    if model is None:  # another rank under FSDP: it helped gather, rank 0 writes
-        return
-    if lora and merged:
-        unload_lora(model, merge=True)
-    if lora and not merged:
-        save_adapter(model, where, cfg.init_from)
-    else:
-        model.save_pretrained(where, "native", tok.source)
+    """LoRA: the PEFT adapter (merged: the model with W + scaling B A; the policy loses its adapters);
+    full: the model. Under FSDP every rank gathers into an empty policy of the same shape, rank 0 writes."""
+    save_policy(policy, lambda: lora_policy(GPT(policy.config), cfg), where, master, cfg.init_from, tok.source,
+                merged)
 
 
 def save_state(out: Path, policy, optimizer, step: int, data_rng: random.Random, order: list[int], device: str,

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from housekeeping import (ArgumentParser, DefaultsHelp, atomic_write, check_weight, load_safetensors,
+from housekeeping import (ArgumentParser, DefaultsHelp, atomic_write, check_weight, gathered, load_safetensors,
                           load_torch_weights, run_main, save_safetensors)
 from model import GPT, LLAMA_FAMILIES, hf_config_for
 
@@ -573,6 +573,24 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def save_policy(policy, skeleton_fn, where, master: bool, base_model: str, tokenizer_source,
+                merged: bool = False):
+    """A tuning stage's weights (dpo.py, rl.py): with LoRA layers the PEFT adapter, or with merged=True the
+    model with W + scaling B A (the policy itself then loses its adapters); without them the model. Under
+    FSDP every rank helps gather the shards into skeleton_fn() (the policy's shape, built on meta) and
+    rank 0 writes; the other ranks return having written nothing."""
+    model = gathered(policy, skeleton_fn, master)
+    if model is None:  # another rank under FSDP: it helped gather, rank 0 writes
+        return
+    lora = bool(lora_layers(model))
+    if lora and merged:
+        unload_lora(model, merge=True)
+    if lora and not merged:
+        save_adapter(model, where, base_model)
+    else:
+        model.save_pretrained(where, "native", tokenizer_source)
 
 
 def load_adapter(model, adapter_dir):

@@ -102,11 +102,11 @@ import torch.distributed as dist
 from bpe import TEMPLATE_CHOICES, TEMPLATE_HELP, instruction_messages, load_tokenizer, pick_template, reply_stops
 from housekeeping import (DEVICE_HELP, GracefulStop, RunLog, StepClock, all_ranks, atomic_write, auto_init_from,
                           autocast_and_scaler, before_after, check_finite, close_run, distribute, end_distributed,
-                          finite_figures, fit_to_context, fits_in_memory, flag, gathered, grad_sync, init_distributed,
+                          finite_figures, fit_to_context, fits_in_memory, flag, grad_sync, init_distributed,
                           load_reward_model, load_train_state, open_run, parse_config, pick_device, pick_precision,
                           plot_log, resolve_init_from, resolve_warmup, resumed_config, reward_scores, rewrite_log,
                           rng_state, run_main, save_train_state, seed_everything, set_rng_state, write_run_config)
-from lora import adapters_off, apply_lora, load_base, save_adapter, unload_lora
+from lora import adapters_off, apply_lora, load_base, save_policy
 from model import GPT, OPTIMIZER_STATES, Block, lr_schedule, make_optimizer
 from prepare_data import builtin_tasks, format_prompt, load_alpaca
 
@@ -497,17 +497,9 @@ def lora_policy(gpt, cfg: RLConfig):
 
 def save_weights(policy, cfg: RLConfig, tok, where: Path, master: bool, merged: bool = False):
     """LoRA: the PEFT adapter (merged: the model with W + scaling B A; the policy loses its adapters);
-    full: the model. Under FSDP every rank gathers, rank 0 writes."""
-    lora = cfg.lora_rank > 0
-    model = gathered(policy, lambda: lora_policy(GPT(policy.config), cfg), master)
-    if model is None:  # another rank under FSDP: it helped gather, rank 0 writes
-        return
-    if lora and merged:
-        unload_lora(model, merge=True)
-    if lora and not merged:
-        save_adapter(model, where, cfg.init_from)
-    else:
-        model.save_pretrained(where, "native", tok.source)
+    full: the model. Under FSDP every rank gathers into an empty policy of the same shape, rank 0 writes."""
+    save_policy(policy, lambda: lora_policy(GPT(policy.config), cfg), where, master, cfg.init_from, tok.source,
+                merged)
 
 
 def save_state(out: Path, policy, optimizer, step: int, data_rng, order, seed_rng, device, log: RunLog):
